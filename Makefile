@@ -1,0 +1,20 @@
+# The README's two commands: `make serve` and `make test`. Both create .venv on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+INSTALLED := $(VENV)/.installed
+
+.PHONY: serve test
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	# Pinned first and on its own: an unpinned torch resolves to a multi-GB CUDA build.
+	$(VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+serve: $(INSTALLED)
+	$(VENV)/bin/nclab serve
+
+test: $(INSTALLED)
+	$(VENV)/bin/pytest

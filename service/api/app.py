@@ -1,0 +1,55 @@
+"""The FastAPI application: routes, problem+json errors, and the reconciler on a timer."""
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from service import jobs
+from service.api import problems
+from service.api.routes import experiments, health
+from service.db import get_sessionmaker
+from service.queue import enqueue
+from service.settings import get_settings
+
+log = logging.getLogger("nclab.reconciler")
+
+
+def reconcile_once() -> None:
+    with get_sessionmaker()() as session:
+        jobs.reconcile(session, get_settings(), enqueue)
+
+
+async def reconcile_forever(interval: float) -> None:
+    while True:
+        try:
+            await run_in_threadpool(reconcile_once)
+        except Exception:
+            # The next round retries; a database blip must not kill the loop.
+            log.exception("reconcile failed")
+        await asyncio.sleep(interval)
+
+
+@asynccontextmanager
+async def lifespan(_app: FastAPI):
+    reconciler = asyncio.create_task(reconcile_forever(get_settings().reconcile_interval))
+    yield
+    reconciler.cancel()
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="nclab",
+        version="1",
+        summary="Neural-collapse experiments on demand",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    app.include_router(health.router)
+    app.include_router(experiments.router)
+    return app
+
+
+app = create_app()

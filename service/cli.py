@@ -1,0 +1,97 @@
+"""The ``nclab`` command: serve (embedded), api, worker, migrate."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from enum import Enum
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from service import migrate as migrations
+from service.http import HTTP_PROTOCOL
+from service.queue import celery_app
+from service.settings import get_settings
+
+app = typer.Typer(help="nclab: neural-collapse experiments as a service.", no_args_is_help=True)
+
+
+
+class Loop(str, Enum):
+    auto = "auto"
+    asyncio = "asyncio"
+    uvloop = "uvloop"
+
+
+Host = Annotated[str, typer.Option(help="interface to bind")]
+Port = Annotated[int, typer.Option(help="TCP port")]
+
+
+def _worker_argv(concurrency: int) -> list[str]:
+    # One process per GPU: a job owns its device for its whole run.
+    return ["worker", f"--concurrency={concurrency}", "--pool=prefork", "--loglevel=INFO", "--without-gossip",
+            "--without-mingle"]
+
+
+def _serve_api(host: str, port: int, workers: int, loop: str = "auto") -> None:
+    uvicorn.run("service.api.app:app", host=host, port=port, workers=workers, loop=loop, http=HTTP_PROTOCOL)
+
+
+def _stop_when_worker_dies(worker: subprocess.Popen, stopping: threading.Event) -> None:
+    """An API whose jobs can never run is worse than no API: stop serving, loudly."""
+    returncode = worker.wait()
+    if stopping.is_set():
+        return
+    typer.echo(f"nclab serve: the worker exited with code {returncode}; shutting down", err=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+@app.command()
+def serve(host: Host = "127.0.0.1", port: Port = 8000) -> None:
+    """Embedded mode: the API and one worker, no external server (SQLite + SQLite queue in NCLAB_DATA_DIR)."""
+    settings = get_settings()
+    typer.echo(f"nclab embedded: data in {settings.data_dir.resolve()}, API on http://{host}:{port}")
+    migrations.upgrade()
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "service.queue", *_worker_argv(1)])
+    stopping = threading.Event()
+    threading.Thread(target=_stop_when_worker_dies, args=(worker, stopping), daemon=True).start()
+    try:
+        _serve_api(host, port, workers=1)
+    finally:
+        stopping.set()
+        # Cold shutdown: a job cut short here is re-queued by the reconciler after the
+        # next start, once its heartbeat is stale.
+        worker.send_signal(signal.SIGQUIT)
+        try:
+            worker.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+
+@app.command()
+def api(host: Host = "0.0.0.0", port: Port = 8000,
+        workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+        loop: Annotated[Loop, typer.Option(help="event loop implementation")] = Loop.auto) -> None:
+    """Production API (migrates first)."""
+    migrations.upgrade()
+    _serve_api(host, port, workers, loop.value)
+
+
+@app.command()
+def worker(concurrency: Annotated[int, typer.Option(help="jobs at once; keep 1 per GPU")] = 1) -> None:
+    """Production worker: consumes experiments from NCLAB_BROKER_URL."""
+    celery_app.worker_main(_worker_argv(concurrency))
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the database migrations (Alembic) to NCLAB_DATABASE_URL."""
+    migrations.upgrade()
+    typer.echo("database is at the latest revision")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,192 @@
+"""The job lifecycle: queued -> running -> succeeded | failed | canceled.
+
+The database is the source of truth. Every transition is a conditional UPDATE, so a
+redelivered message, a second reconciler or a worker that lost its job cannot move a job
+the wrong way. A running job is owned by one attempt: the worker passes its attempt
+number with every write, and a write for an attempt that no longer owns the job changes
+nothing.
+"""
+
+import math
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from service.models import Experiment, MetricRow, utcnow
+from service.settings import Settings
+
+
+def json_safe(values: dict) -> dict:
+    """NaN and infinities are not JSON: store them as null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+
+
+def create(session: Session, spec: dict) -> Experiment:
+    experiment = Experiment(
+        id=str(uuid.uuid4()),
+        status="queued",
+        spec=spec,
+        kind=spec["kind"],
+        normalization=spec.get("normalization"),
+        num_classes=spec["K"],
+        dim=spec["d"],
+        dataset=spec.get("dataset"),
+        architecture=spec.get("architecture"),
+        progress=0.0,
+        attempts=0,
+        cancel_requested=False,
+        send_count=0,
+        created_at=utcnow(),
+    )
+    session.add(experiment)
+    session.commit()
+    return experiment
+
+
+def send(session: Session, experiment_id: str, enqueue: Callable[[str], None]) -> bool:
+    """Enqueue the job's message; on success record when. A failed send is retried by the reconciler."""
+    try:
+        enqueue(experiment_id)
+    except Exception:
+        session.execute(update(Experiment).where(Experiment.id == experiment_id).values(sent_at=None))
+        session.commit()
+        return False
+    session.execute(
+        update(Experiment)
+        .where(Experiment.id == experiment_id)
+        .values(sent_at=utcnow(), send_count=Experiment.send_count + 1)
+    )
+    session.commit()
+    return True
+
+
+def claim(session: Session, experiment_id: str, worker: str) -> Experiment | None:
+    """Move a queued job to running for a new attempt; None if it is not queued."""
+    now = utcnow()
+    claimed = session.execute(
+        update(Experiment)
+        .where(Experiment.id == experiment_id, Experiment.status == "queued")
+        .values(
+            status="running", attempts=Experiment.attempts + 1, started_at=now, heartbeat_at=now,
+            worker=worker, progress=0.0, error=None, result=None,
+        )
+    ).rowcount
+    if not claimed:
+        session.rollback()
+        return None
+    # A rerun starts its history afresh.
+    session.execute(delete(MetricRow).where(MetricRow.experiment_id == experiment_id))
+    session.commit()
+    return session.get(Experiment, experiment_id, populate_existing=True)
+
+
+def _owned(experiment_id: str, attempt: int):
+    return (Experiment.id == experiment_id, Experiment.status == "running", Experiment.attempts == attempt)
+
+
+def heartbeat(session: Session, experiment_id: str, attempt: int, progress: float) -> bool:
+    """Record liveness and progress; False when the attempt should stop (cancel, or job lost)."""
+    updated = session.execute(
+        update(Experiment)
+        .where(*_owned(experiment_id, attempt), Experiment.cancel_requested.is_(False))
+        .values(heartbeat_at=utcnow(), progress=progress)
+    ).rowcount
+    session.commit()
+    return bool(updated)
+
+
+def record_metrics(session: Session, experiment_id: str, attempt: int, step: int, values: dict) -> None:
+    owner = session.scalar(select(Experiment.id).where(*_owned(experiment_id, attempt)))
+    if owner is None:
+        return
+    session.merge(MetricRow(experiment_id=experiment_id, step=step, values=json_safe(values), recorded_at=utcnow()))
+    session.commit()
+
+
+def finish(
+    session: Session, experiment_id: str, attempt: int, status: str,
+    result: dict | None = None, error: str | None = None,
+) -> bool:
+    assert status in ("succeeded", "failed", "canceled")
+    values = dict(status=status, finished_at=utcnow(), error=error)
+    if result is not None:
+        values["result"] = json_safe(result)
+    if status == "succeeded":
+        values["progress"] = 1.0
+    finished = session.execute(update(Experiment).where(*_owned(experiment_id, attempt)).values(**values)).rowcount
+    session.commit()
+    return bool(finished)
+
+
+def cancel(session: Session, experiment_id: str) -> Experiment | None:
+    """Cancel a queued job at once; ask a running one to stop. None if no such job."""
+    session.execute(
+        update(Experiment)
+        .where(Experiment.id == experiment_id, Experiment.status == "queued")
+        .values(status="canceled", cancel_requested=True, finished_at=utcnow())
+    )
+    session.execute(
+        update(Experiment)
+        .where(Experiment.id == experiment_id, Experiment.status == "running")
+        .values(cancel_requested=True)
+    )
+    session.commit()
+    return session.get(Experiment, experiment_id, populate_existing=True)
+
+
+def reconcile(session: Session, settings: Settings, enqueue: Callable[[str], None]) -> None:
+    """Repair what a crash or a lost message left behind.
+
+    - running jobs with a stale heartbeat are re-queued, or failed once they have used
+      up their attempts (or canceled, if a cancel was asked for);
+    - queued jobs whose message was never sent, or may have been lost, are (re-)sent.
+    """
+    now = utcnow()
+    stale_before = now - timedelta(seconds=settings.heartbeat_timeout)
+    stale = session.scalars(
+        select(Experiment).where(Experiment.status == "running", Experiment.heartbeat_at < stale_before)
+    ).all()
+    for job in stale:
+        silent_for = (now - job.heartbeat_at).total_seconds()
+        if job.cancel_requested:
+            values = dict(status="canceled", finished_at=now)
+        elif job.attempts >= settings.max_attempts:
+            values = dict(
+                status="failed", finished_at=now,
+                error=f"worker lost: no heartbeat for {silent_for:.0f} s during attempt {job.attempts} "
+                      f"of {settings.max_attempts}; giving up",
+            )
+        else:
+            values = dict(status="queued", heartbeat_at=None, worker=None, sent_at=None)
+        session.execute(
+            update(Experiment)
+            .where(Experiment.id == job.id, Experiment.status == "running",
+                   Experiment.heartbeat_at == job.heartbeat_at)
+            .values(**values)
+        )
+    session.commit()
+
+    queued = session.scalars(select(Experiment).where(Experiment.status == "queued")).all()
+    for job in queued:
+        if job.sent_at is not None and now - job.sent_at < _resend_delay(settings, job.send_count):
+            continue
+        # Take the re-send with a conditional update so two reconcilers do not both send.
+        taken = session.execute(
+            update(Experiment)
+            .where(Experiment.id == job.id, Experiment.status == "queued", _same_sent_at(job.sent_at))
+            .values(sent_at=now)
+        ).rowcount
+        session.commit()
+        if taken:
+            send(session, job.id, enqueue)
+
+
+def _resend_delay(settings: Settings, send_count: int) -> timedelta:
+    return timedelta(seconds=settings.resend_after * 2 ** min(max(send_count - 1, 0), 6))
+
+
+def _same_sent_at(sent_at: datetime | None):
+    return Experiment.sent_at.is_(None) if sent_at is None else Experiment.sent_at == sent_at

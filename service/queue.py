@@ -1,0 +1,39 @@
+"""The Celery app as both sides see it: the API sends by task name, the worker consumes.
+
+Configured as DESIGN.md asks: JSON only, late acks, reject on worker loss, prefetch 1.
+The database is the source of truth, so task results are not stored in Celery.
+"""
+
+from celery import Celery
+
+from service.settings import get_settings
+
+RUN_EXPERIMENT = "nclab.run_experiment"
+
+
+def make_celery_app() -> Celery:
+    settings = get_settings()
+    # The worker imports its tasks by module name; the API process never does (no torch).
+    app = Celery("nclab", broker=settings.resolved_broker_url, include=["worker.tasks"])
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        # A broker outage must not hang a POST: the row is committed first and the
+        # reconciler re-sends what could not be sent.
+        broker_connection_timeout=3,
+        task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5},
+    )
+    return app
+
+
+celery_app = make_celery_app()
+
+
+def enqueue(experiment_id: str) -> None:
+    celery_app.send_task(RUN_EXPERIMENT, args=[experiment_id])

@@ -1,0 +1,56 @@
+"""Settings from ``NCLAB_*`` environment variables (pydantic-settings).
+
+With nothing set, nclab runs embedded: a SQLite database and a SQLite-backed Celery
+queue in the data directory, so no external server is needed.
+"""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NCLAB_")
+
+    data_dir: Path = Path("nclab-data")
+    # Empty means "embedded default in data_dir".
+    database_url: str = ""
+    broker_url: str = ""
+    # Comma-separated; when non-empty every /experiments request needs one of them
+    # as "Authorization: Bearer <key>" or "X-API-Key: <key>".
+    api_keys: str = ""
+
+    # Job lifecycle timing, in seconds.
+    heartbeat_interval: float = Field(5.0, gt=0)
+    heartbeat_timeout: float = Field(60.0, gt=0)
+    reconcile_interval: float = Field(10.0, gt=0)
+    # A queued job whose message may have been lost is re-sent after this long
+    # (doubling with each re-send): duplicates are harmless, the claim is conditional.
+    resend_after: float = Field(300.0, gt=0)
+    # A job that keeps losing its worker ends failed after this many attempts.
+    max_attempts: int = Field(3, ge=1)
+
+    # Caps so that one request cannot exhaust a worker.
+    max_ufm_elements: int = Field(50_000_000, ge=1)  # K * d * n_per_class
+    max_iters: int = Field(200_000, ge=1)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'nclab.sqlite'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.data_dir.resolve() / 'queue.sqlite'}"
+
+    @property
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(key.strip() for key in self.api_keys.split(",") if key.strip())
+
+
+@lru_cache
+def get_settings() -> Settings:
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return settings

@@ -1,0 +1,38 @@
+"""Helpers for tests that talk to real servers."""
+
+import socket
+import subprocess
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(base_url: str, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{base_url} not ready after {timeout} s")
+
+
+def wait_for_status(client: httpx.Client, experiment_id: str, statuses: set[str], timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = client.get(f"/experiments/{experiment_id}").raise_for_status().json()
+        if body["status"] in statuses:
+            return body
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"experiment stayed {body['status']} (wanted {statuses}): {body}")
+        time.sleep(0.1)

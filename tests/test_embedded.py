@@ -1,0 +1,45 @@
+"""Embedded mode: `nclab serve` with no PostgreSQL or Redis (SQLite + SQLite-backed queue)."""
+
+import time
+
+import httpx
+
+from tests.support import free_port, wait_for_status, wait_ready
+
+SPEC = {"kind": "ufm", "K": 10, "d": 16, "n_per_class": 20, "normalization": "normalized", "logit_scale": 10,
+        "seed": 0}
+
+
+def start_serve(processes, port: int, name: str):
+    process = processes.start("serve", "--port", str(port), name=name)
+    wait_ready(f"http://127.0.0.1:{port}", process)
+    return process
+
+
+def test_serve_runs_an_experiment_to_a_collapsed_result(processes):
+    port = free_port()
+    start_serve(processes, port, "serve")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        created = client.post("/experiments", json=SPEC).json()
+        done = wait_for_status(client, created["id"], {"succeeded", "failed"}, timeout=120)
+        assert done["status"] == "succeeded", done["error"]
+        assert done["result"]["optimality_gap"] < 1e-8
+        assert done["result"]["nc2_etf_w"] < 1e-6
+        assert len(client.get(f"/experiments/{created['id']}/metrics").json()["items"]) > 2
+
+
+def test_a_job_queued_while_no_worker_runs_completes_after_serve_restarts(processes):
+    port = free_port()
+    # The API alone, on the embedded database and queue: nothing consumes.
+    api = processes.start("api", "--host", "127.0.0.1", "--port", str(port), name="api-only")
+    wait_ready(f"http://127.0.0.1:{port}", api)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        created = client.post("/experiments", json=SPEC).json()
+        time.sleep(1.0)
+        assert client.get(f"/experiments/{created['id']}").json()["status"] == "queued"
+    processes.stop(api)
+
+    start_serve(processes, port, "serve-after-restart")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        done = wait_for_status(client, created["id"], {"succeeded", "failed"}, timeout=120)
+        assert done["status"] == "succeeded", done["error"]

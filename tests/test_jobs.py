@@ -1,0 +1,102 @@
+"""The job lifecycle's transitions, on SQLite and PostgreSQL: conditional, attempt-owned, repairable."""
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import sessionmaker
+
+from service import jobs, migrate
+from service.db import make_engine
+from service.models import Experiment, MetricRow, utcnow
+from service.settings import Settings
+
+SPEC = {"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2, "normalization": "normalized"}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def session(request, tmp_path):
+    url = f"sqlite:///{tmp_path / 'jobs.sqlite'}" if request.param == "sqlite" else request.getfixturevalue(
+        "pg_database")
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    with sessionmaker(engine, expire_on_commit=False)() as session:
+        yield session
+    engine.dispose()
+
+
+def settings(**overrides) -> Settings:
+    return Settings(heartbeat_timeout=10, resend_after=60, max_attempts=2, **overrides)
+
+
+def test_a_job_is_claimed_once_and_only_its_attempt_may_write(session):
+    job = jobs.create(session, SPEC)
+    claimed = jobs.claim(session, job.id, worker="w1")
+    assert claimed.status == "running" and claimed.attempts == 1
+    assert jobs.claim(session, job.id, worker="w2") is None  # a redelivered message does nothing
+
+    jobs.record_metrics(session, job.id, 1, 0, {"loss": 1.0, "nc1": float("nan")})
+    jobs.record_metrics(session, job.id, 1, 0, {"loss": 0.5})  # same step overwrites
+    jobs.record_metrics(session, job.id, 2, 1, {"loss": 9.0})  # not the owning attempt: ignored
+    rows = session.scalars(select(MetricRow).where(MetricRow.experiment_id == job.id)).all()
+    assert [(r.step, r.values) for r in rows] == [(0, {"loss": 0.5})]
+
+    assert not jobs.finish(session, job.id, 2, "succeeded", result={"loss": 0.0})
+    assert jobs.finish(session, job.id, 1, "succeeded", result={"loss": 0.5, "nc1": float("inf")})
+    session.refresh(job)
+    assert (job.status, job.progress, job.result) == ("succeeded", 1.0, {"loss": 0.5, "nc1": None})
+    assert not jobs.finish(session, job.id, 1, "failed", error="late")  # terminal stays terminal
+
+
+def test_cancel_is_immediate_when_queued_and_cooperative_when_running(session):
+    queued = jobs.create(session, SPEC)
+    assert jobs.cancel(session, queued.id).status == "canceled"
+    assert jobs.claim(session, queued.id, worker="w") is None
+
+    running = jobs.create(session, SPEC)
+    jobs.claim(session, running.id, worker="w")
+    after = jobs.cancel(session, running.id)
+    assert (after.status, after.cancel_requested) == ("running", True)
+    assert jobs.heartbeat(session, running.id, 1, 0.5) is False  # the worker learns to stop
+    assert jobs.finish(session, running.id, 1, "canceled")
+
+
+def test_reconciler_requeues_stale_jobs_then_fails_them_at_the_attempt_cap(session):
+    sent = []
+    job = jobs.create(session, SPEC)
+    jobs.reconcile(session, settings(), sent.append)  # never sent (e.g. broker was down): send it
+    assert sent == [job.id]
+
+    for attempt in (1, 2):
+        assert jobs.claim(session, job.id, worker="w").attempts == attempt
+        session.execute(update(Experiment).where(Experiment.id == job.id)
+                        .values(heartbeat_at=utcnow() - timedelta(seconds=11)))
+        session.commit()
+        jobs.reconcile(session, settings(), sent.append)
+        session.refresh(job)
+        if attempt == 1:
+            assert (job.status, sent[-1]) == ("queued", job.id)
+            assert len(sent) == 2
+    assert job.status == "failed"
+    assert "worker lost" in job.error and "attempt 2 of 2" in job.error
+
+
+def test_reconciler_resends_queued_jobs_with_backoff_and_tolerates_a_dead_broker(session):
+    job = jobs.create(session, SPEC)
+
+    def broker_down(_):
+        raise ConnectionError("broker down")
+
+    assert not jobs.send(session, job.id, broker_down)
+    sent = []
+    jobs.reconcile(session, settings(), sent.append)
+    jobs.reconcile(session, settings(), sent.append)  # sent just now: not again
+    assert sent == [job.id]
+
+    session.execute(update(Experiment).where(Experiment.id == job.id)
+                    .values(sent_at=utcnow() - timedelta(seconds=61)))
+    session.commit()
+    jobs.reconcile(session, settings(), sent.append)  # presumed lost after resend_after
+    assert sent == [job.id, job.id]
+    session.refresh(job)
+    assert job.send_count == 2

@@ -1,0 +1,56 @@
+"""The one Celery task: run an experiment whose row says it is queued.
+
+The row, not the message, decides: a message for a job that is not queued (a duplicate,
+a redelivery, a canceled job) does nothing. Failures end the job ``failed`` with a
+readable error; a worker that dies mid-run leaves a stale heartbeat, which the
+reconciler turns into a re-queue (or a failure once the attempts are used up).
+"""
+
+import logging
+import socket
+import traceback
+
+from service import jobs
+from service.db import get_sessionmaker
+from service.queue import RUN_EXPERIMENT, celery_app
+from service.settings import get_settings
+from worker.heartbeat import Heartbeat
+from worker.nc.ufm import Diverged, Stopped
+from worker.runners import RUNNERS
+
+log = logging.getLogger("nclab.worker")
+
+
+@celery_app.task(name=RUN_EXPERIMENT)
+def run_experiment(experiment_id: str) -> None:
+    sessions = get_sessionmaker()
+    with sessions() as session:
+        job = jobs.claim(session, experiment_id, worker=f"{socket.gethostname()}:{run_experiment.request.hostname}")
+    if job is None:
+        log.info("experiment %s is not queued; nothing to do", experiment_id)
+        return
+    attempt, spec = job.attempts, job.spec
+    log.info("experiment %s: attempt %d starts", experiment_id, attempt)
+
+    def record(step: int, row: dict) -> None:
+        with sessions() as session:
+            jobs.record_metrics(session, experiment_id, attempt, step, row)
+
+    with Heartbeat(experiment_id, attempt, get_settings().heartbeat_interval) as heartbeat:
+        def set_progress(fraction: float) -> None:
+            heartbeat.progress = min(max(fraction, 0.0), 1.0)
+
+        try:
+            result = RUNNERS[spec["kind"]](spec, record, set_progress, heartbeat.stop_requested.is_set)
+        except Stopped:
+            outcome = dict(status="canceled")
+        except Diverged as exc:
+            outcome = dict(status="failed", error=f"diverged: {exc}")
+        except Exception as exc:
+            log.exception("experiment %s failed", experiment_id)
+            outcome = dict(status="failed", error=f"{exc.__class__.__name__}: {exc}\n{traceback.format_exc(limit=3)}")
+        else:
+            outcome = dict(status="succeeded", result=result)
+    with sessions() as session:
+        if not jobs.finish(session, experiment_id, attempt, **outcome):
+            log.warning("experiment %s: attempt %d no longer owns the job; outcome dropped", experiment_id, attempt)
