@@ -24,10 +24,11 @@ class UFMSpec(SpecBase):
     """
 
     kind: Literal["ufm"]
-    K: int = Field(ge=2, description="number of classes")
-    d: int = Field(ge=1, description="feature dimension")
-    n_per_class: int = Field(ge=1, description="samples per class")
+    # First, so that the validators of the fields below can see it.
     normalization: Literal["normalized", "regularized"] = "normalized"
+    K: int = Field(ge=2, description="number of classes")
+    d: int = Field(ge=1, description="feature dimension (>= 2 when normalized)")
+    n_per_class: int = Field(ge=1, description="samples per class")
     logit_scale: float = Field(10.0, gt=0, le=1000, description="normalized only")
     bias: bool = False
     # Without decay on W and H the regularized objective has no minimizer (it decreases
@@ -41,6 +42,13 @@ class UFMSpec(SpecBase):
     checkpoint_every: int | None = Field(
         None, ge=1, description="iterations between history rows; default a 1-2-5 log schedule"
     )
+
+    @field_validator("d")
+    @classmethod
+    def _sphere_has_room(cls, d: int, info: ValidationInfo) -> int:
+        if d < 2 and info.data.get("normalization") == "normalized":
+            raise ValueError("must be at least 2 when normalized: the unit sphere in one dimension is just +1 and -1")
+        return d
 
     @field_validator("n_per_class")
     @classmethod

@@ -79,6 +79,7 @@ def test_cancel_stops_a_running_job_within_seconds_and_keeps_its_history(product
     [
         ({"K": 1}, "K"),
         ({"d": 0}, "d"),
+        ({"d": 1}, "d"),  # normalized: no room on a 0-dimensional sphere
         ({"n_per_class": 0}, "n_per_class"),
         ({"logit_scale": 0}, "logit_scale"),
         ({"logit_scale": -1}, "logit_scale"),

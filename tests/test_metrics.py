@@ -1,0 +1,197 @@
+"""collapse_metrics against a deliberately plain float64 numpy reference (DESIGN.md)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from worker.nc.metrics import CLASSIFIER_KEYS, MEAN_KEYS, collapse_metrics
+
+RTOL = 1e-9
+
+
+def reference_metrics(H, y, W=None, b=None, K=None, scale=1.0):
+    """Textbook formulas: explicit d x d scatter matrices, np.linalg.pinv, pair loops."""
+    H = np.asarray(H, dtype=np.float64)
+    y = np.asarray(y)
+    N, d = H.shape
+    K = K if K is not None else y.max() + 1
+    means = np.stack([H[y == k].mean(axis=0) for k in range(K)])
+    mu_G = means.mean(axis=0)
+    M = means - mu_G
+    Sigma_W = np.zeros((d, d))
+    for k in range(K):
+        centred = H[y == k] - means[k]
+        Sigma_W += centred.T @ centred
+    Sigma_W /= N
+    Sigma_B = M.T @ M / K
+    out = {"nc1": np.trace(Sigma_W @ np.linalg.pinv(Sigma_B, rcond=1e-10)) / K}
+
+    V = [np.mean(np.sum((H[y == k] - means[k]) ** 2, axis=1)) for k in range(K)]
+    pairs = []
+    for i in range(K):  # one loop level vectorized so that K = 1000 stays fast
+        distances = np.sum((means[i + 1 :] - means[i]) ** 2, axis=1)
+        pairs.extend((V[i] + np.array(V[i + 1 :])) / (2 * distances))
+    out["nc1_cdnv"] = np.mean(pairs)
+
+    E = (np.eye(K) - np.ones((K, K)) / K) / np.sqrt(K - 1)
+
+    def equinorm(A):
+        norms = np.linalg.norm(A, axis=1)
+        return norms.std() / norms.mean()
+
+    def equiangle(A):
+        unit = A / np.linalg.norm(A, axis=1, keepdims=True)
+        terms = []
+        for i in range(K):
+            others = np.delete(unit, i, axis=0)
+            terms.extend(np.abs(others @ unit[i] + 1 / (K - 1)))
+        return np.mean(terms)
+
+    def etf_distance(G):
+        return np.linalg.norm(G / np.linalg.norm(G) - E)
+
+    out.update(
+        nc2_equinorm_m=equinorm(M), nc2_equiangle_m=equiangle(M), nc2_etf_m=etf_distance(M @ M.T)
+    )
+    if W is None:
+        return out
+    W = np.asarray(W, dtype=np.float64)
+    logits = scale * H @ W.T + (0.0 if b is None else np.asarray(b, dtype=np.float64))
+    distances_to_means = np.stack([np.sum((H - means[k]) ** 2, axis=1) for k in range(K)], axis=1)
+    nearest = np.argmin(distances_to_means, axis=1)
+    row_max = logits.max(axis=1, keepdims=True)
+    log_partition = row_max[:, 0] + np.log(np.exp(logits - row_max).sum(axis=1))
+    out.update(
+        nc2_equinorm_w=equinorm(W),
+        nc2_equiangle_w=equiangle(W),
+        nc2_etf_w=etf_distance(W @ W.T),
+        nc3=np.linalg.norm(W / np.linalg.norm(W) - M / np.linalg.norm(M)) ** 2,
+        nc3_etf=etf_distance(W @ M.T),
+        nc4=np.mean(logits.argmax(axis=1) != nearest),
+        accuracy=np.mean(logits.argmax(axis=1) == y),
+        loss=np.mean(log_partition - logits[np.arange(N), y]),
+    )
+    return out
+
+
+def assert_matches_reference(got, want):
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert isinstance(got[key], float), key
+        assert got[key] == pytest.approx(value, rel=RTOL, abs=1e-300), key
+
+
+def random_problem(rng, counts, d, spread, mean_scale=1.0):
+    K = len(counts)
+    means = mean_scale * rng.standard_normal((K, d)) + 3.0  # offset: mu_G far from 0
+    y = np.repeat(np.arange(K), counts)
+    rng.shuffle(y)
+    H = means[y] + spread * rng.standard_normal((len(y), d))
+    W = means - means.mean(axis=0) + 0.3 * rng.standard_normal((K, d))
+    b = 0.1 * rng.standard_normal(K)
+    return H, y, W, b
+
+
+@pytest.mark.parametrize(
+    "counts, d, spread",
+    [
+        ([20] * 5, 16, 0.5),  # d > K - 1: Sigma_B singular
+        ([20] * 8, 4, 0.5),  # d < K - 1: Sigma_B full rank
+        ([20] * 6, 10, 1e-6),  # collapsed: spread 1e-6 of the mean distance
+        ([3, 40, 7, 25, 12], 8, 0.3),  # imbalanced classes
+    ],
+)
+def test_matches_reference_numpy_inputs(counts, d, spread):
+    rng = np.random.default_rng(len(counts) * 100 + d)
+    H, y, W, b = random_problem(rng, counts, d, spread)
+    got = collapse_metrics(H, y, W, b, logit_scale=2.5)
+    assert_matches_reference(got, reference_metrics(H, y, W, b, scale=2.5))
+
+
+def test_collapsed_nc1_is_tiny_but_exact():
+    rng = np.random.default_rng(1)
+    H, y, W, b = random_problem(rng, [30] * 4, 6, 1e-6)
+    got = collapse_metrics(H, y, W, b)
+    assert 1e-14 < got["nc1"] < 1e-10
+    assert got["nc1"] == pytest.approx(reference_metrics(H, y, W, b)["nc1"], rel=RTOL, abs=0)
+
+
+def test_matches_reference_torch_inputs_and_mean_keys_only():
+    rng = np.random.default_rng(2)
+    H, y, W, b = random_problem(rng, [15] * 7, 12, 0.4)
+    got = collapse_metrics(torch.from_numpy(H).float(), torch.from_numpy(y))
+    want = reference_metrics(H.astype(np.float32), y)
+    assert set(got) == set(MEAN_KEYS)
+    assert_matches_reference(got, want)
+
+    got = collapse_metrics(
+        torch.from_numpy(H), torch.from_numpy(y), torch.from_numpy(W), torch.from_numpy(b)
+    )
+    assert set(got) == set(MEAN_KEYS) | set(CLASSIFIER_KEYS)
+    assert_matches_reference(got, reference_metrics(H, y, W, b))
+
+
+def test_many_classes():
+    rng = np.random.default_rng(3)
+    H, y, W, b = random_problem(rng, [3] * 1000, 64, 0.5)
+    got = collapse_metrics(H, y, W, b)
+    assert_matches_reference(got, reference_metrics(H, y, W, b))
+
+
+def test_num_classes_argument_and_missing_class():
+    rng = np.random.default_rng(4)
+    H, y, W, b = random_problem(rng, [5] * 4, 5, 0.5)
+    assert collapse_metrics(H, y, W, b, num_classes=4) == collapse_metrics(H, y, W, b)
+    with pytest.raises(ValueError, match="no samples"):
+        collapse_metrics(H, y, num_classes=5)
+
+
+def simplex_etf(K, d, rng):
+    """K unit rows with pairwise cosine -1/(K-1), randomly rotated into R^d (d >= K-1)."""
+    centred = np.sqrt(K / (K - 1)) * (np.eye(K) - 1.0 / K)  # rows span the complement of 1
+    _, _, vt = np.linalg.svd(centred)
+    coordinates = centred @ vt[: K - 1].T  # the same rows in a (K-1)-dim orthonormal basis
+    rotation, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return coordinates @ rotation[: K - 1]
+
+
+@pytest.mark.parametrize("K, d", [(4, 3), (10, 9), (10, 32)])
+def test_exact_simplex_etf_is_fully_collapsed(K, d):
+    rng = np.random.default_rng(K + d)
+    W = simplex_etf(K, d, rng)
+    y = np.repeat(np.arange(K), 6)
+    H = W[y]
+    scale = 3.0
+    got = collapse_metrics(H, y, W, logit_scale=scale)
+    for key in MEAN_KEYS + CLASSIFIER_KEYS:
+        if key not in ("accuracy", "loss"):
+            assert abs(got[key]) < 1e-10, key
+    assert got["accuracy"] == 1.0
+    # At the ETF every sample has margin s K/(K-1) over each of the K-1 other classes.
+    optimal = math.log1p((K - 1) * math.exp(-scale * K / (K - 1)))
+    assert got["loss"] == pytest.approx(optimal, rel=1e-12, abs=0)
+
+
+def test_degenerate_inputs_give_nan_not_errors():
+    # Every class holds the same four samples, so all class means are exactly equal.
+    samples = np.random.default_rng(5).standard_normal((4, 5))
+    H = np.tile(samples, (3, 1))
+    y = np.repeat(np.arange(3), 4)
+    got = collapse_metrics(H, y, np.zeros((3, 5)))
+    for key in (
+        "nc1",
+        "nc2_equinorm_m",
+        "nc2_equiangle_m",
+        "nc2_etf_m",
+        "nc2_equinorm_w",
+        "nc2_equiangle_w",
+        "nc2_etf_w",
+        "nc3",
+        "nc3_etf",
+    ):
+        assert math.isnan(got[key]), key
+    assert got["nc1_cdnv"] == math.inf  # spread over zero distance
+    assert got["loss"] == pytest.approx(math.log(3), rel=1e-15)
+    assert got["accuracy"] == pytest.approx(1 / 3)
