@@ -7,6 +7,7 @@ reconciler turns into a re-queue (or a failure once the attempts are used up).
 """
 
 import logging
+import os
 import socket
 import traceback
 
@@ -14,9 +15,9 @@ from service import jobs
 from service.db import get_sessionmaker
 from service.queue import RUN_EXPERIMENT, celery_app
 from service.settings import get_settings
+from worker import runners
 from worker.heartbeat import Heartbeat
 from worker.nc.ufm import Diverged, Stopped
-from worker.runners import RUNNERS
 
 log = logging.getLogger("nclab.worker")
 
@@ -25,7 +26,7 @@ log = logging.getLogger("nclab.worker")
 def run_experiment(experiment_id: str) -> None:
     sessions = get_sessionmaker()
     with sessions() as session:
-        job = jobs.claim(session, experiment_id, worker=f"{socket.gethostname()}:{run_experiment.request.hostname}")
+        job = jobs.claim(session, experiment_id, worker=f"{socket.gethostname()} pid {os.getpid()}")
     if job is None:
         log.info("experiment %s is not queued; nothing to do", experiment_id)
         return
@@ -41,7 +42,7 @@ def run_experiment(experiment_id: str) -> None:
             heartbeat.progress = min(max(fraction, 0.0), 1.0)
 
         try:
-            result = RUNNERS[spec["kind"]](spec, record, set_progress, heartbeat.stop_requested.is_set)
+            result = runners.RUNNERS[spec["kind"]](spec, record, set_progress, heartbeat.stop_requested.is_set)
         except Stopped:
             outcome = dict(status="canceled")
         except Diverged as exc:

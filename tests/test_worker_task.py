@@ -1,0 +1,62 @@
+"""The Celery task body, called in-process on an embedded SQLite database."""
+
+import pytest
+
+from service import jobs, migrate
+from service.db import get_engine, get_sessionmaker
+from service.models import Experiment, MetricRow
+from service.settings import get_settings
+from worker import runners, tasks
+from worker.nc.ufm import Diverged
+
+SPEC = {"kind": "ufm", "K": 4, "d": 3, "n_per_class": 5, "normalization": "normalized", "logit_scale": 5.0,
+        "bias": False, "lambda_w": 5e-4, "lambda_h": 5e-4, "lambda_b": 5e-4, "max_iters": 1000, "tol": 1e-10,
+        "seed": 0, "checkpoint_every": None}
+
+
+@pytest.fixture
+def session(tmp_path, monkeypatch):
+    monkeypatch.setenv("NCLAB_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("NCLAB_DATABASE_URL", raising=False)
+    for cached in (get_settings, get_engine, get_sessionmaker):
+        cached.cache_clear()
+    migrate.upgrade()
+    with get_sessionmaker()() as session:
+        yield session
+    get_engine().dispose()
+    for cached in (get_settings, get_engine, get_sessionmaker):
+        cached.cache_clear()
+
+
+def run(session, spec=SPEC) -> Experiment:
+    job = jobs.create(session, spec)
+    tasks.run_experiment(job.id)
+    session.expire_all()
+    return session.get(Experiment, job.id)
+
+
+def test_a_run_stores_result_and_history_and_a_second_message_does_nothing(session):
+    job = run(session)
+    assert job.status == "succeeded" and job.result["optimality_gap"] < 1e-8
+    steps = session.query(MetricRow.step).filter_by(experiment_id=job.id).order_by(MetricRow.step).all()
+    assert steps[0] == (0,) and steps[-1] == (job.result["iterations"],)
+
+    tasks.run_experiment(job.id)  # a redelivered message
+    session.expire_all()
+    assert session.get(Experiment, job.id).attempts == 1
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected_error"),
+    [(Diverged("objective is not finite at iteration 7"), "diverged: objective is not finite at iteration 7"),
+     (MemoryError("CUDA out of memory"), "MemoryError: CUDA out of memory")],
+)
+def test_a_failing_run_ends_failed_with_a_readable_error(session, monkeypatch, raised, expected_error):
+    def explode(*_args):
+        raise raised
+
+    monkeypatch.setitem(runners.RUNNERS, "ufm", explode)
+    job = run(session)
+    assert job.status == "failed"
+    assert job.error.startswith(expected_error)
+    assert job.finished_at is not None and job.result is None
