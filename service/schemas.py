@@ -3,12 +3,24 @@
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
+from service.datasets import DATASETS
 from service.settings import get_settings
 
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 TERMINAL_STATUSES = ("succeeded", "failed", "canceled")
+
+
+def _positive_counts(value: Any) -> Any:
+    """One clear error for n_per_class, instead of one per member of the int | list union."""
+    counts = value if isinstance(value, list) else [value]
+    if not counts or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts):
+        raise ValueError("must be a positive integer, or a list of K positive integers")
+    return value
+
+
+ClassCounts = Annotated[int | list[int], BeforeValidator(_positive_counts)]
 
 
 class SpecBase(BaseModel):
@@ -28,7 +40,7 @@ class UFMSpec(SpecBase):
     normalization: Literal["normalized", "regularized"] = "normalized"
     K: int = Field(ge=2, description="number of classes")
     d: int = Field(ge=1, description="feature dimension (>= 2 when normalized)")
-    n_per_class: int = Field(ge=1, description="samples per class")
+    n_per_class: ClassCounts = Field(description="samples per class, or a list of K counts (imbalanced)")
     logit_scale: float = Field(10.0, gt=0, le=1000, description="normalized only")
     bias: bool = False
     # Without decay on W and H the regularized objective has no minimizer (it decreases
@@ -42,6 +54,7 @@ class UFMSpec(SpecBase):
     checkpoint_every: int | None = Field(
         None, ge=1, description="iterations between history rows; default a 1-2-5 log schedule"
     )
+    restarts: int = Field(1, ge=1, description="independent random starts; the best run is kept")
 
     @field_validator("d")
     @classmethod
@@ -52,12 +65,24 @@ class UFMSpec(SpecBase):
 
     @field_validator("n_per_class")
     @classmethod
-    def _problem_size_capped(cls, n_per_class: int, info: ValidationInfo) -> int:
+    def _problem_size_capped(cls, n_per_class: int | list[int], info: ValidationInfo) -> int | list[int]:
+        num_classes = info.data.get("K", 1)
+        if isinstance(n_per_class, list) and len(n_per_class) != num_classes:
+            raise ValueError(f"a list of counts needs one count per class: {len(n_per_class)} given, K = {num_classes}")
+        samples = sum(n_per_class) if isinstance(n_per_class, list) else num_classes * n_per_class
         cap = get_settings().max_ufm_elements
-        size = info.data.get("K", 1) * info.data.get("d", 1) * n_per_class
-        if size > cap:
-            raise ValueError(f"K * d * n_per_class = {size} exceeds the cap {cap} (NCLAB_MAX_UFM_ELEMENTS)")
+        if samples * info.data.get("d", 1) > cap:
+            raise ValueError(f"samples * d = {samples * info.data.get('d', 1)} exceeds the cap {cap} "
+                             "(NCLAB_MAX_UFM_ELEMENTS)")
         return n_per_class
+
+    @field_validator("restarts")
+    @classmethod
+    def _restarts_capped(cls, restarts: int) -> int:
+        cap = get_settings().max_restarts
+        if restarts > cap:
+            raise ValueError(f"must be at most {cap} (NCLAB_MAX_RESTARTS)")
+        return restarts
 
     @field_validator("max_iters")
     @classmethod
@@ -77,7 +102,144 @@ class UFMSpec(SpecBase):
         return value
 
 
-ExperimentSpec = Annotated[Union[UFMSpec], Field(discriminator="kind")]
+def _only_for(field: str, info: ValidationInfo, owner: str, allowed: tuple[str, ...]) -> None:
+    """Reject a field the client sent that the chosen ``owner`` setting does not use."""
+    if info.data.get(owner) not in allowed:
+        choices = " or ".join(f"'{a}'" for a in allowed)
+        raise ValueError(f"{field} applies only to {owner} {choices}")
+
+
+class TrainSpec(SpecBase):
+    """A deep network trained on real data, NC metrics on the training set every epoch.
+
+    ``normalized``: penultimate features and classifier rows on the unit sphere, logits
+    scaled by ``logit_scale`` (Yaras et al. 2022). ``regularized``: weight decay on every
+    parameter plus ``feature_decay`` on the features (Zhu et al. 2021). ``none``: plain
+    cross-entropy. Defaults follow the seed paper's code (SGD, lr 0.05, momentum 0.9, batch 128).
+    """
+
+    kind: Literal["train"]
+    # Declared before the fields whose validity depends on them.
+    normalization: Literal["normalized", "regularized", "none"] = "normalized"
+    dataset: Literal["mnist", "fashion_mnist", "cifar10", "cifar100", "digits", "gaussian"]
+    architecture: Literal["mlp", "resnet18", "vgg11"] = "mlp"
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    K: int | None = Field(None, ge=2, validate_default=True,
+                          description="classes used (the first K); default all of the data set's")
+    d: int = Field(512, ge=1, description="penultimate feature width")
+    n_per_class: int | None = Field(None, ge=1, description="first n training samples of each class; default all")
+    logit_scale: float = Field(10.0, gt=0, le=1000, description="normalized only")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1, le=8192)
+    lr: float = Field(0.05, gt=0, le=100)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    lr_schedule: Literal["constant", "step", "cosine"] = "step"
+    weight_decay: float = Field(5e-4, ge=0, description="normalized (backbone only) and regularized")
+    feature_decay: float = Field(5e-4, ge=0, description="regularized only: lambda_H/2 * batch mean of ||h||^2")
+    random_labels: bool = False
+    metrics_every: int = Field(1, ge=1, description="epochs between metric evaluations")
+    seed: int = Field(0, ge=0)
+    mlp_depth: int = Field(3, ge=1, le=32, description="mlp only: hidden layers")
+    mlp_width: int = Field(512, ge=1, le=16384, description="mlp only: width of the hidden layers but the last (d)")
+    gaussian_dim: int = Field(32, ge=1, le=100_000, description="gaussian only: input dimension")
+    gaussian_train_per_class: int = Field(100, ge=1, description="gaussian only")
+    gaussian_test_per_class: int = Field(50, ge=1, description="gaussian only")
+    gaussian_noise: float = Field(1.0, ge=0, description="gaussian only: noise std around unit-norm * 3 means")
+
+    @field_validator("dataset")
+    @classmethod
+    def _files_present(cls, dataset: str) -> str:
+        info = DATASETS[dataset]
+        data_dir = get_settings().data_dir.resolve()
+        missing = info.missing_files(data_dir)
+        if missing:
+            raise ValueError(f"files missing in NCLAB_DATA_DIR ({data_dir}): "
+                             f"{', '.join(str(path.relative_to(data_dir)) for path in missing)}; "
+                             f"get {info.how_to_get}")
+        return dataset
+
+    @field_validator("architecture")
+    @classmethod
+    def _architecture_fits_data(cls, architecture: str, info: ValidationInfo) -> str:
+        if info.data.get("dataset") == "gaussian" and architecture != "mlp":
+            raise ValueError("the gaussian data set is vectors, not images: use 'mlp'")
+        return architecture
+
+    @field_validator("K")
+    @classmethod
+    def _classes_exist(cls, num_classes: int | None, info: ValidationInfo) -> int:
+        dataset = info.data.get("dataset")
+        available = DATASETS[dataset].num_classes if dataset else None
+        if num_classes is None:
+            if dataset and available is None:
+                raise ValueError("required for the gaussian data set")
+            return available or 2
+        if available is not None and num_classes > available:
+            raise ValueError(f"{dataset} has {available} classes; K = {num_classes} is more")
+        if available is None and num_classes > 1000:
+            raise ValueError("at most 1000 classes for the gaussian data set")
+        return num_classes
+
+    @field_validator("n_per_class")
+    @classmethod
+    def _enough_samples(cls, n_per_class: int | None, info: ValidationInfo) -> int | None:
+        dataset, num_classes = info.data.get("dataset"), info.data.get("K")
+        counts = DATASETS[dataset].class_counts if dataset else None
+        if n_per_class is not None and counts is not None and num_classes is not None:
+            smallest = min(counts[:num_classes])
+            if n_per_class > smallest:
+                raise ValueError(f"{dataset} has only {smallest} training samples in its smallest of the first "
+                                 f"{num_classes} classes; n_per_class = {n_per_class} is more")
+        if n_per_class is not None and dataset == "gaussian":
+            raise ValueError("the gaussian data set sets its size with gaussian_train_per_class")
+        return n_per_class
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs_capped(cls, epochs: int) -> int:
+        cap = get_settings().max_epochs
+        if epochs > cap:
+            raise ValueError(f"must be at most {cap} (NCLAB_MAX_EPOCHS)")
+        return epochs
+
+    @field_validator("logit_scale")
+    @classmethod
+    def _scale_only_normalized(cls, value: float, info: ValidationInfo) -> float:
+        _only_for("logit_scale", info, "normalization", ("normalized",))
+        return value
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _decay_not_plain(cls, value: float, info: ValidationInfo) -> float:
+        _only_for("weight_decay", info, "normalization", ("normalized", "regularized"))
+        return value
+
+    @field_validator("feature_decay")
+    @classmethod
+    def _feature_decay_only_regularized(cls, value: float, info: ValidationInfo) -> float:
+        _only_for("feature_decay", info, "normalization", ("regularized",))
+        return value
+
+    @field_validator("momentum")
+    @classmethod
+    def _momentum_only_sgd(cls, value: float, info: ValidationInfo) -> float:
+        _only_for("momentum", info, "optimizer", ("sgd",))
+        return value
+
+    @field_validator("mlp_depth", "mlp_width")
+    @classmethod
+    def _mlp_options(cls, value: int, info: ValidationInfo) -> int:
+        _only_for(info.field_name, info, "architecture", ("mlp",))
+        return value
+
+    @field_validator("gaussian_dim", "gaussian_train_per_class", "gaussian_test_per_class", "gaussian_noise")
+    @classmethod
+    def _gaussian_options(cls, value, info: ValidationInfo):
+        _only_for(info.field_name, info, "dataset", ("gaussian",))
+        return value
+
+
+ExperimentSpec = Annotated[Union[UFMSpec, TrainSpec], Field(discriminator="kind")]
 
 
 class ExperimentOut(BaseModel):

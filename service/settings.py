@@ -33,8 +33,10 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1)
 
     # Caps so that one request cannot exhaust a worker.
-    max_ufm_elements: int = Field(50_000_000, ge=1)  # K * d * n_per_class
+    max_ufm_elements: int = Field(50_000_000, ge=1)  # samples * d
     max_iters: int = Field(200_000, ge=1)
+    max_restarts: int = Field(50, ge=1)
+    max_epochs: int = Field(1000, ge=1)
 
     @property
     def resolved_database_url(self) -> str:

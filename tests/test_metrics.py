@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker.nc.metrics import CLASSIFIER_KEYS, MEAN_KEYS, collapse_metrics
+from worker.nc.metrics import CLASSIFIER_KEYS, MEAN_KEYS, CollapseAccumulator, collapse_metrics
 
 RTOL = 1e-9
 
@@ -195,3 +195,128 @@ def test_degenerate_inputs_give_nan_not_errors():
     assert got["nc1_cdnv"] == math.inf  # spread over zero distance
     assert got["loss"] == pytest.approx(math.log(3), rel=1e-15)
     assert got["accuracy"] == pytest.approx(1 / 3)
+
+
+# CollapseAccumulator: the same catalogue from batches, against the one-shot result.
+
+
+def uneven_batches(H, y, rng):
+    """Batches of random sizes, the first of size 1. The first half of the samples is
+    sorted by class, so that its batches hold only some of the classes."""
+    order = rng.permutation(len(y))
+    half = len(y) // 2
+    order[:half] = order[:half][np.argsort(y[order[:half]], kind="stable")]
+    cuts = [1]
+    while cuts[-1] < len(y):
+        cuts.append(cuts[-1] + int(rng.integers(1, 40)))
+    return [(H[rows], y[rows]) for rows in np.split(order, cuts[:-1])]
+
+
+def accumulate(batches, K, d, W=None, b=None, scale=1.0, replay=None):
+    accumulator = CollapseAccumulator(K, d)
+    for features, labels in batches:
+        accumulator.update(features, labels)
+    return accumulator.compute(W, b, scale, replay=replay)
+
+
+@pytest.mark.parametrize(
+    "counts, d, spread",
+    [
+        ([40] * 5, 16, 0.5),  # d > K - 1: Sigma_B singular
+        ([40] * 8, 4, 0.5),  # d < K - 1: Sigma_B full rank
+        ([40] * 6, 10, 1e-6),  # collapsed: spread 1e-6 of the mean distance
+        ([3, 80, 7, 50, 12], 8, 0.3),  # imbalanced classes
+        ([6] * 200, 32, 0.5),  # many classes, each missing from most batches
+    ],
+)
+def test_accumulator_matches_one_shot(counts, d, spread):
+    rng = np.random.default_rng(len(counts) * 100 + d + 7)
+    H, y, W, b = random_problem(rng, counts, d, spread)
+    K = len(counts)
+    batches = uneven_batches(H, y, rng)
+    assert len(batches[0][1]) == 1
+    assert any(len(np.unique(labels)) < K for _, labels in batches[1:])
+    # The replay pass may batch and order the samples differently.
+    got = accumulate(batches, K, d, W, b, 2.5, replay=uneven_batches(H, y, rng)[::-1])
+    assert_matches_reference(got, collapse_metrics(H, y, W, b, logit_scale=2.5))
+    assert_matches_reference(accumulate(batches, K, d), collapse_metrics(H, y))
+
+
+def test_accumulator_float32_near_collapse_keeps_nc1_exact():
+    """Float32 batches with a within-class spread about 1e-6 of the distance between
+    class means (float32 rounding included) and means far from the origin: here a
+    Sigma_W from raw second moments gets even the sign of nc1 wrong."""
+    rng = np.random.default_rng(8)
+    H, y, _, _ = random_problem(rng, [50] * 6, 24, 1e-6)
+    H = (H + 40.0).astype(np.float32)
+    exact = collapse_metrics(H.astype(np.float64), y)
+    assert 0 < exact["nc1"] < 1e-9
+    assert exact["nc1"] == pytest.approx(reference_metrics(H, y)["nc1"], rel=RTOL, abs=0)
+    batches = [(torch.from_numpy(f), torch.from_numpy(l)) for f, l in uneven_batches(H, y, rng)]
+    assert batches[0][0].dtype == torch.float32
+    assert accumulate(batches, 6, 24)["nc1"] == pytest.approx(exact["nc1"], rel=RTOL, abs=0)
+    assert collapse_metrics(H, y)["nc1"] == pytest.approx(exact["nc1"], rel=RTOL, abs=0)
+
+
+def state_size(accumulator):
+    return sum(value.numel() for value in vars(accumulator).values() if torch.is_tensor(value))
+
+
+def test_accumulator_memory_does_not_grow_with_samples():
+    K, d = 7, 12
+    rng = np.random.default_rng(9)
+    H, y, _, _ = random_problem(rng, [10] * K, d, 0.5)
+    accumulator = CollapseAccumulator(K, d)
+    accumulator.update(H, y)
+    size = state_size(accumulator)
+    assert 0 < size <= 2 * K * d + d * d + 2 * K
+    for _ in range(50):
+        accumulator.update(H, y)
+    assert state_size(accumulator) == size
+    accumulator.compute()
+    assert state_size(accumulator) == size
+
+
+def test_accumulator_replay_and_empty_classes():
+    rng = np.random.default_rng(10)
+    H, y, W, b = random_problem(rng, [10] * 4, 6, 0.5)
+    batches = uneven_batches(H, y, rng)
+    # Without a replay, the keys that apply W to every sample are absent.
+    got = accumulate(batches, 4, 6, W, b)
+    assert set(got) == set(MEAN_KEYS) | set(CLASSIFIER_KEYS) - {"nc4", "accuracy", "loss"}
+    one_shot = collapse_metrics(H, y, W, b)
+    assert_matches_reference(got, {key: one_shot[key] for key in got})
+    with pytest.raises(ValueError, match="same samples"):
+        accumulate(batches, 4, 6, W, b, replay=batches[1:])
+    with pytest.raises(ValueError, match="no samples"):
+        accumulate(batches, 5, 6)
+    with pytest.raises(ValueError, match="no batches"):
+        accumulate([], 4, 6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_accumulator_on_cuda_never_synchronizes_per_batch():
+    rng = np.random.default_rng(11)
+    H, y, W, b = random_problem(rng, [30] * 10, 64, 1e-6)
+    batches = [
+        (torch.from_numpy(f).float().cuda(), torch.from_numpy(l).cuda())
+        for f, l in uneven_batches(H, y, rng)
+    ]
+
+    def without_syncs(batches):
+        # Everything done with a batch between two next() calls runs in "error" mode.
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield from batches
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    accumulator = CollapseAccumulator(10, 64)
+    for features, labels in without_syncs(batches):
+        accumulator.update(features, labels)
+    state = [value for value in vars(accumulator).values() if torch.is_tensor(value)]
+    assert state and all(tensor.is_cuda for tensor in state)
+    got = accumulator.compute(W, b, replay=without_syncs(batches))
+    H32 = np.concatenate([f.cpu().numpy() for f, _ in batches])
+    y32 = np.concatenate([l.cpu().numpy() for _, l in batches])
+    assert_matches_reference(got, collapse_metrics(H32.astype(np.float64), y32, W, b))

@@ -92,6 +92,11 @@ def test_cancel_stops_a_running_job_within_seconds_and_keeps_its_history(product
         ({"max_iters": 0}, "max_iters"),
         ({"max_iters": 10**9}, "max_iters"),
         ({"K": 1000, "d": 1000, "n_per_class": 1000}, "n_per_class"),
+        ({"n_per_class": [3, 3]}, "n_per_class"),  # K = 4 counts needed
+        ({"n_per_class": [3, 3, 0, 3]}, "n_per_class"),
+        ({"n_per_class": "many"}, "n_per_class"),
+        ({"restarts": 0}, "restarts"),
+        ({"restarts": 10**6}, "restarts"),
         ({"tol": 0}, "tol"),
         ({"seed": -1}, "seed"),
         ({"K": "ten"}, "K"),
@@ -170,3 +175,28 @@ def test_a_job_whose_worker_dies_is_requeued_and_finished_by_another_worker(own_
     assert done["result"]["iterations"] == 400
     history = stack.client.get(f"/experiments/{created['id']}/metrics").json()["items"]
     assert [row["step"] for row in history] == list(range(0, 401, 20))  # rewritten, not duplicated
+
+
+def test_generalized_collapse_imbalance_and_restarts_run_end_to_end(production):
+    client = production.client
+    no_etf = submit(client, {"kind": "ufm", "K": 10, "d": 4, "n_per_class": 3, "max_iters": 3000})
+    imbalanced = submit(client, {"kind": "ufm", "K": 4, "d": 8, "n_per_class": [2, 5, 3, 9]})
+    restarted = submit(client, {"kind": "ufm", "K": 5, "d": 8, "n_per_class": 3, "restarts": 4})
+
+    result = wait_for_status(client, no_etf["id"], {"succeeded"}, timeout=120)["result"]
+    assert result["optimal_loss"] is None and result["optimality_gap"] is None
+    assert result["has_closed_form"] is False
+    # Ten directions in R^4 cannot all be as far apart as a simplex ETF's.
+    assert 0 < result["w_min_angle_deg"] < math.degrees(math.acos(-1 / 9))
+    assert result["loss"] > math.log1p(9 * math.exp(-10 * 10 / 9))
+
+    result = wait_for_status(client, imbalanced["id"], {"succeeded"}, timeout=120)["result"]
+    assert result["optimal_loss"] is None and result["accuracy"] == 1.0
+    assert result["nc1"] < 1e-6
+    history = client.get(f"/experiments/{imbalanced['id']}/metrics").json()["items"]
+    assert history[-1]["step"] == result["iterations"]
+
+    result = wait_for_status(client, restarted["id"], {"succeeded"}, timeout=120)["result"]
+    assert result["restarts"] == 4 and result["global_optimum_fraction"] == 1.0
+    assert result["final_loss_max"] - result["final_loss_min"] < 1e-8
+    assert abs(result["optimality_gap"]) < 1e-8

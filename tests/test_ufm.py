@@ -1,5 +1,6 @@
 """UFM solvers reach the closed-form optima of DESIGN.md and collapse onto a simplex ETF."""
 
+import dataclasses
 import math
 
 import pytest
@@ -10,6 +11,22 @@ from worker.nc.metrics import CLASSIFIER_KEYS, MEAN_KEYS
 from worker.nc.ufm import Diverged, Stopped, UFMProblem, optimal_loss, solve
 
 COLLAPSE_KEYS = ("nc1", "nc2_etf_w", "nc3_etf")
+ROW_KEYS = {"grad_norm", "w_min_angle_deg"}  # what the solver adds to collapse_metrics
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Solve on one thread, and restore torch's setting after each test.
+
+    These problems are small enough that threads buy nothing, and on a busy two-core
+    machine every parallel region of a tiny matrix product can wait a scheduler tick
+    for its second thread: we measured this file at 5 s on one thread and over 60 s on
+    two while another process kept a core busy.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def assert_reaches_collapsed_optimum(result):
@@ -72,10 +89,72 @@ def test_normalized_without_an_etf_finishes_above_the_etf_value():
     K, d, scale = 10, 5, 10.0
     result = solve(UFMProblem(K, d, 5, "normalized", logit_scale=scale))
     assert result["optimal_loss"] is None and result["optimality_gap"] is None
-    assert result["has_closed_form"] is False
+    assert result["has_closed_form"] is False and result["global_optimum_fraction"] is None
+    assert result["converged"]  # to a critical point, not an ETF
     etf_value = math.log1p((K - 1) * math.exp(-scale * K / (K - 1)))
     assert result["loss"] > 1.5 * etf_value
     assert result["nc1"] < 1e-6  # features still collapse onto their class means
+    assert result["w_min_angle_deg"] < etf_angle_degrees(K)  # no ETF fits in R^5
+
+
+def etf_angle_degrees(K):
+    return math.degrees(math.acos(-1 / (K - 1)))
+
+
+def capture_classifier(monkeypatch):
+    """The classifier of the last metrics row, as the solver hands it to collapse_metrics."""
+    captured = {}
+    original = ufm.collapse_metrics
+
+    def spy(features, labels, classifier, *args):
+        captured.update(features=features, labels=labels, classifier=classifier)
+        return original(features, labels, classifier, *args)
+
+    monkeypatch.setattr(ufm, "collapse_metrics", spy)
+    return captured
+
+
+def test_min_angle_matches_a_direct_computation(monkeypatch):
+    captured = capture_classifier(monkeypatch)
+    K = 12
+    result = solve(UFMProblem(K, 4, 3, "normalized", logit_scale=8.0))  # K > d + 1
+    units = captured["classifier"] / captured["classifier"].norm(dim=1, keepdim=True)
+    angles = [
+        math.degrees(math.acos(max(-1.0, min(1.0, float(units[i] @ units[j])))))
+        for i in range(K)
+        for j in range(i + 1, K)
+    ]
+    assert result["w_min_angle_deg"] == pytest.approx(min(angles), abs=1e-6)
+    assert result["w_min_angle_deg"] < etf_angle_degrees(K)
+
+
+def test_min_angle_of_the_simplex_etf():
+    result = solve(UFMProblem(4, 3, 5, "normalized", logit_scale=5.0))  # K = d + 1
+    assert_reaches_collapsed_optimum(result)
+    assert result["w_min_angle_deg"] == pytest.approx(etf_angle_degrees(4), abs=1e-6)
+
+
+def test_min_angle_keeps_digits_for_close_rows():
+    angle = 1e-9  # radians: the cosine is 1 - 5e-19, which rounds to 1
+    rows = torch.tensor([[1.0, 0.0], [math.cos(angle), math.sin(angle)], [-1.0, 0.0]])
+    assert ufm.min_angle_degrees(rows) == pytest.approx(math.degrees(angle), rel=1e-6)
+    assert math.isnan(ufm.min_angle_degrees(torch.zeros(3, 2, dtype=torch.float64)))
+
+
+def test_two_hundred_classes_collapse_where_an_etf_fits():
+    result = solve(UFMProblem(200, 256, 2, "normalized", logit_scale=10.0))
+    assert result["converged"] and result["nc2_etf_w"] <= 1e-4
+
+
+def test_two_hundred_classes_in_128_dimensions_reach_a_critical_point():
+    # No simplex ETF of 200 vectors fits in R^128: the ETF Gram has rank 199, and its
+    # distance to any Gram of rank 128 is at least sqrt(71/199) ~ 0.6 (Eckart-Young),
+    # so nc2_etf_w <= 1e-4 is out of reach for any solver.
+    K, d = 200, 128
+    result = solve(UFMProblem(K, d, 2, "normalized", logit_scale=10.0))
+    assert result["converged"] and result["nc1"] < 1e-6
+    assert result["nc2_etf_w"] >= math.sqrt((K - 1 - d) / (K - 1))
+    assert result["w_min_angle_deg"] < etf_angle_degrees(K)
 
 
 def test_closed_forms_by_hand():
@@ -103,7 +182,8 @@ def test_cross_entropy_parts_keep_digits_of_saturated_losses():
     # log and the label's gradient entry -(p_1 + p_2) must keep full relative precision.
     logits = torch.tensor([[0.0, -40.0, -45.0], [1.0, 3.0, 0.0]], dtype=torch.float64)
     labels = torch.tensor([0, 2])
-    losses, log_losses, logit_grads = ufm._cross_entropy_parts(logits, labels)
+    # The helper works in place (the logits become the gradient), so it gets a copy.
+    losses, log_losses, logit_grads = ufm._cross_entropy_parts(logits.clone(), labels)
 
     wrong_mass = math.exp(-40) + math.exp(-45)
     p = [1 / (1 + wrong_mass), math.exp(-40) / (1 + wrong_mass), math.exp(-45) / (1 + wrong_mass)]
@@ -152,6 +232,137 @@ def test_closed_form_gradients_match_autograd(normalization):
         torch.testing.assert_close(grad, leaf.grad, rtol=1e-12, atol=1e-15)
 
 
+def test_saturated_scale_goes_on_after_the_gradient_of_the_loss_vanishes():
+    # At logit scale 30 the loss saturates near 1e-13: the gradient of L itself,
+    # L ||grad log L||, drops below 1e-10 while the classifier is still far from an ETF,
+    # which is where a solver on L stops (pymanopt does; bench/ufm.py). Ours goes on.
+    rows = {}
+    problem = UFMProblem(10, 32, 5, "normalized", logit_scale=30.0, checkpoint_every=1)
+    result = solve(problem, on_checkpoint=rows.__setitem__)
+    vanished = next(step for step, row in rows.items() if row["loss"] * row["grad_norm"] <= 1e-10)
+    assert rows[vanished]["nc2_etf_w"] > 1e-3
+    assert_reaches_collapsed_optimum(result)
+    assert result["nc2_etf_w"] <= 1e-6
+
+
+def test_small_scale_goes_on_until_collapsed():
+    # At logit scale 0.5, log L hardly depends on how the classifier rows are arranged:
+    # this run passes the gradient test with nc2_etf_w ~1.5e-6, so the solver demands a
+    # smaller gradient there and reports convergence only once the metrics are collapsed.
+    rows = {}
+    problem = UFMProblem(100, 128, 20, "normalized", logit_scale=0.5, seed=1, checkpoint_every=1)
+    result = solve(problem, on_checkpoint=rows.__setitem__)
+    assert any(row["grad_norm"] <= 1e-10 and row["nc2_etf_w"] > 1e-6 for row in rows.values())
+    assert_reaches_collapsed_optimum(result)
+
+
+def test_converged_only_when_collapsed():
+    # Cut off early at a saturating scale: not converged, and the metrics agree.
+    result = solve(UFMProblem(10, 32, 5, "normalized", logit_scale=30.0, max_iters=15))
+    assert result["converged"] is False and result["nc2_etf_w"] > 1e-6
+
+
+def test_restarts_on_a_benign_landscape_all_find_the_optimum():
+    problem = UFMProblem(6, 8, 3, "normalized", logit_scale=10.0, restarts=4, seed=3)
+    result = solve(problem)
+    assert_reaches_collapsed_optimum(result)
+    assert result["restarts"] == 4 and result["global_optimum_fraction"] == 1.0
+    assert result["final_loss_min"] == result["loss"] <= result["final_loss_max"]
+    assert result["final_loss_max"] - result["final_loss_min"] <= 1e-8
+    assert 0 <= result["final_loss_std"] <= 1e-8
+    assert solve(problem) == result  # restart seeds derive deterministically from `seed`
+
+
+def test_one_restart_is_the_plain_seeded_solve():
+    result = solve(UFMProblem(5, 6, 3, "normalized", seed=7))
+    assert result["restarts"] == 1 and result["global_optimum_fraction"] == 1.0
+    assert result["final_loss_min"] == result["final_loss_max"] == result["loss"]
+    assert result["final_loss_std"] == 0.0
+    restarted = solve(UFMProblem(5, 6, 3, "normalized", seed=7, restarts=3))
+    assert restarted["final_loss_min"] <= result["loss"]  # the first restart is this run
+
+
+SPURIOUS = UFMProblem(3, 2, 5, "normalized", logit_scale=20.0, restarts=8, max_iters=400)
+
+
+def test_restarts_find_spurious_minima_on_the_circle():
+    # K = 3 on the circle at a large logit scale: some starts end in a spurious local
+    # minimum (module docstring); the probe reports how many, and keeps the best run.
+    result = solve(SPURIOUS)
+    assert 0 < result["global_optimum_fraction"] < 1
+    assert result["final_loss_max"] - result["final_loss_min"] > 0.1
+    assert result["final_loss_std"] > 0.01
+    assert abs(result["optimality_gap"]) <= 1e-8 and result["converged"]
+    assert result["final_loss_min"] == result["loss"]
+
+
+def test_restart_history_is_the_best_runs_trajectory():
+    rows = []
+    problem = dataclasses.replace(SPURIOUS, checkpoint_every=10)
+    result = solve(problem, on_checkpoint=lambda step, row: rows.append((step, row)))
+    steps = [step for step, _ in rows]
+    # The spurious runs used all 400 iterations; the best converged sooner, and only its
+    # rows arrive, in order, ending with the result.
+    assert steps == sorted(set(steps)) and steps[0] == 0
+    assert steps[-1] == result["iterations"] < problem.max_iters
+    assert rows[-1][1] == {key: result[key] for key in rows[-1][1]}
+
+
+def test_should_stop_is_polled_every_iteration_of_every_restart():
+    first_run = solve(UFMProblem(4, 3, 5, "normalized"))["iterations"]
+    polls = []
+
+    def should_stop():
+        polls.append(None)
+        return len(polls) == first_run + 2  # the second iteration of the second run
+
+    with pytest.raises(Stopped, match="iteration 1 of restart 1"):
+        solve(UFMProblem(4, 3, 5, "normalized", restarts=3), should_stop=should_stop)
+
+
+@pytest.mark.parametrize("tol", [1e-10, 1e-300])  # runs that converge early, or use it all
+def test_progress_is_monotone_cheap_and_ends_at_one(tol):
+    fractions = []
+    problem = UFMProblem(4, 3, 5, "normalized", restarts=3, max_iters=400, tol=tol)
+    solve(problem, on_progress=fractions.append)
+    assert fractions == sorted(fractions)
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert len(fractions) <= 102  # about once per percent of the 1200-iteration budget
+    assert any(1 / 3 <= fraction < 2 / 3 for fraction in fractions)  # counts across restarts
+
+
+@pytest.mark.parametrize("normalization", ["normalized", "regularized"])
+def test_imbalanced_classes_use_the_mean_of_class_means(monkeypatch, normalization):
+    captured = capture_classifier(monkeypatch)
+    counts = [8, 4, 2, 1, 1]
+    result = solve(UFMProblem(5, 8, counts, normalization, logit_scale=10.0))
+    assert result["optimal_loss"] is None and result["optimality_gap"] is None
+    assert result["global_optimum_fraction"] is None and result["has_closed_form"] is False
+    assert result["converged"] and result["nc1"] < 1e-6
+
+    features, labels = captured["features"], captured["labels"]
+    assert torch.bincount(labels).tolist() == counts
+    means = torch.stack([features[labels == k].mean(dim=0) for k in range(5)])
+    etf = (torch.eye(5, dtype=torch.float64) - 1 / 5) / 2  # E with sqrt(K - 1) = 2
+
+    def etf_distance(centre):
+        gram = (means - centre) @ (means - centre).T
+        return float((gram / gram.norm() - etf).norm())
+
+    # DESIGN.md: mu_G is the mean of the class means, not of the samples, which the
+    # majority class would pull towards itself.
+    assert result["nc2_etf_m"] == pytest.approx(etf_distance(means.mean(dim=0)), rel=1e-9)
+    assert abs(result["nc2_etf_m"] - etf_distance(features.mean(dim=0))) > 1e-2
+
+
+def test_equal_counts_in_a_list_are_the_balanced_problem():
+    listed = UFMProblem(4, 3, [5, 5, 5, 5], "normalized", logit_scale=5.0)
+    plain = UFMProblem(4, 3, 5, "normalized", logit_scale=5.0)
+    assert listed == plain and listed.n_per_class == 5
+    assert solve(listed) == solve(plain)
+    assert optimal_loss(listed) == optimal_loss(plain)
+
+
 def test_same_seed_gives_identical_results():
     problem = UFMProblem(5, 6, 3, "normalized", logit_scale=8.0, bias=True, seed=7)
     first, second = solve(problem), solve(problem)
@@ -182,7 +393,7 @@ def test_default_checkpoint_schedule_and_row_keys():
     result = solve(problem, on_checkpoint=lambda step, row: rows.setdefault(step, row))
     assert list(rows) == [0, 1, 2, 5, 10, 20, 50, 100, 120]
     assert result["iterations"] == 120 and result["converged"] is False
-    expected = set(MEAN_KEYS) | set(CLASSIFIER_KEYS) | {"grad_norm", "cross_entropy"}
+    expected = set(MEAN_KEYS) | set(CLASSIFIER_KEYS) | ROW_KEYS | {"cross_entropy"}
     assert all(set(row) == expected for row in rows.values())
     assert all(isinstance(value, float) for row in rows.values() for value in row.values())
     final = {key: result[key] for key in expected}
@@ -204,7 +415,7 @@ def test_normalized_rows_have_no_regularization_keys():
         UFMProblem(3, 4, 2, "normalized", max_iters=0),
         on_checkpoint=lambda s, row: rows.append(row),
     )
-    assert set(rows[0]) == set(MEAN_KEYS) | set(CLASSIFIER_KEYS) | {"grad_norm"}
+    assert set(rows[0]) == set(MEAN_KEYS) | set(CLASSIFIER_KEYS) | ROW_KEYS
     assert result["iterations"] == 0 and result["converged"] is False
 
 
@@ -237,6 +448,14 @@ def test_invalid_problems_are_rejected():
         UFMProblem(3, 3, 5, "regularized", lambda_h=0.0)
     with pytest.raises(ValueError, match="logit_scale"):
         UFMProblem(3, 3, 5, "normalized", logit_scale=math.inf)
+    with pytest.raises(ValueError, match="one count per class"):
+        UFMProblem(3, 3, [5, 5], "normalized")
+    with pytest.raises(ValueError, match="counts must be >= 1"):
+        UFMProblem(3, 3, [5, 0, 5], "normalized")
+    with pytest.raises(TypeError):
+        UFMProblem(3, 3, [5, 2.5, 5], "normalized")
+    with pytest.raises(ValueError, match="restarts"):
+        UFMProblem(3, 3, 5, "normalized", restarts=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

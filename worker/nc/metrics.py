@@ -6,10 +6,16 @@ terminal phase of deep learning training"; the ETF-distance forms (`nc2_etf_*`,
 with unconstrained features", as used by Yaras et al. (NeurIPS 2022); `nc1_cdnv` is the
 class-distance normalized variance of Galanti, Gyorgy & Hutter (ICLR 2022).
 
-Everything is computed in float64 on the input's device. Collapsed features have a
+Two entry points give the same catalogue: `collapse_metrics` for features held in memory,
+and `CollapseAccumulator` for features that arrive in batches (an evaluation pass of a
+network), in memory independent of the number of samples.
+
+Everything is computed in float64 on the input's device, outside autograd (features
+straight from a network in training mode are fine). Collapsed features have a
 within-class spread many orders of magnitude below the distance between class means, so
-features are centred on their class mean before any product is taken: a Sigma_W formed
-from uncentred second moments would be rounding noise exactly when collapse is reached.
+features are centred on a point of their class before any product is taken: a Sigma_W
+formed from uncentred second moments would be rounding noise exactly when collapse is
+reached.
 
 Degenerate inputs do not raise. A metric that is a ratio 0/0 there is float('nan'):
 every metric built from M when all class means coincide (M = 0, or every centred mean
@@ -20,6 +26,7 @@ mean and raises ValueError.
 """
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -31,6 +38,10 @@ PSEUDO_INVERSE_RTOL = 1e-10
 # Class means closer than this (relative to their size) are treated as coincident: M is
 # then exactly zero, and the metrics that divide by its scale are NaN.
 COINCIDENT_MEANS_RTOL = 1e-12
+
+# On a CPU, collapse_metrics works through the samples in blocks of about this many
+# float64 entries (4 MiB), small enough for a block and its products to stay in cache.
+CPU_BLOCK_ENTRIES = 2**19
 
 MEAN_KEYS = ("nc1", "nc1_cdnv", "nc2_equinorm_m", "nc2_equiangle_m", "nc2_etf_m")
 CLASSIFIER_KEYS = (
@@ -45,6 +56,7 @@ CLASSIFIER_KEYS = (
 )
 
 
+@torch.no_grad()
 def collapse_metrics(
     features,
     labels,
@@ -59,56 +71,198 @@ def collapse_metrics(
     b (K,), also returns the classifier metrics, computed from the logits
     `logit_scale * H W^T + b`. K is `num_classes`, or `labels.max() + 1`; every class
     must have at least one sample. Returns plain Python floats keyed as in DESIGN.md.
+
+    Two passes over H: one for the class means, one that centres each sample on its
+    class mean and takes, in a single product, its coordinates along the right singular
+    vectors of M (all NC1 needs, and the nearest class mean of NC4) and the within-class
+    part of its logits. Neither a d x d matrix nor an N x d temporary is formed: at
+    K << d the whole catalogue costs less than the one product H^T H (bench/metrics.py).
     """
-    features = _as_float64(features, device=None)
+    features = _as_tensor(features)
     device = features.device
-    labels = labels if torch.is_tensor(labels) else torch.from_numpy(np.asarray(labels))
-    labels = labels.to(device=device, dtype=torch.long)
+    labels = _as_labels(labels, device)
     num_classes = int(num_classes) if num_classes is not None else int(labels.max()) + 1
-    if num_classes < 2:
-        raise ValueError(f"neural-collapse metrics need at least 2 classes, got {num_classes}")
+    _check_num_classes(num_classes)
+    num_samples, dim = features.shape
+    counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+    _check_no_empty_class(counts)
 
-    counts = torch.bincount(labels, minlength=num_classes).to(torch.float64)
-    if bool((counts == 0).any()):
-        empty = torch.nonzero(counts == 0).flatten().tolist()
-        raise ValueError(f"classes {empty} have no samples; their means are undefined")
-    class_means = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=device)
-    class_means.index_add_(0, labels, features)
-    class_means /= counts[:, None]
-    global_mean = class_means.mean(dim=0)
-    centred_means = class_means - global_mean  # M
-    if centred_means.abs().max() <= COINCIDENT_MEANS_RTOL * class_means.abs().max():
-        centred_means.zero_()  # what is left is the rounding error of averaging equal means
-    within = features - class_means[labels]  # h_i - mu_{y_i}
+    # Both passes convert one block of samples at a time to float64, into a buffer that
+    # is reused: on a CPU, an N x d float64 copy, or fresh block-sized temporaries, cost
+    # more in memory traffic and page faults than the arithmetic does.
+    block_rows = num_samples if device.type != "cpu" else max(1, CPU_BLOCK_ENTRIES // dim)
+    block_buffer = torch.empty(block_rows, dim, dtype=torch.float64, device=device)
+    means_buffer = torch.empty_like(block_buffer)
 
-    metrics = {
-        "nc1": _nc1(within, centred_means),
-        "nc1_cdnv": _cdnv(within, labels, counts, centred_means),
-        "nc2_equinorm_m": _equinorm(centred_means),
-        "nc2_equiangle_m": _equiangle(centred_means),
-        "nc2_etf_m": _distance_to_etf(centred_means @ centred_means.T),
-    }
-    if classifier is None:
+    def blocks():
+        for start in range(0, num_samples, block_rows):
+            block_labels = labels[start : start + block_rows]
+            block = block_buffer[: len(block_labels)]
+            yield block.copy_(features[start : start + block_rows]), block_labels
+
+    class_sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
+    for block, block_labels in blocks():
+        class_sums.index_add_(0, block_labels, block)
+    class_means = class_sums / counts[:, None]
+    geometry = _ClassGeometry(class_means)
+
+    rank = geometry.right_vectors.shape[0]
+    columns = geometry.right_vectors
+    if classifier is not None:
+        classifier = _as_float64(classifier, device)
+        tally = _ClassifierTally(geometry, classifier, bias, logit_scale)
+        columns = torch.cat([columns, classifier])
+    squared_projections = torch.zeros(rank, dtype=torch.float64, device=device)
+    squared_spreads = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    for block, block_labels in blocks():
+        block_means = means_buffer[: len(block_labels)]
+        within = block.sub_(torch.index_select(class_means, 0, block_labels, out=block_means))
+        products = within @ columns.T
+        projections = products[:, :rank]  # (h_i - mu_{y_i}) v_j for every j
+        squared_projections += (projections**2).sum(dim=0)
+        squared_spreads.index_add_(0, block_labels, (within**2).sum(dim=1))
+        if classifier is not None:
+            # M = U S V^T, so (h_i - mu_{y_i}) M^T is a K-column product of the projections.
+            tally.add(block_labels, products[:, rank:], projections @ geometry.left_scaled.T)
+
+    metrics = _mean_metrics(geometry, squared_projections / num_samples, squared_spreads / counts)
+    if classifier is not None:
+        metrics.update(_classifier_geometry_metrics(geometry, classifier))
+        metrics.update(tally.metrics())
+    return {key: float(value) for key, value in metrics.items()}
+
+
+class CollapseAccumulator:
+    """The metric catalogue of `collapse_metrics`, from features that arrive in batches.
+
+        accumulator = CollapseAccumulator(num_classes, dim)
+        for features, labels in batches():          # pass 1: means and Sigma_W
+            accumulator.update(features, labels)
+        metrics = accumulator.compute(classifier, bias, logit_scale, replay=batches())
+
+    State lives on `device`, or on the device of the first batch, and is O(K d + d^2)
+    whatever N. `update` does a fixed sequence of tensor operations per batch: no host
+    synchronization, no Python loop over samples or classes, so batches of a network on
+    a GPU queue up behind each other. `compute` synchronizes once at the end.
+
+    Mean keys (nc1, nc1_cdnv, nc2_*_m) come from one pass. Sigma_W is kept exact for
+    collapsed features by accumulating, in float64, the scatter of each sample around a
+    reference point c_k of its class (the class mean of the first batch that holds class
+    k) together with the per-class sums of h_i - c_k, the "shifted data" method of Chan,
+    Golub & LeVeque (1983), "Algorithms for computing the sample variance"; at the end
+    N Sigma_W = sum_i (h_i - c_{y_i})(h_i - c_{y_i})^T - sum_k n_k (mu_k - c_k)(mu_k - c_k)^T,
+    where both terms are of the size of the spread, not of the means. NC1 then needs only
+    v_j^T Sigma_W v_j for the right singular vectors v_j of M, never a pseudo-inverse.
+
+    Classifier keys: nc2_*_w, nc3 and nc3_etf need only W and the class means, and are
+    returned whenever `compute` is given a classifier. nc4, accuracy and loss apply the
+    classifier to every sample, and nc4 compares its prediction with the nearest of the
+    *final* class means, which are unknown until the last batch has been seen: no exact
+    one-pass form exists in bounded memory. So they come from a second pass, `replay`:
+    an iterable of (features, labels) batches holding the same samples again (any
+    batching and order; for a network, a second evaluation pass without augmentation, or
+    features the caller kept). `compute` runs it with the means and W fixed and counts
+    argmax_k(s W h + b) against labels and against argmin_k ||h - mu_k||, and sums the
+    cross-entropy, exactly as `collapse_metrics`. It checks that every class is replayed
+    as often as it was updated. Without `replay` these three keys are absent, so that a
+    training loop can report the rest every epoch at the cost of one pass.
+    """
+
+    def __init__(self, num_classes: int, dim: int, device=None):
+        _check_num_classes(num_classes)
+        self.num_classes = num_classes
+        self.dim = dim
+        self.device = None if device is None else torch.device(device)
+        # Allocated by the first update, once the device is known.
+        self._counts = None  # n_k
+        self._references = None  # c_k
+        self._deviation_sums = None  # sum_{y_i=k} (h_i - c_k)
+        self._squared_deviations = None  # sum_{y_i=k} ||h_i - c_k||^2, for nc1_cdnv
+        self._scatter = None  # sum_i (h_i - c_{y_i})(h_i - c_{y_i})^T
+
+    @torch.no_grad()
+    def update(self, features, labels) -> None:
+        """Add a batch: features (B x d, any float dtype) and labels (B,) in 0..K-1."""
+        features = _as_tensor(features)
+        if self._counts is None:
+            self._allocate(features.device if self.device is None else self.device)
+        features = features.to(device=self.device, dtype=torch.float64)
+        labels = _as_labels(labels, self.device)
+
+        batch_counts = torch.zeros_like(self._counts)
+        batch_counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        batch_sums = torch.zeros_like(self._references).index_add_(0, labels, features)
+        batch_means = batch_sums / batch_counts.clamp(min=1)[:, None]
+        first_seen = (batch_counts > 0) & (self._counts == 0)
+        self._references = torch.where(first_seen[:, None], batch_means, self._references)
+
+        # h_i - c_{y_i}, written over the gathered references to save a B x d temporary.
+        deviations = self._references.index_select(0, labels)
+        torch.sub(features, deviations, out=deviations)
+        self._deviation_sums.index_add_(0, labels, deviations)
+        self._squared_deviations.index_add_(0, labels, (deviations**2).sum(dim=1))
+        self._scatter.addmm_(deviations.T, deviations)
+        self._counts += batch_counts
+
+    @torch.no_grad()
+    def compute(
+        self,
+        classifier=None,
+        bias=None,
+        logit_scale=1.0,
+        replay: Iterable | None = None,
+    ) -> dict[str, float]:
+        """The catalogue of `collapse_metrics(H, y, classifier, bias, K, logit_scale)`.
+
+        nc4, accuracy and loss need a classifier and `replay` (see the class docstring).
+        """
+        if self._counts is None:
+            raise ValueError("no batches were added; the class means are undefined")
+        counts = self._counts
+        _check_no_empty_class(counts)
+        num_samples = counts.sum()
+        mean_offsets = self._deviation_sums / counts[:, None]  # mu_k - c_k
+        geometry = _ClassGeometry(self._references + mean_offsets)
+
+        # v^T (N Sigma_W) v = v^T scatter v - sum_k n_k ((mu_k - c_k) v)^2 for each v = v_j.
+        right_vectors = geometry.right_vectors
+        scatter_along = ((right_vectors @ self._scatter) * right_vectors).sum(dim=1)
+        offsets_along = mean_offsets @ right_vectors.T
+        within_along = scatter_along - (counts[:, None] * offsets_along**2).sum(dim=0)
+        squared_spreads = self._squared_deviations - counts * (mean_offsets**2).sum(dim=1)
+        metrics = _mean_metrics(geometry, within_along / num_samples, squared_spreads / counts)
+        if classifier is None:
+            return {key: float(value) for key, value in metrics.items()}
+
+        classifier = _as_float64(classifier, self.device)
+        metrics.update(_classifier_geometry_metrics(geometry, classifier))
+        if replay is not None:
+            metrics.update(self._replay(replay, geometry, classifier, bias, logit_scale))
         return {key: float(value) for key, value in metrics.items()}
 
-    classifier = _as_float64(classifier, device)
-    logits = logit_scale * (features @ classifier.T)
-    if bias is not None:
-        logits = logits + _as_float64(bias, device)
-    predicted = logits.argmax(dim=1)
-    metrics.update(
-        nc2_equinorm_w=_equinorm(classifier),
-        nc2_equiangle_w=_equiangle(classifier),
-        nc2_etf_w=_distance_to_etf(classifier @ classifier.T),
-        nc3=_self_duality(classifier, centred_means),
-        nc3_etf=_distance_to_etf(classifier @ centred_means.T),
-        nc4=(predicted != _nearest_class_mean(features - global_mean, centred_means))
-        .to(torch.float64)
-        .mean(),
-        accuracy=(predicted == labels).to(torch.float64).mean(),
-        loss=cross_entropy_per_sample(logits, labels).mean(),
-    )
-    return {key: float(value) for key, value in metrics.items()}
+    def _allocate(self, device) -> None:
+        self.device = torch.device(device)
+        shape = (self.num_classes, self.dim)
+        self._counts = torch.zeros(self.num_classes, dtype=torch.float64, device=device)
+        self._references = torch.zeros(shape, dtype=torch.float64, device=device)
+        self._deviation_sums = torch.zeros(shape, dtype=torch.float64, device=device)
+        self._squared_deviations = torch.zeros_like(self._counts)
+        self._scatter = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=device)
+
+    def _replay(self, replay, geometry, classifier, bias, logit_scale) -> dict:
+        tally = _ClassifierTally(geometry, classifier, bias, logit_scale)
+        # One product per batch gives the within-class logits and (h_i - mu_{y_i}) M^T.
+        columns = torch.cat([classifier, geometry.centred_means])
+        num_classes = self.num_classes
+        for features, labels in replay:
+            features = _as_float64(features, self.device)
+            labels = _as_labels(labels, self.device)
+            products = (features - geometry.class_means.index_select(0, labels)) @ columns.T
+            tally.add(labels, products[:, :num_classes], products[:, num_classes:])
+        if not torch.equal(tally.counts, self._counts):
+            raise ValueError("replay must hold the same samples as the updates")
+        return tally.metrics()
 
 
 def cross_entropy_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -127,52 +281,148 @@ def wrong_class_margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return margins.scatter(1, labels[:, None], -math.inf)
 
 
+class _ClassGeometry:
+    """What the metrics need of the class means mu_k: M, its Gram M M^T and its SVD."""
+
+    def __init__(self, class_means: torch.Tensor):
+        self.class_means = class_means
+        centred_means = class_means - class_means.mean(dim=0)  # M
+        if centred_means.abs().max() <= COINCIDENT_MEANS_RTOL * class_means.abs().max():
+            centred_means.zero_()  # what is left is the rounding error of averaging equal means
+        self.centred_means = centred_means
+        self.gram = centred_means @ centred_means.T  # centred: no cancellation from a large mu_G
+        left, singular_values, self.right_vectors = torch.linalg.svd(
+            centred_means, full_matrices=False
+        )
+        self.left_scaled = left * singular_values  # M = left_scaled @ right_vectors
+        self.squared_singular_values = singular_values**2
+
+
+def _mean_metrics(geometry: _ClassGeometry, within_along, class_variances) -> dict:
+    """The mean keys, from v_j^T Sigma_W v_j for every right singular vector v_j of M
+    (`within_along`) and V_k = (1/n_k) sum_{y_i=k} ||h_i - mu_k||^2 (`class_variances`)."""
+    return {
+        "nc1": _nc1(geometry.squared_singular_values, within_along),
+        "nc1_cdnv": _cdnv(class_variances, geometry.gram),
+        "nc2_equinorm_m": _equinorm(geometry.gram),
+        "nc2_equiangle_m": _equiangle(geometry.gram),
+        "nc2_etf_m": _distance_to_etf(geometry.gram),
+    }
+
+
+def _classifier_geometry_metrics(geometry: _ClassGeometry, classifier: torch.Tensor) -> dict:
+    """The classifier keys that need only W and the class means."""
+    classifier_gram = classifier @ classifier.T
+    return {
+        "nc2_equinorm_w": _equinorm(classifier_gram),
+        "nc2_equiangle_w": _equiangle(classifier_gram),
+        "nc2_etf_w": _distance_to_etf(classifier_gram),
+        "nc3": _self_duality(classifier, geometry.centred_means),
+        "nc3_etf": _distance_to_etf(classifier @ geometry.centred_means.T),
+    }
+
+
+class _ClassifierTally:
+    """Running sums for nc4, accuracy and loss over blocks of samples, on the device.
+
+    Each block arrives centred on its class means, as (h_i - mu_{y_i}) W^T and
+    (h_i - mu_{y_i}) M^T: the logits are s (h_i - mu_{y_i}) W^T + (s mu_{y_i} W^T + b),
+    whose first term is small near collapse and second a per-class table.
+    """
+
+    def __init__(self, geometry: _ClassGeometry, classifier, bias, logit_scale):
+        device = classifier.device
+        self.logit_scale = logit_scale
+        self.class_logits = logit_scale * (geometry.class_means @ classifier.T)
+        if bias is not None:
+            self.class_logits += _as_float64(bias, device)
+        self.gram = geometry.gram
+        self.counts = torch.zeros(classifier.shape[0], dtype=torch.float64, device=device)
+        self.disagreements = torch.zeros((), dtype=torch.int64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, labels, within_logits, within_dot_means) -> None:
+        logits = self.logit_scale * within_logits + self.class_logits.index_select(0, labels)
+        predicted = logits.argmax(dim=1)
+        # argmin_k ||h - mu_k||^2 = argmin_k ||M_k||^2 - 2 (h - mu_G) M_k, and
+        # h - mu_G = (h - mu_y) + M_y: centred, so that large means do not swamp it.
+        centred_dot_means = within_dot_means + self.gram.index_select(0, labels)
+        distances = self.gram.diagonal() - 2 * centred_dot_means
+        self.disagreements += (predicted != distances.argmin(dim=1)).sum()
+        self.correct += (predicted == labels).sum()
+        self.loss_sum += cross_entropy_per_sample(logits, labels).sum()
+        self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+
+    def metrics(self) -> dict:
+        num_samples = self.counts.sum()
+        return {
+            "nc4": self.disagreements / num_samples,
+            "accuracy": self.correct / num_samples,
+            "loss": self.loss_sum / num_samples,
+        }
+
+
+def _as_tensor(array) -> torch.Tensor:
+    return array if torch.is_tensor(array) else torch.from_numpy(np.asarray(array))
+
+
 def _as_float64(array, device) -> torch.Tensor:
-    tensor = array if torch.is_tensor(array) else torch.from_numpy(np.asarray(array))
+    tensor = _as_tensor(array)
     return tensor.to(device=tensor.device if device is None else device, dtype=torch.float64)
 
 
-def _nc1(within: torch.Tensor, centred_means: torch.Tensor) -> torch.Tensor:
+def _as_labels(labels, device) -> torch.Tensor:
+    return _as_tensor(labels).to(device=device, dtype=torch.long)
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if num_classes < 2:
+        raise ValueError(f"neural-collapse metrics need at least 2 classes, got {num_classes}")
+
+
+def _check_no_empty_class(counts: torch.Tensor) -> None:
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:
+        raise ValueError(f"classes {empty} have no samples; their means are undefined")
+
+
+def _nc1(squared_singular_values, within_along) -> torch.Tensor:
     """tr(Sigma_W Sigma_B^+) / K, computed in the span of the class means.
 
     With M = U S V^T and Sigma_B = V S^2 V^T / K, the trace is
-    sum_j (K / S_j^2) v_j^T Sigma_W v_j = sum_j (K / S_j^2) ||Hc v_j||^2 / N, which
-    needs neither a d x d Sigma_W nor its pseudo-inverse.
+    sum_j (K / S_j^2) v_j^T Sigma_W v_j over the kept singular values, which needs
+    neither a pseudo-inverse nor, in collapse_metrics, a d x d Sigma_W.
     """
-    _, singular_values, right_vectors_t = torch.linalg.svd(centred_means, full_matrices=False)
-    squared = singular_values**2
-    if float(squared.max()) == 0.0:
+    largest = squared_singular_values.max()
+    if float(largest) == 0.0:
         return torch.tensor(math.nan)  # all class means coincide: no between-class scale
-    kept = squared > PSEUDO_INVERSE_RTOL * squared.max()
-    projected = within @ right_vectors_t[kept].T  # N x rank
-    return ((projected**2).sum(dim=0) / squared[kept]).sum() / within.shape[0]
+    kept = squared_singular_values > PSEUDO_INVERSE_RTOL * largest
+    return (within_along[kept] / squared_singular_values[kept]).sum()
 
 
-def _cdnv(within, labels, counts, centred_means) -> torch.Tensor:
+def _cdnv(class_variances, gram) -> torch.Tensor:
     """Mean over class pairs i < j of (V_i + V_j) / (2 ||mu_i - mu_j||^2)."""
-    num_classes = counts.shape[0]
-    variances = torch.zeros(num_classes, dtype=torch.float64, device=within.device)
-    variances.index_add_(0, labels, (within**2).sum(dim=1))
-    variances /= counts
-    gram = centred_means @ centred_means.T  # centred: no cancellation from a large mu_G
+    num_classes = gram.shape[0]
     squared_norms = gram.diagonal()
     distances = (squared_norms[:, None] + squared_norms[None, :] - 2 * gram).clamp(min=0)
-    first, second = torch.triu_indices(num_classes, num_classes, offset=1, device=within.device)
-    ratios = (variances[first] + variances[second]) / (2 * distances[first, second])
+    first, second = torch.triu_indices(num_classes, num_classes, offset=1, device=gram.device)
+    ratios = (class_variances[first] + class_variances[second]) / (2 * distances[first, second])
     return ratios.mean()
 
 
-def _equinorm(rows: torch.Tensor) -> torch.Tensor:
-    norms = rows.norm(dim=1)
+def _equinorm(gram: torch.Tensor) -> torch.Tensor:
+    """std / mean of the row norms, from the Gram matrix of the rows."""
+    norms = gram.diagonal().sqrt()
     return norms.std(correction=0) / norms.mean()
 
 
-def _equiangle(rows: torch.Tensor) -> torch.Tensor:
+def _equiangle(gram: torch.Tensor) -> torch.Tensor:
     """Mean over ordered pairs k != k' of |cos(row_k, row_k') + 1/(K-1)|."""
-    num_classes = rows.shape[0]
-    norms = rows.norm(dim=1)
-    cosines = (rows @ rows.T) / (norms[:, None] * norms[None, :])
-    off_diagonal = ~torch.eye(num_classes, dtype=torch.bool, device=rows.device)
+    num_classes = gram.shape[0]
+    norms = gram.diagonal().sqrt()
+    cosines = gram / (norms[:, None] * norms[None, :])
+    off_diagonal = ~torch.eye(num_classes, dtype=torch.bool, device=gram.device)
     return (cosines[off_diagonal] + 1.0 / (num_classes - 1)).abs().mean()
 
 
@@ -189,10 +439,3 @@ def _distance_to_etf(gram: torch.Tensor) -> torch.Tensor:
 
 def _self_duality(classifier: torch.Tensor, centred_means: torch.Tensor) -> torch.Tensor:
     return (classifier / classifier.norm() - centred_means / centred_means.norm()).norm() ** 2
-
-
-def _nearest_class_mean(centred_features, centred_means) -> torch.Tensor:
-    # argmin_k ||h - mu_k||^2 = argmin_k (||mu_k||^2 - 2 <h, mu_k>); both sides centred on
-    # mu_G so that large means do not swamp the comparison.
-    squared_norms = (centred_means**2).sum(dim=1)
-    return (squared_norms[None, :] - 2 * centred_features @ centred_means.T).argmin(dim=1)

@@ -1,60 +1,98 @@
 """Solvers for the unconstrained feature model (UFM).
 
 The UFM treats the last-layer features H (N x d) as free variables next to the classifier
-W (K x d) and bias b, with N = K n samples, n per class, and minimizes the mean
+W (K x d) and bias b, with n_k samples of class k (N in all), and minimizes the mean
 cross-entropy of the logits. Two variants, as in DESIGN.md:
 
 - "normalized" (Yaras et al., NeurIPS 2022, "Neural collapse with normalized features: a
   geometric analysis over the Riemannian manifold"): every w_k and h_i on the unit sphere,
-  logits s <w_k, h_i> (+ b_k). When a simplex ETF fits (K <= d + 1) the global minimizers
-  are ETFs with h_i = w_{y_i}, and the paper shows every other critical point is a strict
-  saddle, so a first-order Riemannian method from a random start reaches the optimum.
+  logits s <w_k, h_i> (+ b_k). When a simplex ETF fits (K <= d + 1) and the classes are
+  balanced, the global minimizers are ETFs with h_i = w_{y_i}, and the paper shows every
+  other critical point is a strict saddle, so a first-order Riemannian method from a
+  random start reaches the optimum.
 - "regularized" (Zhu et al., NeurIPS 2021, "A geometric analysis of neural collapse with
   unconstrained features"): unconstrained W, H, b with weight decay; the paper proves the
   same kind of benign landscape, with the closed-form optimum given in `optimal_loss`.
 
-Two regimes reach a point other than a collapsed ETF, by the mathematics rather than
-the solver. On the circle (normalized, d = 2, K = 3) we observe spurious local minima at
-large logit scales, so some random starts converge with a positive optimality gap; we
-saw none for d >= 3. In the regularized regime K s >= 1 the
-optimum is W = H = 0, where every NC metric is 0/0: the iterates approach it along the
-slowest eigenspace of the Hessian at the origin, which holds every class-constant H with
-centred class means proportional to W, not just ETFs, so the metrics of the final tiny
-iterate depend on the start. There the loss (-> ln K) is what carries meaning.
+Regimes that end somewhere other than a collapsed ETF, by the mathematics rather than
+the solver:
 
-Both are solved by Riemannian gradient descent with Barzilai-Borwein step sizes and a
-nonmonotone Armijo line search (Zhang & Hager 2004), a method that needs no hand-tuned
-step size across the logit scales and regularization strengths a lab asks for. All
-computation is float64 with closed-form gradients.
+- K > d + 1: no simplex ETF exists. Features still collapse onto their classifier rows,
+  which spread out as far as d dimensions allow ("generalized neural collapse", Jiang et
+  al., ICML 2024, "Generalized neural collapse for a large number of classes"); the
+  smallest angle between classifier rows, `w_min_angle_deg`, is reported for every
+  problem so that this geometry can be studied, and `nc2_etf_w` cannot fall below
+  sqrt((K - 1 - d) / (K - 1)), the distance from the ETF Gram to any Gram of rank d.
+- Imbalanced classes (a list of counts): no closed form; the minority classifier rows
+  crowd together as the imbalance grows (Fang et al., PNAS 2021, "Exploring deep neural
+  networks via layer-peeled model: minority collapse in imbalanced training").
+- On the circle (normalized, d = 2, K = 3) we observe spurious local minima at large
+  logit scales, so some random starts end with a positive optimality gap; we saw none
+  for d >= 3. `restarts` runs several seeded starts and reports how many found the
+  global optimum, to probe the landscape.
+- Regularized with K s >= 1: the optimum is W = H = 0, where every NC metric is 0/0: the
+  iterates approach it along the slowest eigenspace of the Hessian at the origin, which
+  holds every class-constant H with centred class means proportional to W, not just
+  ETFs, so the metrics of the final tiny iterate depend on the start. There the loss
+  (-> ln K) is what carries meaning.
+
+Both are solved by Riemannian gradient descent with Barzilai-Borwein step sizes
+(Barzilai & Borwein 1988) and a nonmonotone Armijo line search (Zhang & Hager 2004), a
+method that needs no hand-tuned step size across the logit scales and regularization
+strengths a lab asks for. All computation is float64 with closed-form gradients: three
+matrix products of the N x d features with the K x d classifier per evaluation, and one
+reused N x K buffer for the logits and their gradient.
 """
 
+import collections
 import math
-from collections.abc import Callable, Iterator
+import operator
+import statistics
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from worker.nc.manifolds import Euclidean, RowSphere
-from worker.nc.metrics import collapse_metrics, wrong_class_margins
+from worker.nc.metrics import collapse_metrics
 
 NORMALIZATIONS = ("normalized", "regularized")
+
+# A run counts as having found the global optimum when its loss is this close to the
+# closed form (`global_optimum_fraction`): far above the rounding of a converged run,
+# far below the gap of any spurious critical point we have seen.
+GLOBAL_OPTIMUM_GAP = 1e-8
+# A normalized run with a closed form is reported converged only once collapsed: nc1,
+# nc2_etf_w and nc3_etf at most this, and its loss within GLOBAL_OPTIMUM_GAP of L*.
+COLLAPSE_TOL = 1e-6
+COLLAPSE_KEYS = ("nc1", "nc2_etf_w", "nc3_etf")
 
 
 @dataclass(frozen=True)
 class UFMProblem:
-    """One UFM instance; labels are class k repeated n_per_class times, k = 0..K-1.
+    """One UFM instance; labels are class k repeated n_k times, k = 0..K-1.
+
+    `n_per_class` is one count for every class, or a sequence of K counts (imbalanced
+    classes). A sequence of equal counts is the balanced problem and is stored as that
+    one int, so it compares, hashes and solves exactly like it.
 
     `tol` bounds the norm of the Riemannian gradient at the returned point: of log L for
-    "normalized" (scale-free, so the same tol serves every logit scale) and of the full
-    objective for "regularized". With the default 1e-10, every closed-form case we ran
-    (K up to 100, logit scales 0.5 to 30, decays 1e-4 to 1e-1) ended with nc1, nc2_etf_w
-    and nc3_etf below 1e-6 and the loss within 1e-8 of its closed form; rounding puts the
-    floor of the gradient norm near 1e-15, so much smaller values are not reachable.
+    "normalized" (whose gradient, unlike that of L, does not vanish as the loss
+    saturates at large logit scales) and of the full objective for "regularized". A
+    normalized problem with a closed form must also be collapsed to count as converged
+    (see `solve`). With the default 1e-10, every closed-form case we ran (K up to 1000,
+    logit scales 0.5 to 30, decays 1e-4 to 1e-1) ended with nc1, nc2_etf_w and nc3_etf
+    below 1e-6 and the loss within 1e-8 of its closed form; rounding puts the floor of
+    the gradient norm near 1e-15, so much smaller values are not reachable.
+
+    `restarts` solves from that many seeded random starts (the first from `seed` itself)
+    and keeps the run with the lowest final loss; see `solve`.
     """
 
     num_classes: int
     dim: int
-    n_per_class: int
+    n_per_class: int | tuple[int, ...]
     normalization: str
     logit_scale: float = 10.0
     bias: bool = False
@@ -65,6 +103,7 @@ class UFMProblem:
     tol: float = 1e-10
     seed: int = 0
     checkpoint_every: int | None = None
+    restarts: int = 1
 
     def __post_init__(self):
         if self.num_classes < 2:
@@ -78,8 +117,7 @@ class UFMProblem:
         if self.normalization == "normalized" and self.dim < 2:
             # The unit "sphere" of R^1 is the two points +-1: there is nothing to descend on.
             raise ValueError("normalized UFM needs dim >= 2")
-        if self.n_per_class < 1:
-            raise ValueError(f"n_per_class must be >= 1, got {self.n_per_class}")
+        object.__setattr__(self, "n_per_class", self._validated_counts())
         if not 0 < self.logit_scale < math.inf:
             raise ValueError(f"logit_scale must be positive and finite, got {self.logit_scale}")
         if self.normalization == "regularized" and not (
@@ -93,12 +131,41 @@ class UFMProblem:
             raise ValueError(f"max_iters must be >= 0, got {self.max_iters}")
         if not self.tol > 0:
             raise ValueError(f"tol must be > 0, got {self.tol}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1 or None, got {self.checkpoint_every}")
+        if self.restarts < 1:
+            raise ValueError(f"restarts must be >= 1, got {self.restarts}")
+
+    def _validated_counts(self) -> int | tuple[int, ...]:
+        if not isinstance(self.n_per_class, Sequence):
+            counts = (operator.index(self.n_per_class),)
+        else:
+            counts = tuple(operator.index(count) for count in self.n_per_class)
+            if len(counts) != self.num_classes:
+                raise ValueError(
+                    f"n_per_class needs one count per class: {len(counts)} given, "
+                    f"num_classes = {self.num_classes}"
+                )
+        if min(counts) < 1:
+            raise ValueError(f"n_per_class counts must be >= 1, got {self.n_per_class}")
+        return counts[0] if len(set(counts)) == 1 else counts
+
+    @property
+    def balanced(self) -> bool:
+        return isinstance(self.n_per_class, int)
+
+    @property
+    def class_counts(self) -> tuple[int, ...]:
+        """n_k for k = 0..K-1."""
+        if self.balanced:
+            return (self.n_per_class,) * self.num_classes
+        return self.n_per_class
 
     @property
     def num_samples(self) -> int:
-        return self.num_classes * self.n_per_class
+        return sum(self.class_counts)
 
 
 class Stopped(Exception):
@@ -112,12 +179,15 @@ class Diverged(Exception):
 def optimal_loss(problem: UFMProblem) -> float | None:
     """The global minimum from DESIGN.md's closed forms, or None where none applies.
 
+    Both closed forms assume balanced classes: with unequal counts there is none.
     Normalized (Yaras et al. 2022): L* = ln(1 + (K-1) exp(-s K/(K-1))) when a simplex ETF
     fits, K <= d + 1; a free bias does not lower it. Regularized (Zhu et al. 2021): with
     c = sqrt(lambda_w / (n lambda_h)) and s = sqrt(n lambda_w lambda_h), the optimum is
     W = H = 0 with f* = ln K when K s >= 1; otherwise, when d >= K - 1, it is an ETF with
     ||w_k||^2 = t = ((K-1)/(K c)) ln(1/s - (K-1)), h = c w_y, b = 0.
     """
+    if not problem.balanced:
+        return None
     K, d, n = problem.num_classes, problem.dim, problem.n_per_class
     if problem.normalization == "normalized":
         if K > d + 1:
@@ -140,58 +210,183 @@ def solve(
     device=None,
     on_checkpoint: Callable[[int, dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_progress: Callable[[float], None] | None = None,
 ) -> dict:
-    """Minimize the UFM from a seeded random start; return the final metrics.
+    """Minimize the UFM from `problem.restarts` seeded random starts; return the final metrics.
 
-    `on_checkpoint(step, row)` receives a flat dict (`loss`, `grad_norm` and every
-    collapse_metrics key; `cross_entropy` too for "regularized") at steps 0, 1, 2, 5, 10,
-    20, 50, ... (or every `checkpoint_every` steps) and at the last one. `should_stop()`
-    is polled once per iteration; when it returns True, Stopped is raised. A non-finite
-    objective or gradient raises Diverged.
+    `on_checkpoint(step, row)` receives a flat dict (`loss`, `grad_norm`,
+    `w_min_angle_deg` and every collapse_metrics key; `cross_entropy` too for
+    "regularized") at steps 0, 1, 2, 5, 10, 20, 50, ... (or every `checkpoint_every`
+    steps) and at the last one. `should_stop()` is polled once per iteration; when it
+    returns True, Stopped is raised. `on_progress(fraction)` receives the fraction of
+    the iteration budget (max_iters per restart) spent so far, at most once per percent
+    of it, non-decreasing, and 1.0 once the solve is done. A non-finite objective or
+    gradient raises Diverged.
 
     `loss` is the mean cross-entropy for "normalized" and the full objective
     (cross-entropy plus the three weight-decay terms) for "regularized". `grad_norm` is
     the norm of the Riemannian gradient that `problem.tol` bounds. The result adds
-    `optimal_loss`, `optimality_gap`, `has_closed_form`, `iterations` and `converged`
-    (True only when grad_norm <= tol was reached).
+    `optimal_loss`, `optimality_gap`, `has_closed_form`, `iterations` and `converged`:
+    True only when grad_norm <= tol was reached and, for a normalized problem with a
+    closed form, only at a collapsed optimum (COLLAPSE_KEYS at most COLLAPSE_TOL, the
+    loss within GLOBAL_OPTIMUM_GAP of it; see `_minimize` for how the descent goes on
+    where the gradient test alone would stop short).
+
+    Restarts: the result's metrics, `iterations` and `converged` are those of the run
+    with the lowest final loss (the first such run on a tie), and so is the history: a
+    metric history is one trajectory whose last row is the result, so with more than
+    one restart every run's rows are held back and only the best run's reach
+    on_checkpoint, in step order, once all runs are done (progress keeps moving in the
+    meantime through on_progress). With one restart rows stream as they are computed.
+    The result also reports `restarts`, `global_optimum_fraction` (the fraction of runs
+    whose loss came within GLOBAL_OPTIMUM_GAP of the closed form; None without one) and
+    `final_loss_min`, `final_loss_max` and `final_loss_std` (population standard
+    deviation) over the runs' final losses.
     """
     device = torch.device("cpu" if device is None else device)
-    labels = torch.arange(problem.num_classes, device=device).repeat_interleave(problem.n_per_class)
+    counts = torch.tensor(problem.class_counts, device=device)
+    labels = torch.arange(problem.num_classes, device=device).repeat_interleave(counts)
     if problem.normalization == "normalized":
         evaluate = _normalized_objective(problem, labels)
     else:
         evaluate = _regularized_objective(problem, labels)
-    manifolds, start = _initial_point(problem, device)
-    preconditioner = [1.0, _feature_step_scale(problem)] + [1.0] * problem.bias
-    is_checkpoint = _checkpoint_schedule(problem.checkpoint_every)
+    progress = _Progress(on_progress, budget=problem.max_iters * problem.restarts)
 
-    iterates = _minimize(evaluate, manifolds, start, preconditioner, problem.tol, problem.max_iters)
-    for iterate in iterates:
-        if not (math.isfinite(iterate.value) and math.isfinite(iterate.grad_norm)):
-            raise Diverged(f"objective or gradient is not finite at iteration {iterate.step}")
-        if iterate.final or (on_checkpoint is not None and is_checkpoint(iterate.step)):
-            row = _metrics_row(problem, labels, iterate)
-            if on_checkpoint is not None:
-                on_checkpoint(iterate.step, row)
-        if iterate.final:
-            break
-        if should_stop is not None and should_stop():
-            raise Stopped(f"stopped at iteration {iterate.step}")
+    best, best_history, final_losses = None, [], []
+    for run, seed in enumerate(_restart_seeds(problem)):
+        history = []  # this run's rows, held back when there are several runs
+        if on_checkpoint is None or problem.restarts == 1:
+            record = on_checkpoint
+        else:
+
+            def record(step, row, history=history):
+                history.append((step, row))
+
+        outcome = _solve_once(
+            problem,
+            labels,
+            evaluate,
+            seed,
+            device,
+            on_checkpoint=record,
+            should_stop=should_stop,
+            on_step=lambda step, run=run: progress.update(run * problem.max_iters + step),
+            run_label="" if problem.restarts == 1 else f" of restart {run}",
+        )
+        final_losses.append(outcome.row["loss"])
+        if best is None or outcome.row["loss"] < best.row["loss"]:
+            best, best_history = outcome, history
+    for step, row in best_history:
+        on_checkpoint(step, row)
+    progress.finish()
 
     optimum = optimal_loss(problem)
     return {
-        **row,
+        **best.row,
         "optimal_loss": optimum,
-        "optimality_gap": None if optimum is None else row["loss"] - optimum,
+        "optimality_gap": None if optimum is None else best.row["loss"] - optimum,
         "has_closed_form": optimum is not None,
-        "iterations": iterate.step,
-        "converged": iterate.converged,
+        "iterations": best.iterations,
+        "converged": best.converged,
+        "restarts": problem.restarts,
+        "global_optimum_fraction": None
+        if optimum is None
+        else sum(loss - optimum <= GLOBAL_OPTIMUM_GAP for loss in final_losses) / len(final_losses),
+        "final_loss_min": min(final_losses),
+        "final_loss_max": max(final_losses),
+        "final_loss_std": statistics.pstdev(final_losses),
     }
 
 
-def _initial_point(problem: UFMProblem, device) -> tuple[list, list[torch.Tensor]]:
+@dataclass
+class _Outcome:
+    row: dict  # metrics of the final iterate
+    iterations: int
+    converged: bool
+
+
+def _solve_once(
+    problem, labels, evaluate, seed, device, *, on_checkpoint, should_stop, on_step, run_label
+) -> _Outcome:
+    manifolds, start = _initial_point(problem, seed, device)
+    preconditioner = [1.0, _feature_step_scale(problem)] + [1.0] * problem.bias
+    is_checkpoint = _checkpoint_schedule(problem.checkpoint_every)
+    optimum = optimal_loss(problem)
+    checked = {}  # the point last checked for collapse, and its metrics row
+
+    def is_collapsed(point, grad_norm) -> bool:
+        checked.update(point=point, row=_metrics_row(problem, labels, point, grad_norm))
+        row = checked["row"]
+        return row["loss"] - optimum <= GLOBAL_OPTIMUM_GAP and all(
+            row[key] <= COLLAPSE_TOL for key in COLLAPSE_KEYS
+        )
+
+    # Only the normalized problem with a closed form has a collapsed optimum to check
+    # against (the regularized one may collapse to W = H = 0, where the metrics are 0/0).
+    certify = (
+        is_collapsed if problem.normalization == "normalized" and optimum is not None else None
+    )
+    iterates = _minimize(
+        evaluate, manifolds, start, preconditioner, problem.tol, problem.max_iters, certify
+    )
+    for iterate in iterates:
+        if not (math.isfinite(iterate.value) and math.isfinite(iterate.grad_norm)):
+            raise Diverged(
+                f"objective or gradient is not finite at iteration {iterate.step}{run_label}"
+            )
+        on_step(iterate.step)
+        if iterate.final or (on_checkpoint is not None and is_checkpoint(iterate.step)):
+            if checked.get("point") is iterate.point:
+                row = checked["row"]
+            else:
+                row = _metrics_row(problem, labels, iterate.point, iterate.grad_norm)
+            if on_checkpoint is not None:
+                on_checkpoint(iterate.step, row)
+        if iterate.final:
+            return _Outcome(row, iterate.step, iterate.converged)
+        if should_stop is not None and should_stop():
+            raise Stopped(f"stopped at iteration {iterate.step}{run_label}")
+
+
+class _Progress:
+    """Feeds on_progress the fraction of the iteration budget spent, about once a percent.
+
+    A run that converges early leaves the rest of its max_iters unspent, so the fraction
+    jumps when the next restart begins, and to 1.0 at the end.
+    """
+
+    def __init__(self, callback: Callable[[float], None] | None, budget: int):
+        self.callback, self.budget = callback, budget
+        self.stride = max(1, budget // 100)
+        self.next_report = 0
+
+    def update(self, spent: int):
+        if self.callback is not None and self.budget > 0 and spent >= self.next_report:
+            self.callback(spent / self.budget)
+            self.next_report = spent + self.stride
+
+    def finish(self):
+        if self.callback is not None:
+            self.callback(1.0)
+
+
+def _restart_seeds(problem: UFMProblem) -> list[int]:
+    """`seed` itself for the first run, so that one restart is the plain seeded solve.
+
+    Run r > 0 draws from numpy's SeedSequence of (seed, r), whose streams are independent
+    of each other and of every other seed's: plain seed + r would make restart 1 of seed
+    0 the same start as restart 0 of seed 1.
+    """
+    derived = [
+        int(np.random.SeedSequence([problem.seed, run]).generate_state(1, np.uint64)[0])
+        for run in range(1, problem.restarts)
+    ]
+    return [problem.seed, *derived]
+
+
+def _initial_point(problem: UFMProblem, seed: int, device) -> tuple[list, list[torch.Tensor]]:
     """Seeded start, drawn on the CPU so that the seed fixes it on every device."""
-    generator = torch.Generator().manual_seed(problem.seed)
+    generator = torch.Generator().manual_seed(seed)
     shapes = [(problem.num_classes, problem.dim), (problem.num_samples, problem.dim)]
     if problem.normalization == "normalized":
         manifolds = [RowSphere(), RowSphere()]
@@ -216,10 +411,16 @@ def _feature_step_scale(problem: UFMProblem) -> float:
     Normalized: each feature row carries 1/N of the loss and each classifier row the
     loss of a whole class, so the curvature along a feature row is about n times
     smaller; scaling its step by n puts the blocks on the same footing (it halves the
-    iteration count in practice). Regularized: the decay lambda_h, not the 1/N-weighted
-    loss, sets the curvature along a feature row, and the unscaled steps measured faster.
+    iteration count in practice). With unequal counts the mean count N/K stands in for
+    n: a classifier row's curvature sums over the samples of every class, not only its
+    own, and on imbalanced problems (counts from 1 to 200) it measured as fast as or
+    faster than the median or smallest count, or a step per classifier row scaled by
+    its class's count. Regularized: the decay lambda_h, not the 1/N-weighted loss, sets
+    the curvature along a feature row, and the unscaled steps measured faster.
     """
-    return float(problem.n_per_class) if problem.normalization == "normalized" else 1.0
+    if problem.normalization == "regularized":
+        return 1.0
+    return problem.num_samples / problem.num_classes
 
 
 def _cross_entropy_parts(logits: torch.Tensor, labels: torch.Tensor):
@@ -228,9 +429,16 @@ def _cross_entropy_parts(logits: torch.Tensor, labels: torch.Tensor):
     With a_i = logsumexp_{k != y_i}(z_k - z_{y_i}): CE_i = softplus(a_i), and for k != y_i
     p_k = exp(z_k - z_{y_i} - CE_i). The label's entry is -(sum_{k != y} p_k) =
     -exp(a_i - CE_i), never 1 - p_y, which would round to zero long before the loss does.
+
+    Works in place: `logits` is overwritten and returned as the gradient, so that an
+    evaluation allocates no N x K array beyond the one buffer its objective keeps.
     """
-    margins = wrong_class_margins(logits, labels)
-    log_odds = torch.logsumexp(margins, dim=1)
+    label_index = labels[:, None]
+    margins = logits.sub_(logits.gather(1, label_index))  # z_k - z_y
+    margins.scatter_(1, label_index, -math.inf)  # leaves the wrong classes only
+    top = margins.amax(dim=1, keepdim=True)  # finite: K >= 2 leaves a wrong class
+    shifted_exps = margins.sub_(top).exp_()  # exp(z_k - z_y - top), 0 in the label's entry
+    log_odds = top[:, 0] + torch.log(shifted_exps.sum(dim=1))
     losses = torch.nn.functional.softplus(log_odds, threshold=30.0)
     log_losses = torch.where(
         log_odds < -30.0,
@@ -239,8 +447,8 @@ def _cross_entropy_parts(logits: torch.Tensor, labels: torch.Tensor):
         log_odds + torch.log1p(-torch.exp(log_odds) / 2),
         torch.log(losses),
     )
-    logit_grads = torch.exp(margins - losses[:, None])  # the label's entry is exp(-inf) = 0
-    logit_grads.scatter_(1, labels[:, None], -torch.exp(log_odds - losses)[:, None])
+    logit_grads = shifted_exps.mul_(torch.exp(top[:, 0] - losses)[:, None])
+    logit_grads.scatter_(1, label_index, -torch.exp(log_odds - losses)[:, None])
     return losses, log_losses, logit_grads
 
 
@@ -249,22 +457,27 @@ def _normalized_objective(problem: UFMProblem, labels: torch.Tensor):
 
     log L has the critical points of L, but its gradient grad L / L stays O(1) while L
     itself saturates towards ~exp(-s K/(K-1)) at large logit scales, and its Hessian at
-    the optimum is well scaled.
+    the optimum is well scaled. This is what keeps the solver going at logit scale 30,
+    where the loss is ~1e-13 and the gradient of L itself falls below any sensible
+    tolerance long before the classifier is an ETF.
     """
     scale = problem.logit_scale
     log_num_samples = math.log(problem.num_samples)
+    logits = _logits_buffer(problem, labels.device)
 
     def evaluate(point):
         classifier, features = point[0], point[1]
-        logits = scale * (features @ classifier.T)
+        # The scale goes on the smaller operand, here and in the gradient below, sparing
+        # passes over the N x K and N x d arrays.
+        torch.mm(features, (scale * classifier).T, out=logits)
         if problem.bias:
-            logits = logits + point[2]
+            logits.add_(point[2])
         _, log_losses, logit_grads = _cross_entropy_parts(logits, labels)
         log_total = torch.logsumexp(log_losses, dim=0)  # log(N L)
-        logit_grads = logit_grads * torch.exp(-log_total)  # d log L / dz
-        grads = [scale * (logit_grads.T @ features), scale * (logit_grads @ classifier)]
+        scaled_grads = logit_grads.mul_(scale * torch.exp(-log_total))  # s d log L / dz
+        grads = [scaled_grads.T @ features, scaled_grads @ classifier]
         if problem.bias:
-            grads.append(logit_grads.sum(dim=0))
+            grads.append(scaled_grads.sum(dim=0) / scale)
         return log_total - log_num_samples, grads
 
     return evaluate
@@ -273,29 +486,40 @@ def _normalized_objective(problem: UFMProblem, labels: torch.Tensor):
 def _regularized_objective(problem: UFMProblem, labels: torch.Tensor):
     """The weight-decayed objective of Zhu et al. (2021) and its gradient."""
     decays = [problem.lambda_w, problem.lambda_h] + [problem.lambda_b] * problem.bias
+    logits = _logits_buffer(problem, labels.device)
 
     def evaluate(point):
         classifier, features = point[0], point[1]
-        logits = features @ classifier.T
+        torch.mm(features, classifier.T, out=logits)
         if problem.bias:
-            logits = logits + point[2]
+            logits.add_(point[2])
         losses, _, logit_grads = _cross_entropy_parts(logits, labels)
-        logit_grads = logit_grads / problem.num_samples
+        logit_grads.div_(problem.num_samples)
         grads = [logit_grads.T @ features, logit_grads @ classifier]
         if problem.bias:
             grads.append(logit_grads.sum(dim=0))
         value = losses.mean()
         for decay, block, grad in zip(decays, point, grads):
-            value = value + decay / 2 * (block**2).sum()
+            value = value + decay / 2 * torch.vdot(block.reshape(-1), block.reshape(-1))
             grad.add_(block, alpha=decay)
         return value, grads
 
     return evaluate
 
 
-def _metrics_row(problem: UFMProblem, labels: torch.Tensor, iterate) -> dict:
-    classifier, features = iterate.point[0], iterate.point[1]
-    bias = iterate.point[2] if problem.bias else None
+def _logits_buffer(problem: UFMProblem, device) -> torch.Tensor:
+    """The N x K array that every evaluation overwrites with the logits and their gradient.
+
+    Allocated once: on the CPU a fresh array of this size per evaluation costs page
+    faults comparable to the matrix products themselves at K = 1000.
+    """
+    shape = (problem.num_samples, problem.num_classes)
+    return torch.empty(shape, dtype=torch.float64, device=device)
+
+
+def _metrics_row(problem: UFMProblem, labels: torch.Tensor, point, grad_norm: float) -> dict:
+    classifier, features = point[0], point[1]
+    bias = point[2] if problem.bias else None
     if problem.normalization == "normalized":
         row = collapse_metrics(
             features, labels, classifier, bias, problem.num_classes, problem.logit_scale
@@ -304,12 +528,27 @@ def _metrics_row(problem: UFMProblem, labels: torch.Tensor, iterate) -> dict:
         row = collapse_metrics(features, labels, classifier, bias, problem.num_classes)
         row["cross_entropy"] = row["loss"]
         decays = [problem.lambda_w, problem.lambda_h] + [problem.lambda_b] * problem.bias
-        penalty = sum(
-            decay / 2 * float((block**2).sum()) for decay, block in zip(decays, iterate.point)
-        )
+        penalty = sum(decay / 2 * float((block**2).sum()) for decay, block in zip(decays, point))
         row["loss"] = row["cross_entropy"] + penalty
-    row["grad_norm"] = iterate.grad_norm
+    row["w_min_angle_deg"] = min_angle_degrees(classifier)
+    row["grad_norm"] = grad_norm
     return row
+
+
+def min_angle_degrees(rows: torch.Tensor) -> float:
+    """The smallest angle between two rows, in degrees; NaN if a row is zero.
+
+    A simplex ETF has arccos(-1/(K-1)) between every pair; with K > d + 1, where none
+    exists, this is how far apart the crowded classifier rows stay. Measured as
+    2 asin(||u - v|| / 2) between the unit rows u, v of the closest pair, which keeps
+    its digits for small angles, where the arccos of a cosine near 1 would not.
+    """
+    units = rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    cosines = units @ units.T
+    cosines.fill_diagonal_(-math.inf)
+    first, second = divmod(int(cosines.argmax()), rows.shape[0])
+    chord = float(torch.linalg.vector_norm(units[first] - units[second]))
+    return math.degrees(2 * math.asin(min(chord / 2, 1.0)))
 
 
 def _checkpoint_schedule(every: int | None) -> Callable[[int], bool]:
@@ -342,35 +581,65 @@ _ARMIJO = 1e-4
 _BACKTRACK = 0.5
 _NONMONOTONE_WEIGHT = 0.85
 _MIN_STEP, _MAX_STEP = 1e-10, 1e10
+# ABBmin: the short step is taken below this ratio of short to long step, as the
+# smallest of this many recent short steps (a threshold of 0.9 measured slightly faster
+# than the paper's 0.8; 0.6 and 0.7 slower).
+_ABB_THRESHOLD = 0.9
+_ABB_MEMORY = 3
 # Near the optimum, decreases fall below the rounding error of the objective itself (a
 # few ulps of |f|); the line search tolerates that much so that it never mistakes
 # rounding for an increase, and the Barzilai-Borwein steps can finish the job.
 _ROUNDING_SLACK = 1e-14
 
 
-def _minimize(evaluate, manifolds, point, preconditioner, tol, max_iters) -> Iterator[_Iterate]:
+def _minimize(
+    evaluate, manifolds, point, preconditioner, tol, max_iters, certify=None
+) -> Iterator[_Iterate]:
     """Preconditioned Riemannian gradient descent with Barzilai-Borwein steps.
 
-    Step sizes alternate between the long (BB1) and short (BB2) Barzilai-Borwein formulas,
-    from ambient differences of iterates s and of Riemannian gradients y, measured in the
-    preconditioner's metric; they are accepted by a Zhang-Hager nonmonotone Armijo test
+    Step sizes come from the long (BB1) and short (BB2) Barzilai-Borwein formulas, chosen
+    between by the adaptive ABBmin rule, from ambient differences of iterates s and of
+    Riemannian gradients y; they are accepted by a Zhang-Hager nonmonotone Armijo test
     against a running weighted average of past objective values. Yields the start and
     every accepted step; the last yielded iterate has `final` set, having converged
     (gradient norm <= tol), run out of iterations, or stalled (no step size passes the
     line search). Each step is searched for before its predecessor is yielded, so that
     `final` is known when the iterate is reported.
+
+    `certify(point, grad_norm)`, if given, must also accept a point before it counts as
+    converged. Where it refuses one, the gradient is only small because the objective
+    is flat there (log L at small logit scales hardly depends on how the classifier
+    rows are arranged, so a gradient of 1e-10 can leave nc2_etf_w near 1e-5 at scale
+    0.5 with K = 100): the bound drops tenfold below the current norm and the descent
+    goes on, to be checked again there. Where the point is no optimum at all, the
+    gradient meets its rounding floor and the run ends by stalling or by max_iters,
+    unconverged.
+
+    The host reads numbers from the device twice per iteration: the objective value of
+    each trial step, and then, in one transfer, the blockwise inner products that give
+    the gradient norms and the Barzilai-Borwein steps of the accepted one.
     """
     value, grads = _value_and_riemannian_grad(evaluate, manifolds, point)
+    (grad_dots,) = _block_dots((grads, grads))
+    squared_norm, scaled_squared_norm = sum(grad_dots), _weighted(grad_dots, preconditioner)
     search = _NonmonotoneLineSearch(evaluate, manifolds, preconditioner, value)
-    step_size = 1.0 / max(_weighted_norm(grads, preconditioner), 1e-300)
+    step_size = 1.0 / max(math.sqrt(scaled_squared_norm), 1e-300)
+    next_step_size = _AdaptiveBarzilaiBorwein()
+    inverse_preconditioner = [1.0 / weight for weight in preconditioner]
+    # The differences of iterates and of gradients are written into arrays kept from
+    # step to step, for the same reason as the logits buffer.
+    moves = [torch.empty_like(block) for block in point]
+    grad_changes = [torch.empty_like(block) for block in point]
     step = 0
     while True:
-        grad_norm = _weighted_norm(grads, [1.0] * len(grads))
+        grad_norm = math.sqrt(squared_norm)
+        if grad_norm <= tol and certify is not None and not certify(point, grad_norm):
+            tol = grad_norm / 10
         converged = grad_norm <= tol
         accepted = (
             None
             if converged or step >= max_iters
-            else search(point, grads, step_size, iteration=step + 1)
+            else search(point, grads, scaled_squared_norm, step_size, iteration=step + 1)
         )
         final = accepted is None
         yield _Iterate(step, point, value, grad_norm, converged, final)
@@ -379,9 +648,23 @@ def _minimize(evaluate, manifolds, point, preconditioner, tol, max_iters) -> Ite
 
         step += 1
         candidate, candidate_value, candidate_grads = accepted
-        moves = [new - old for new, old in zip(candidate, point)]
-        grad_changes = [new - old for new, old in zip(candidate_grads, grads)]
-        step_size = _barzilai_borwein(moves, grad_changes, preconditioner, long_step=step % 2 == 1)
+        for move, change, new, old, new_grad, old_grad in zip(
+            moves, grad_changes, candidate, point, candidate_grads, grads
+        ):
+            torch.sub(new, old, out=move)
+            torch.sub(new_grad, old_grad, out=change)
+        grad_dots, curvature_dots, move_dots, change_dots = _block_dots(
+            (candidate_grads, candidate_grads),
+            (moves, grad_changes),
+            (moves, moves),
+            (grad_changes, grad_changes),
+        )
+        squared_norm, scaled_squared_norm = sum(grad_dots), _weighted(grad_dots, preconditioner)
+        step_size = next_step_size(
+            s_dot_y=sum(curvature_dots),
+            s_norm_sq=_weighted(move_dots, inverse_preconditioner),
+            y_norm_sq=_weighted(change_dots, preconditioner),
+        )
         point, value, grads = candidate, candidate_value, candidate_grads
 
 
@@ -389,27 +672,31 @@ class _NonmonotoneLineSearch:
     """Backtracking Armijo search against the Zhang-Hager average of past values.
 
     The reference C_k is a weighted mean of all accepted values, with weights decaying
-    by _NONMONOTONE_WEIGHT per step (Zhang & Hager 2004): it lets the Barzilai-Borwein
-    steps go uphill now and then, which is what makes them fast, while still forcing
-    descent on average.
+    by _NONMONOTONE_WEIGHT per step (Zhang & Hager 2004, "A nonmonotone line search
+    technique and its application to unconstrained optimization"): it lets the
+    Barzilai-Borwein steps go uphill now and then, which is what makes them fast, while
+    still forcing descent on average.
     """
 
     def __init__(self, evaluate, manifolds, preconditioner, start_value: float):
         self.evaluate, self.manifolds, self.preconditioner = evaluate, manifolds, preconditioner
         self.reference_value, self.reference_weight = start_value, 1.0
 
-    def __call__(self, point, grads, step_size, iteration: int):
+    def __call__(self, point, grads, scaled_squared_norm, step_size, iteration: int):
         """The accepted (point, value, Riemannian gradient), or None if the search stalled.
 
-        Raises Diverged when the objective is NaN or infinite at every step size down to
-        the smallest, rather than only at a few overlong ones.
+        The direction is -P grad, with P the preconditioner, so the slope along it is
+        -||grad||_P^2. Raises Diverged when the objective is NaN or infinite at every step
+        size down to the smallest, rather than only at a few overlong ones.
         """
-        directions = [-weight * grad for weight, grad in zip(self.preconditioner, grads)]
-        slope = -(_weighted_norm(grads, self.preconditioner) ** 2)
+        slope = -scaled_squared_norm
         slack = _ROUNDING_SLACK * (1.0 + abs(self.reference_value))
         while step_size >= _MIN_STEP:
             candidate = [
-                m.retract(x, step_size * v) for m, x, v in zip(self.manifolds, point, directions)
+                manifold.retract(block, grad, -step_size * weight)
+                for manifold, block, grad, weight in zip(
+                    self.manifolds, point, grads, self.preconditioner
+                )
             ]
             value, candidate_grads = _value_and_riemannian_grad(
                 self.evaluate, self.manifolds, candidate
@@ -431,32 +718,60 @@ class _NonmonotoneLineSearch:
 
 
 def _value_and_riemannian_grad(evaluate, manifolds, point):
-    value, euclidean_grads = evaluate(point)
+    value, euclidean_grads = evaluate(point)  # fresh arrays, which project may overwrite
     grads = [m.project(x, g) for m, x, g in zip(manifolds, point, euclidean_grads)]
     return float(value), grads
 
 
-def _weighted_norm(blocks, weights) -> float:
-    return math.sqrt(
-        sum(weight * float((block**2).sum()) for weight, block in zip(weights, blocks))
-    )
+def _block_dots(*pairs) -> list[list[float]]:
+    """<a_b, b_b> for each block b of each pair of block lists (a, b), as host floats.
 
-
-def _barzilai_borwein(moves, grad_changes, preconditioner, long_step: bool) -> float:
-    """BB1 = <s, P^-1 s> / <s, y> (long) or BB2 = <s, y> / <y, P y> (short), safeguarded.
-
-    Where the curvature estimate <s, y> is not positive the ratio ||s|| / ||y|| (their
-    geometric mean in magnitude) stands in.
+    All in one transfer, one synchronization on a GPU; the preconditioner's weights,
+    one number per block, are applied on the host by `_weighted`.
     """
-    s_dot_y = sum(float((s * y).sum()) for s, y in zip(moves, grad_changes))
-    s_norm = _weighted_norm(moves, [1.0 / weight for weight in preconditioner])
-    y_norm = _weighted_norm(grad_changes, preconditioner)
-    if y_norm == 0.0:
-        return _MAX_STEP
-    if s_dot_y <= 0.0:
-        step_size = s_norm / y_norm
-    elif long_step:
-        step_size = s_norm**2 / s_dot_y
-    else:
-        step_size = s_dot_y / y_norm**2
-    return min(max(step_size, _MIN_STEP), _MAX_STEP)
+    dots = [
+        torch.vdot(a.reshape(-1), b.reshape(-1))
+        for first, second in pairs
+        for a, b in zip(first, second)
+    ]
+    flat, width = torch.stack(dots).tolist(), len(pairs[0][0])
+    return [flat[start : start + width] for start in range(0, len(flat), width)]
+
+
+def _weighted(block_values: list[float], weights: list[float]) -> float:
+    return sum(weight * value for weight, value in zip(weights, block_values))
+
+
+class _AdaptiveBarzilaiBorwein:
+    """Step sizes by the ABBmin rule (Frassoldati, Zanghirati & Zanni 2008, "New adaptive
+    stepsize selections in gradient methods").
+
+    From the last step's s and y, measured in the preconditioner's metric: the long
+    BB1 = <s, P^-1 s> / <s, y> and the short BB2 = <s, y> / <y, P y> (Barzilai & Borwein
+    1988). Their ratio BB2 / BB1 is the squared cosine between P^-1/2 s and P^1/2 y, near 1
+    when s is close to an eigenvector of the Hessian: then the long step is taken, and
+    otherwise the smallest of the recent short steps, which damps the components that a
+    long step would overshoot. Against alternating BB1 and BB2 it took 15% fewer
+    iterations where an ETF fits (30% at K = 100, d = 128, n = 20) and 20% more where
+    none does (K > d + 1), the rarer study. Where the curvature estimate <s, y> is not
+    positive, ||s|| / ||y|| (the geometric mean of the two in magnitude) stands in and
+    the memory of short steps is cleared.
+    """
+
+    def __init__(self):
+        self.recent_short_steps = collections.deque(maxlen=_ABB_MEMORY)
+
+    def __call__(self, s_dot_y: float, s_norm_sq: float, y_norm_sq: float) -> float:
+        if y_norm_sq == 0.0:
+            return _MAX_STEP
+        if s_dot_y <= 0.0:
+            self.recent_short_steps.clear()
+            step_size = math.sqrt(s_norm_sq / y_norm_sq)
+        else:
+            long_step, short_step = s_norm_sq / s_dot_y, s_dot_y / y_norm_sq
+            self.recent_short_steps.append(short_step)
+            if short_step < _ABB_THRESHOLD * long_step:
+                step_size = min(self.recent_short_steps)
+            else:
+                step_size = long_step
+        return min(max(step_size, _MIN_STEP), _MAX_STEP)

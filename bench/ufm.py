@@ -1,0 +1,247 @@
+"""The normalized UFM solver against pymanopt 2.2, in one process, from the same starts.
+
+    .venv/bin/pip install -e '.[bench]'        # pymanopt==2.2.1
+    .venv/bin/python bench/ufm.py              # about 15 minutes on 2 CPU cores
+    .venv/bin/python bench/ufm.py --skip-scale
+    .venv/bin/python bench/ufm.py --skip-comparison --device cuda
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python bench/ufm.py
+
+Targets (the normalized problem, K <= d + 1, balanced): optimality_gap <= 1e-10 and
+nc2_etf_w <= 1e-6. Three parts:
+
+1. Speed, at logit scale 10: our solve() with its defaults (tol 1e-10 on the gradient
+   of log L) against pymanopt's ConjugateGradient and SteepestDescent on
+   Product([Oblique(d, K), Oblique(d, N)]) (its columns are our rows), PyTorch backend,
+   float64, the same mean cross-entropy (metrics.cross_entropy_per_sample, autograd
+   through it) from the same starting point. pymanopt stops on the gradient of L, not
+   log L; our test ||grad log L|| <= tol is ||grad L|| <= tol L, so it gets
+   min_gradient_norm = tol * L* (the same test at the optimum), enough iterations and
+   cost evaluations, and a time cap. The speed-up is reported to each solver's own stop
+   (the wall time of solve() includes its final metrics) and to the first pymanopt
+   iterate that met both targets, read from its per-iteration log: the time pymanopt
+   would need with a perfect stopping rule.
+2. Saturation, at logit scale 30: the loss is ~1e-13 there and the gradient of L
+   vanishes long before the classifier is an ETF. pymanopt runs twice: with
+   min_gradient_norm = tol (the same number as ours), where it stops early and
+   uncollapsed, and with tol * L*.
+3. Scale (skip with --skip-scale): K = 1000, d = 1024, n = 10, where an ETF fits, to
+   nc2_etf_w <= 1e-4; and K = 1000, d = 512, n = 10. There K > d + 1: no simplex ETF
+   exists, and nc2_etf_w cannot fall below sqrt((K - 1 - d) / (K - 1)) ~ 0.70 for any
+   classifier (the distance from the rank K - 1 ETF Gram to any Gram of rank d); the run
+   goes to a critical point and reports the smallest angle between classifier rows.
+
+Each timing is the fastest of --repeats runs (the K = 1000 ones run once), which is the
+least disturbed by whatever else the machine runs. Timings depend on the machine; the
+ratios are what compare. On a small shared machine, pin every thread pool (the last
+command above): pymanopt mixes numpy's BLAS threads with torch's, which contend there.
+"""
+
+import math
+import time
+from typing import Annotated
+
+import pymanopt
+import torch
+import typer
+from pymanopt.manifolds import Oblique, Product
+from pymanopt.optimizers import ConjugateGradient, SteepestDescent
+
+from worker.nc import ufm
+from worker.nc.metrics import collapse_metrics, cross_entropy_per_sample
+from worker.nc.ufm import UFMProblem, optimal_loss, solve
+
+GAP_TARGET, ETF_TARGET = 1e-10, 1e-6
+SPEED_PROBLEMS = [(10, 32, 50, 10.0), (100, 128, 20, 10.0)]
+SATURATED_PROBLEM = (10, 32, 50, 30.0)
+
+
+def main(
+    skip_scale: Annotated[bool, typer.Option(help="skip the K = 1000 runs")] = False,
+    skip_comparison: Annotated[bool, typer.Option(help="run only the K = 1000 part")] = False,
+    device: Annotated[str, typer.Option(help="device for our solver (pymanopt: CPU)")] = "cpu",
+    pymanopt_max_time: Annotated[float, typer.Option(help="seconds per pymanopt run")] = 120.0,
+    repeats: Annotated[int, typer.Option(min=1, help="runs of each; the fastest counts")] = 3,
+) -> None:
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; pymanopt "
+        f"{pymanopt.__version__}; ours on {device}"
+    )
+    warm_up(device)
+    if not skip_comparison:
+        compare(device, repeats, pymanopt_max_time)
+    if not skip_scale:
+        at_scale(device)
+
+
+def compare(device: str, repeats: int, pymanopt_max_time: float) -> None:
+    print("\n== speed: logit scale 10 ==")
+    for K, d, n, scale in SPEED_PROBLEMS:
+        problem = UFMProblem(K, d, n, "normalized", logit_scale=scale)
+        ours = time_ours(problem, device, repeats)
+        tolerance = problem.tol * optimal_loss(problem)
+        cg = time_pymanopt(problem, ConjugateGradient, tolerance, pymanopt_max_time, repeats)
+        sd = time_pymanopt(problem, SteepestDescent, tolerance, pymanopt_max_time, repeats)
+        print(describe(problem))
+        print_run("ours", ours)
+        print_run("pymanopt ConjugateGradient", cg)
+        print_run("pymanopt SteepestDescent", sd)
+        print_ratio("ConjugateGradient", ours, cg)
+        print_ratio("SteepestDescent", ours, sd)
+
+    print("\n== saturation: logit scale 30 ==")
+    problem = UFMProblem(*SATURATED_PROBLEM[:3], "normalized", logit_scale=SATURATED_PROBLEM[3])
+    ours = time_ours(problem, device, repeats)
+    print(describe(problem))
+    print_run("ours", ours)
+    for optimizer in (ConjugateGradient, SteepestDescent):
+        for label, tolerance in [
+            ("tol", problem.tol),
+            ("tol * L*", problem.tol * optimal_loss(problem)),
+        ]:
+            run = time_pymanopt(problem, optimizer, tolerance, pymanopt_max_time, repeats)
+            print_run(f"pymanopt {optimizer.__name__}, {label}", run)
+            print(f"  {'':38s} stop: {run['stopping']}")
+            print_ratio(optimizer.__name__ + f", {label}", ours, run)
+
+
+def at_scale(device: str) -> None:
+    print("\n== scale: K = 1000, n = 10, logit scale 10 ==")
+    for d in (512, 1024):
+        problem = UFMProblem(1000, d, 10, "normalized", logit_scale=10.0)
+        K = problem.num_classes
+        result = time_ours(problem, device, repeats=1)
+        print(describe(problem))
+        print_run("ours", result)
+        print(
+            f"  nc2_etf_w <= 1e-4: {result['nc2_etf_w'] <= 1e-4}; its lower bound for any "
+            f"classifier in R^{d}: {math.sqrt(max(0, K - 1 - d) / (K - 1)):.4f}; "
+            f"w_min_angle_deg {result['w_min_angle_deg']:.4f} "
+            f"(simplex ETF: {math.degrees(math.acos(-1 / (K - 1))):.4f}); nc1 {result['nc1']:.2e}"
+        )
+
+
+def warm_up(device: str) -> None:
+    """One small run of each, so that no timing pays for first-call initialization."""
+    problem = UFMProblem(4, 8, 3, "normalized", max_iters=20)
+    solve(problem, device=device)
+    run_pymanopt(problem, ConjugateGradient, problem.tol, max_time=10.0, max_iterations=20)
+
+
+def time_ours(problem: UFMProblem, device: str, repeats: int) -> dict:
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = solve(problem, device=device)
+        seconds = time.perf_counter() - start
+        target_seconds = seconds if meets_targets(result) else None
+        runs.append({**result, "seconds": seconds, "target_seconds": target_seconds})
+    return min(runs, key=lambda run: run["seconds"])
+
+
+def time_pymanopt(problem, optimizer_class, min_gradient_norm, max_time, repeats) -> dict:
+    runs = [
+        run_pymanopt(problem, optimizer_class, min_gradient_norm, max_time) for _ in range(repeats)
+    ]
+    return min(runs, key=lambda run: run["seconds"])
+
+
+def run_pymanopt(
+    problem: UFMProblem,
+    optimizer_class,
+    min_gradient_norm: float,
+    max_time: float,
+    max_iterations: int = 100_000,
+) -> dict:
+    """pymanopt from our solver's starting point; the metrics of its final iterate, and
+    the time at which its iterates first met both targets (None if they never did)."""
+    K, d, N, scale = problem.num_classes, problem.dim, problem.num_samples, problem.logit_scale
+    labels = torch.arange(K).repeat_interleave(problem.n_per_class)
+    # ufm's own seeded start, as the Oblique manifold's column-normalized transposes.
+    _, (classifier, features) = ufm._initial_point(problem, problem.seed, "cpu")
+    manifold = Product([Oblique(d, K), Oblique(d, N)])
+
+    @pymanopt.function.pytorch(manifold)
+    def cost(classifier_t, features_t):
+        return cross_entropy_per_sample(scale * features_t.T @ classifier_t, labels).mean()
+
+    optimizer = optimizer_class(
+        max_time=max_time,
+        max_iterations=max_iterations,
+        max_cost_evaluations=10**7,
+        min_gradient_norm=min_gradient_norm,
+        verbosity=0,
+        log_verbosity=1,
+    )
+    start = time.time()  # pymanopt's log stamps iterations with time.time()
+    result = optimizer.run(
+        pymanopt.Problem(manifold, cost),
+        initial_point=[classifier.T.numpy().copy(), features.T.numpy().copy()],
+    )
+    seconds = time.time() - start
+
+    def metrics(point):
+        classifier_t, features_t = (torch.from_numpy(block) for block in point)
+        return collapse_metrics(features_t.T, labels, classifier_t.T, None, K, scale)
+
+    log = result.log["iterations"]
+    target_seconds = None
+    optimum = optimal_loss(problem)
+    for point, loss, stamp in zip(log["point"], log["cost"], log["time"]):
+        if loss - optimum <= GAP_TARGET and meets_targets(
+            {**metrics(point), "optimality_gap": loss - optimum}
+        ):
+            target_seconds = stamp - start
+            break
+    final = metrics(result.point)
+    return {
+        **final,
+        "optimality_gap": final["loss"] - optimum,
+        "seconds": seconds,
+        "target_seconds": target_seconds,
+        "iterations": result.iterations,
+        "converged": "min grad norm" in result.stopping_criterion,
+        "stopping": result.stopping_criterion,
+    }
+
+
+def meets_targets(result: dict) -> bool:
+    gap = result["optimality_gap"]
+    return gap is not None and abs(gap) <= GAP_TARGET and result["nc2_etf_w"] <= ETF_TARGET
+
+
+def describe(problem: UFMProblem) -> str:
+    return (
+        f"K={problem.num_classes} d={problem.dim} n={problem.n_per_class} s={problem.logit_scale:g}"
+    )
+
+
+def print_run(name: str, run: dict) -> None:
+    reached = (
+        "never met the targets"
+        if run["target_seconds"] is None
+        else f"targets met at {run['target_seconds']:8.3f} s"
+    )
+    gap = "-" if run["optimality_gap"] is None else f"{run['optimality_gap']:9.2e}"
+    print(
+        f"  {name:38s} {run['seconds']:8.3f} s {run['iterations']:6d} it  gap {gap}  "
+        f"nc2_etf_w {run['nc2_etf_w']:8.2e}  converged {run['converged']!s:5}  {reached}"
+    )
+
+
+def print_ratio(name: str, ours: dict, theirs: dict) -> None:
+    """Our speed-up, to each one's own stop and to pymanopt's first iterate on target."""
+    if theirs["target_seconds"] is None:
+        print(
+            f"  vs {name}: it never met the targets "
+            f"(stopped after {theirs['seconds'] / ours['seconds']:.1f}x our time)"
+        )
+    else:
+        print(
+            f"  vs {name}: ours {theirs['seconds'] / ours['seconds']:.1f}x faster to its own "
+            f"stop, {theirs['target_seconds'] / ours['seconds']:.1f}x to its first iterate on "
+            "target"
+        )
+
+
+if __name__ == "__main__":
+    typer.run(main)

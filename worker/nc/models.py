@@ -1,0 +1,166 @@
+"""Networks for `kind: "train"` experiments: a backbone to d-dimensional features and a
+linear classifier, with the features and classifier rows optionally on the unit sphere.
+
+Normalized mode follows Yaras et al. (NeurIPS 2022), "Neural collapse with normalized
+features: a geometric analysis over the Riemannian manifold": the classifier sees
+h / ||h||, its rows w_k are kept at unit norm, and the logits are s <w_k, h> + b_k for a
+fixed logit scale s. Otherwise the logits are the plain W h + b of Papyan et al. (2020)
+and Zhu et al. (NeurIPS 2021).
+
+The penultimate features are, as in those papers, what the last hidden layer emits: for
+`mlp`, and for `resnet18` / `vgg11` at d = 512, the output of a ReLU (then average
+pooled), so they are nonnegative. The metrics centre them on the global mean, so a
+collapsed geometry still shows as a simplex ETF.
+"""
+
+import itertools
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ARCHITECTURES = ("mlp", "resnet18", "vgg11")
+
+# Conv backbones end in this many channels; a linear map follows when d differs.
+CONV_WIDTH = 512
+
+VGG11_LAYERS = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+class NCModel(nn.Module):
+    """backbone: input -> features (N x d); classifier: nn.Linear(d, K) with bias."""
+
+    def __init__(self, backbone: nn.Module, dim: int, num_classes: int, normalized: bool,
+                 logit_scale: float):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Linear(dim, num_classes)
+        self.normalized = normalized
+        self.logit_scale = logit_scale
+        if normalized:
+            self.renormalize_classifier()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The features as fed to the classifier: h / ||h|| when normalized."""
+        features = self.backbone(x)
+        return F.normalize(features, dim=1) if self.normalized else features
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits of features from `features`."""
+        weight, bias, scale = self.effective_classifier()
+        return torch.addmm(bias, features, weight.T, alpha=scale)  # b + s W h: b is not scaled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.features(x))
+
+    def effective_classifier(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(W, b, s) with logits = s W h + b: the classifier that the metrics judge.
+
+        When normalized, W's rows are normalized here too, not only after each step:
+        the gradient then has no radial part (it is the Riemannian gradient on the
+        sphere), and `renormalize_classifier` after the step is the retraction.
+        """
+        weight = self.classifier.weight
+        if self.normalized:
+            return F.normalize(weight, dim=1), self.classifier.bias, self.logit_scale
+        return weight, self.classifier.bias, 1.0
+
+    @torch.no_grad()
+    def renormalize_classifier(self) -> None:
+        """Put the classifier rows back on the unit sphere (after an optimizer step)."""
+        weight = self.classifier.weight
+        weight.div_(weight.norm(dim=1, keepdim=True))
+
+
+def build_model(architecture: str, in_channels: int, image_size: int, num_classes: int,
+                dim: int, normalization: str, logit_scale: float, mlp_depth: int = 3,
+                mlp_width: int = 512) -> NCModel:
+    """An NCModel; inputs are N x in_channels x image_size x image_size (an MLP flattens
+    them, so vector inputs of width D are in_channels = D, image_size = 1)."""
+    if architecture == "mlp":
+        backbone = mlp(in_channels * image_size**2, mlp_depth, mlp_width, dim)
+    elif architecture == "resnet18":
+        backbone = resnet18(in_channels, dim)
+    elif architecture == "vgg11":
+        backbone = vgg11(in_channels, image_size, dim)
+    else:
+        raise ValueError(f"unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")
+    return NCModel(backbone, dim, num_classes, normalization == "normalized", logit_scale)
+
+
+def mlp(in_features: int, depth: int, width: int, dim: int) -> nn.Sequential:
+    """`depth` hidden layers Linear -> BatchNorm1d -> ReLU, of width `width` except the
+    last, of width d."""
+    if depth < 1:
+        raise ValueError(f"mlp_depth must be at least 1, got {depth}")
+    layers: list[nn.Module] = [nn.Flatten()]
+    widths = [in_features] + [width] * (depth - 1) + [dim]
+    for fan_in, fan_out in itertools.pairwise(widths):
+        # No bias before BatchNorm: its shift would be subtracted right away.
+        layers += [nn.Linear(fan_in, fan_out, bias=False), nn.BatchNorm1d(fan_out), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+    ]
+
+
+def pooled_head(dim: int) -> list[nn.Module]:
+    """Global average pool to CONV_WIDTH features, and a linear map to d when d differs."""
+    head: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    if dim != CONV_WIDTH:
+        head.append(nn.Linear(CONV_WIDTH, dim))
+    return head
+
+
+class BasicBlock(nn.Module):
+    """He et al. (2016): two 3x3 convolutions and an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+def resnet18(in_channels: int, dim: int) -> nn.Sequential:
+    """ResNet-18 with the CIFAR stem (3x3 conv, stride 1, no max-pool): small images keep
+    their resolution into the first stage. Three stride-2 stages take 8x8 inputs to 1x1."""
+    layers = conv_bn_relu(in_channels, 64)
+    channels = 64
+    for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [BasicBlock(channels, width, stride), BasicBlock(width, width, 1)]
+        channels = width
+    return nn.Sequential(*layers, *pooled_head(dim))
+
+
+def vgg11(in_channels: int, image_size: int, dim: int) -> nn.Sequential:
+    """VGG-11 with batch norm (Simonyan & Zisserman 2015, configuration A). A max-pool is
+    skipped once the feature map is 1x1, so that inputs as small as 8x8 work."""
+    layers: list[nn.Module] = []
+    channels, size = in_channels, image_size
+    for layer in VGG11_LAYERS:
+        if layer == "M":
+            if size > 1:
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+        else:
+            layers += conv_bn_relu(channels, layer)
+            channels = layer
+    return nn.Sequential(*layers, *pooled_head(dim))

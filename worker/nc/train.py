@@ -1,0 +1,239 @@
+"""Train a deep network and follow neural collapse epoch by epoch (`kind: "train"`).
+
+Three modes (`normalization`), as in DESIGN.md:
+
+- "normalized" (Yaras et al., NeurIPS 2022): features h / ||h||, classifier rows on the
+  unit sphere, logits s <w_k, h> + b_k. The rows are normalized in the forward pass (so
+  their gradient is the Riemannian one) and renormalized in place after every optimizer
+  step (the retraction). Weight decay applies to the backbone only: on unit rows it
+  would only fight the retraction.
+- "regularized" (Zhu et al., NeurIPS 2021): weight decay on every parameter, classifier
+  included, plus feature decay: loss += feature_decay / 2 * batch mean of ||h||^2. The
+  classifier is left free (not renormalized).
+- "none": plain cross-entropy, no weight decay, no feature decay (Papyan et al. 2020).
+
+Every `metrics_every` epochs and after the last, the metric catalogue is measured on the
+whole training set in eval mode, without augmentation, from the features as fed to the
+classifier and the effective classifier (unit rows and scale s when normalized); the
+reported `loss` and `accuracy` are then that eval-mode cross-entropy and accuracy, while
+`train_loss` / `train_accuracy` are the running figures of the epoch's mini-batches (the
+cross-entropy alone, without the decay terms, so that the modes compare).
+
+    row = train(TrainConfig(dataset="digits", architecture="mlp",
+                            normalization="normalized", num_classes=10, dim=64), data_dir)
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from worker.nc.data import load_dataset
+from worker.nc.metrics import collapse_metrics, cross_entropy_per_sample
+from worker.nc.models import NCModel, build_model
+from worker.nc.ufm import Diverged, Stopped
+
+NORMALIZATIONS = ("normalized", "regularized", "none")
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("constant", "step", "cosine")
+
+# The loss is checked for NaN/inf once per this many batches (and at the end of each
+# epoch): a check makes the host wait for the device, and the batch that failed is still
+# found exactly from the per-batch losses kept on the device.
+CHECK_EVERY = 16
+
+# Batch size of the evaluation passes: no gradients, so larger batches fit.
+EVAL_BATCH_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str
+    architecture: str
+    normalization: str  # "normalized" | "regularized" | "none"
+    num_classes: int
+    dim: int
+    logit_scale: float = 10.0  # s, normalized mode only
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9  # sgd only
+    lr_schedule: str = "constant"  # constant | step | cosine
+    weight_decay: float = 5e-4  # backbone (normalized) or everything (regularized)
+    feature_decay: float = 5e-4  # regularized only
+    n_per_class: int | None = None
+    random_labels: bool = False
+    metrics_every: int = 1
+    seed: int = 0
+    mlp_depth: int = 3  # mlp: hidden layers; the last hidden width is `dim`
+    mlp_width: int = 512
+    gaussian_dim: int = 32
+    gaussian_train_per_class: int = 100
+    gaussian_test_per_class: int = 50
+    gaussian_noise: float = 1.0
+
+    def __post_init__(self):
+        for field, value, allowed in (("normalization", self.normalization, NORMALIZATIONS),
+                                      ("optimizer", self.optimizer, OPTIMIZERS),
+                                      ("lr_schedule", self.lr_schedule, LR_SCHEDULES)):
+            if value not in allowed:
+                raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
+        if self.dataset == "gaussian" and self.architecture != "mlp":
+            raise ValueError("the gaussian dataset has vector inputs: it needs architecture 'mlp'")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be at least 2: BatchNorm needs two samples")
+        if self.epochs < 1 or self.metrics_every < 1:
+            raise ValueError("epochs and metrics_every must be at least 1")
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """The rate for 0-based `epoch`: constant; step (x0.1 after 1/3 and after 2/3 of the
+    epochs, as in Papyan et al. 2020); or cosine annealing per epoch."""
+    if config.lr_schedule == "step":
+        milestones = [m for m in (config.epochs // 3, 2 * config.epochs // 3) if m > 0]
+        return config.lr * 0.1 ** sum(epoch >= m for m in milestones)
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1 + math.cos(math.pi * epoch / config.epochs))
+    return config.lr
+
+
+def make_optimizer(config: TrainConfig, model: NCModel) -> torch.optim.Optimizer:
+    """SGD with momentum or Adam; decay as an L2 term in the gradient, so that the
+    regularized mode minimizes the objective of Zhu et al. (2021) exactly."""
+    backbone_decay = 0.0 if config.normalization == "none" else config.weight_decay
+    classifier_decay = config.weight_decay if config.normalization == "regularized" else 0.0
+    groups = [
+        {"params": model.backbone.parameters(), "weight_decay": backbone_decay},
+        {"params": model.classifier.parameters(), "weight_decay": classifier_decay},
+    ]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+
+
+def batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Consecutive index batches of `order`. A trailing batch of one sample joins the
+    one before: BatchNorm cannot normalize a single sample in training mode."""
+    chunks = list(order.split(batch_size))
+    if len(chunks) > 1 and len(chunks[-1]) == 1:
+        chunks[-2:] = [torch.cat(chunks[-2:])]
+    return chunks
+
+
+def train(
+    config: TrainConfig,
+    data_dir,
+    *,
+    device=None,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    on_progress: Callable[[float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    compute_metrics: bool = True,
+) -> dict:
+    """Train as `config` says; returns the last epoch's row plus `epochs` (completed) and
+    `parameters` (count).
+
+    `on_epoch(epoch, row)` is called as each epoch (1-based) ends, with the flat row
+    `epoch, lr, train_loss, train_accuracy` and, on metric epochs, the catalogue keys and
+    `test_loss, test_accuracy`. `should_stop()` is polled every batch (raises Stopped);
+    `on_progress(fraction)` is told the fraction of all batches done every CHECK_EVERY
+    batches and at each epoch's end. A non-finite training loss raises Diverged. On a CPU
+    the same config gives the same history, bit for bit.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cuda":
+        device = torch.device("cpu")
+    data = load_dataset(
+        config.dataset, data_dir, config.num_classes, config.n_per_class, config.seed,
+        config.random_labels, config.gaussian_dim, config.gaussian_train_per_class,
+        config.gaussian_test_per_class, config.gaussian_noise)
+    # Initialize from the seed without disturbing the caller's global random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = build_model(config.architecture, data.channels, data.image_size,
+                            config.num_classes, config.dim, config.normalization,
+                            config.logit_scale, config.mlp_depth, config.mlp_width)
+    model.to(device)
+    optimizer = make_optimizer(config, model)
+    # The whole data set lives on the device: a batch is one gather, not a DataLoader.
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    generator = torch.Generator().manual_seed(config.seed)
+    normalized = config.normalization == "normalized"
+    feature_decay = config.feature_decay if config.normalization == "regularized" else 0.0
+
+    num_samples = len(train_y)
+    batches_per_epoch = len(batches(torch.arange(num_samples), config.batch_size))
+    total_batches = batches_per_epoch * config.epochs
+    row: dict = {}
+    for epoch in range(1, config.epochs + 1):
+        lr = learning_rate(config, epoch - 1)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        order = torch.randperm(num_samples, generator=generator).to(device)
+        # Per-batch sums, kept on the device so that the loop never waits for it.
+        loss_sums = torch.zeros(batches_per_epoch, device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        checked = 0
+        for batch, indices in enumerate(batches(order, config.batch_size)):
+            if should_stop is not None and should_stop():
+                raise Stopped(f"stopped at epoch {epoch}, batch {batch + 1}")
+            x, y = train_x[indices], train_y[indices]
+            features = model.features(x)
+            logits = model.classify(features)
+            loss = F.cross_entropy(logits, y)
+            objective = loss
+            if feature_decay:
+                objective = loss + feature_decay / 2 * features.pow(2).sum(dim=1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+            if normalized:
+                model.renormalize_classifier()
+            loss_sums[batch] = loss.detach() * len(y)
+            correct += (logits.argmax(dim=1) == y).sum()
+            if (batch + 1) % CHECK_EVERY == 0 or batch + 1 == batches_per_epoch:
+                _check_finite(loss_sums, checked, batch + 1, epoch)
+                checked = batch + 1
+                if on_progress is not None:
+                    on_progress(((epoch - 1) * batches_per_epoch + batch + 1) / total_batches)
+
+        row = {"epoch": epoch, "lr": lr, "train_loss": loss_sums.sum().item() / num_samples,
+               "train_accuracy": correct.item() / num_samples}
+        if compute_metrics and (epoch % config.metrics_every == 0 or epoch == config.epochs):
+            row.update(evaluate(model, train_x, train_y, test_x, test_y, config.num_classes))
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+    parameters = sum(p.numel() for p in model.parameters())
+    return {**row, "epochs": config.epochs, "parameters": parameters}
+
+
+def _check_finite(loss_sums: torch.Tensor, start: int, stop: int, epoch: int) -> None:
+    """Raise Diverged naming the first batch in start..stop-1 whose loss is not finite."""
+    recent = loss_sums[start:stop]
+    if not torch.isfinite(recent.sum()):
+        first = int(torch.nonzero(~torch.isfinite(recent))[0])
+        value = recent[first].item()
+        raise Diverged(f"loss became {value} at epoch {epoch}, batch {start + first + 1}")
+
+
+@torch.no_grad()
+def evaluate(model: NCModel, train_x, train_y, test_x, test_y, num_classes: int) -> dict:
+    """The catalogue on the training set, plus test_loss and test_accuracy, in eval mode.
+
+    The features of the whole training set are kept (N x d, as large as the data set's
+    inputs at most) and handed to collapse_metrics in one piece, which costs less than
+    the two passes over the network that CollapseAccumulator's nc4 would need.
+    """
+    model.eval()
+    features = torch.cat([model.features(x) for x in train_x.split(EVAL_BATCH_SIZE)])
+    weight, bias, scale = model.effective_classifier()
+    metrics = collapse_metrics(features, train_y, weight, bias, num_classes, scale)
+    logits = torch.cat([model(x) for x in test_x.split(EVAL_BATCH_SIZE)])
+    test_loss = cross_entropy_per_sample(logits.double(), test_y).mean().item()
+    test_accuracy = (logits.argmax(dim=1) == test_y).double().mean().item()
+    return {**metrics, "test_loss": test_loss, "test_accuracy": test_accuracy}
