@@ -17,7 +17,9 @@ on all of them alike; each is reported as the median over the repeats after one 
 round. Targets: ours within 1.05x of plain; ours+metrics within 1.4x, where the eval
 pass over the training and test sets is the inherent cost, and collapse_metrics itself
 is under 5% of an epoch. Also checks that plain and ours end with identical weights,
-which shows they did the same computation.
+which shows they did the same computation. On a machine shared with other busy
+processes, `--threads 1` gives steadier ratios: a multi-threaded operation waits for its
+slowest thread, and a descheduled one stalls it.
 """
 
 import statistics

@@ -252,7 +252,7 @@ def test_accumulator_float32_near_collapse_keeps_nc1_exact():
     exact = collapse_metrics(H.astype(np.float64), y)
     assert 0 < exact["nc1"] < 1e-9
     assert exact["nc1"] == pytest.approx(reference_metrics(H, y)["nc1"], rel=RTOL, abs=0)
-    batches = [(torch.from_numpy(f), torch.from_numpy(l)) for f, l in uneven_batches(H, y, rng)]
+    batches = [(torch.from_numpy(f), torch.from_numpy(labels)) for f, labels in uneven_batches(H, y, rng)]
     assert batches[0][0].dtype == torch.float32
     assert accumulate(batches, 6, 24)["nc1"] == pytest.approx(exact["nc1"], rel=RTOL, abs=0)
     assert collapse_metrics(H, y)["nc1"] == pytest.approx(exact["nc1"], rel=RTOL, abs=0)
@@ -299,8 +299,8 @@ def test_accumulator_on_cuda_never_synchronizes_per_batch():
     rng = np.random.default_rng(11)
     H, y, W, b = random_problem(rng, [30] * 10, 64, 1e-6)
     batches = [
-        (torch.from_numpy(f).float().cuda(), torch.from_numpy(l).cuda())
-        for f, l in uneven_batches(H, y, rng)
+        (torch.from_numpy(f).float().cuda(), torch.from_numpy(batch_labels).cuda())
+        for f, batch_labels in uneven_batches(H, y, rng)
     ]
 
     def without_syncs(batches):
@@ -318,5 +318,5 @@ def test_accumulator_on_cuda_never_synchronizes_per_batch():
     assert state and all(tensor.is_cuda for tensor in state)
     got = accumulator.compute(W, b, replay=without_syncs(batches))
     H32 = np.concatenate([f.cpu().numpy() for f, _ in batches])
-    y32 = np.concatenate([l.cpu().numpy() for _, l in batches])
+    y32 = np.concatenate([batch_labels.cpu().numpy() for _, batch_labels in batches])
     assert_matches_reference(got, collapse_metrics(H32.astype(np.float64), y32, W, b))
