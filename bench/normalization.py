@@ -60,7 +60,7 @@ def main(
             continue
         result = body["result"]
         table.add_row(normalization, *(f"{result[column]:.4g}" for column in COLUMNS))
-    Console().print(table)
+    Console(width=120).print(table)
 
 
 if __name__ == "__main__":

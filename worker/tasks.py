@@ -11,15 +11,19 @@ import os
 import socket
 import traceback
 
+from pydantic import TypeAdapter
+
 from service import jobs
 from service.db import get_sessionmaker
 from service.queue import RUN_EXPERIMENT, celery_app
+from service.schemas import ExperimentSpec
 from service.settings import get_settings
 from worker import runners
 from worker.heartbeat import Heartbeat
 from worker.nc.ufm import Diverged, Stopped
 
 log = logging.getLogger("nclab.worker")
+SPECS = TypeAdapter(ExperimentSpec)
 
 
 @celery_app.task(name=RUN_EXPERIMENT)
@@ -30,7 +34,7 @@ def run_experiment(experiment_id: str) -> None:
     if job is None:
         log.info("experiment %s is not queued; nothing to do", experiment_id)
         return
-    attempt, spec = job.attempts, job.spec
+    attempt = job.attempts
     log.info("experiment %s: attempt %d starts", experiment_id, attempt)
 
     def record(step: int, row: dict) -> None:
@@ -42,6 +46,8 @@ def run_experiment(experiment_id: str) -> None:
             heartbeat.progress = min(max(fraction, 0.0), 1.0)
 
         try:
+            # Re-validated so that rows stored by an older version get today's defaults.
+            spec = SPECS.validate_python(job.spec).model_dump(mode="json")
             result = runners.RUNNERS[spec["kind"]](spec, record, set_progress, heartbeat.stop_requested.is_set)
         except Stopped:
             outcome = dict(status="canceled")
