@@ -27,6 +27,19 @@ class SpecBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _only_for(model: type[BaseModel], value: Any, info: ValidationInfo, owner: str, allowed: tuple[str, ...]) -> None:
+    """Reject a value the chosen ``owner`` setting (e.g. the normalization) does not use.
+
+    Defaults are accepted, so that a stored spec, which has every field filled in,
+    validates again in the worker.
+    """
+    if value == model.model_fields[info.field_name].default:
+        return
+    if info.data.get(owner) not in allowed:
+        choices = " or ".join(f"'{a}'" for a in allowed)
+        raise ValueError(f"applies only to {owner} {choices}")
+
+
 class UFMSpec(SpecBase):
     """Unconstrained feature model: features H and classifier W are free variables.
 
@@ -95,18 +108,9 @@ class UFMSpec(SpecBase):
     @field_validator("logit_scale", "lambda_w", "lambda_h", "lambda_b")
     @classmethod
     def _fields_match_normalization(cls, value: float, info: ValidationInfo) -> float:
-        # Runs only for values the client sent (defaults are not validated).
         mode = "normalized" if info.field_name == "logit_scale" else "regularized"
-        if info.data.get("normalization") != mode:
-            raise ValueError(f"applies only to normalization '{mode}'")
+        _only_for(cls, value, info, "normalization", (mode,))
         return value
-
-
-def _only_for(field: str, info: ValidationInfo, owner: str, allowed: tuple[str, ...]) -> None:
-    """Reject a field the client sent that the chosen ``owner`` setting does not use."""
-    if info.data.get(owner) not in allowed:
-        choices = " or ".join(f"'{a}'" for a in allowed)
-        raise ValueError(f"{field} applies only to {owner} {choices}")
 
 
 class TrainSpec(SpecBase):
@@ -205,37 +209,37 @@ class TrainSpec(SpecBase):
     @field_validator("logit_scale")
     @classmethod
     def _scale_only_normalized(cls, value: float, info: ValidationInfo) -> float:
-        _only_for("logit_scale", info, "normalization", ("normalized",))
+        _only_for(cls, value, info, "normalization", ("normalized",))
         return value
 
     @field_validator("weight_decay")
     @classmethod
     def _decay_not_plain(cls, value: float, info: ValidationInfo) -> float:
-        _only_for("weight_decay", info, "normalization", ("normalized", "regularized"))
+        _only_for(cls, value, info, "normalization", ("normalized", "regularized"))
         return value
 
     @field_validator("feature_decay")
     @classmethod
     def _feature_decay_only_regularized(cls, value: float, info: ValidationInfo) -> float:
-        _only_for("feature_decay", info, "normalization", ("regularized",))
+        _only_for(cls, value, info, "normalization", ("regularized",))
         return value
 
     @field_validator("momentum")
     @classmethod
     def _momentum_only_sgd(cls, value: float, info: ValidationInfo) -> float:
-        _only_for("momentum", info, "optimizer", ("sgd",))
+        _only_for(cls, value, info, "optimizer", ("sgd",))
         return value
 
     @field_validator("mlp_depth", "mlp_width")
     @classmethod
     def _mlp_options(cls, value: int, info: ValidationInfo) -> int:
-        _only_for(info.field_name, info, "architecture", ("mlp",))
+        _only_for(cls, value, info, "architecture", ("mlp",))
         return value
 
     @field_validator("gaussian_dim", "gaussian_train_per_class", "gaussian_test_per_class", "gaussian_noise")
     @classmethod
     def _gaussian_options(cls, value, info: ValidationInfo):
-        _only_for(info.field_name, info, "dataset", ("gaussian",))
+        _only_for(cls, value, info, "dataset", ("gaussian",))
         return value
 
 
