@@ -27,6 +27,14 @@ class SpecBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _at_most_setting(value: int, setting: str) -> int:
+    """Caps that keep one request from exhausting a worker, from settings (NCLAB_MAX_*)."""
+    cap = getattr(get_settings(), setting)
+    if value > cap:
+        raise ValueError(f"must be at most {cap} (NCLAB_{setting.upper()})")
+    return value
+
+
 def _only_for(model: type[BaseModel], value: Any, info: ValidationInfo, owner: str, allowed: tuple[str, ...]) -> None:
     """Reject a value the chosen ``owner`` setting (e.g. the normalization) does not use.
 
@@ -89,21 +97,10 @@ class UFMSpec(SpecBase):
                              "(NCLAB_MAX_UFM_ELEMENTS)")
         return n_per_class
 
-    @field_validator("restarts")
+    @field_validator("max_iters", "restarts")
     @classmethod
-    def _restarts_capped(cls, restarts: int) -> int:
-        cap = get_settings().max_restarts
-        if restarts > cap:
-            raise ValueError(f"must be at most {cap} (NCLAB_MAX_RESTARTS)")
-        return restarts
-
-    @field_validator("max_iters")
-    @classmethod
-    def _iterations_capped(cls, max_iters: int) -> int:
-        cap = get_settings().max_iters
-        if max_iters > cap:
-            raise ValueError(f"must be at most {cap} (NCLAB_MAX_ITERS)")
-        return max_iters
+    def _work_capped(cls, value: int, info: ValidationInfo) -> int:
+        return _at_most_setting(value, {"max_iters": "max_iters", "restarts": "max_restarts"}[info.field_name])
 
     @field_validator("logit_scale", "lambda_w", "lambda_h", "lambda_b")
     @classmethod
@@ -201,10 +198,7 @@ class TrainSpec(SpecBase):
     @field_validator("epochs")
     @classmethod
     def _epochs_capped(cls, epochs: int) -> int:
-        cap = get_settings().max_epochs
-        if epochs > cap:
-            raise ValueError(f"must be at most {cap} (NCLAB_MAX_EPOCHS)")
-        return epochs
+        return _at_most_setting(epochs, "max_epochs")
 
     @field_validator("logit_scale")
     @classmethod
