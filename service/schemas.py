@@ -110,6 +110,19 @@ class UFMSpec(SpecBase):
         return value
 
 
+# Fields that only some settings use: field -> (the setting, the values that use it).
+_TRAIN_FIELD_OWNERS = {
+    "logit_scale": ("normalization", ("normalized",)),
+    "weight_decay": ("normalization", ("normalized", "regularized")),
+    "feature_decay": ("normalization", ("regularized",)),
+    "momentum": ("optimizer", ("sgd",)),
+    "mlp_depth": ("architecture", ("mlp",)),
+    "mlp_width": ("architecture", ("mlp",)),
+    **{field: ("dataset", ("gaussian",)) for field in
+       ("gaussian_dim", "gaussian_train_per_class", "gaussian_test_per_class", "gaussian_noise")},
+}
+
+
 class TrainSpec(SpecBase):
     """A deep network trained on real data, NC metrics on the training set every epoch.
 
@@ -200,40 +213,11 @@ class TrainSpec(SpecBase):
     def _epochs_capped(cls, epochs: int) -> int:
         return _at_most_setting(epochs, "max_epochs")
 
-    @field_validator("logit_scale")
+    @field_validator(*_TRAIN_FIELD_OWNERS)
     @classmethod
-    def _scale_only_normalized(cls, value: float, info: ValidationInfo) -> float:
-        _only_for(cls, value, info, "normalization", ("normalized",))
-        return value
-
-    @field_validator("weight_decay")
-    @classmethod
-    def _decay_not_plain(cls, value: float, info: ValidationInfo) -> float:
-        _only_for(cls, value, info, "normalization", ("normalized", "regularized"))
-        return value
-
-    @field_validator("feature_decay")
-    @classmethod
-    def _feature_decay_only_regularized(cls, value: float, info: ValidationInfo) -> float:
-        _only_for(cls, value, info, "normalization", ("regularized",))
-        return value
-
-    @field_validator("momentum")
-    @classmethod
-    def _momentum_only_sgd(cls, value: float, info: ValidationInfo) -> float:
-        _only_for(cls, value, info, "optimizer", ("sgd",))
-        return value
-
-    @field_validator("mlp_depth", "mlp_width")
-    @classmethod
-    def _mlp_options(cls, value: int, info: ValidationInfo) -> int:
-        _only_for(cls, value, info, "architecture", ("mlp",))
-        return value
-
-    @field_validator("gaussian_dim", "gaussian_train_per_class", "gaussian_test_per_class", "gaussian_noise")
-    @classmethod
-    def _gaussian_options(cls, value, info: ValidationInfo):
-        _only_for(cls, value, info, "dataset", ("gaussian",))
+    def _field_applies(cls, value, info: ValidationInfo):
+        owner, allowed = _TRAIN_FIELD_OWNERS[info.field_name]
+        _only_for(cls, value, info, owner, allowed)
         return value
 
 
