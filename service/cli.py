@@ -56,20 +56,32 @@ def serve(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     settings = get_settings()
     typer.echo(f"nclab embedded: data in {settings.data_dir.resolve()}, API on http://{host}:{port}")
     migrations.upgrade()
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "service.queue", *_worker_argv(1)])
+    # Its own process group, so that shutting down reaches the pool's child processes too.
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "service.queue", *_worker_argv(1)],
+                              start_new_session=True)
     stopping = threading.Event()
     threading.Thread(target=_stop_when_worker_dies, args=(worker, stopping), daemon=True).start()
+    # uvicorn re-raises the signal that stopped it once it has shut down; with Python's
+    # default SIGTERM action that would end the process before the worker is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         _serve_api(host, port, workers=1)
     finally:
         stopping.set()
-        # Cold shutdown: a job cut short here is re-queued by the reconciler after the
-        # next start, once its heartbeat is stale.
-        worker.send_signal(signal.SIGQUIT)
-        try:
-            worker.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        _stop_worker(worker)
+
+
+def _stop_worker(worker: subprocess.Popen, grace: float = 5.0) -> None:
+    """Warm shutdown, then kill. A job cut short is re-queued by the reconciler after the
+    next start, once its heartbeat is stale."""
+    try:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    except ProcessLookupError:
+        pass  # the worker's group is already gone
 
 
 @app.command()

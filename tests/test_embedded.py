@@ -1,6 +1,7 @@
 """Embedded mode: `nclab serve` with no PostgreSQL or Redis (SQLite + SQLite-backed queue)."""
 
 import time
+from pathlib import Path
 
 import httpx
 
@@ -16,9 +17,21 @@ def start_serve(processes, port: int, name: str):
     return process
 
 
-def test_serve_runs_an_experiment_to_a_collapsed_result(processes):
+def processes_with_data_dir(data_dir: str) -> list[int]:
+    """PIDs of live processes whose environment names this NCLAB_DATA_DIR (Linux /proc)."""
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"NCLAB_DATA_DIR={data_dir}".encode() in environ.read_bytes().split(b"\0"):
+                pids.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_serve_runs_an_experiment_to_a_collapsed_result_and_stops_its_worker(processes):
     port = free_port()
-    start_serve(processes, port, "serve")
+    serve = start_serve(processes, port, "serve")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
         created = client.post("/experiments", json=SPEC).json()
         done = wait_for_status(client, created["id"], {"succeeded", "failed"}, timeout=120)
@@ -26,6 +39,14 @@ def test_serve_runs_an_experiment_to_a_collapsed_result(processes):
         assert done["result"]["optimality_gap"] < 1e-8
         assert done["result"]["nc2_etf_w"] < 1e-6
         assert len(client.get(f"/experiments/{created['id']}/metrics").json()["items"]) > 2
+
+    data_dir = processes.env["NCLAB_DATA_DIR"]
+    assert len(processes_with_data_dir(data_dir)) >= 3  # serve, the Celery worker and its pool process
+    processes.stop(serve)  # SIGTERM, as a service manager would
+    deadline = time.monotonic() + 15
+    while processes_with_data_dir(data_dir):
+        assert time.monotonic() < deadline, f"left running: {processes_with_data_dir(data_dir)}"
+        time.sleep(0.2)
 
 
 def test_a_job_queued_while_no_worker_runs_completes_after_serve_restarts(processes):
