@@ -16,6 +16,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from service.models import Experiment, MetricRow, utcnow
+from service.schemas import TERMINAL_STATUSES
 from service.settings import Settings
 
 
@@ -110,7 +111,7 @@ def finish(
     session: Session, experiment_id: str, attempt: int, status: str,
     result: dict | None = None, error: str | None = None,
 ) -> bool:
-    assert status in ("succeeded", "failed", "canceled")
+    assert status in TERMINAL_STATUSES
     values = dict(status=status, finished_at=utcnow(), error=error)
     if result is not None:
         values["result"] = json_safe(result)

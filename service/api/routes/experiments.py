@@ -13,7 +13,7 @@ from service import jobs
 from service.api.deps import SessionDep, require_api_key
 from service.models import Experiment, MetricRow
 from service.queue import enqueue
-from service.schemas import ExperimentList, ExperimentOut, ExperimentSpec, MetricHistory, Status
+from service.schemas import TERMINAL_STATUSES, ExperimentList, ExperimentOut, ExperimentSpec, MetricHistory, Status
 
 router = APIRouter(prefix="/experiments", tags=["experiments"], dependencies=[Depends(require_api_key)])
 
@@ -51,7 +51,7 @@ def metric_history(experiment_id: str, session: SessionDep) -> MetricHistory:
 @router.post("/{experiment_id}/cancel", response_model=ExperimentOut)
 def cancel(experiment_id: str, session: SessionDep, response: Response) -> Experiment:
     experiment = _get_or_404(session, experiment_id)
-    if experiment.status in ("succeeded", "failed", "canceled"):
+    if experiment.status in TERMINAL_STATUSES:
         raise HTTPException(409, f"experiment {experiment_id} is already {experiment.status}")
     experiment = jobs.cancel(session, experiment_id)
     # A running job stops cooperatively within seconds; until then it reports cancel_requested.
