@@ -17,7 +17,9 @@ on all of them alike; each is reported as the median over the repeats after one 
 round. Targets: ours within 1.05x of plain; ours+metrics within 1.4x, where the eval
 pass over the training and test sets is the inherent cost, and collapse_metrics itself
 is under 5% of an epoch. Also checks that plain and ours end with identical weights,
-which shows they did the same computation. On a machine shared with other busy
+which shows they did the same computation. The process first takes the heap settings
+of a worker's pool process (worker/memory.py), as every variant runs there; `--no-retain`
+leaves glibc's defaults. On a machine shared with other busy
 processes, `--threads 1` gives steadier ratios: a multi-threaded operation waits for its
 slowest thread, and a descheduled one stalls it.
 """
@@ -30,6 +32,7 @@ import torch
 import typer
 from torch.nn import functional as F
 
+from worker.memory import retain_freed_memory
 from worker.nc import train as train_module
 from worker.nc.data import load_dataset
 from worker.nc.train import TrainConfig, batches, make_optimizer, train
@@ -89,7 +92,10 @@ def main(
     width: Annotated[int, typer.Option(help="width of the MLP's first two hidden layers")] = 512,
     repeats: Annotated[int, typer.Option(help="timed rounds after one warm-up")] = 3,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's)")] = None,
+    retain: Annotated[bool, typer.Option(help="the worker's heap settings")] = True,
 ):
+    if retain:
+        retain_freed_memory()
     if threads is not None:
         torch.set_num_threads(threads)
     config = bench_config(epochs, width)
@@ -113,7 +119,7 @@ def main(
         with_metrics = time.perf_counter() - start
         if round_ == 0:
             print(f"digits, K=10, mlp 64-{width}-{width}-128, {epochs} epochs, batch 128, "
-                  f"{torch.get_num_threads()} threads; final nc1 {result['nc1']:.4f}, "
+                  f"{torch.get_num_threads()} threads, worker heap settings {retain}; final nc1 {result['nc1']:.4f}, "
                   f"train accuracy {result['accuracy']:.4f}; plain and ours end with "
                   f"identical weights: {identical}")
             continue

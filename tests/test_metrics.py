@@ -212,8 +212,8 @@ def uneven_batches(H, y, rng):
     return [(H[rows], y[rows]) for rows in np.split(order, cuts[:-1])]
 
 
-def accumulate(batches, K, d, W=None, b=None, scale=1.0, replay=None):
-    accumulator = CollapseAccumulator(K, d)
+def accumulate(batches, K, d, W=None, b=None, scale=1.0, replay=None, passes=1):
+    accumulator = CollapseAccumulator(K, d, passes=passes)
     for features, labels in batches:
         accumulator.update(features, labels)
     return accumulator.compute(W, b, scale, replay=replay)
@@ -229,7 +229,8 @@ def accumulate(batches, K, d, W=None, b=None, scale=1.0, replay=None):
         ([6] * 200, 32, 0.5),  # many classes, each missing from most batches
     ],
 )
-def test_accumulator_matches_one_shot(counts, d, spread):
+@pytest.mark.parametrize("passes", [1, 2])
+def test_accumulator_matches_one_shot(counts, d, spread, passes):
     rng = np.random.default_rng(len(counts) * 100 + d + 7)
     H, y, W, b = random_problem(rng, counts, d, spread)
     K = len(counts)
@@ -237,9 +238,11 @@ def test_accumulator_matches_one_shot(counts, d, spread):
     assert len(batches[0][1]) == 1
     assert any(len(np.unique(labels)) < K for _, labels in batches[1:])
     # The replay pass may batch and order the samples differently.
-    got = accumulate(batches, K, d, W, b, 2.5, replay=uneven_batches(H, y, rng)[::-1])
+    replay = uneven_batches(H, y, rng)[::-1]
+    got = accumulate(batches, K, d, W, b, 2.5, replay=replay, passes=passes)
     assert_matches_reference(got, collapse_metrics(H, y, W, b, logit_scale=2.5))
-    assert_matches_reference(accumulate(batches, K, d), collapse_metrics(H, y))
+    mean_keys = accumulate(batches, K, d, replay=replay if passes == 2 else None, passes=passes)
+    assert_matches_reference(mean_keys, collapse_metrics(H, y))
 
 
 def test_accumulator_float32_near_collapse_keeps_nc1_exact():
@@ -255,6 +258,8 @@ def test_accumulator_float32_near_collapse_keeps_nc1_exact():
     batches = [(torch.from_numpy(f), torch.from_numpy(labels)) for f, labels in uneven_batches(H, y, rng)]
     assert batches[0][0].dtype == torch.float32
     assert accumulate(batches, 6, 24)["nc1"] == pytest.approx(exact["nc1"], rel=RTOL, abs=0)
+    two_pass = accumulate(batches, 6, 24, replay=batches, passes=2)
+    assert two_pass["nc1"] == pytest.approx(exact["nc1"], rel=RTOL, abs=0)
     assert collapse_metrics(H, y)["nc1"] == pytest.approx(exact["nc1"], rel=RTOL, abs=0)
 
 
@@ -262,18 +267,19 @@ def state_size(accumulator):
     return sum(value.numel() for value in vars(accumulator).values() if torch.is_tensor(value))
 
 
-def test_accumulator_memory_does_not_grow_with_samples():
+@pytest.mark.parametrize("passes, bound", [(1, 2 * 7 * 12 + 12 * 12 + 2 * 7), (2, 2 * 7 * 12 + 7)])
+def test_accumulator_memory_does_not_grow_with_samples(passes, bound):
     K, d = 7, 12
     rng = np.random.default_rng(9)
     H, y, _, _ = random_problem(rng, [10] * K, d, 0.5)
-    accumulator = CollapseAccumulator(K, d)
+    accumulator = CollapseAccumulator(K, d, passes=passes)
     accumulator.update(H, y)
     size = state_size(accumulator)
-    assert 0 < size <= 2 * K * d + d * d + 2 * K
+    assert 0 < size <= bound
     for _ in range(50):
         accumulator.update(H, y)
     assert state_size(accumulator) == size
-    accumulator.compute()
+    accumulator.compute(replay=[(H, y)] * 51)
     assert state_size(accumulator) == size
 
 
@@ -292,10 +298,15 @@ def test_accumulator_replay_and_empty_classes():
         accumulate(batches, 5, 6)
     with pytest.raises(ValueError, match="no batches"):
         accumulate([], 4, 6)
+    with pytest.raises(ValueError, match="needs the replay pass"):
+        accumulate(batches, 4, 6, W, b, passes=2)
+    with pytest.raises(ValueError, match="passes must be 1 or 2"):
+        CollapseAccumulator(4, 6, passes=3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_accumulator_on_cuda_never_synchronizes_per_batch():
+@pytest.mark.parametrize("passes", [1, 2])
+def test_accumulator_on_cuda_never_synchronizes_per_batch(passes):
     rng = np.random.default_rng(11)
     H, y, W, b = random_problem(rng, [30] * 10, 64, 1e-6)
     batches = [
@@ -311,7 +322,7 @@ def test_accumulator_on_cuda_never_synchronizes_per_batch():
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    accumulator = CollapseAccumulator(10, 64)
+    accumulator = CollapseAccumulator(10, 64, passes=passes)
     for features, labels in without_syncs(batches):
         accumulator.update(features, labels)
     state = [value for value in vars(accumulator).values() if torch.is_tensor(value)]

@@ -11,6 +11,7 @@ import os
 import socket
 import traceback
 
+from celery.signals import worker_process_init
 from pydantic import TypeAdapter
 
 from service import jobs
@@ -20,10 +21,16 @@ from service.schemas import ExperimentSpec
 from service.settings import get_settings
 from worker import runners
 from worker.heartbeat import Heartbeat
+from worker.memory import retain_freed_memory
 from worker.nc.ufm import Diverged, Stopped
 
 log = logging.getLogger("nclab.worker")
 SPECS = TypeAdapter(ExperimentSpec)
+
+
+@worker_process_init.connect
+def prepare_pool_process(**_) -> None:
+    retain_freed_memory()
 
 
 @celery_app.task(name=RUN_EXPERIMENT)

@@ -90,16 +90,21 @@ def collapse_metrics(
 
     # Both passes convert one block of samples at a time to float64, into a buffer that
     # is reused: on a CPU, an N x d float64 copy, or fresh block-sized temporaries, cost
-    # more in memory traffic and page faults than the arithmetic does.
+    # more in memory traffic and page faults than the arithmetic does. When one block
+    # holds every sample (on a GPU, or few samples), the second pass reuses the first's
+    # conversion.
     block_rows = num_samples if device.type != "cpu" else max(1, CPU_BLOCK_ENTRIES // dim)
+    block_rows = min(block_rows, num_samples)
     block_buffer = torch.empty(block_rows, dim, dtype=torch.float64, device=device)
     means_buffer = torch.empty_like(block_buffer)
 
-    def blocks():
+    def blocks(converted=False):
         for start in range(0, num_samples, block_rows):
             block_labels = labels[start : start + block_rows]
             block = block_buffer[: len(block_labels)]
-            yield block.copy_(features[start : start + block_rows]), block_labels
+            if not converted:
+                block.copy_(features[start : start + block_rows])
+            yield block, block_labels
 
     class_sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
     for block, block_labels in blocks():
@@ -107,76 +112,69 @@ def collapse_metrics(
     class_means = class_sums / counts[:, None]
     geometry = _ClassGeometry(class_means)
 
-    rank = geometry.right_vectors.shape[0]
-    columns = geometry.right_vectors
     if classifier is not None:
         classifier = _as_float64(classifier, device)
-        tally = _ClassifierTally(geometry, classifier, bias, logit_scale)
-        columns = torch.cat([columns, classifier])
-    squared_projections = torch.zeros(rank, dtype=torch.float64, device=device)
-    squared_spreads = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    for block, block_labels in blocks():
+    second_pass = _SecondPass(geometry, classifier, bias, logit_scale)
+    for block, block_labels in blocks(converted=block_rows == num_samples):
         block_means = means_buffer[: len(block_labels)]
-        within = block.sub_(torch.index_select(class_means, 0, block_labels, out=block_means))
-        products = within @ columns.T
-        projections = products[:, :rank]  # (h_i - mu_{y_i}) v_j for every j
-        squared_projections += (projections**2).sum(dim=0)
-        squared_spreads.index_add_(0, block_labels, (within**2).sum(dim=1))
-        if classifier is not None:
-            # M = U S V^T, so (h_i - mu_{y_i}) M^T is a K-column product of the projections.
-            tally.add(block_labels, products[:, rank:], projections @ geometry.left_scaled.T)
-
-    metrics = _mean_metrics(geometry, squared_projections / num_samples, squared_spreads / counts)
-    if classifier is not None:
-        metrics.update(_classifier_geometry_metrics(geometry, classifier))
-        metrics.update(tally.metrics())
-    return {key: float(value) for key, value in metrics.items()}
+        torch.index_select(class_means, 0, block_labels, out=block_means)
+        second_pass.add(block_labels, block.sub_(block_means))
+    return second_pass.metrics()
 
 
 class CollapseAccumulator:
     """The metric catalogue of `collapse_metrics`, from features that arrive in batches.
 
-        accumulator = CollapseAccumulator(num_classes, dim)
-        for features, labels in batches():          # pass 1: means and Sigma_W
+        accumulator = CollapseAccumulator(num_classes, dim, passes=2)
+        for features, labels in batches():          # pass 1: the class means
             accumulator.update(features, labels)
         metrics = accumulator.compute(classifier, bias, logit_scale, replay=batches())
 
-    State lives on `device`, or on the device of the first batch, and is O(K d + d^2)
-    whatever N. `update` does a fixed sequence of tensor operations per batch: no host
+    State lives on `device`, or on the device of the first batch, and does not grow with
+    N. `update` does a fixed sequence of tensor operations per batch: no host
     synchronization, no Python loop over samples or classes, so batches of a network on
     a GPU queue up behind each other. `compute` synchronizes once at the end.
 
-    Mean keys (nc1, nc1_cdnv, nc2_*_m) come from one pass. Sigma_W is kept exact for
-    collapsed features by accumulating, in float64, the scatter of each sample around a
-    reference point c_k of its class (the class mean of the first batch that holds class
-    k) together with the per-class sums of h_i - c_k, the "shifted data" method of Chan,
-    Golub & LeVeque (1983), "Algorithms for computing the sample variance"; at the end
-    N Sigma_W = sum_i (h_i - c_{y_i})(h_i - c_{y_i})^T - sum_k n_k (mu_k - c_k)(mu_k - c_k)^T,
-    where both terms are of the size of the spread, not of the means. NC1 then needs only
-    v_j^T Sigma_W v_j for the right singular vectors v_j of M, never a pseudo-inverse.
+    nc4 compares each sample's prediction with the nearest of the *final* class means,
+    which are unknown until the last batch has been seen: no exact one-pass form exists
+    in bounded memory. The whole catalogue therefore takes a second pass, `replay`: an
+    iterable of (features, labels) batches holding the same samples again (any batching
+    and order; for a network, a second evaluation pass without augmentation, or features
+    the caller kept). `compute` runs it with the class means fixed and takes every
+    per-sample sum there, centred on those means, exactly as the second pass of
+    `collapse_metrics` does. It checks that every class is replayed as often as it was
+    updated.
 
-    Classifier keys: nc2_*_w, nc3 and nc3_etf need only W and the class means, and are
-    returned whenever `compute` is given a classifier. nc4, accuracy and loss apply the
-    classifier to every sample, and nc4 compares its prediction with the nearest of the
-    *final* class means, which are unknown until the last batch has been seen: no exact
-    one-pass form exists in bounded memory. So they come from a second pass, `replay`:
-    an iterable of (features, labels) batches holding the same samples again (any
-    batching and order; for a network, a second evaluation pass without augmentation, or
-    features the caller kept). `compute` runs it with the means and W fixed and counts
-    argmax_k(s W h + b) against labels and against argmin_k ||h - mu_k||, and sums the
-    cross-entropy, exactly as `collapse_metrics`. It checks that every class is replayed
-    as often as it was updated. Without `replay` these three keys are absent, so that a
-    training loop can report the rest every epoch at the cost of one pass.
+    `passes` says which of two costs to pay:
+
+    - `passes=2`: `update` keeps only n_k and the class sums, O(K d); `compute` needs
+      `replay` and returns everything. Two passes of O(N d K) work each: the cheaper
+      choice whenever the whole catalogue is wanted and K < d.
+    - `passes=1` (the default): `update` also keeps the d x d scatter of each sample
+      around a reference point c_k of its class (the class mean of the first batch that
+      holds class k) and the per-class sums of h_i - c_k, in float64: the "shifted data"
+      method of Chan, Golub & LeVeque (1983), "Algorithms for computing the sample
+      variance". At the end
+      N Sigma_W = sum_i (h_i - c_{y_i})(h_i - c_{y_i})^T - sum_k n_k (mu_k - c_k)(mu_k - c_k)^T,
+      both terms of the size of the spread, not of the means, so Sigma_W stays exact for
+      collapsed features; NC1 then needs only v_j^T Sigma_W v_j for the right singular
+      vectors v_j of M. So `compute` without `replay` returns the mean keys (nc1,
+      nc1_cdnv, nc2_*_m) and, given a classifier, nc2_*_w, nc3 and nc3_etf: all but nc4,
+      accuracy and loss, from one pass, at the price of an O(N d^2) scatter, O(d^2)
+      state. With `replay` it returns the whole catalogue as `passes=2` does.
     """
 
-    def __init__(self, num_classes: int, dim: int, device=None):
+    def __init__(self, num_classes: int, dim: int, device=None, passes: int = 1):
         _check_num_classes(num_classes)
+        if passes not in (1, 2):
+            raise ValueError(f"passes must be 1 or 2, got {passes}")
         self.num_classes = num_classes
         self.dim = dim
+        self.passes = passes
         self.device = None if device is None else torch.device(device)
         # Allocated by the first update, once the device is known.
         self._counts = None  # n_k
-        self._references = None  # c_k
+        self._references = None  # c_k; zero with passes=2, where only the sums matter
         self._deviation_sums = None  # sum_{y_i=k} (h_i - c_k)
         self._squared_deviations = None  # sum_{y_i=k} ||h_i - c_k||^2, for nc1_cdnv
         self._scatter = None  # sum_i (h_i - c_{y_i})(h_i - c_{y_i})^T
@@ -192,6 +190,11 @@ class CollapseAccumulator:
 
         batch_counts = torch.zeros_like(self._counts)
         batch_counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        if self.passes == 2:
+            self._deviation_sums.index_add_(0, labels, features)
+            self._counts += batch_counts
+            return
+
         batch_sums = torch.zeros_like(self._references).index_add_(0, labels, features)
         batch_means = batch_sums / batch_counts.clamp(min=1)[:, None]
         first_seen = (batch_counts > 0) & (self._counts == 0)
@@ -201,7 +204,7 @@ class CollapseAccumulator:
         deviations = self._references.index_select(0, labels)
         torch.sub(features, deviations, out=deviations)
         self._deviation_sums.index_add_(0, labels, deviations)
-        self._squared_deviations.index_add_(0, labels, (deviations**2).sum(dim=1))
+        self._squared_deviations.index_add_(0, labels, torch.linalg.vector_norm(deviations, dim=1) ** 2)
         self._scatter.addmm_(deviations.T, deviations)
         self._counts += batch_counts
 
@@ -215,15 +218,21 @@ class CollapseAccumulator:
     ) -> dict[str, float]:
         """The catalogue of `collapse_metrics(H, y, classifier, bias, K, logit_scale)`.
 
-        nc4, accuracy and loss need a classifier and `replay` (see the class docstring).
+        nc4, accuracy and loss need a classifier and `replay`; with `passes=2`
+        everything needs `replay` (see the class docstring).
         """
         if self._counts is None:
             raise ValueError("no batches were added; the class means are undefined")
         counts = self._counts
         _check_no_empty_class(counts)
-        num_samples = counts.sum()
         mean_offsets = self._deviation_sums / counts[:, None]  # mu_k - c_k
         geometry = _ClassGeometry(self._references + mean_offsets)
+        if classifier is not None:
+            classifier = _as_float64(classifier, self.device)
+        if replay is not None:
+            return self._replay(replay, geometry, classifier, bias, logit_scale)
+        if self.passes == 2:
+            raise ValueError("an accumulator with passes=2 needs the replay pass")
 
         # v^T (N Sigma_W) v = v^T scatter v - sum_k n_k ((mu_k - c_k) v)^2 for each v = v_j.
         right_vectors = geometry.right_vectors
@@ -231,15 +240,10 @@ class CollapseAccumulator:
         offsets_along = mean_offsets @ right_vectors.T
         within_along = scatter_along - (counts[:, None] * offsets_along**2).sum(dim=0)
         squared_spreads = self._squared_deviations - counts * (mean_offsets**2).sum(dim=1)
-        metrics = _mean_metrics(geometry, within_along / num_samples, squared_spreads / counts)
-        if classifier is None:
-            return {key: float(value) for key, value in metrics.items()}
-
-        classifier = _as_float64(classifier, self.device)
-        metrics.update(_classifier_geometry_metrics(geometry, classifier))
-        if replay is not None:
-            metrics.update(self._replay(replay, geometry, classifier, bias, logit_scale))
-        return {key: float(value) for key, value in metrics.items()}
+        metrics = _mean_metrics(geometry, within_along / counts.sum(), squared_spreads / counts)
+        if classifier is not None:
+            metrics.update(_classifier_geometry_metrics(geometry, classifier))
+        return _as_floats(metrics)
 
     def _allocate(self, device) -> None:
         self.device = torch.device(device)
@@ -247,22 +251,19 @@ class CollapseAccumulator:
         self._counts = torch.zeros(self.num_classes, dtype=torch.float64, device=device)
         self._references = torch.zeros(shape, dtype=torch.float64, device=device)
         self._deviation_sums = torch.zeros(shape, dtype=torch.float64, device=device)
-        self._squared_deviations = torch.zeros_like(self._counts)
-        self._scatter = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=device)
+        if self.passes == 1:
+            self._squared_deviations = torch.zeros_like(self._counts)
+            self._scatter = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=device)
 
-    def _replay(self, replay, geometry, classifier, bias, logit_scale) -> dict:
-        tally = _ClassifierTally(geometry, classifier, bias, logit_scale)
-        # One product per batch gives the within-class logits and (h_i - mu_{y_i}) M^T.
-        columns = torch.cat([classifier, geometry.centred_means])
-        num_classes = self.num_classes
+    def _replay(self, replay, geometry, classifier, bias, logit_scale) -> dict[str, float]:
+        second_pass = _SecondPass(geometry, classifier, bias, logit_scale)
         for features, labels in replay:
             features = _as_float64(features, self.device)
             labels = _as_labels(labels, self.device)
-            products = (features - geometry.class_means.index_select(0, labels)) @ columns.T
-            tally.add(labels, products[:, :num_classes], products[:, num_classes:])
-        if not torch.equal(tally.counts, self._counts):
+            second_pass.add(labels, features - geometry.class_means.index_select(0, labels))
+        if not torch.equal(second_pass.counts, self._counts):
             raise ValueError("replay must hold the same samples as the updates")
-        return tally.metrics()
+        return second_pass.metrics()
 
 
 def cross_entropy_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -322,6 +323,53 @@ def _classifier_geometry_metrics(geometry: _ClassGeometry, classifier: torch.Ten
     }
 
 
+class _SecondPass:
+    """Sums over samples centred on their final class means, block by block.
+
+    Each block arrives as h_i - mu_{y_i} in float64. One product with the right singular
+    vectors of M, and with W when there is a classifier, gives every per-sample quantity
+    of the catalogue: the coordinates along v_j that NC1 needs, and the within-class
+    part of the logits and of (h_i - mu_G) M^T for nc4, accuracy and loss. Neither a
+    d x d matrix nor an N x d temporary is formed.
+    """
+
+    def __init__(self, geometry: "_ClassGeometry", classifier, bias, logit_scale):
+        device = geometry.class_means.device
+        num_classes = geometry.class_means.shape[0]
+        self.geometry = geometry
+        self.classifier = classifier
+        self.rank = geometry.right_vectors.shape[0]
+        self.columns = geometry.right_vectors
+        self.tally = None
+        if classifier is not None:
+            self.tally = _ClassifierTally(geometry, classifier, bias, logit_scale)
+            self.columns = torch.cat([self.columns, classifier])
+        self.counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
+        self.squared_projections = torch.zeros(self.rank, dtype=torch.float64, device=device)
+        self.squared_spreads = torch.zeros(num_classes, dtype=torch.float64, device=device)
+
+    def add(self, labels, within) -> None:
+        products = within @ self.columns.T
+        projections = products[:, : self.rank]  # (h_i - mu_{y_i}) v_j for every j
+        self.squared_projections += (projections**2).sum(dim=0)
+        self.squared_spreads.index_add_(0, labels, torch.linalg.vector_norm(within, dim=1) ** 2)
+        self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        if self.tally is not None:
+            # M = U S V^T, so (h_i - mu_{y_i}) M^T is a K-column product of the projections.
+            within_dot_means = projections @ self.geometry.left_scaled.T
+            self.tally.add(labels, products[:, self.rank :], within_dot_means)
+
+    def metrics(self) -> dict[str, float]:
+        num_samples = self.counts.sum()
+        metrics = _mean_metrics(
+            self.geometry, self.squared_projections / num_samples, self.squared_spreads / self.counts
+        )
+        if self.classifier is not None:
+            metrics.update(_classifier_geometry_metrics(self.geometry, self.classifier))
+            metrics.update(self.tally.metrics(num_samples))
+        return _as_floats(metrics)
+
+
 class _ClassifierTally:
     """Running sums for nc4, accuracy and loss over blocks of samples, on the device.
 
@@ -337,7 +385,6 @@ class _ClassifierTally:
         if bias is not None:
             self.class_logits += _as_float64(bias, device)
         self.gram = geometry.gram
-        self.counts = torch.zeros(classifier.shape[0], dtype=torch.float64, device=device)
         self.disagreements = torch.zeros((), dtype=torch.int64, device=device)
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -352,15 +399,17 @@ class _ClassifierTally:
         self.disagreements += (predicted != distances.argmin(dim=1)).sum()
         self.correct += (predicted == labels).sum()
         self.loss_sum += cross_entropy_per_sample(logits, labels).sum()
-        self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
 
-    def metrics(self) -> dict:
-        num_samples = self.counts.sum()
+    def metrics(self, num_samples) -> dict:
         return {
             "nc4": self.disagreements / num_samples,
             "accuracy": self.correct / num_samples,
             "loss": self.loss_sum / num_samples,
         }
+
+
+def _as_floats(metrics: dict) -> dict[str, float]:
+    return {key: float(value) for key, value in metrics.items()}
 
 
 def _as_tensor(array) -> torch.Tensor:
