@@ -1,4 +1,4 @@
-"""The `kind: "train"` engine: models, data loaders and the training loop (CPU only)."""
+"""The `kind: "train"` engine: models, data loaders and the training loop (one test on CUDA)."""
 
 import gzip
 import math
@@ -112,6 +112,22 @@ def test_digits_mlp_collapses_as_it_trains():
                       "parameters": sum(p.numel() for p in build_model(
                           "mlp", 1, 8, 10, 64, "normalized", 10.0, 3, 256).parameters())}
     assert progress == sorted(progress) and progress[-1] == 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("architecture", ["mlp", "resnet18"])
+def test_cuda_training_collapses_and_keeps_rows_on_the_sphere(monkeypatch, architecture):
+    models, history = record_models(monkeypatch), []
+    config = TrainConfig(dataset="digits", architecture=architecture, normalization="normalized",
+                         num_classes=10, dim=64, mlp_width=256, epochs=5, lr_schedule="cosine")
+    train(config, "/unused", device="cuda", on_epoch=lambda epoch, row: history.append(row))
+    classifier = models[0].classifier.weight
+    assert classifier.is_cuda
+    row_norms = torch.linalg.vector_norm(classifier.detach().double(), dim=1)
+    assert torch.allclose(row_norms, torch.ones_like(row_norms), atol=1e-6)
+    assert all(math.isfinite(history[-1][key]) for key in CATALOGUE)
+    assert history[-1]["nc1"] < 0.6 * history[0]["nc1"]
+    assert history[-1]["accuracy"] > 0.97 and history[-1]["test_accuracy"] > 0.9
 
 
 def test_metrics_every_and_last_epoch():
