@@ -258,9 +258,11 @@ class CollapseAccumulator:
     def _replay(self, replay, geometry, classifier, bias, logit_scale) -> dict[str, float]:
         second_pass = _SecondPass(geometry, classifier, bias, logit_scale)
         for features, labels in replay:
-            features = _as_float64(features, self.device)
+            features = _as_tensor(features).to(self.device)
             labels = _as_labels(labels, self.device)
-            second_pass.add(labels, features - geometry.class_means.index_select(0, labels))
+            # h_i - mu_{y_i} in float64, written over the gathered means: one B x d array.
+            within = geometry.class_means.index_select(0, labels)
+            second_pass.add(labels, torch.sub(features, within, out=within))
         if not torch.equal(second_pass.counts, self._counts):
             raise ValueError("replay must hold the same samples as the updates")
         return second_pass.metrics()
