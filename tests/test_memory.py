@@ -16,7 +16,8 @@ if sys.argv[1] == "retain":
     assert retain_freed_memory()
 generator = torch.Generator().manual_seed(0)
 labels = torch.arange(1437) % 10
-features = torch.randn(10, 128, generator=generator)[labels] + torch.randn(1437, 128, generator=generator)
+features = torch.randn(10, 128, generator=generator)[labels]
+features += torch.randn(1437, 128, generator=generator)
 classifier = torch.randn(10, 128, generator=generator)
 def evaluate():
     collapse_metrics(features, labels, classifier, None, 10)
@@ -49,4 +50,5 @@ def test_pool_processes_apply_the_settings():
 
     from worker import tasks
 
-    assert tasks.prepare_pool_process in [receiver() for _, receiver in worker_process_init.receivers]
+    receivers = [receiver() for _, receiver in worker_process_init.receivers]
+    assert tasks.prepare_pool_process in receivers

@@ -204,7 +204,8 @@ class CollapseAccumulator:
         deviations = self._references.index_select(0, labels)
         torch.sub(features, deviations, out=deviations)
         self._deviation_sums.index_add_(0, labels, deviations)
-        self._squared_deviations.index_add_(0, labels, torch.linalg.vector_norm(deviations, dim=1) ** 2)
+        squared_norms = torch.linalg.vector_norm(deviations, dim=1) ** 2
+        self._squared_deviations.index_add_(0, labels, squared_norms)
         self._scatter.addmm_(deviations.T, deviations)
         self._counts += batch_counts
 
@@ -335,7 +336,7 @@ class _SecondPass:
     d x d matrix nor an N x d temporary is formed.
     """
 
-    def __init__(self, geometry: "_ClassGeometry", classifier, bias, logit_scale):
+    def __init__(self, geometry: _ClassGeometry, classifier, bias, logit_scale):
         device = geometry.class_means.device
         num_classes = geometry.class_means.shape[0]
         self.geometry = geometry
@@ -354,7 +355,8 @@ class _SecondPass:
         products = within @ self.columns.T
         projections = products[:, : self.rank]  # (h_i - mu_{y_i}) v_j for every j
         self.squared_projections += (projections**2).sum(dim=0)
-        self.squared_spreads.index_add_(0, labels, torch.linalg.vector_norm(within, dim=1) ** 2)
+        squared_norms = torch.linalg.vector_norm(within, dim=1) ** 2  # no B x d temporary
+        self.squared_spreads.index_add_(0, labels, squared_norms)
         self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
         if self.tally is not None:
             # M = U S V^T, so (h_i - mu_{y_i}) M^T is a K-column product of the projections.
