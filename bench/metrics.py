@@ -15,7 +15,7 @@ and 100 classes with a random classifier, times in the same run:
   without replay: every key but nc4, accuracy and loss, from a single pass, at the
   price of its d x d scatter (so about one `gemm` by construction).
 
-The three are interleaved within each repeat, so that load from other processes falls
+The four are interleaved within each repeat, so that load from other processes falls
 on all of them alike, and each is reported as the median over the repeats after one
 warm-up round, in seconds and as a ratio to `gemm`. Also prints the largest relative
 difference between each accumulator's values and collapse_metrics's. On a machine shared

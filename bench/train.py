@@ -18,10 +18,10 @@ round. Targets: ours within 1.05x of plain; ours+metrics within 1.4x, where the 
 pass over the training and test sets is the inherent cost, and collapse_metrics itself
 is under 5% of an epoch. Also checks that plain and ours end with identical weights,
 which shows they did the same computation. The process first takes the heap settings
-of a worker's pool process (worker/memory.py), as every variant runs there; `--no-retain`
-leaves glibc's defaults. On a machine shared with other busy
-processes, `--threads 1` gives steadier ratios: a multi-threaded operation waits for its
-slowest thread, and a descheduled one stalls it.
+of a worker's pool process (worker/memory.py), as every variant runs there;
+`--no-retain` leaves glibc's defaults. On a machine shared with other busy processes,
+`--threads 1` gives steadier ratios: a multi-threaded operation waits for its slowest
+thread, and a descheduled one stalls it.
 """
 
 import statistics
@@ -119,9 +119,9 @@ def main(
         with_metrics = time.perf_counter() - start
         if round_ == 0:
             print(f"digits, K=10, mlp 64-{width}-{width}-128, {epochs} epochs, batch 128, "
-                  f"{torch.get_num_threads()} threads, worker heap settings {retain}; final nc1 {result['nc1']:.4f}, "
-                  f"train accuracy {result['accuracy']:.4f}; plain and ours end with "
-                  f"identical weights: {identical}")
+                  f"{torch.get_num_threads()} threads, worker heap settings {retain}; "
+                  f"final nc1 {result['nc1']:.4f}, train accuracy {result['accuracy']:.4f}; "
+                  f"plain and ours end with identical weights: {identical}")
             continue
         times["plain"].append(plain)
         times["ours"].append(ours)
