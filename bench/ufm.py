@@ -46,6 +46,7 @@ import typer
 from pymanopt.manifolds import Oblique, Product
 from pymanopt.optimizers import ConjugateGradient, SteepestDescent
 
+from worker.memory import retain_freed_memory
 from worker.nc import ufm
 from worker.nc.metrics import collapse_metrics, cross_entropy_per_sample
 from worker.nc.ufm import UFMProblem, optimal_loss, solve
@@ -61,10 +62,13 @@ def main(
     device: Annotated[str, typer.Option(help="device for our solver (pymanopt: CPU)")] = "cpu",
     pymanopt_max_time: Annotated[float, typer.Option(help="seconds per pymanopt run")] = 120.0,
     repeats: Annotated[int, typer.Option(min=1, help="runs of each; the fastest counts")] = 3,
+    retain: Annotated[bool, typer.Option(help="the worker's heap settings")] = True,
 ) -> None:
+    if retain:
+        retain_freed_memory()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; pymanopt "
-        f"{pymanopt.__version__}; ours on {device}"
+        f"{pymanopt.__version__}; ours on {device}; worker heap settings {retain}"
     )
     warm_up(device)
     if not skip_comparison:

@@ -177,13 +177,15 @@ def test_closed_forms_by_hand():
     )
 
 
-def test_cross_entropy_parts_keep_digits_of_saturated_losses():
+def test_cross_entropy_keeps_digits_of_saturated_losses():
     # Label 0 wins by margins 40 and 45: p_0 rounds to 1 in float64, yet the loss, its
     # log and the label's gradient entry -(p_1 + p_2) must keep full relative precision.
     logits = torch.tensor([[0.0, -40.0, -45.0], [1.0, 3.0, 0.0]], dtype=torch.float64)
     labels = torch.tensor([0, 2])
-    # The helper works in place (the logits become the gradient), so it gets a copy.
-    losses, log_losses, logit_grads = ufm._cross_entropy_parts(logits.clone(), labels)
+    # It works in place (the logits become the gradient), so it gets a copy.
+    cross_entropy = ufm._CrossEntropy(logits.clone(), labels)
+    losses, log_losses = cross_entropy.losses, cross_entropy.log_losses
+    logit_grads = cross_entropy.weighted_gradient(0.0)
 
     wrong_mass = math.exp(-40) + math.exp(-45)
     p = [1 / (1 + wrong_mass), math.exp(-40) / (1 + wrong_mass), math.exp(-45) / (1 + wrong_mass)]
@@ -197,6 +199,20 @@ def test_cross_entropy_parts_keep_digits_of_saturated_losses():
     assert losses[1].item() == pytest.approx(-math.log(softmax[2]), rel=1e-14, abs=0)
     expected = [softmax[0], softmax[1], softmax[2] - 1]
     assert logit_grads[1].tolist() == pytest.approx(expected, rel=1e-14, abs=0)
+
+
+def test_cross_entropy_keeps_digits_below_the_float64_range():
+    # Label 0 wins by margins 800 and 900 (logit scale 1000 allows them): the loss, about
+    # e^-800, is below the smallest float64, yet its log, which the normalized objective
+    # sums, and the gradient divided by the loss, which that objective takes, keep every
+    # digit.
+    logits = torch.tensor([[0.0, -800.0, -900.0]], dtype=torch.float64)
+    cross_entropy = ufm._CrossEntropy(logits.clone(), torch.tensor([0]))
+    log_odds = -800 + math.log1p(math.exp(-100))
+    assert cross_entropy.log_losses[0].item() == pytest.approx(log_odds, rel=1e-15, abs=0)
+    grads = cross_entropy.weighted_gradient(-cross_entropy.log_losses)
+    odds = [1 / (1 + math.exp(-100)), math.exp(-100) / (1 + math.exp(-100))]
+    assert grads[0].tolist() == pytest.approx([-1.0, *odds], rel=1e-14, abs=0)
 
 
 @pytest.mark.parametrize("normalization", ["normalized", "regularized"])
@@ -246,11 +262,11 @@ def test_saturated_scale_goes_on_after_the_gradient_of_the_loss_vanishes():
 
 
 def test_small_scale_goes_on_until_collapsed():
-    # At logit scale 0.5, log L hardly depends on how the classifier rows are arranged:
-    # this run passes the gradient test with nc2_etf_w ~1.5e-6, so the solver demands a
+    # At small logit scales, log L hardly depends on how the classifier rows are arranged:
+    # this run passes the gradient test with nc2_etf_w ~4.6e-6, so the solver demands a
     # smaller gradient there and reports convergence only once the metrics are collapsed.
     rows = {}
-    problem = UFMProblem(100, 128, 20, "normalized", logit_scale=0.5, seed=1, checkpoint_every=1)
+    problem = UFMProblem(100, 128, 20, "normalized", logit_scale=0.3, seed=1, checkpoint_every=1)
     result = solve(problem, on_checkpoint=rows.__setitem__)
     assert any(row["grad_norm"] <= 1e-10 and row["nc2_etf_w"] > 1e-6 for row in rows.values())
     assert_reaches_collapsed_optimum(result)

@@ -45,6 +45,7 @@ reused N x K buffer for the logits and their gradient.
 """
 
 import collections
+import contextlib
 import math
 import operator
 import statistics
@@ -253,29 +254,30 @@ def solve(
     progress = _Progress(on_progress, budget=problem.max_iters * problem.restarts)
 
     best, best_history, final_losses = None, [], []
-    for run, seed in enumerate(_restart_seeds(problem)):
-        history = []  # this run's rows, held back when there are several runs
-        if on_checkpoint is None or problem.restarts == 1:
-            record = on_checkpoint
-        else:
+    with _threads_for(problem, device):
+        for run, seed in enumerate(_restart_seeds(problem)):
+            history = []  # this run's rows, held back when there are several runs
+            if on_checkpoint is None or problem.restarts == 1:
+                record = on_checkpoint
+            else:
 
-            def record(step, row, history=history):
-                history.append((step, row))
+                def record(step, row, history=history):
+                    history.append((step, row))
 
-        outcome = _solve_once(
-            problem,
-            labels,
-            evaluate,
-            seed,
-            device,
-            on_checkpoint=record,
-            should_stop=should_stop,
-            on_step=lambda step, run=run: progress.update(run * problem.max_iters + step),
-            run_label="" if problem.restarts == 1 else f" of restart {run}",
-        )
-        final_losses.append(outcome.row["loss"])
-        if best is None or outcome.row["loss"] < best.row["loss"]:
-            best, best_history = outcome, history
+            outcome = _solve_once(
+                problem,
+                labels,
+                evaluate,
+                seed,
+                device,
+                on_checkpoint=record,
+                should_stop=should_stop,
+                on_step=lambda step, run=run: progress.update(run * problem.max_iters + step),
+                run_label="" if problem.restarts == 1 else f" of restart {run}",
+            )
+            final_losses.append(outcome.row["loss"])
+            if best is None or outcome.row["loss"] < best.row["loss"]:
+                best, best_history = outcome, history
     for step, row in best_history:
         on_checkpoint(step, row)
     progress.finish()
@@ -298,6 +300,32 @@ def solve(
     }
 
 
+# Below about this much work per matrix product (N d K multiply-adds), a second CPU
+# thread costs more in synchronization than it saves; see `_threads_for`.
+_PARALLEL_MIN_WORK = 2**20
+
+
+@contextlib.contextmanager
+def _threads_for(problem: UFMProblem, device: torch.device):
+    """Run a small problem on one CPU thread, and restore torch's setting afterwards.
+
+    Measured with 2 threads against 1 (normalized, logit scale 10): 0.019 s against
+    0.014 s at K = 10, d = 32, n = 50 (N d K = 1.6e5); 0.035 against 0.032 s at K = 20,
+    d = 64, n = 50 (1.3e6); 0.044 against 0.046 s at K = 10, d = 64, n = 200 (1.3e6);
+    and from 6.4e6 up (K = 50, d = 64, n = 20) two threads win by 25% and more.
+    """
+    work = problem.num_samples * problem.dim * problem.num_classes
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or work >= _PARALLEL_MIN_WORK or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @dataclass
 class _Outcome:
     row: dict  # metrics of the final iterate
@@ -309,7 +337,12 @@ def _solve_once(
     problem, labels, evaluate, seed, device, *, on_checkpoint, should_stop, on_step, run_label
 ) -> _Outcome:
     manifolds, start = _initial_point(problem, seed, device)
-    preconditioner = [1.0, _feature_step_scale(problem)] + [1.0] * problem.bias
+    preconditioner = _Preconditioner(
+        [1.0, _feature_step_scale(problem)] + [1.0] * problem.bias,
+        labels,
+        problem.num_classes,
+        _class_coupling(problem),
+    )
     is_checkpoint = _checkpoint_schedule(problem.checkpoint_every)
     optimum = optimal_loss(problem)
     checked = {}  # the point last checked for collapse, and its metrics row
@@ -423,33 +456,133 @@ def _feature_step_scale(problem: UFMProblem) -> float:
     return problem.num_samples / problem.num_classes
 
 
-def _cross_entropy_parts(logits: torch.Tensor, labels: torch.Tensor):
-    """Per-sample losses, their logs, and dCE_i/dz_i = p_i - e_{y_i}, all without cancellation.
+def _class_coupling(problem: UFMProblem) -> float:
+    """The weight c of the class coupling in `_Preconditioner`: 0 (off) at K <= 10,
+    rising linearly to 1 at K = 50 and staying there.
+
+    Normalized only: the regularized problem heads for W = H = 0 or an ETF without
+    first settling its features on their class's direction. Iterations to tol 1e-10
+    from seeded starts (logit scale 10 unless said), none against the best c we found:
+    29.5 against 26.5 (c = 0.25) and 25 (0.5) at K = 20; 30.5 against 25.5 (0.5) at
+    K = 30, 57.5 against 52.5 (0.5) there at scale 30; 39 against 26.5 (1) at K = 50; 39
+    against 29 (1) at K = 100 with n = 20 or 50, and against 30 at scale 30; 99 against
+    63 (1) at K = 500. c = 2 was slower than 1 and c = 5 slower than none. At K = 10 every
+    c from 0.05 up cost 5 to 15% more iterations, hence the ramp.
+    """
+    if problem.normalization == "regularized":
+        return 0.0
+    return min(max((problem.num_classes - 10) / 40, 0.0), 1.0)
+
+
+class _Preconditioner:
+    """The metric of the descent, which steps along -P grad: P = D + c B B^T.
+
+    D multiplies each block's gradient by a constant (`_feature_step_scale` for the
+    features, 1 for the classifier and the bias). B B^T couples each classifier row
+    with the features of its class: B maps a K x d array U to the blocks (U, rows
+    U_{y_i}, no bias), so B^T g = g_W + (sum of g_{h_i} over class k) is the gradient
+    along moving classifier row k and its class's features together. Once the features
+    have collapsed onto their classifier rows, that joint motion is what is left to
+    optimize (arranging the rows into an ETF), and D alone takes it in short steps: the
+    classifier row and its features pull against each other. P is symmetric positive
+    definite for c >= 0, so -P grad is a descent direction, and B^T D^-1 B is diagonal
+    (1/D_W + n_k/D_H for class k), which makes P^-1 cheap by the Woodbury identity.
+
+    Every inner product returns a 0-dim tensor on the blocks' device, so that the
+    caller can read all of an iteration's numbers in one transfer.
+    """
+
+    def __init__(self, scales: list[float], labels: torch.Tensor, num_classes: int, coupling):
+        self.scales, self.labels, self.coupling = scales, labels, coupling
+        counts = torch.bincount(labels, minlength=num_classes).to(torch.float64)
+        joint_inverse_scale = 1 / scales[0] + counts / scales[1]
+        self.woodbury_weights = (coupling / (1 + coupling * joint_inverse_scale))[:, None]
+
+    def direction(self, manifolds, point, grads, grad_dots, out) -> torch.Tensor:
+        """Write P grad, projected onto the tangent space at `point`, into the arrays `out`.
+
+        `grad_dots` are the blocks' <g_b, g_b>. Returns the slope <grad, P grad>, which
+        the projection leaves unchanged since grad is tangent already.
+        """
+        slope = sum(scale * dot for dot, scale in zip(grad_dots, self.scales))
+        if not self.coupling:
+            for direction, grad, scale in zip(out, grads, self.scales):
+                torch.mul(grad, scale, out=direction)
+            return slope
+        joint = self._joint(grads)
+        slope = slope + self.coupling * _dot(joint, joint)
+        joint.mul_(self.coupling)
+        torch.add(joint, grads[0], alpha=self.scales[0], out=out[0])
+        torch.index_select(joint, 0, self.labels, out=out[1])
+        for manifold, block, direction in zip(manifolds, point, out[:2]):
+            manifold.project(block, direction)
+        out[1].add_(grads[1], alpha=self.scales[1])  # tangent already: added after projecting
+        for direction, grad, scale in zip(out[2:], grads[2:], self.scales[2:]):
+            torch.mul(grad, scale, out=direction)
+        return slope
+
+    def norm_sq(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        """<v, P v>."""
+        value = sum(scale * _dot(v, v) for v, scale in zip(vectors, self.scales))
+        if self.coupling:
+            joint = self._joint(vectors)
+            value = value + self.coupling * _dot(joint, joint)
+        return value
+
+    def inverse_norm_sq(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        """<v, P^-1 v> = <v, D^-1 v> - <t, (c / (1 + c B^T D^-1 B)) t>, t = B^T D^-1 v."""
+        value = sum(_dot(v, v) / scale for v, scale in zip(vectors, self.scales))
+        if self.coupling:
+            joint = self._joint(vectors, weights=[1 / scale for scale in self.scales])
+            value = value - _dot(joint, self.woodbury_weights * joint)
+        return value
+
+    def _joint(self, blocks: list[torch.Tensor], weights=(1.0, 1.0)) -> torch.Tensor:
+        """B^T of (weights[0] blocks[0], weights[1] blocks[1]): a K x d array."""
+        joint = torch.mul(blocks[0], weights[0])
+        return joint.index_add_(0, self.labels, blocks[1], alpha=weights[1])
+
+
+# Below this log-odds, e^a (and with it CE = softplus(a)) would leave the normal range of
+# float64; the losses are floored there and their logs continued as a.
+_SMALLEST_LOG_ODDS = -700.0
+
+
+class _CrossEntropy:
+    """Per-sample losses, their logs, and weighted dCE_i/dz_i = p_i - e_{y_i}, all without
+    cancellation.
 
     With a_i = logsumexp_{k != y_i}(z_k - z_{y_i}): CE_i = softplus(a_i), and for k != y_i
     p_k = exp(z_k - z_{y_i} - CE_i). The label's entry is -(sum_{k != y} p_k) =
     -exp(a_i - CE_i), never 1 - p_y, which would round to zero long before the loss does.
+    log CE_i = log softplus(a_i) keeps its digits down to a = -700, and is a_i below, where
+    CE_i = e^{a_i} to all digits.
 
-    Works in place: `logits` is overwritten and returned as the gradient, so that an
-    evaluation allocates no N x K array beyond the one buffer its objective keeps.
+    Works in place: the logits buffer is overwritten, and in the end holds the gradient,
+    so that an evaluation allocates no N x K array beyond the one its objective keeps.
     """
-    label_index = labels[:, None]
-    margins = logits.sub_(logits.gather(1, label_index))  # z_k - z_y
-    margins.scatter_(1, label_index, -math.inf)  # leaves the wrong classes only
-    top = margins.amax(dim=1, keepdim=True)  # finite: K >= 2 leaves a wrong class
-    shifted_exps = margins.sub_(top).exp_()  # exp(z_k - z_y - top), 0 in the label's entry
-    log_odds = top[:, 0] + torch.log(shifted_exps.sum(dim=1))
-    losses = torch.nn.functional.softplus(log_odds, threshold=30.0)
-    log_losses = torch.where(
-        log_odds < -30.0,
-        # log softplus(a) = a + log(1 - e^a/2 + ...): log(softplus(a)) would lose all
-        # digits once e^a underflows.
-        log_odds + torch.log1p(-torch.exp(log_odds) / 2),
-        torch.log(losses),
-    )
-    logit_grads = shifted_exps.mul_(torch.exp(top[:, 0] - losses)[:, None])
-    logit_grads.scatter_(1, label_index, -torch.exp(log_odds - losses)[:, None])
-    return losses, log_losses, logit_grads
+
+    def __init__(self, logits: torch.Tensor, labels: torch.Tensor):
+        self.label_index = labels[:, None]
+        margins = logits.sub_(logits.gather(1, self.label_index))  # z_k - z_y
+        margins.scatter_(1, self.label_index, -math.inf)  # leaves the wrong classes only
+        self.top = margins.amax(dim=1)  # finite: K >= 2 leaves a wrong class
+        # exp(z_k - z_y - top), 0 in the label's entry
+        self.shifted_exps = margins.sub_(self.top[:, None]).exp_()
+        self.log_odds = self.top + torch.log(self.shifted_exps.sum(dim=1))
+        floored = self.log_odds.clamp(min=_SMALLEST_LOG_ODDS)
+        self.losses = torch.nn.functional.softplus(floored, threshold=30.0)
+        self.log_losses = torch.log(self.losses).add_(self.log_odds - floored)
+
+    def weighted_gradient(self, log_weight) -> torch.Tensor:
+        """e^log_weight dCE_i/dz_i for every sample, in the logits buffer.
+
+        The weight goes into the exponents, sparing a pass over the N x K array.
+        """
+        shift = log_weight - self.losses
+        grads = self.shifted_exps.mul_(torch.exp(self.top + shift)[:, None])
+        label_entries = torch.exp(self.log_odds + shift).neg_()
+        return grads.scatter_(1, self.label_index, label_entries[:, None])
 
 
 def _normalized_objective(problem: UFMProblem, labels: torch.Tensor):
@@ -461,7 +594,7 @@ def _normalized_objective(problem: UFMProblem, labels: torch.Tensor):
     where the loss is ~1e-13 and the gradient of L itself falls below any sensible
     tolerance long before the classifier is an ETF.
     """
-    scale = problem.logit_scale
+    scale, log_scale = problem.logit_scale, math.log(problem.logit_scale)
     log_num_samples = math.log(problem.num_samples)
     logits = _logits_buffer(problem, labels.device)
 
@@ -472,9 +605,9 @@ def _normalized_objective(problem: UFMProblem, labels: torch.Tensor):
         torch.mm(features, (scale * classifier).T, out=logits)
         if problem.bias:
             logits.add_(point[2])
-        _, log_losses, logit_grads = _cross_entropy_parts(logits, labels)
-        log_total = torch.logsumexp(log_losses, dim=0)  # log(N L)
-        scaled_grads = logit_grads.mul_(scale * torch.exp(-log_total))  # s d log L / dz
+        cross_entropy = _CrossEntropy(logits, labels)
+        log_total = torch.logsumexp(cross_entropy.log_losses, dim=0)  # log(N L)
+        scaled_grads = cross_entropy.weighted_gradient(log_scale - log_total)  # s d log L / dz
         grads = [scaled_grads.T @ features, scaled_grads @ classifier]
         if problem.bias:
             grads.append(scaled_grads.sum(dim=0) / scale)
@@ -486,6 +619,7 @@ def _normalized_objective(problem: UFMProblem, labels: torch.Tensor):
 def _regularized_objective(problem: UFMProblem, labels: torch.Tensor):
     """The weight-decayed objective of Zhu et al. (2021) and its gradient."""
     decays = [problem.lambda_w, problem.lambda_h] + [problem.lambda_b] * problem.bias
+    log_num_samples = math.log(problem.num_samples)
     logits = _logits_buffer(problem, labels.device)
 
     def evaluate(point):
@@ -493,8 +627,9 @@ def _regularized_objective(problem: UFMProblem, labels: torch.Tensor):
         torch.mm(features, classifier.T, out=logits)
         if problem.bias:
             logits.add_(point[2])
-        losses, _, logit_grads = _cross_entropy_parts(logits, labels)
-        logit_grads.div_(problem.num_samples)
+        cross_entropy = _CrossEntropy(logits, labels)
+        losses = cross_entropy.losses
+        logit_grads = cross_entropy.weighted_gradient(-log_num_samples)  # d(mean CE)/dz
         grads = [logit_grads.T @ features, logit_grads @ classifier]
         if problem.bias:
             grads.append(logit_grads.sum(dim=0))
@@ -597,39 +732,41 @@ def _minimize(
 ) -> Iterator[_Iterate]:
     """Preconditioned Riemannian gradient descent with Barzilai-Borwein steps.
 
-    Step sizes come from the long (BB1) and short (BB2) Barzilai-Borwein formulas, chosen
-    between by the adaptive ABBmin rule, from ambient differences of iterates s and of
-    Riemannian gradients y; they are accepted by a Zhang-Hager nonmonotone Armijo test
-    against a running weighted average of past objective values. Yields the start and
-    every accepted step; the last yielded iterate has `final` set, having converged
-    (gradient norm <= tol), run out of iterations, or stalled (no step size passes the
-    line search). Each step is searched for before its predecessor is yielded, so that
-    `final` is known when the iterate is reported.
+    Each step goes along -P grad, with P the `_Preconditioner`, projected onto the
+    tangent space. Step sizes come from the long (BB1) and short (BB2) Barzilai-Borwein
+    formulas in P's metric, chosen between by the adaptive ABBmin rule, from ambient
+    differences of iterates s and of Riemannian gradients y; they are accepted by a
+    Zhang-Hager nonmonotone Armijo test against a running weighted average of past
+    objective values. Yields the start and every accepted step; the last yielded
+    iterate has `final` set, having converged (gradient norm <= tol), run out of
+    iterations, or stalled (no step size passes the line search). Each step is searched
+    for before its predecessor is yielded, so that `final` is known when the iterate is
+    reported.
 
     `certify(point, grad_norm)`, if given, must also accept a point before it counts as
     converged. Where it refuses one, the gradient is only small because the objective
     is flat there (log L at small logit scales hardly depends on how the classifier
-    rows are arranged, so a gradient of 1e-10 can leave nc2_etf_w near 1e-5 at scale
-    0.5 with K = 100): the bound drops tenfold below the current norm and the descent
+    rows are arranged, so a gradient of 1e-10 can leave nc2_etf_w near 5e-6 at scale
+    0.3 with K = 100): the bound drops tenfold below the current norm and the descent
     goes on, to be checked again there. Where the point is no optimum at all, the
     gradient meets its rounding floor and the run ends by stalling or by max_iters,
     unconverged.
 
     The host reads numbers from the device twice per iteration: the objective value of
-    each trial step, and then, in one transfer, the blockwise inner products that give
-    the gradient norms and the Barzilai-Borwein steps of the accepted one.
+    each trial step, and then, in one transfer, the inner products that give the
+    gradient norm, the slope and the Barzilai-Borwein steps of the accepted one.
     """
     value, grads = _value_and_riemannian_grad(evaluate, manifolds, point)
-    (grad_dots,) = _block_dots((grads, grads))
-    squared_norm, scaled_squared_norm = sum(grad_dots), _weighted(grad_dots, preconditioner)
-    search = _NonmonotoneLineSearch(evaluate, manifolds, preconditioner, value)
-    step_size = 1.0 / max(math.sqrt(scaled_squared_norm), 1e-300)
+    # The differences of iterates and of gradients, and the search direction, are
+    # written into arrays kept from step to step, for the same reason as the logits
+    # buffer.
+    moves, grad_changes, directions = ([torch.empty_like(block) for block in point] for _ in range(3))
+    grad_dots = [_dot(grad, grad) for grad in grads]
+    slope = preconditioner.direction(manifolds, point, grads, grad_dots, out=directions)
+    squared_norm, slope = _host_floats(sum(grad_dots), slope)
+    search = _NonmonotoneLineSearch(evaluate, manifolds, value)
+    step_size = 1.0 / max(math.sqrt(slope), 1e-300)
     next_step_size = _AdaptiveBarzilaiBorwein()
-    inverse_preconditioner = [1.0 / weight for weight in preconditioner]
-    # The differences of iterates and of gradients are written into arrays kept from
-    # step to step, for the same reason as the logits buffer.
-    moves = [torch.empty_like(block) for block in point]
-    grad_changes = [torch.empty_like(block) for block in point]
     step = 0
     while True:
         grad_norm = math.sqrt(squared_norm)
@@ -639,7 +776,7 @@ def _minimize(
         accepted = (
             None
             if converged or step >= max_iters
-            else search(point, grads, scaled_squared_norm, step_size, iteration=step + 1)
+            else search(point, directions, slope, step_size, iteration=step + 1)
         )
         final = accepted is None
         yield _Iterate(step, point, value, grad_norm, converged, final)
@@ -653,18 +790,18 @@ def _minimize(
         ):
             torch.sub(new, old, out=move)
             torch.sub(new_grad, old_grad, out=change)
-        grad_dots, curvature_dots, move_dots, change_dots = _block_dots(
-            (candidate_grads, candidate_grads),
-            (moves, grad_changes),
-            (moves, moves),
-            (grad_changes, grad_changes),
+        grad_dots = [_dot(grad, grad) for grad in candidate_grads]
+        slope = preconditioner.direction(
+            manifolds, candidate, candidate_grads, grad_dots, out=directions
         )
-        squared_norm, scaled_squared_norm = sum(grad_dots), _weighted(grad_dots, preconditioner)
-        step_size = next_step_size(
-            s_dot_y=sum(curvature_dots),
-            s_norm_sq=_weighted(move_dots, inverse_preconditioner),
-            y_norm_sq=_weighted(change_dots, preconditioner),
+        squared_norm, slope, s_dot_y, s_norm_sq, y_norm_sq = _host_floats(
+            sum(grad_dots),
+            slope,
+            _dot_blocks(moves, grad_changes),
+            preconditioner.inverse_norm_sq(moves),
+            preconditioner.norm_sq(grad_changes),
         )
+        step_size = next_step_size(s_dot_y=s_dot_y, s_norm_sq=s_norm_sq, y_norm_sq=y_norm_sq)
         point, value, grads = candidate, candidate_value, candidate_grads
 
 
@@ -678,30 +815,28 @@ class _NonmonotoneLineSearch:
     still forcing descent on average.
     """
 
-    def __init__(self, evaluate, manifolds, preconditioner, start_value: float):
-        self.evaluate, self.manifolds, self.preconditioner = evaluate, manifolds, preconditioner
+    def __init__(self, evaluate, manifolds, start_value: float):
+        self.evaluate, self.manifolds = evaluate, manifolds
         self.reference_value, self.reference_weight = start_value, 1.0
 
-    def __call__(self, point, grads, scaled_squared_norm, step_size, iteration: int):
+    def __call__(self, point, directions, slope: float, step_size, iteration: int):
         """The accepted (point, value, Riemannian gradient), or None if the search stalled.
 
-        The direction is -P grad, with P the preconditioner, so the slope along it is
-        -||grad||_P^2. Raises Diverged when the objective is NaN or infinite at every step
-        size down to the smallest, rather than only at a few overlong ones.
+        The step is -step_size * directions, along which the objective falls at rate
+        `slope` = <grad, directions>. Raises Diverged when the objective is NaN or
+        infinite at every step size down to the smallest, rather than only at a few
+        overlong ones.
         """
-        slope = -scaled_squared_norm
         slack = _ROUNDING_SLACK * (1.0 + abs(self.reference_value))
         while step_size >= _MIN_STEP:
             candidate = [
-                manifold.retract(block, grad, -step_size * weight)
-                for manifold, block, grad, weight in zip(
-                    self.manifolds, point, grads, self.preconditioner
-                )
+                manifold.retract(block, direction, -step_size)
+                for manifold, block, direction in zip(self.manifolds, point, directions)
             ]
             value, candidate_grads = _value_and_riemannian_grad(
                 self.evaluate, self.manifolds, candidate
             )
-            if value <= self.reference_value + _ARMIJO * step_size * slope + slack:
+            if value <= self.reference_value - _ARMIJO * step_size * slope + slack:
                 self._update_reference(value)
                 return candidate, value, candidate_grads
             step_size *= _BACKTRACK  # a NaN value fails the test above and lands here too
@@ -723,23 +858,18 @@ def _value_and_riemannian_grad(evaluate, manifolds, point):
     return float(value), grads
 
 
-def _block_dots(*pairs) -> list[list[float]]:
-    """<a_b, b_b> for each block b of each pair of block lists (a, b), as host floats.
-
-    All in one transfer, one synchronization on a GPU; the preconditioner's weights,
-    one number per block, are applied on the host by `_weighted`.
-    """
-    dots = [
-        torch.vdot(a.reshape(-1), b.reshape(-1))
-        for first, second in pairs
-        for a, b in zip(first, second)
-    ]
-    flat, width = torch.stack(dots).tolist(), len(pairs[0][0])
-    return [flat[start : start + width] for start in range(0, len(flat), width)]
+def _dot(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    return torch.vdot(first.reshape(-1), second.reshape(-1))
 
 
-def _weighted(block_values: list[float], weights: list[float]) -> float:
-    return sum(weight * value for weight, value in zip(weights, block_values))
+def _dot_blocks(first: list[torch.Tensor], second: list[torch.Tensor]) -> torch.Tensor:
+    """The inner product of two points of the product space: the sum over blocks."""
+    return sum(_dot(a, b) for a, b in zip(first, second))
+
+
+def _host_floats(*values: torch.Tensor) -> list[float]:
+    """0-dim device tensors as host floats, in one transfer (one synchronization on a GPU)."""
+    return torch.stack(values).tolist()
 
 
 class _AdaptiveBarzilaiBorwein:
