@@ -248,6 +248,56 @@ def test_closed_form_gradients_match_autograd(normalization):
         torch.testing.assert_close(grad, leaf.grad, rtol=1e-12, atol=1e-15)
 
 
+def test_preconditioner_matches_its_dense_matrix():
+    # P = D + c B B^T on the blocks (W, H, b), built densely, against the solver's
+    # products with it; uneven classes exercise the n_k of its Woodbury inverse.
+    K, d, labels = 3, 4, torch.tensor([0, 0, 1, 1, 1, 2])
+    scales, coupling = [1.0, 2.5, 1.0], 0.7
+    preconditioner = ufm._Preconditioner(scales, labels, K, coupling)
+    shapes = [(K, d), (len(labels), d), (K,)]
+    sizes = [math.prod(shape) for shape in shapes]
+    diagonal = torch.cat(
+        [torch.full((size,), scale, dtype=torch.float64) for scale, size in zip(scales, sizes)]
+    )
+    joint_to_blocks = torch.zeros(sum(sizes), K * d, dtype=torch.float64)  # B
+    for k in range(K):
+        for j in range(d):
+            joint_to_blocks[k * d + j, k * d + j] = 1.0
+            for i in torch.nonzero(labels == k).flatten().tolist():
+                joint_to_blocks[sizes[0] + i * d + j, k * d + j] = 1.0
+    dense = torch.diag(diagonal) + coupling * joint_to_blocks @ joint_to_blocks.T
+
+    generator = torch.Generator().manual_seed(0)
+    vector = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+    flat = torch.cat([block.reshape(-1) for block in vector])
+    quadratic_form = float(flat @ dense @ flat)
+    assert float(preconditioner.norm_sq(vector)) == pytest.approx(quadratic_form, rel=1e-13)
+    inverse = float(flat @ torch.linalg.solve(dense, flat))
+    assert float(preconditioner.inverse_norm_sq(vector)) == pytest.approx(inverse, rel=1e-13)
+
+    # Euclidean blocks, whose projection is the identity, give P g itself.
+    manifolds = [ufm.Euclidean()] * 3
+    directions = [torch.empty_like(block) for block in vector]
+    dots = [torch.vdot(block.reshape(-1), block.reshape(-1)) for block in vector]
+    slope = preconditioner.direction(manifolds, vector, vector, dots, out=directions)
+    torch.testing.assert_close(
+        torch.cat([block.reshape(-1) for block in directions]), dense @ flat, rtol=1e-14, atol=0
+    )
+    assert float(slope) == pytest.approx(quadratic_form, rel=1e-13)
+
+
+def test_small_problems_run_on_one_thread_and_restore_the_setting():
+    seen = []
+    torch.set_num_threads(2)
+    record = lambda step, row: seen.append(torch.get_num_threads())  # noqa: E731
+    solve(UFMProblem(10, 32, 5, "normalized", max_iters=2), on_checkpoint=record)
+    assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    # From N d K = 2^20 multiply-adds per product on, torch's setting stands.
+    seen.clear()
+    solve(UFMProblem(64, 64, 4, "normalized", max_iters=2), on_checkpoint=record)
+    assert seen and set(seen) == {2} and torch.get_num_threads() == 2
+
+
 def test_saturated_scale_goes_on_after_the_gradient_of_the_loss_vanishes():
     # At logit scale 30 the loss saturates near 1e-13: the gradient of L itself,
     # L ||grad log L||, drops below 1e-10 while the classifier is still far from an ETF,

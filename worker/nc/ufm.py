@@ -760,7 +760,9 @@ def _minimize(
     # The differences of iterates and of gradients, and the search direction, are
     # written into arrays kept from step to step, for the same reason as the logits
     # buffer.
-    moves, grad_changes, directions = ([torch.empty_like(block) for block in point] for _ in range(3))
+    moves, grad_changes, directions = (
+        [torch.empty_like(block) for block in point] for _ in range(3)
+    )
     grad_dots = [_dot(grad, grad) for grad in grads]
     slope = preconditioner.direction(manifolds, point, grads, grad_dots, out=directions)
     squared_norm, slope = _host_floats(sum(grad_dots), slope)
