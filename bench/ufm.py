@@ -32,8 +32,12 @@ nc2_etf_w <= 1e-6. Three parts:
 
 Each timing is the fastest of --repeats runs (the K = 1000 ones run once), which is the
 least disturbed by whatever else the machine runs. Timings depend on the machine; the
-ratios are what compare. On a small shared machine, pin every thread pool (the last
-command above): pymanopt mixes numpy's BLAS threads with torch's, which contend there.
+ratios are what compare. pymanopt mixes numpy's BLAS threads with torch's, which contend
+on a small machine: `OPENBLAS_NUM_THREADS=1` alone is its fastest setting on two cores,
+and pinning every pool (the last command above) puts both solvers on one core. The
+process first takes the heap settings of a worker's pool process (worker/memory.py),
+where our solver runs; pymanopt, in the same process, gets them too. `--no-retain`
+leaves glibc's defaults.
 """
 
 import math

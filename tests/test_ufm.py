@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from worker.nc import ufm
+from worker.nc.manifolds import Euclidean, RowSphere, row_dots
 from worker.nc.metrics import CLASSIFIER_KEYS, MEAN_KEYS
 from worker.nc.ufm import Diverged, Stopped, UFMProblem, optimal_loss, solve
 
@@ -276,7 +277,7 @@ def test_preconditioner_matches_its_dense_matrix():
     assert float(preconditioner.inverse_norm_sq(vector)) == pytest.approx(inverse, rel=1e-13)
 
     # Euclidean blocks, whose projection is the identity, give P g itself.
-    manifolds = [ufm.Euclidean()] * 3
+    manifolds = [Euclidean()] * 3
     directions = [torch.empty_like(block) for block in vector]
     dots = [torch.vdot(block.reshape(-1), block.reshape(-1)) for block in vector]
     slope = preconditioner.direction(manifolds, vector, vector, dots, out=directions)
@@ -284,6 +285,17 @@ def test_preconditioner_matches_its_dense_matrix():
         torch.cat([block.reshape(-1) for block in directions]), dense @ flat, rtol=1e-14, atol=0
     )
     assert float(slope) == pytest.approx(quadratic_form, rel=1e-13)
+
+    # On spheres the direction is projected onto the tangent space; the slope stays.
+    spheres = [RowSphere(), RowSphere(), Euclidean()]
+    point = [spheres[b].random(shapes[b], generator) for b in range(2)] + [vector[2]]
+    grads = [spheres[b].project(point[b], vector[b].clone()) for b in range(3)]
+    dots = [torch.vdot(grad.reshape(-1), grad.reshape(-1)) for grad in grads]
+    slope = preconditioner.direction(spheres, point, grads, dots, out=directions)
+    for block, direction in zip(point[:2], directions[:2]):
+        assert row_dots(block, direction).abs().max() < 1e-14
+    flat_grads = torch.cat([grad.reshape(-1) for grad in grads])
+    assert float(slope) == pytest.approx(float(flat_grads @ dense @ flat_grads), rel=1e-13)
 
 
 def test_small_problems_run_on_one_thread_and_restore_the_setting():

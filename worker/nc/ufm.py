@@ -36,10 +36,12 @@ the solver:
   ETFs, so the metrics of the final tiny iterate depend on the start. There the loss
   (-> ln K) is what carries meaning.
 
-Both are solved by Riemannian gradient descent with Barzilai-Borwein step sizes
-(Barzilai & Borwein 1988) and a nonmonotone Armijo line search (Zhang & Hager 2004), a
-method that needs no hand-tuned step size across the logit scales and regularization
-strengths a lab asks for. All computation is float64 with closed-form gradients: three
+Both are solved by preconditioned Riemannian gradient descent with Barzilai-Borwein step
+sizes (Barzilai & Borwein 1988) and a nonmonotone Armijo line search (Zhang & Hager 2004),
+a method that needs no hand-tuned step size across the logit scales and regularization
+strengths a lab asks for. The preconditioner scales the feature steps by the class size
+and, for the normalized problem with many classes, couples each classifier row with the
+features of its class (`_Preconditioner`). All computation is float64 with closed-form gradients: three
 matrix products of the N x d features with the K x d classifier per evaluation, and one
 reused N x K buffer for the logits and their gradient.
 """
