@@ -325,10 +325,10 @@ def test_saturated_scale_goes_on_after_the_gradient_of_the_loss_vanishes():
 
 def test_small_scale_goes_on_until_collapsed():
     # At small logit scales, log L hardly depends on how the classifier rows are arranged:
-    # this run passes the gradient test with nc2_etf_w ~4.6e-6, so the solver demands a
+    # this run passes the gradient test with nc2_etf_w ~3e-6, so the solver demands a
     # smaller gradient there and reports convergence only once the metrics are collapsed.
     rows = {}
-    problem = UFMProblem(100, 128, 20, "normalized", logit_scale=0.3, seed=1, checkpoint_every=1)
+    problem = UFMProblem(100, 128, 20, "normalized", logit_scale=0.3, seed=2, checkpoint_every=1)
     result = solve(problem, on_checkpoint=rows.__setitem__)
     assert any(row["grad_norm"] <= 1e-10 and row["nc2_etf_w"] > 1e-6 for row in rows.values())
     assert_reaches_collapsed_optimum(result)

@@ -41,9 +41,9 @@ sizes (Barzilai & Borwein 1988) and a nonmonotone Armijo line search (Zhang & Ha
 a method that needs no hand-tuned step size across the logit scales and regularization
 strengths a lab asks for. The preconditioner scales the feature steps by the class size
 and, for the normalized problem with many classes, couples each classifier row with the
-features of its class (`_Preconditioner`). All computation is float64 with closed-form gradients: three
-matrix products of the N x d features with the K x d classifier per evaluation, and one
-reused N x K buffer for the logits and their gradient.
+features of its class (`_Preconditioner`). All computation is float64 with closed-form
+gradients: three matrix products of the N x d features with the K x d classifier per
+evaluation, and one reused N x K buffer for the logits and their gradient.
 """
 
 import collections
@@ -459,21 +459,22 @@ def _feature_step_scale(problem: UFMProblem) -> float:
 
 
 def _class_coupling(problem: UFMProblem) -> float:
-    """The weight c of the class coupling in `_Preconditioner`: 0 (off) at K <= 10,
-    rising linearly to 1 at K = 50 and staying there.
+    """The weight c of the class coupling in `_Preconditioner`: 0 (off) up to K = 10,
+    rising linearly to 0.5 at K = 30 and staying there.
 
     Normalized only: the regularized problem heads for W = H = 0 or an ETF without
-    first settling its features on their class's direction. Iterations to tol 1e-10
-    from seeded starts (logit scale 10 unless said), none against the best c we found:
-    29.5 against 26.5 (c = 0.25) and 25 (0.5) at K = 20; 30.5 against 25.5 (0.5) at
-    K = 30, 57.5 against 52.5 (0.5) there at scale 30; 39 against 26.5 (1) at K = 50; 39
-    against 29 (1) at K = 100 with n = 20 or 50, and against 30 at scale 30; 99 against
-    63 (1) at K = 500. c = 2 was slower than 1 and c = 5 slower than none. At K = 10 every
-    c from 0.05 up cost 5 to 15% more iterations, hence the ramp.
+    first settling its features on their class's direction. Mean iterations to tol
+    1e-10 over seeded starts (d a little above K, logit scale 10 unless said), for
+    c = 0 / 0.5 / 1: K = 20, n = 20: 29.5 / 25 / 28.5; K = 30, n = 20: 30.5 / 24.7 / 28.3;
+    K = 50, n = 20: 39 / 28 / 26.7; K = 100, n = 20: 38.5 / 33 / 29.7, at scale 30 55.5 / 38 /
+    39.7, at scale 3 48 / 43.2 / 43.5; K = 200, n = 5: 40 / 38.7 / 40; K = 300, n = 5:
+    52 / 39.7 / 43; K = 500, n = 4: 80.3 / 60 / 62.3; K = 1000, d = 1024, n = 10 (one
+    start): 88 / 64 / 94 (79 at c = 0.7). c = 2 was slower than 1 and c = 5 slower than
+    none. At K = 10 every c from 0.05 up cost 5 to 15% more iterations, hence the ramp.
     """
     if problem.normalization == "regularized":
         return 0.0
-    return min(max((problem.num_classes - 10) / 40, 0.0), 1.0)
+    return 0.5 * min(max((problem.num_classes - 10) / 20, 0.0), 1.0)
 
 
 class _Preconditioner:
@@ -748,7 +749,7 @@ def _minimize(
     `certify(point, grad_norm)`, if given, must also accept a point before it counts as
     converged. Where it refuses one, the gradient is only small because the objective
     is flat there (log L at small logit scales hardly depends on how the classifier
-    rows are arranged, so a gradient of 1e-10 can leave nc2_etf_w near 5e-6 at scale
+    rows are arranged, so a gradient of 1e-10 can leave nc2_etf_w near 3e-6 at scale
     0.3 with K = 100): the bound drops tenfold below the current norm and the descent
     goes on, to be checked again there. Where the point is no optimum at all, the
     gradient meets its rounding floor and the run ends by stalling or by max_iters,
