@@ -21,6 +21,12 @@ warm-up round, in seconds and as a ratio to `gemm`. Also prints the largest rela
 difference between each accumulator's values and collapse_metrics's. On a machine shared
 with other busy processes, `--threads 1` gives steadier ratios: a multi-threaded
 operation waits for its slowest thread, and a descheduled one stalls it.
+
+The process first takes the heap settings of a worker's pool process (worker/memory.py),
+where the metrics run; `--no-retain` leaves glibc's defaults, under which the fresh
+pages of each call's buffers cost the metrics up to half again as much (measured at
+K = 100: collapse_metrics 0.79x to 1.01x of `gemm` between two runs, against 0.65x
+with the settings).
 """
 
 import math
@@ -31,6 +37,7 @@ from typing import Annotated
 import torch
 import typer
 
+from worker.memory import retain_freed_memory
 from worker.nc.metrics import CollapseAccumulator, collapse_metrics
 
 NUM_SAMPLES = 50_000
@@ -109,12 +116,16 @@ def bench(num_classes: int, repeats: int) -> None:
 def main(
     repeats: Annotated[int, typer.Option(min=1)] = 7,
     threads: Annotated[int, typer.Option(min=0, help="0: torch's default")] = 0,
+    retain: Annotated[bool, typer.Option(help="the worker's heap settings")] = True,
 ) -> None:
+    if retain:
+        retain_freed_memory()
     if threads:
         torch.set_num_threads(threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, N={NUM_SAMPLES}, "
-        f"d={DIM}, batches of {BATCH_SIZE}, median of {repeats} after a warm-up round"
+        f"d={DIM}, batches of {BATCH_SIZE}, median of {repeats} after a warm-up round, "
+        f"worker heap settings {retain}"
     )
     for num_classes in (10, 100):
         bench(num_classes, repeats)
