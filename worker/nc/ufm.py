@@ -766,9 +766,14 @@ def _minimize(
     moves, grad_changes, directions = (
         [torch.empty_like(block) for block in point] for _ in range(3)
     )
-    grad_dots = [_dot(grad, grad) for grad in grads]
-    slope = preconditioner.direction(manifolds, point, grads, grad_dots, out=directions)
-    squared_norm, slope = _host_floats(sum(grad_dots), slope)
+
+    def set_direction(point, grads) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the direction at `point` into `directions`; return ||grad||^2 and the slope."""
+        grad_dots = [_dot(grad, grad) for grad in grads]
+        slope = preconditioner.direction(manifolds, point, grads, grad_dots, out=directions)
+        return sum(grad_dots), slope
+
+    squared_norm, slope = _host_floats(*set_direction(point, grads))
     search = _NonmonotoneLineSearch(evaluate, manifolds, value)
     step_size = 1.0 / max(math.sqrt(slope), 1e-300)
     next_step_size = _AdaptiveBarzilaiBorwein()
@@ -795,13 +800,8 @@ def _minimize(
         ):
             torch.sub(new, old, out=move)
             torch.sub(new_grad, old_grad, out=change)
-        grad_dots = [_dot(grad, grad) for grad in candidate_grads]
-        slope = preconditioner.direction(
-            manifolds, candidate, candidate_grads, grad_dots, out=directions
-        )
         squared_norm, slope, s_dot_y, s_norm_sq, y_norm_sq = _host_floats(
-            sum(grad_dots),
-            slope,
+            *set_direction(candidate, candidate_grads),
             _dot_blocks(moves, grad_changes),
             preconditioner.inverse_norm_sq(moves),
             preconditioner.norm_sq(grad_changes),
