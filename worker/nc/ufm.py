@@ -253,6 +253,13 @@ def solve(
         evaluate = _normalized_objective(problem, labels)
     else:
         evaluate = _regularized_objective(problem, labels)
+    # Like the objective, the metric of the descent depends on the problem, not the start.
+    preconditioner = _Preconditioner(
+        [1.0, _feature_step_scale(problem)] + [1.0] * problem.bias,
+        labels,
+        problem.num_classes,
+        _class_coupling(problem),
+    )
     progress = _Progress(on_progress, budget=problem.max_iters * problem.restarts)
 
     best, best_history, final_losses = None, [], []
@@ -270,6 +277,7 @@ def solve(
                 problem,
                 labels,
                 evaluate,
+                preconditioner,
                 seed,
                 device,
                 on_checkpoint=record,
@@ -336,15 +344,19 @@ class _Outcome:
 
 
 def _solve_once(
-    problem, labels, evaluate, seed, device, *, on_checkpoint, should_stop, on_step, run_label
+    problem,
+    labels,
+    evaluate,
+    preconditioner,
+    seed,
+    device,
+    *,
+    on_checkpoint,
+    should_stop,
+    on_step,
+    run_label,
 ) -> _Outcome:
     manifolds, start = _initial_point(problem, seed, device)
-    preconditioner = _Preconditioner(
-        [1.0, _feature_step_scale(problem)] + [1.0] * problem.bias,
-        labels,
-        problem.num_classes,
-        _class_coupling(problem),
-    )
     is_checkpoint = _checkpoint_schedule(problem.checkpoint_every)
     optimum = optimal_loss(problem)
     checked = {}  # the point last checked for collapse, and its metrics row
