@@ -165,7 +165,7 @@ def run_pymanopt(
     K, d, N, scale = problem.num_classes, problem.dim, problem.num_samples, problem.logit_scale
     labels = torch.arange(K).repeat_interleave(problem.n_per_class)
     # ufm's own seeded start, as the Oblique manifold's column-normalized transposes.
-    _, (classifier, features) = ufm._initial_point(problem, problem.seed, "cpu")
+    classifier, features = ufm._initial_point(problem, problem.seed, "cpu")
     manifold = Product([Oblique(d, K), Oblique(d, N)])
 
     @pymanopt.function.pytorch(manifold)

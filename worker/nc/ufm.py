@@ -44,6 +44,12 @@ and, for the normalized problem with many classes, couples each classifier row w
 features of its class (`_Preconditioner`). All computation is float64 with closed-form
 gradients: three matrix products of the N x d features with the K x d classifier per
 evaluation, and one reused N x K buffer for the logits and their gradient.
+
+Once the features of every class have collapsed to within MERGE_TOL of their mean
+(normalized problems of some size), each class's features are merged into one row that
+stands for all of them, with the loss and the metric weighted to match: the descent
+then takes the full problem's steps at a cost independent of N, and the full problem
+certifies its end point (`_descent`). Results report the step as `features_merged_at`.
 """
 
 import collections
@@ -57,7 +63,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from worker.nc.manifolds import Euclidean, RowSphere
+from worker.nc.manifolds import Euclidean, RowSphere, flat_dot
 from worker.nc.metrics import collapse_metrics
 
 NORMALIZATIONS = ("normalized", "regularized")
@@ -248,22 +254,21 @@ def solve(
     """
     device = torch.device("cpu" if device is None else device)
     counts = torch.tensor(problem.class_counts, device=device)
-    labels = torch.arange(problem.num_classes, device=device).repeat_interleave(counts)
-    if problem.normalization == "normalized":
-        evaluate = _normalized_objective(problem, labels)
-    else:
-        evaluate = _regularized_objective(problem, labels)
+    classes = torch.arange(problem.num_classes, device=device)
+    labels = classes.repeat_interleave(counts)
     # Like the objective, the metric of the descent depends on the problem, not the start.
-    preconditioner = _Preconditioner(
-        [1.0, _feature_step_scale(problem)] + [1.0] * problem.bias,
-        labels,
-        problem.num_classes,
-        _class_coupling(problem),
-    )
+    full = _formulation(problem, labels)
+    merged = None
+    if (
+        problem.normalization == "normalized"
+        and problem.num_samples > problem.num_classes
+        and _work(problem) >= _SMALL_WORK
+    ):
+        merged = _formulation(problem, classes, row_weights=counts, sample_rows=labels)
     progress = _Progress(on_progress, budget=problem.max_iters * problem.restarts)
 
     best, best_history, final_losses = None, [], []
-    with _threads_for(problem, device):
+    with _threads_for(_work(problem), device):
         for run, seed in enumerate(_restart_seeds(problem)):
             history = []  # this run's rows, held back when there are several runs
             if on_checkpoint is None or problem.restarts == 1:
@@ -275,9 +280,8 @@ def solve(
 
             outcome = _solve_once(
                 problem,
-                labels,
-                evaluate,
-                preconditioner,
+                full,
+                merged,
                 seed,
                 device,
                 on_checkpoint=record,
@@ -300,6 +304,7 @@ def solve(
         "has_closed_form": optimum is not None,
         "iterations": best.iterations,
         "converged": best.converged,
+        "features_merged_at": best.merged_at,
         "restarts": problem.restarts,
         "global_optimum_fraction": None
         if optimum is None
@@ -310,23 +315,30 @@ def solve(
     }
 
 
-# Below about this much work per matrix product (N d K multiply-adds), a second CPU
-# thread costs more in synchronization than it saves; see `_threads_for`.
-_PARALLEL_MIN_WORK = 2**20
+# Below about this much work per matrix product (N d K multiply-adds), what an iteration
+# costs is set by the overhead of each call rather than by the products: a second CPU
+# thread costs more in synchronization than it saves (`_threads_for`), and merging
+# collapsed features more than the smaller products save (`_descent`).
+_SMALL_WORK = 2**20
+
+
+def _work(problem: UFMProblem) -> int:
+    """Multiply-adds per matrix product of an evaluation: N d K."""
+    return problem.num_samples * problem.dim * problem.num_classes
 
 
 @contextlib.contextmanager
-def _threads_for(problem: UFMProblem, device: torch.device):
-    """Run a small problem on one CPU thread, and restore torch's setting afterwards.
+def _threads_for(work: int, device: torch.device):
+    """Run a small problem (`work` multiply-adds per matrix product) on one CPU thread,
+    and restore torch's setting afterwards.
 
     Measured with 2 threads against 1 (normalized, logit scale 10): 0.019 s against
     0.014 s at K = 10, d = 32, n = 50 (N d K = 1.6e5); 0.035 against 0.032 s at K = 20,
     d = 64, n = 50 (1.3e6); 0.044 against 0.046 s at K = 10, d = 64, n = 200 (1.3e6);
     and from 6.4e6 up (K = 50, d = 64, n = 20) two threads win by 25% and more.
     """
-    work = problem.num_samples * problem.dim * problem.num_classes
     threads = torch.get_num_threads()
-    if device.type != "cpu" or work >= _PARALLEL_MIN_WORK or threads == 1:
+    if device.type != "cpu" or work >= _SMALL_WORK or threads == 1:
         yield
         return
     torch.set_num_threads(1)
@@ -341,58 +353,137 @@ class _Outcome:
     row: dict  # metrics of the final iterate
     iterations: int
     converged: bool
+    merged_at: int | None  # the step at which the features were merged, if they were
+
+
+@dataclass
+class _RunRecord:
+    """What `_descent` reports besides the iterates."""
+
+    checked_point: list | None = None  # the full point last checked for collapse
+    checked_row: dict | None = None  # and its metrics row
+    merged_at: int | None = None
 
 
 def _solve_once(
-    problem,
-    labels,
-    evaluate,
-    preconditioner,
-    seed,
-    device,
-    *,
-    on_checkpoint,
-    should_stop,
-    on_step,
-    run_label,
+    problem, full, merged, seed, device, *, on_checkpoint, should_stop, on_step, run_label
 ) -> _Outcome:
-    manifolds, start = _initial_point(problem, seed, device)
+    start = _initial_point(problem, seed, device)
     is_checkpoint = _checkpoint_schedule(problem.checkpoint_every)
-    optimum = optimal_loss(problem)
-    checked = {}  # the point last checked for collapse, and its metrics row
+    record = _RunRecord()
 
-    def is_collapsed(point, grad_norm) -> bool:
-        checked.update(point=point, row=_metrics_row(problem, labels, point, grad_norm))
-        row = checked["row"]
-        return row["loss"] - optimum <= GLOBAL_OPTIMUM_GAP and all(
-            row[key] <= COLLAPSE_TOL for key in COLLAPSE_KEYS
-        )
+    def row_at(iterate, formulation) -> dict:
+        point = formulation.expand(iterate.point)
+        if record.checked_point is point:
+            return record.checked_row
+        return _metrics_row(problem, full.labels, point, iterate.grad_norm)
 
-    # Only the normalized problem with a closed form has a collapsed optimum to check
-    # against (the regularized one may collapse to W = H = 0, where the metrics are 0/0).
-    certify = (
-        is_collapsed if problem.normalization == "normalized" and optimum is not None else None
-    )
-    iterates = _minimize(
-        evaluate, manifolds, start, preconditioner, problem.tol, problem.max_iters, certify
-    )
-    for iterate in iterates:
+    for iterate, formulation in _descent(problem, full, merged, start, record):
         if not (math.isfinite(iterate.value) and math.isfinite(iterate.grad_norm)):
             raise Diverged(
                 f"objective or gradient is not finite at iteration {iterate.step}{run_label}"
             )
         on_step(iterate.step)
         if iterate.final or (on_checkpoint is not None and is_checkpoint(iterate.step)):
-            if checked.get("point") is iterate.point:
-                row = checked["row"]
-            else:
-                row = _metrics_row(problem, labels, iterate.point, iterate.grad_norm)
+            row = row_at(iterate, formulation)
             if on_checkpoint is not None:
                 on_checkpoint(iterate.step, row)
         if iterate.final:
-            return _Outcome(row, iterate.step, iterate.converged)
+            return _Outcome(row, iterate.step, iterate.converged, record.merged_at)
         if should_stop is not None and should_stop():
             raise Stopped(f"stopped at iteration {iterate.step}{run_label}")
+
+
+def _descent(
+    problem, full, merged, start, record: _RunRecord
+) -> Iterator[tuple["_Iterate", "_Formulation"]]:
+    """The iterates of one run from `start`, numbered on from one phase to the next, each
+    with the formulation its point belongs to; the last one has `final` set.
+
+    1. The full problem, until every feature lies within MERGE_TOL of its class's
+       normalized mean. Only where `merged` is given: the normalized problem, with
+       more samples than classes and at least _SMALL_WORK per product.
+    2. The merged problem: each class's features replaced by that mean, one row per
+       class standing for its n_k samples. Collapsed features stay collapsed: at such a
+       point every sample of a class has the same gradient, the preconditioner moves
+       them alike, and the merged formulation's weighted metric makes every step, step
+       size and gradient norm exactly those of the full problem, at a cost that no
+       longer grows with N. Merging itself is the one step that the full problem's
+       descent would not take; it moves each feature by at most MERGE_TOL, towards
+       where the descent was taking it anyway.
+    3. The full problem again, from the merged end point with every row repeated for
+       its samples. Its first evaluation is the certificate: `converged` and the
+       gradient norm are those of the problem as posed. Where it disagrees (rounding
+       can put the norm a hair above tol), the full descent carries on from there.
+
+    `record` receives the step of the merge, and the full point last checked for
+    collapse with its metrics row, so that the final row need not be computed twice.
+    """
+    optimum = optimal_loss(problem)
+
+    def collapse_check(formulation):
+        """`certify` for _minimize: only the normalized problem with a closed form has a
+        collapsed optimum to check against (the regularized one may collapse to W = H =
+        0, where the metrics are 0/0). Its metrics are computed on the formulation's own
+        rows: a merged point of a balanced problem has the full point's loss and
+        metrics."""
+        if problem.normalization != "normalized" or optimum is None:
+            return None
+
+        def is_collapsed(point, grad_norm) -> bool:
+            row = _metrics_row(problem, formulation.labels, point, grad_norm)
+            if formulation is full:
+                record.checked_point, record.checked_row = point, row
+            return row["loss"] - optimum <= GLOBAL_OPTIMUM_GAP and all(
+                row[key] <= COLLAPSE_TOL for key in COLLAPSE_KEYS
+            )
+
+        return is_collapsed
+
+    merged_start = []
+
+    def merge_if_collapsed(point) -> bool:
+        means = _merged_features(point[1], full.labels, problem.num_classes)
+        if means is not None:
+            merged_start.extend([point[0], means, *point[2:]])
+        return means is not None
+
+    last = yield from _phase(
+        full,
+        start,
+        0,
+        problem,
+        collapse_check(full),
+        hand_over=None if merged is None else merge_if_collapsed,
+    )
+    if not merged_start:
+        yield last, full
+        return
+    record.merged_at = last.step
+    with _threads_for(problem.num_classes**2 * problem.dim, last.point[1].device):
+        last = yield from _phase(merged, merged_start, last.step, problem, collapse_check(merged))
+    last = yield from _phase(
+        full, merged.expand(last.point), last.step, problem, collapse_check(full)
+    )
+    yield last, full
+
+
+def _phase(formulation, start, first_step, problem, certify, hand_over=None):
+    """Yield _minimize's iterates, with their formulation, numbered from `first_step`;
+    return the last one instead of yielding it."""
+    iterates = _minimize(
+        formulation,
+        start,
+        problem.tol,
+        problem.max_iters - first_step,
+        certify=certify,
+        hand_over=hand_over,
+    )
+    for iterate in iterates:
+        iterate.step += first_step
+        if iterate.final:
+            return iterate
+        yield iterate, formulation
 
 
 class _Progress:
@@ -431,25 +522,77 @@ def _restart_seeds(problem: UFMProblem) -> list[int]:
     return [problem.seed, *derived]
 
 
-def _initial_point(problem: UFMProblem, seed: int, device) -> tuple[list, list[torch.Tensor]]:
+def _initial_point(problem: UFMProblem, seed: int, device) -> list[torch.Tensor]:
     """Seeded start, drawn on the CPU so that the seed fixes it on every device."""
     generator = torch.Generator().manual_seed(seed)
     shapes = [(problem.num_classes, problem.dim), (problem.num_samples, problem.dim)]
     if problem.normalization == "normalized":
-        manifolds = [RowSphere(), RowSphere()]
-        start = [manifold.random(shape, generator) for manifold, shape in zip(manifolds, shapes)]
+        start = [RowSphere().random(shape, generator) for shape in shapes]
     else:
         # Small, so that the start sits near the origin's saddle rather than deep in the
         # cross-entropy's saturated region.
-        manifolds = [Euclidean(), Euclidean()]
         start = [
-            manifold.random(shape, generator) * 0.1 / math.sqrt(problem.dim)
-            for manifold, shape in zip(manifolds, shapes)
+            Euclidean().random(shape, generator) * 0.1 / math.sqrt(problem.dim) for shape in shapes
         ]
     if problem.bias:
-        manifolds.append(Euclidean())
         start.append(torch.zeros(problem.num_classes, dtype=torch.float64))
-    return manifolds, [block.to(device) for block in start]
+    return [block.to(device) for block in start]
+
+
+@dataclass(frozen=True)
+class _Formulation:
+    """The problem as the descent sees it: objective, manifolds and metric.
+
+    The full formulation has a feature row per sample. The merged one, used once every
+    class's features have collapsed (see `_descent`), has one row per class, standing
+    for the class's n_k samples: the loss weighs row k n_k times, and so does the
+    feature manifold's metric, which makes its descent that of the full problem on
+    points whose features are collapsed.
+    """
+
+    labels: torch.Tensor  # the class of each feature row
+    evaluate: Callable
+    manifolds: list
+    preconditioner: "_Preconditioner"
+    sample_rows: torch.Tensor | None  # merged: the feature row of each sample
+
+    def expand(self, point: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The full problem's point: merged feature rows repeated for their samples."""
+        if self.sample_rows is None:
+            return point
+        return [point[0], point[1].index_select(0, self.sample_rows), *point[2:]]
+
+
+def _formulation(problem, labels, row_weights=None, sample_rows=None) -> _Formulation:
+    if problem.normalization == "normalized":
+        evaluate = _normalized_objective(problem, labels, row_weights)
+        manifolds = [RowSphere(), RowSphere(row_weights)]
+    else:
+        evaluate = _regularized_objective(problem, labels)
+        manifolds = [Euclidean(), Euclidean()]
+    manifolds += [Euclidean()] * problem.bias
+    preconditioner = _Preconditioner(
+        [1.0, _feature_step_scale(problem)] + [1.0] * problem.bias,
+        manifolds,
+        labels,
+        problem.num_classes,
+        _class_coupling(problem),
+        row_weights,
+    )
+    return _Formulation(labels, evaluate, manifolds, preconditioner, sample_rows)
+
+
+# Features are merged once every one of them lies this close to its class's normalized
+# mean (a distance on the unit sphere); see `_descent`.
+MERGE_TOL = 1e-4
+
+
+def _merged_features(features, labels, num_classes: int) -> torch.Tensor | None:
+    """The normalized class means, if every feature lies within MERGE_TOL of its own."""
+    sums = features.new_zeros((num_classes, features.shape[1])).index_add_(0, labels, features)
+    means = sums.div_(torch.linalg.vector_norm(sums, dim=1, keepdim=True))
+    distances = torch.linalg.vector_norm(features - means.index_select(0, labels), dim=1)
+    return means if float(distances.max()) <= MERGE_TOL else None
 
 
 def _feature_step_scale(problem: UFMProblem) -> float:
@@ -503,33 +646,41 @@ class _Preconditioner:
     definite for c >= 0, so -P grad is a descent direction, and B^T D^-1 B is diagonal
     (1/D_W + n_k/D_H for class k), which makes P^-1 cheap by the Woodbury identity.
 
+    Everything is measured in the manifolds' metric, and B^T is the adjoint in it: a
+    feature row that stands for m_j samples (`row_weights`) counts m_j times in each
+    class sum, and n_k is the sum of its class's weights.
+
     Every inner product returns a 0-dim tensor on the blocks' device, so that the
     caller can read all of an iteration's numbers in one transfer.
     """
 
-    def __init__(self, scales: list[float], labels: torch.Tensor, num_classes: int, coupling):
-        self.scales, self.labels, self.coupling = scales, labels, coupling
-        counts = torch.bincount(labels, minlength=num_classes).to(torch.float64)
-        joint_inverse_scale = 1 / scales[0] + counts / scales[1]
+    def __init__(self, scales, manifolds, labels, num_classes: int, coupling, row_weights=None):
+        self.scales, self.manifolds, self.labels = scales, manifolds, labels
+        self.coupling = coupling
+        if row_weights is not None:
+            row_weights = row_weights.to(torch.float64)
+        counts = torch.bincount(labels, weights=row_weights, minlength=num_classes)
+        self.row_weights = None if row_weights is None else row_weights[:, None]
+        joint_inverse_scale = 1 / scales[0] + counts.to(torch.float64) / scales[1]
         self.woodbury_weights = (coupling / (1 + coupling * joint_inverse_scale))[:, None]
 
-    def direction(self, manifolds, point, grads, grad_dots, out) -> torch.Tensor:
+    def direction(self, point, grads, grad_norms_sq, out) -> torch.Tensor:
         """Write P grad, projected onto the tangent space at `point`, into the arrays `out`.
 
-        `grad_dots` are the blocks' <g_b, g_b>. Returns the slope <grad, P grad>, which
-        the projection leaves unchanged since grad is tangent already.
+        `grad_norms_sq` are the blocks' <g_b, g_b>. Returns the slope <grad, P grad>,
+        which the projection leaves unchanged since grad is tangent already.
         """
-        slope = sum(scale * dot for dot, scale in zip(grad_dots, self.scales))
+        slope = sum(scale * norm_sq for norm_sq, scale in zip(grad_norms_sq, self.scales))
         if not self.coupling:
             for direction, grad, scale in zip(out, grads, self.scales):
                 torch.mul(grad, scale, out=direction)
             return slope
         joint = self._joint(grads)
-        slope = slope + self.coupling * _dot(joint, joint)
+        slope = slope + self.coupling * flat_dot(joint, joint)
         joint.mul_(self.coupling)
         torch.add(joint, grads[0], alpha=self.scales[0], out=out[0])
         torch.index_select(joint, 0, self.labels, out=out[1])
-        for manifold, block, direction in zip(manifolds, point, out[:2]):
+        for manifold, block, direction in zip(self.manifolds, point, out[:2]):
             manifold.project(block, direction)
         out[1].add_(grads[1], alpha=self.scales[1])  # tangent already: added after projecting
         for direction, grad, scale in zip(out[2:], grads[2:], self.scales[2:]):
@@ -538,24 +689,31 @@ class _Preconditioner:
 
     def norm_sq(self, vectors: list[torch.Tensor]) -> torch.Tensor:
         """<v, P v>."""
-        value = sum(scale * _dot(v, v) for v, scale in zip(vectors, self.scales))
+        value = sum(
+            scale * manifold.inner(v, v)
+            for manifold, v, scale in zip(self.manifolds, vectors, self.scales)
+        )
         if self.coupling:
             joint = self._joint(vectors)
-            value = value + self.coupling * _dot(joint, joint)
+            value = value + self.coupling * flat_dot(joint, joint)
         return value
 
     def inverse_norm_sq(self, vectors: list[torch.Tensor]) -> torch.Tensor:
         """<v, P^-1 v> = <v, D^-1 v> - <t, (c / (1 + c B^T D^-1 B)) t>, t = B^T D^-1 v."""
-        value = sum(_dot(v, v) / scale for v, scale in zip(vectors, self.scales))
+        value = sum(
+            manifold.inner(v, v) / scale
+            for manifold, v, scale in zip(self.manifolds, vectors, self.scales)
+        )
         if self.coupling:
             joint = self._joint(vectors, weights=[1 / scale for scale in self.scales])
-            value = value - _dot(joint, self.woodbury_weights * joint)
+            value = value - flat_dot(joint, self.woodbury_weights * joint)
         return value
 
     def _joint(self, blocks: list[torch.Tensor], weights=(1.0, 1.0)) -> torch.Tensor:
         """B^T of (weights[0] blocks[0], weights[1] blocks[1]): a K x d array."""
         joint = torch.mul(blocks[0], weights[0])
-        return joint.index_add_(0, self.labels, blocks[1], alpha=weights[1])
+        features = blocks[1] if self.row_weights is None else blocks[1] * self.row_weights
+        return joint.index_add_(0, self.labels, features, alpha=weights[1])
 
 
 # Below this log-odds, e^a (and with it CE = softplus(a)) would leave the normal range of
@@ -590,7 +748,8 @@ class _CrossEntropy:
         self.log_losses = torch.log(self.losses).add_(self.log_odds - floored)
 
     def weighted_gradient(self, log_weight) -> torch.Tensor:
-        """e^log_weight dCE_i/dz_i for every sample, in the logits buffer.
+        """e^log_weight dCE_i/dz_i for every sample (log_weight: one number, or one per
+        sample), in the logits buffer.
 
         The weight goes into the exponents, sparing a pass over the N x K array.
         """
@@ -600,8 +759,10 @@ class _CrossEntropy:
         return grads.scatter_(1, self.label_index, label_entries[:, None])
 
 
-def _normalized_objective(problem: UFMProblem, labels: torch.Tensor):
+def _normalized_objective(problem: UFMProblem, labels: torch.Tensor, row_weights=None):
     """f = log L with L the mean cross-entropy of logits s W h_i (+ b), and its gradient.
+
+    With `row_weights`, feature row j stands for m_j samples: it counts m_j times in L.
 
     log L has the critical points of L, but its gradient grad L / L stays O(1) while L
     itself saturates towards ~exp(-s K/(K-1)) at large logit scales, and its Hessian at
@@ -611,7 +772,8 @@ def _normalized_objective(problem: UFMProblem, labels: torch.Tensor):
     """
     scale, log_scale = problem.logit_scale, math.log(problem.logit_scale)
     log_num_samples = math.log(problem.num_samples)
-    logits = _logits_buffer(problem, labels.device)
+    log_weights = 0.0 if row_weights is None else torch.log(row_weights.to(torch.float64))
+    logits = _logits_buffer(problem, labels)
 
     def evaluate(point):
         classifier, features = point[0], point[1]
@@ -621,8 +783,9 @@ def _normalized_objective(problem: UFMProblem, labels: torch.Tensor):
         if problem.bias:
             logits.add_(point[2])
         cross_entropy = _CrossEntropy(logits, labels)
-        log_total = torch.logsumexp(cross_entropy.log_losses, dim=0)  # log(N L)
-        scaled_grads = cross_entropy.weighted_gradient(log_scale - log_total)  # s d log L / dz
+        log_total = torch.logsumexp(cross_entropy.log_losses + log_weights, dim=0)  # log(N L)
+        # s d log L / dz
+        scaled_grads = cross_entropy.weighted_gradient(log_scale - log_total + log_weights)
         grads = [scaled_grads.T @ features, scaled_grads @ classifier]
         if problem.bias:
             grads.append(scaled_grads.sum(dim=0) / scale)
@@ -635,7 +798,7 @@ def _regularized_objective(problem: UFMProblem, labels: torch.Tensor):
     """The weight-decayed objective of Zhu et al. (2021) and its gradient."""
     decays = [problem.lambda_w, problem.lambda_h] + [problem.lambda_b] * problem.bias
     log_num_samples = math.log(problem.num_samples)
-    logits = _logits_buffer(problem, labels.device)
+    logits = _logits_buffer(problem, labels)
 
     def evaluate(point):
         classifier, features = point[0], point[1]
@@ -657,14 +820,15 @@ def _regularized_objective(problem: UFMProblem, labels: torch.Tensor):
     return evaluate
 
 
-def _logits_buffer(problem: UFMProblem, device) -> torch.Tensor:
-    """The N x K array that every evaluation overwrites with the logits and their gradient.
+def _logits_buffer(problem: UFMProblem, labels: torch.Tensor) -> torch.Tensor:
+    """The rows x K array that every evaluation overwrites with the logits and their
+    gradient.
 
     Allocated once: on the CPU a fresh array of this size per evaluation costs page
     faults comparable to the matrix products themselves at K = 1000.
     """
-    shape = (problem.num_samples, problem.num_classes)
-    return torch.empty(shape, dtype=torch.float64, device=device)
+    shape = (labels.shape[0], problem.num_classes)
+    return torch.empty(shape, dtype=torch.float64, device=labels.device)
 
 
 def _metrics_row(problem: UFMProblem, labels: torch.Tensor, point, grad_norm: float) -> dict:
@@ -743,7 +907,7 @@ _ROUNDING_SLACK = 1e-14
 
 
 def _minimize(
-    evaluate, manifolds, point, preconditioner, tol, max_iters, certify=None
+    formulation, point, tol, max_iters, certify=None, hand_over=None
 ) -> Iterator[_Iterate]:
     """Preconditioned Riemannian gradient descent with Barzilai-Borwein steps.
 
@@ -767,11 +931,15 @@ def _minimize(
     gradient meets its rounding floor and the run ends by stalling or by max_iters,
     unconverged.
 
+    `hand_over(point)`, if given, is asked before each step is searched for; when it
+    returns True, the run ends there, unconverged, for the caller to go on from.
+
     The host reads numbers from the device twice per iteration: the objective value of
     each trial step, and then, in one transfer, the inner products that give the
     gradient norm, the slope and the Barzilai-Borwein steps of the accepted one.
     """
-    value, grads = _value_and_riemannian_grad(evaluate, manifolds, point)
+    manifolds, preconditioner = formulation.manifolds, formulation.preconditioner
+    value, grads = _value_and_riemannian_grad(formulation.evaluate, manifolds, point)
     # The differences of iterates and of gradients, and the search direction, are
     # written into arrays kept from step to step, for the same reason as the logits
     # buffer.
@@ -781,12 +949,12 @@ def _minimize(
 
     def set_direction(point, grads) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the direction at `point` into `directions`; return ||grad||^2 and the slope."""
-        grad_dots = [_dot(grad, grad) for grad in grads]
-        slope = preconditioner.direction(manifolds, point, grads, grad_dots, out=directions)
-        return sum(grad_dots), slope
+        norms_sq = [manifold.inner(grad, grad) for manifold, grad in zip(manifolds, grads)]
+        slope = preconditioner.direction(point, grads, norms_sq, out=directions)
+        return sum(norms_sq), slope
 
     squared_norm, slope = _host_floats(*set_direction(point, grads))
-    search = _NonmonotoneLineSearch(evaluate, manifolds, value)
+    search = _NonmonotoneLineSearch(formulation.evaluate, manifolds, value)
     step_size = 1.0 / max(math.sqrt(slope), 1e-300)
     next_step_size = _AdaptiveBarzilaiBorwein()
     step = 0
@@ -797,7 +965,7 @@ def _minimize(
         converged = grad_norm <= tol
         accepted = (
             None
-            if converged or step >= max_iters
+            if converged or step >= max_iters or (hand_over is not None and hand_over(point))
             else search(point, directions, slope, step_size, iteration=step + 1)
         )
         final = accepted is None
@@ -814,7 +982,7 @@ def _minimize(
             torch.sub(new_grad, old_grad, out=change)
         squared_norm, slope, s_dot_y, s_norm_sq, y_norm_sq = _host_floats(
             *set_direction(candidate, candidate_grads),
-            _dot_blocks(moves, grad_changes),
+            sum(m.inner(move, change) for m, move, change in zip(manifolds, moves, grad_changes)),
             preconditioner.inverse_norm_sq(moves),
             preconditioner.norm_sq(grad_changes),
         )
@@ -870,18 +1038,12 @@ class _NonmonotoneLineSearch:
 
 
 def _value_and_riemannian_grad(evaluate, manifolds, point):
-    value, euclidean_grads = evaluate(point)  # fresh arrays, which project may overwrite
-    grads = [m.project(x, g) for m, x, g in zip(manifolds, point, euclidean_grads)]
+    value, euclidean_grads = evaluate(point)  # fresh arrays, which may be overwritten
+    grads = [
+        manifold.euclidean_to_riemannian_gradient(block, grad)
+        for manifold, block, grad in zip(manifolds, point, euclidean_grads)
+    ]
     return float(value), grads
-
-
-def _dot(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    return torch.vdot(first.reshape(-1), second.reshape(-1))
-
-
-def _dot_blocks(first: list[torch.Tensor], second: list[torch.Tensor]) -> torch.Tensor:
-    """The inner product of two points of the product space: the sum over blocks."""
-    return sum(_dot(a, b) for a, b in zip(first, second))
 
 
 def _host_floats(*values: torch.Tensor) -> list[float]:
