@@ -772,7 +772,7 @@ def _normalized_objective(problem: UFMProblem, labels: torch.Tensor, row_weights
     """
     scale, log_scale = problem.logit_scale, math.log(problem.logit_scale)
     log_num_samples = math.log(problem.num_samples)
-    log_weights = 0.0 if row_weights is None else torch.log(row_weights.to(torch.float64))
+    log_weights = None if row_weights is None else torch.log(row_weights.to(torch.float64))
     logits = _logits_buffer(problem, labels)
 
     def evaluate(point):
@@ -783,9 +783,14 @@ def _normalized_objective(problem: UFMProblem, labels: torch.Tensor, row_weights
         if problem.bias:
             logits.add_(point[2])
         cross_entropy = _CrossEntropy(logits, labels)
-        log_total = torch.logsumexp(cross_entropy.log_losses + log_weights, dim=0)  # log(N L)
-        # s d log L / dz
-        scaled_grads = cross_entropy.weighted_gradient(log_scale - log_total + log_weights)
+        log_losses = cross_entropy.log_losses  # of each row's share of N L
+        if log_weights is not None:
+            log_losses = log_losses + log_weights
+        log_total = torch.logsumexp(log_losses, dim=0)  # log(N L)
+        log_grad_weights = log_scale - log_total
+        if log_weights is not None:
+            log_grad_weights = log_grad_weights + log_weights
+        scaled_grads = cross_entropy.weighted_gradient(log_grad_weights)  # s d log L / dz
         grads = [scaled_grads.T @ features, scaled_grads @ classifier]
         if problem.bias:
             grads.append(scaled_grads.sum(dim=0) / scale)
