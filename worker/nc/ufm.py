@@ -632,6 +632,10 @@ def _class_coupling(problem: UFMProblem) -> float:
     return 0.5 * min(max((problem.num_classes - 10) / 20, 0.0), 1.0)
 
 
+# A sum of coefficients times 0-dim device tensors, to be evaluated on the host.
+Terms = list[tuple[float, torch.Tensor]]
+
+
 class _Preconditioner:
     """The metric of the descent, which steps along -P grad: P = D + c B B^T.
 
@@ -650,8 +654,10 @@ class _Preconditioner:
     feature row that stands for m_j samples (`row_weights`) counts m_j times in each
     class sum, and n_k is the sum of its class's weights.
 
-    Every inner product returns a 0-dim tensor on the blocks' device, so that the
-    caller can read all of an iteration's numbers in one transfer.
+    Every quadratic form comes as `Terms`, a sum of coefficients times 0-dim tensors
+    on the blocks' device, so that the caller can read all of an iteration's numbers
+    in one transfer and combine them on the host: on small problems each arithmetic
+    operation on a 0-dim tensor costs as much as an operation on the whole point.
     """
 
     def __init__(self, scales, manifolds, labels, num_classes: int, coupling, row_weights=None):
@@ -664,19 +670,19 @@ class _Preconditioner:
         joint_inverse_scale = 1 / scales[0] + counts.to(torch.float64) / scales[1]
         self.woodbury_weights = (coupling / (1 + coupling * joint_inverse_scale))[:, None]
 
-    def direction(self, point, grads, grad_norms_sq, out) -> torch.Tensor:
+    def direction(self, point, grads, grad_norms_sq, out) -> Terms:
         """Write P grad, projected onto the tangent space at `point`, into the arrays `out`.
 
         `grad_norms_sq` are the blocks' <g_b, g_b>. Returns the slope <grad, P grad>,
         which the projection leaves unchanged since grad is tangent already.
         """
-        slope = sum(scale * norm_sq for norm_sq, scale in zip(grad_norms_sq, self.scales))
+        slope = list(zip(self.scales, grad_norms_sq))
         if not self.coupling:
             for direction, grad, scale in zip(out, grads, self.scales):
                 torch.mul(grad, scale, out=direction)
             return slope
         joint = self._joint(grads)
-        slope = slope + self.coupling * flat_dot(joint, joint)
+        slope.append((self.coupling, flat_dot(joint, joint)))
         joint.mul_(self.coupling)
         torch.add(joint, grads[0], alpha=self.scales[0], out=out[0])
         torch.index_select(joint, 0, self.labels, out=out[1])
@@ -687,27 +693,27 @@ class _Preconditioner:
             torch.mul(grad, scale, out=direction)
         return slope
 
-    def norm_sq(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+    def norm_sq(self, vectors: list[torch.Tensor]) -> Terms:
         """<v, P v>."""
-        value = sum(
-            scale * manifold.inner(v, v)
+        terms = [
+            (scale, manifold.inner(v, v))
             for manifold, v, scale in zip(self.manifolds, vectors, self.scales)
-        )
+        ]
         if self.coupling:
             joint = self._joint(vectors)
-            value = value + self.coupling * flat_dot(joint, joint)
-        return value
+            terms.append((self.coupling, flat_dot(joint, joint)))
+        return terms
 
-    def inverse_norm_sq(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+    def inverse_norm_sq(self, vectors: list[torch.Tensor]) -> Terms:
         """<v, P^-1 v> = <v, D^-1 v> - <t, (c / (1 + c B^T D^-1 B)) t>, t = B^T D^-1 v."""
-        value = sum(
-            manifold.inner(v, v) / scale
+        terms = [
+            (1 / scale, manifold.inner(v, v))
             for manifold, v, scale in zip(self.manifolds, vectors, self.scales)
-        )
+        ]
         if self.coupling:
             joint = self._joint(vectors, weights=[1 / scale for scale in self.scales])
-            value = value - flat_dot(joint, self.woodbury_weights * joint)
-        return value
+            terms.append((-1.0, flat_dot(joint, self.woodbury_weights * joint)))
+        return terms
 
     def _joint(self, blocks: list[torch.Tensor], weights=(1.0, 1.0)) -> torch.Tensor:
         """B^T of (weights[0] blocks[0], weights[1] blocks[1]): a K x d array."""
@@ -952,11 +958,11 @@ def _minimize(
         [torch.empty_like(block) for block in point] for _ in range(3)
     )
 
-    def set_direction(point, grads) -> tuple[torch.Tensor, torch.Tensor]:
+    def set_direction(point, grads) -> tuple[Terms, Terms]:
         """Write the direction at `point` into `directions`; return ||grad||^2 and the slope."""
         norms_sq = [manifold.inner(grad, grad) for manifold, grad in zip(manifolds, grads)]
         slope = preconditioner.direction(point, grads, norms_sq, out=directions)
-        return sum(norms_sq), slope
+        return [(1.0, norm_sq) for norm_sq in norms_sq], slope
 
     squared_norm, slope = _host_floats(*set_direction(point, grads))
     search = _NonmonotoneLineSearch(formulation.evaluate, manifolds, value)
@@ -987,7 +993,10 @@ def _minimize(
             torch.sub(new_grad, old_grad, out=change)
         squared_norm, slope, s_dot_y, s_norm_sq, y_norm_sq = _host_floats(
             *set_direction(candidate, candidate_grads),
-            sum(m.inner(move, change) for m, move, change in zip(manifolds, moves, grad_changes)),
+            [
+                (1.0, m.inner(move, change))
+                for m, move, change in zip(manifolds, moves, grad_changes)
+            ],
             preconditioner.inverse_norm_sq(moves),
             preconditioner.norm_sq(grad_changes),
         )
@@ -1051,9 +1060,10 @@ def _value_and_riemannian_grad(evaluate, manifolds, point):
     return float(value), grads
 
 
-def _host_floats(*values: torch.Tensor) -> list[float]:
-    """0-dim device tensors as host floats, in one transfer (one synchronization on a GPU)."""
-    return torch.stack(values).tolist()
+def _host_floats(*sums: Terms) -> list[float]:
+    """Each sum as a host float, in one transfer (one synchronization on a GPU)."""
+    values = iter(torch.stack([tensor for terms in sums for _, tensor in terms]).tolist())
+    return [sum(coefficient * next(values) for coefficient, _ in terms) for terms in sums]
 
 
 class _AdaptiveBarzilaiBorwein:
