@@ -19,7 +19,10 @@ nc2_etf_w <= 1e-6. Three parts:
    cost evaluations, and a time cap. The speed-up is reported to each solver's own stop
    (the wall time of solve() includes its final metrics) and to the first pymanopt
    iterate that met both targets, read from its per-iteration log: the time pymanopt
-   would need with a perfect stopping rule.
+   would need with a perfect stopping rule. Where the problem is large enough, our
+   solver merges each class's features once they have collapsed (`features_merged_at`
+   in its result; worker/nc/ufm.py, `_descent`), and pymanopt descends on all N
+   features to the end: the line "ours, never merging" shows our solver without it.
 2. Saturation, at logit scale 30: the loss is ~1e-13 there and the gradient of L
    vanishes long before the classifier is an ETF. pymanopt runs twice: with
    min_gradient_norm = tol (the same number as ours), where it stops early and
@@ -40,6 +43,7 @@ where our solver runs; pymanopt, in the same process, gets them too. `--no-retai
 leaves glibc's defaults.
 """
 
+import contextlib
 import math
 import time
 from typing import Annotated
@@ -86,14 +90,18 @@ def compare(device: str, repeats: int, pymanopt_max_time: float) -> None:
     for K, d, n, scale in SPEED_PROBLEMS:
         problem = UFMProblem(K, d, n, "normalized", logit_scale=scale)
         ours = time_ours(problem, device, repeats)
+        with never_merging():
+            unmerged = time_ours(problem, device, repeats)
         tolerance = problem.tol * optimal_loss(problem)
         cg = time_pymanopt(problem, ConjugateGradient, tolerance, pymanopt_max_time, repeats)
         sd = time_pymanopt(problem, SteepestDescent, tolerance, pymanopt_max_time, repeats)
         print(describe(problem))
         print_run("ours", ours)
+        print_run("ours, never merging", unmerged)
         print_run("pymanopt ConjugateGradient", cg)
         print_run("pymanopt SteepestDescent", sd)
         print_ratio("ConjugateGradient", ours, cg)
+        print_ratio("ConjugateGradient", unmerged, cg, label="ours, never merging")
         print_ratio("SteepestDescent", ours, sd)
 
     print("\n== saturation: logit scale 30 ==")
@@ -133,6 +141,17 @@ def warm_up(device: str) -> None:
     problem = UFMProblem(4, 8, 3, "normalized", max_iters=20)
     solve(problem, device=device)
     run_pymanopt(problem, ConjugateGradient, problem.tol, max_time=10.0, max_iterations=20)
+
+
+@contextlib.contextmanager
+def never_merging():
+    """Our solver without merging collapsed features: every problem counts as small."""
+    threshold = ufm._SMALL_WORK
+    ufm._SMALL_WORK = math.inf
+    try:
+        yield
+    finally:
+        ufm._SMALL_WORK = threshold
 
 
 def time_ours(problem: UFMProblem, device: str, repeats: int) -> dict:
@@ -230,13 +249,15 @@ def print_run(name: str, run: dict) -> None:
         else f"targets met at {run['target_seconds']:8.3f} s"
     )
     gap = "-" if run["optimality_gap"] is None else f"{run['optimality_gap']:9.2e}"
+    merged_at = run.get("features_merged_at")
+    merged = "" if merged_at is None else f"  merged at {merged_at}"
     print(
         f"  {name:38s} {run['seconds']:8.3f} s {run['iterations']:6d} it  gap {gap}  "
-        f"nc2_etf_w {run['nc2_etf_w']:8.2e}  converged {run['converged']!s:5}  {reached}"
+        f"nc2_etf_w {run['nc2_etf_w']:8.2e}  converged {run['converged']!s:5}  {reached}{merged}"
     )
 
 
-def print_ratio(name: str, ours: dict, theirs: dict) -> None:
+def print_ratio(name: str, ours: dict, theirs: dict, label: str = "ours") -> None:
     """Our speed-up, to each one's own stop and to pymanopt's first iterate on target."""
     if theirs["target_seconds"] is None:
         print(
@@ -245,7 +266,7 @@ def print_ratio(name: str, ours: dict, theirs: dict) -> None:
         )
     else:
         print(
-            f"  vs {name}: ours {theirs['seconds'] / ours['seconds']:.1f}x faster to its own "
+            f"  vs {name}: {label} {theirs['seconds'] / ours['seconds']:.1f}x faster to its own "
             f"stop, {theirs['target_seconds'] / ours['seconds']:.1f}x to its first iterate on "
             "target"
         )

@@ -182,6 +182,8 @@ def test_generalized_collapse_imbalance_and_restarts_run_end_to_end(production):
     no_etf = submit(client, {"kind": "ufm", "K": 10, "d": 4, "n_per_class": 3, "max_iters": 3000})
     imbalanced = submit(client, {"kind": "ufm", "K": 4, "d": 8, "n_per_class": [2, 5, 3, 9]})
     restarted = submit(client, {"kind": "ufm", "K": 5, "d": 8, "n_per_class": 3, "restarts": 4})
+    # N d K = 2^20 multiply-adds per product: large enough to merge collapsed features.
+    merging = submit(client, {"kind": "ufm", "K": 32, "d": 64, "n_per_class": 16})
 
     result = wait_for_status(client, no_etf["id"], {"succeeded"}, timeout=120)["result"]
     assert result["optimal_loss"] is None and result["optimality_gap"] is None
@@ -195,6 +197,13 @@ def test_generalized_collapse_imbalance_and_restarts_run_end_to_end(production):
     assert result["nc1"] < 1e-6
     history = client.get(f"/experiments/{imbalanced['id']}/metrics").json()["items"]
     assert history[-1]["step"] == result["iterations"]
+
+    result = wait_for_status(client, merging["id"], {"succeeded"}, timeout=120)["result"]
+    assert result["converged"] and abs(result["optimality_gap"]) < 1e-8
+    assert 0 < result["features_merged_at"] < result["iterations"]
+    history = client.get(f"/experiments/{merging['id']}/metrics").json()["items"]
+    assert history[-1]["step"] == result["iterations"]
+    assert history[-1]["nc1"] < 1e-20 and history[-1]["nc2_etf_w"] < 1e-6
 
     result = wait_for_status(client, restarted["id"], {"succeeded"}, timeout=120)["result"]
     assert result["restarts"] == 4 and result["global_optimum_fraction"] == 1.0
