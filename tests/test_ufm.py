@@ -637,8 +637,10 @@ def test_invalid_problems_are_rejected():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu():
-    problem = UFMProblem(10, 16, 5, "normalized", logit_scale=10.0)
+@pytest.mark.parametrize("K, d, n", [(10, 16, 5), (32, 64, 16)])  # the second one merges
+def test_cuda_matches_cpu(K, d, n):
+    problem = UFMProblem(K, d, n, "normalized", logit_scale=10.0)
     on_gpu, on_cpu = solve(problem, device="cuda"), solve(problem)
     assert_reaches_collapsed_optimum(on_gpu)
     assert on_gpu["loss"] == pytest.approx(on_cpu["loss"], rel=1e-9, abs=0)
+    assert (on_gpu["features_merged_at"] is None) == (on_cpu["features_merged_at"] is None)
