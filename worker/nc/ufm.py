@@ -239,14 +239,17 @@ def solve(
     True only when grad_norm <= tol was reached and, for a normalized problem with a
     closed form, only at a collapsed optimum (COLLAPSE_KEYS at most COLLAPSE_TOL, the
     loss within GLOBAL_OPTIMUM_GAP of it; see `_minimize` for how the descent goes on
-    where the gradient test alone would stop short).
+    where the gradient test alone would stop short). `features_merged_at` is the step at
+    which each class's collapsed features were merged into one row, or None (see
+    `_descent`); `grad_norm`, `converged` and the metrics are those of the full problem.
 
-    Restarts: the result's metrics, `iterations` and `converged` are those of the run
-    with the lowest final loss (the first such run on a tie), and so is the history: a
-    metric history is one trajectory whose last row is the result, so with more than
-    one restart every run's rows are held back and only the best run's reach
-    on_checkpoint, in step order, once all runs are done (progress keeps moving in the
-    meantime through on_progress). With one restart rows stream as they are computed.
+    Restarts: the result's metrics, `iterations`, `converged` and `features_merged_at`
+    are those of the run with the lowest final loss (the first such run on a tie), and
+    so is the history: a metric history is one trajectory whose last row is the result,
+    so with more than one restart every run's rows are held back and only the best
+    run's reach on_checkpoint, in step order, once all runs are done (progress keeps
+    moving in the meantime through on_progress). With one restart rows stream as they
+    are computed.
     The result also reports `restarts`, `global_optimum_fraction` (the fraction of runs
     whose loss came within GLOBAL_OPTIMUM_GAP of the closed form; None without one) and
     `final_loss_min`, `final_loss_max` and `final_loss_std` (population standard
