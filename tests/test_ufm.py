@@ -298,7 +298,9 @@ def test_preconditioner_matches_its_dense_matrix():
     for block, direction in zip(point[:2], directions[:2]):
         assert row_dots(block, direction).abs().max() < 1e-14
     flat_grads = torch.cat([grad.reshape(-1) for grad in grads])
-    assert ufm._host_floats(slope)[0] == pytest.approx(float(flat_grads @ dense @ flat_grads), rel=1e-13)
+    assert ufm._host_floats(slope)[0] == pytest.approx(
+        float(flat_grads @ dense @ flat_grads), rel=1e-13
+    )
 
 
 def test_small_problems_run_on_one_thread_and_restore_the_setting():
@@ -492,7 +494,8 @@ def test_features_merge_once_collapsed_and_the_answer_is_certified_on_the_full_p
     assert_reaches_collapsed_optimum(merged)
     step = merged["features_merged_at"]
     assert 0 < step < merged["iterations"]
-    assert rows[step - 1]["nc1"] > 1e-20  # before: the descent's own collapse ...
+    # Before the merge, the descent's own collapse; from it on, copies of one row per class.
+    assert rows[step - 1]["nc1"] > 1e-20
     assert all(rows[later]["nc1"] < 1e-28 for later in range(step, merged["iterations"] + 1))
 
     monkeypatch.setattr(ufm, "_SMALL_WORK", math.inf)  # never merge
