@@ -34,8 +34,9 @@ nc2_etf_w <= 1e-6. Three parts:
    goes to a critical point and reports the smallest angle between classifier rows.
 
 Each timing is the fastest of --repeats runs (the K = 1000 ones run once), which is the
-least disturbed by whatever else the machine runs. Timings depend on the machine; the
-ratios are what compare. pymanopt mixes numpy's BLAS threads with torch's, which contend
+least disturbed by whatever else the machine runs; the runs go in rounds of one of each
+solver, so that a slow spell of the machine meets every solver alike. Timings depend on
+the machine; the ratios are what compare. pymanopt mixes numpy's BLAS threads with torch's, which contend
 on a small machine: `OPENBLAS_NUM_THREADS=1` alone is its fastest setting on two cores,
 and pinning every pool (the last command above) puts both solvers on one core. The
 process first takes the heap settings of a worker's pool process (worker/memory.py),
@@ -43,7 +44,7 @@ where our solver runs; pymanopt, in the same process, gets them too. `--no-retai
 leaves glibc's defaults.
 """
 
-import contextlib
+import functools
 import math
 import time
 from typing import Annotated
@@ -89,39 +90,50 @@ def compare(device: str, repeats: int, pymanopt_max_time: float) -> None:
     print("\n== speed: logit scale 10 ==")
     for K, d, n, scale in SPEED_PROBLEMS:
         problem = UFMProblem(K, d, n, "normalized", logit_scale=scale)
-        ours = time_ours(problem, device, repeats)
-        unmerged = None
-        if ours["features_merged_at"] is not None:
-            with never_merging():
-                unmerged = time_ours(problem, device, repeats)
         tolerance = problem.tol * optimal_loss(problem)
-        cg = time_pymanopt(problem, ConjugateGradient, tolerance, pymanopt_max_time, repeats)
-        sd = time_pymanopt(problem, SteepestDescent, tolerance, pymanopt_max_time, repeats)
+        solvers = {"ours": functools.partial(run_ours, problem, device)}
+        if solve(problem, device=device)["features_merged_at"] is not None:
+            solvers["ours, never merging"] = functools.partial(run_ours, problem, device, False)
+        for optimizer in (ConjugateGradient, SteepestDescent):
+            solvers[f"pymanopt {optimizer.__name__}"] = functools.partial(
+                run_pymanopt, problem, optimizer, tolerance, pymanopt_max_time
+            )
+        runs = fastest_of(solvers, repeats)
         print(describe(problem))
-        print_run("ours", ours)
-        if unmerged is not None:
-            print_run("ours, never merging", unmerged)
-        print_run("pymanopt ConjugateGradient", cg)
-        print_run("pymanopt SteepestDescent", sd)
-        print_ratio("ConjugateGradient", ours, cg)
-        if unmerged is not None:
-            print_ratio("ConjugateGradient", unmerged, cg, label="ours, never merging")
-        print_ratio("SteepestDescent", ours, sd)
+        for name, run in runs.items():
+            print_run(name, run)
+        for name in [name for name in runs if name.startswith("ours")]:
+            print_ratio("ConjugateGradient", runs[name], runs["pymanopt ConjugateGradient"], name)
+        print_ratio("SteepestDescent", runs["ours"], runs["pymanopt SteepestDescent"])
 
     print("\n== saturation: logit scale 30 ==")
     problem = UFMProblem(*SATURATED_PROBLEM[:3], "normalized", logit_scale=SATURATED_PROBLEM[3])
-    ours = time_ours(problem, device, repeats)
-    print(describe(problem))
-    print_run("ours", ours)
+    solvers = {"ours": functools.partial(run_ours, problem, device)}
     for optimizer in (ConjugateGradient, SteepestDescent):
         for label, tolerance in [
             ("tol", problem.tol),
             ("tol * L*", problem.tol * optimal_loss(problem)),
         ]:
-            run = time_pymanopt(problem, optimizer, tolerance, pymanopt_max_time, repeats)
-            print_run(f"pymanopt {optimizer.__name__}, {label}", run)
-            print(f"  {'':38s} stop: {run['stopping']}")
-            print_ratio(optimizer.__name__ + f", {label}", ours, run)
+            solvers[f"pymanopt {optimizer.__name__}, {label}"] = functools.partial(
+                run_pymanopt, problem, optimizer, tolerance, pymanopt_max_time
+            )
+    runs = fastest_of(solvers, repeats)
+    print(describe(problem))
+    print_run("ours", runs["ours"])
+    for name, run in list(runs.items())[1:]:
+        print_run(name, run)
+        print(f"  {'':38s} stop: {run['stopping']}")
+        print_ratio(name.removeprefix("pymanopt "), runs["ours"], run)
+
+
+def fastest_of(solvers: dict, repeats: int) -> dict:
+    """Each solver's fastest of `repeats` runs, taken in rounds of one run of each, so
+    that a slow spell of the machine meets every solver alike."""
+    runs = {name: [] for name in solvers}
+    for _ in range(repeats):
+        for name, run in solvers.items():
+            runs[name].append(run())
+    return {name: min(each, key=lambda run: run["seconds"]) for name, each in runs.items()}
 
 
 def at_scale(device: str) -> None:
@@ -129,7 +141,7 @@ def at_scale(device: str) -> None:
     for d in (512, 1024):
         problem = UFMProblem(1000, d, 10, "normalized", logit_scale=10.0)
         K = problem.num_classes
-        result = time_ours(problem, device, repeats=1)
+        result = run_ours(problem, device)
         print(describe(problem))
         print_run("ours", result)
         print(
@@ -147,33 +159,20 @@ def warm_up(device: str) -> None:
     run_pymanopt(problem, ConjugateGradient, problem.tol, max_time=10.0, max_iterations=20)
 
 
-@contextlib.contextmanager
-def never_merging():
-    """Our solver without merging collapsed features: every problem counts as small."""
+def run_ours(problem: UFMProblem, device: str, merge: bool = True) -> dict:
+    """One solve(); with merge=False, without merging collapsed features (as if every
+    problem were too small for it to pay)."""
     threshold = ufm._SMALL_WORK
-    ufm._SMALL_WORK = math.inf
+    if not merge:
+        ufm._SMALL_WORK = math.inf
     try:
-        yield
-    finally:
-        ufm._SMALL_WORK = threshold
-
-
-def time_ours(problem: UFMProblem, device: str, repeats: int) -> dict:
-    runs = []
-    for _ in range(repeats):
         start = time.perf_counter()
         result = solve(problem, device=device)
         seconds = time.perf_counter() - start
-        target_seconds = seconds if meets_targets(result) else None
-        runs.append({**result, "seconds": seconds, "target_seconds": target_seconds})
-    return min(runs, key=lambda run: run["seconds"])
-
-
-def time_pymanopt(problem, optimizer_class, min_gradient_norm, max_time, repeats) -> dict:
-    runs = [
-        run_pymanopt(problem, optimizer_class, min_gradient_norm, max_time) for _ in range(repeats)
-    ]
-    return min(runs, key=lambda run: run["seconds"])
+    finally:
+        ufm._SMALL_WORK = threshold
+    target_seconds = seconds if meets_targets(result) else None
+    return {**result, "seconds": seconds, "target_seconds": target_seconds}
 
 
 def run_pymanopt(
