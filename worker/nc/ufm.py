@@ -448,12 +448,13 @@ def _descent(
 
         return is_collapsed
 
-    merged_start = []
+    merged_start = None
 
     def merge_if_collapsed(point) -> bool:
+        nonlocal merged_start
         means = _merged_features(point[1], full.labels, problem.num_classes)
         if means is not None:
-            merged_start.extend([point[0], means, *point[2:]])
+            merged_start = [point[0], means, *point[2:]]
         return means is not None
 
     last = yield from _phase(
@@ -464,7 +465,7 @@ def _descent(
         collapse_check(full),
         hand_over=None if merged is None else merge_if_collapsed,
     )
-    if not merged_start:
+    if merged_start is None:
         yield last, full
         return
     record.merged_at = last.step
