@@ -1,7 +1,7 @@
 """The normalized UFM solver against pymanopt 2.2, in one process, from the same starts.
 
     .venv/bin/pip install -e '.[bench]'        # pymanopt==2.2.1
-    .venv/bin/python bench/ufm.py              # about 15 minutes on 2 CPU cores
+    .venv/bin/python bench/ufm.py              # about 5 minutes on 2 CPU cores
     .venv/bin/python bench/ufm.py --skip-scale
     .venv/bin/python bench/ufm.py --skip-comparison --device cuda
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python bench/ufm.py
