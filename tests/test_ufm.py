@@ -467,7 +467,7 @@ def test_merged_descent_takes_the_full_descents_steps_from_a_collapsed_point():
     classes = torch.arange(K)
     labels = classes.repeat_interleave(counts)
     full = ufm._formulation(problem, labels)
-    merged = ufm._formulation(problem, classes, row_weights=counts, sample_rows=labels)
+    merged = ufm._formulation(problem, classes, row_weights=counts.double(), sample_rows=labels)
     generator = torch.Generator().manual_seed(0)
     classifier, rows = (RowSphere().random((K, d), generator) for _ in range(2))
     bias = 0.1 * torch.randn(K, generator=generator, dtype=torch.float64)

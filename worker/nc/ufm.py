@@ -267,7 +267,8 @@ def solve(
         and problem.num_samples > problem.num_classes
         and _work(problem) >= _SMALL_WORK
     ):
-        merged = _formulation(problem, classes, row_weights=counts, sample_rows=labels)
+        row_weights = counts.to(torch.float64)
+        merged = _formulation(problem, classes, row_weights=row_weights, sample_rows=labels)
     progress = _Progress(on_progress, budget=problem.max_iters * problem.restarts)
 
     best, best_history, final_losses = None, [], []
@@ -573,6 +574,7 @@ class _Formulation:
 
 
 def _formulation(problem, labels, row_weights=None, sample_rows=None) -> _Formulation:
+    """`row_weights`: None, or float64 n_k for a merged formulation's rows."""
     if problem.normalization == "normalized":
         evaluate = _normalized_objective(problem, labels, row_weights)
         manifolds = [RowSphere(), RowSphere(row_weights)]
@@ -676,8 +678,6 @@ class _Preconditioner:
     def __init__(self, scales, manifolds, labels, num_classes: int, coupling, row_weights=None):
         self.scales, self.manifolds, self.labels = scales, manifolds, labels
         self.coupling = coupling
-        if row_weights is not None:
-            row_weights = row_weights.to(torch.float64)
         counts = torch.bincount(labels, weights=row_weights, minlength=num_classes)
         self.row_weights = None if row_weights is None else row_weights[:, None]
         joint_inverse_scale = 1 / scales[0] + counts.to(torch.float64) / scales[1]
@@ -791,7 +791,7 @@ def _normalized_objective(problem: UFMProblem, labels: torch.Tensor, row_weights
     """
     scale, log_scale = problem.logit_scale, math.log(problem.logit_scale)
     log_num_samples = math.log(problem.num_samples)
-    log_weights = None if row_weights is None else torch.log(row_weights.to(torch.float64))
+    log_weights = None if row_weights is None else torch.log(row_weights)
     logits = _logits_buffer(problem, labels)
 
     def evaluate(point):
@@ -958,9 +958,10 @@ def _minimize(
     `hand_over(point)`, if given, is asked before each step is searched for; when it
     returns True, the run ends there, unconverged, for the caller to go on from.
 
-    The host reads numbers from the device twice per iteration: the objective value of
-    each trial step, and then, in one transfer, the inner products that give the
-    gradient norm, the slope and the Barzilai-Borwein steps of the accepted one.
+    The host reads numbers from the device twice per iteration (three times while
+    `hand_over` reads one): the objective value of each trial step, and then, in one
+    transfer, the inner products that give the gradient norm, the slope and the
+    Barzilai-Borwein steps of the accepted one.
     """
     manifolds, preconditioner = formulation.manifolds, formulation.preconditioner
     value, grads = _value_and_riemannian_grad(formulation.evaluate, manifolds, point)
