@@ -9,6 +9,11 @@ from service.settings import get_settings
 url = context.config.attributes.get("database_url") or get_settings().resolved_database_url
 engine = make_engine(url)
 with engine.connect() as connection:
+    if url.startswith("sqlite"):
+        # SQLite alters a table by copying it and dropping the original; with foreign keys
+        # on, that drop would cascade to the metric history.
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        connection.commit()
     context.configure(
         connection=connection,
         target_metadata=Base.metadata,

@@ -10,6 +10,7 @@ from functools import lru_cache
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.search import sqlite_functions
 from service.settings import get_settings
 
 
@@ -26,6 +27,7 @@ def make_engine(url: str) -> Engine:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
+            sqlite_functions.register(dbapi_connection)
 
         return engine
     return create_engine(url, pool_pre_ping=True)

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from service.models import Experiment, MetricRow, utcnow
 from service.schemas import TERMINAL_STATUSES
-from service.settings import Settings
+from service.settings import ANONYMOUS, Settings
 
 
 def json_safe(values: dict) -> dict:
@@ -25,11 +25,15 @@ def json_safe(values: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
 
 
-def create(session: Session, spec: dict) -> Experiment:
+def create(session: Session, spec: dict, owner: str = ANONYMOUS, name: str | None = None,
+           tags: dict[str, str] | None = None) -> Experiment:
     experiment = Experiment(
         id=str(uuid.uuid4()),
         status="queued",
         spec=spec,
+        owner=owner,
+        name=name,
+        tags=tags or {},
         kind=spec["kind"],
         normalization=spec.get("normalization"),
         num_classes=spec["K"],

@@ -65,6 +65,14 @@ class Experiment(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     worker: Mapped[str | None] = mapped_column(String(255))
 
+    # Who submitted it (the API key's owner) and the user's own labels, editable later.
+    owner: Mapped[str] = mapped_column(String(200), index=True, default="anonymous")
+    name: Mapped[str | None] = mapped_column(String(200))
+    tags: Mapped[dict] = mapped_column(JSONDocument, default=dict)
+    sweep: Mapped[str | None] = mapped_column(String(36), index=True)
+
+    # PostgreSQL's expression indexes for search live in the migrations (0002), where
+    # they are written as SQL; the ORM does not declare them.
     __table_args__ = (Index("ix_experiments_created_at_id", "created_at", "id"),)
 
 

@@ -3,7 +3,10 @@
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StringConstraints, Tag,
+    ValidationInfo, field_validator,
+)
 
 from service.datasets import DATASETS
 from service.settings import get_settings
@@ -223,12 +226,72 @@ class TrainSpec(SpecBase):
 
 ExperimentSpec = Annotated[Union[UFMSpec, TrainSpec], Field(discriminator="kind")]
 
+# The user's labels. Tag keys become filter fields (tags.<key>), hence the identifier rule.
+MAX_TAGS = 32
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+TagKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+TagValue = Annotated[str, StringConstraints(max_length=256)]
+
+
+def _at_most_max_tags(tags: dict) -> dict:
+    if len(tags) > MAX_TAGS:
+        raise ValueError(f"at most {MAX_TAGS} tags; {len(tags)} given")
+    return tags
+
+
+Tags = Annotated[dict[TagKey, TagValue], AfterValidator(_at_most_max_tags)]
+
+
+class LabelledSubmission(BaseModel):
+    """A spec with the user's name and tags beside it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: ExperimentSpec
+    name: Name | None = None
+    tags: Tags = {}
+
+
+def _submission_form(body: Any) -> str:
+    return "labelled" if isinstance(body, dict) and "spec" in body else "bare"
+
+
+# POST /experiments takes a bare spec (as in v1) or {"spec": ..., "name": ..., "tags": ...}.
+Submission = Annotated[
+    Union[Annotated[LabelledSubmission, Tag("labelled")], Annotated[ExperimentSpec, Tag("bare")]],
+    Discriminator(_submission_form),
+]
+
+
+class ExperimentPatch(BaseModel):
+    """PATCH /experiments/{id}: a new name (null clears it) and tags merged in (a null value removes that tag)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name | None = None
+    tags: dict[TagKey, TagValue | None] | None = None
+
+
+class SearchRequest(BaseModel):
+    """POST /experiments/search: the query string's parameters, in a body (for long filters)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    where: str | None = Field(None, max_length=20_000, description="a filter, e.g. \"result.nc1 < 0.1\"")
+    order_by: str | list[str] | None = Field(None, description="fields, '-' for descending; default -created_at")
+    limit: int = Field(50, ge=1, le=500)
+    cursor: str | None = None
+
 
 class ExperimentOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: str
     status: Status
+    owner: str
+    name: str | None
+    tags: dict[str, str]
+    sweep: str | None
     spec: dict[str, Any]
     progress: float
     result: dict[str, Any] | None

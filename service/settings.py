@@ -11,6 +11,9 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+ANONYMOUS = "anonymous"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NCLAB_")
 
@@ -18,8 +21,9 @@ class Settings(BaseSettings):
     # Empty means "embedded default in data_dir".
     database_url: str = ""
     broker_url: str = ""
-    # Comma-separated; when non-empty every /experiments request needs one of them
-    # as "Authorization: Bearer <key>" or "X-API-Key: <key>".
+    # Comma-separated "owner:key" pairs (a bare key belongs to owner "anonymous"); when
+    # non-empty every /experiments request needs one of the keys as
+    # "Authorization: Bearer <key>" or "X-API-Key: <key>".
     api_keys: str = ""
 
     # Job lifecycle timing, in seconds.
@@ -47,8 +51,13 @@ class Settings(BaseSettings):
         return self.broker_url or f"sqla+sqlite:///{self.data_dir.resolve() / 'queue.sqlite'}"
 
     @property
-    def api_key_set(self) -> frozenset[str]:
-        return frozenset(key.strip() for key in self.api_keys.split(",") if key.strip())
+    def key_owners(self) -> dict[str, str]:
+        """API key -> its owner's name."""
+        owners = {}
+        for entry in filter(None, (part.strip() for part in self.api_keys.split(","))):
+            owner, _, key = entry.rpartition(":")
+            owners[key.strip()] = owner.strip() or ANONYMOUS
+        return owners
 
 
 @lru_cache

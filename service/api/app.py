@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import jobs
 from service.api import problems
-from service.api.routes import experiments, health
+from service.api.routes import experiments, health, search
 from service.db import get_sessionmaker
 from service.queue import enqueue
 from service.settings import get_settings
@@ -48,6 +48,7 @@ def create_app() -> FastAPI:
     )
     problems.install(app)
     app.include_router(health.router)
+    app.include_router(search.router)  # first: /experiments/aggregate is not an experiment's id
     app.include_router(experiments.router)
     return app
 

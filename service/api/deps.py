@@ -1,24 +1,73 @@
-"""Request dependencies: a database session per request and the API-key check."""
+"""Request dependencies: a database session, the caller's identity, and strict query strings."""
 
+import hmac
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException
+from fastapi import Depends, Header, HTTPException, Request
 from sqlalchemy.orm import Session
 
+from service.api.problems import InvalidField
 from service.db import get_session
-from service.settings import get_settings
+from service.settings import ANONYMOUS, get_settings
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def _owner_of(presented: str, key_owners: dict[str, str]) -> str | None:
+    """The owner of a key, comparing against every key in constant time."""
+    owner = None
+    for key, key_owner in key_owners.items():
+        if hmac.compare_digest(presented.encode(), key.encode()):
+            owner = key_owner
+    return owner
 
 
 def require_api_key(
     authorization: Annotated[str | None, Header()] = None,
     x_api_key: Annotated[str | None, Header()] = None,
-) -> None:
-    keys = get_settings().api_key_set
-    if not keys:
-        return
+) -> str:
+    """The caller's owner name: the key's owner when keys are set, else 'anonymous'."""
+    key_owners = get_settings().key_owners
+    if not key_owners:
+        return ANONYMOUS
     presented = x_api_key or (authorization or "").removeprefix("Bearer ").strip()
-    if presented not in keys:
+    owner = _owner_of(presented, key_owners)
+    if owner is None:
         raise HTTPException(401, "missing or unknown API key: send 'Authorization: Bearer <key>'",
                             headers={"WWW-Authenticate": "Bearer"})
+    return owner
+
+
+OwnerDep = Annotated[str, Depends(require_api_key)]
+
+
+def _declared_query_parameters(request: Request) -> dict[str, bool]:
+    """The route's query parameters, each with whether it takes several values."""
+    route = request.scope["route"]
+    declared = getattr(route, "_nclab_query_parameters", None)
+    if declared is None:
+        declared = {}
+        pending = [route.dependant]
+        while pending:
+            dependant = pending.pop()
+            pending.extend(dependant.dependencies)
+            for parameter in dependant.query_params:
+                declared[parameter.alias] = str(parameter.field_info.annotation).startswith("list")
+        route._nclab_query_parameters = declared
+    return declared
+
+
+def strict_query(request: Request) -> None:
+    """Reject query parameters the route does not take, and repeats of single-valued ones.
+
+    A misspelt filter (``?seed=0``, ``?order_by=nc1`` on an old server) must not quietly
+    answer with an unfiltered list.
+    """
+    declared = _declared_query_parameters(request)
+    for name in dict.fromkeys(request.query_params.keys()):
+        if name not in declared:
+            allowed = ", ".join(sorted(declared)) or "none"
+            raise InvalidField(name, f"unknown query parameter (this route takes: {allowed})")
+        if not declared[name] and len(request.query_params.getlist(name)) > 1:
+            raise InvalidField(name, f"given {len(request.query_params.getlist(name))} times; it takes one value")
+

@@ -7,6 +7,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from service.search.language import FilterError
+
 PROBLEM_JSON = "application/problem+json"
 
 
@@ -16,12 +18,24 @@ def problem(status: int, detail: str, **extra) -> JSONResponse:
 
 
 def _field_name(loc: tuple, error_type: str) -> str:
-    """'K' rather than ('body', 'ufm', 'K'): drop the body marker and the union tag."""
-    if error_type.startswith("union_tag"):
-        return "kind"
-    parts = [str(part) for part in loc[1:]]
-    if parts and parts[0] in {"ufm", "train"}:
+    """'K' rather than ('body', 'bare', 'ufm', 'K'): drop the body marker and the union tags.
+
+    A bare spec's fields are named as they are (``K``); a labelled submission's as
+    ``spec.K``, ``name``, ``tags``.
+    """
+    parts = [str(part) for part in loc[1:]] if loc and loc[0] == "body" else [str(part) for part in loc]
+    if parts[:1] == ["bare"]:
         parts = parts[1:]
+        spec_at = 0
+    elif parts[:1] == ["labelled"]:
+        parts = parts[1:]
+        spec_at = 1 if parts[:1] == ["spec"] else None
+    else:
+        spec_at = 0 if loc and loc[0] == "body" else None
+    if spec_at is not None and len(parts) > spec_at and parts[spec_at] in {"ufm", "train"}:
+        del parts[spec_at]
+    if error_type.startswith("union_tag"):
+        parts.append("kind")
     return ".".join(parts)
 
 
@@ -35,6 +49,28 @@ def _validation_problem(_request: Request, exc: RequestValidationError) -> JSONR
     return problem(422, detail, errors=errors)
 
 
+class InvalidField(Exception):
+    """A 422 naming the field (a query parameter, a body field, a filter's field) and the rule."""
+
+    def __init__(self, field: str | None, message: str, column: int | None = None):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field, self.message, self.column = field, message, column
+
+
+def _invalid_field_problem(_request: Request, exc: InvalidField) -> JSONResponse:
+    error = {"field": exc.field, "message": exc.message, "type": "invalid"}
+    if exc.column is not None:
+        error["column"] = exc.column
+    return problem(422, str(exc), errors=[error])
+
+
+def _filter_problem(_request: Request, exc: FilterError) -> JSONResponse:
+    """A filter that cannot run: which parameter, where in it, which field."""
+    error = {"field": exc.field or exc.parameter, "message": str(exc), "type": "invalid_filter",
+             "parameter": exc.parameter, "column": exc.column}
+    return problem(422, str(exc), errors=[error])
+
+
 def _http_problem(_request: Request, exc: HTTPException) -> JSONResponse:
     response = problem(exc.status_code, str(exc.detail))
     response.headers.update(exc.headers or {})
@@ -44,3 +80,5 @@ def _http_problem(_request: Request, exc: HTTPException) -> JSONResponse:
 def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_problem)
     app.add_exception_handler(HTTPException, _http_problem)
+    app.add_exception_handler(InvalidField, _invalid_field_problem)
+    app.add_exception_handler(FilterError, _filter_problem)

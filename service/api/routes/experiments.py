@@ -1,21 +1,24 @@
-"""/experiments: submit, inspect, list, cancel, and read the metric history."""
+"""/experiments/{id}: submit, inspect, label, cancel, and read the metric history (JSON, CSV, PNG)."""
 
-import base64
-import binascii
-import json
-from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Query, Response
-from sqlalchemy import and_, or_, select
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
-from service import jobs
-from service.api.deps import SessionDep, require_api_key
-from service.models import Experiment, MetricRow
+from service import jobs, plots
+from service.api.deps import OwnerDep, SessionDep, require_api_key, strict_query
+from service.api.problems import InvalidField
+from service.api.formats import CSV_RESPONSES, PNG_RESPONSES, Format, PlotHeight, PlotWidth, csv_response, wants_csv
+from service.models import Experiment
 from service.queue import enqueue
-from service.schemas import TERMINAL_STATUSES, ExperimentList, ExperimentOut, ExperimentSpec, MetricHistory, Status
+from service.schemas import (
+    MAX_TAGS, TERMINAL_STATUSES, ExperimentOut, ExperimentPatch, LabelledSubmission, MetricHistory, Submission,
+)
+from service.search import export, queries
+from service.search.fields import STEP_UNITS, UnknownField, history_key
 
-router = APIRouter(prefix="/experiments", tags=["experiments"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/experiments", tags=["experiments"],
+                   dependencies=[Depends(require_api_key), Depends(strict_query)])
 
 
 def _get_or_404(session, experiment_id: str) -> Experiment:
@@ -26,8 +29,12 @@ def _get_or_404(session, experiment_id: str) -> Experiment:
 
 
 @router.post("", status_code=202, response_model=ExperimentOut)
-def submit(spec: Annotated[ExperimentSpec, Body()], session: SessionDep, response: Response) -> Experiment:
-    experiment = jobs.create(session, spec.model_dump(mode="json"))
+def submit(submission: Annotated[Submission, Body()], session: SessionDep, owner: OwnerDep,
+           response: Response) -> Experiment:
+    """A spec, bare or as ``{"spec": ..., "name": ..., "tags": {...}}``; recorded with the key's owner."""
+    labelled = submission if isinstance(submission, LabelledSubmission) else LabelledSubmission(spec=submission)
+    experiment = jobs.create(session, labelled.spec.model_dump(mode="json"), owner=owner, name=labelled.name,
+                             tags=labelled.tags)
     jobs.send(session, experiment.id, enqueue)
     response.headers["Location"] = f"/experiments/{experiment.id}"
     session.refresh(experiment)
@@ -39,13 +46,55 @@ def read(experiment_id: str, session: SessionDep) -> Experiment:
     return _get_or_404(session, experiment_id)
 
 
-@router.get("/{experiment_id}/metrics", response_model=MetricHistory)
-def metric_history(experiment_id: str, session: SessionDep) -> MetricHistory:
+@router.patch("/{experiment_id}", response_model=ExperimentOut)
+def relabel(experiment_id: str, patch: ExperimentPatch, session: SessionDep) -> Experiment:
+    """Rename (``"name": null`` clears it) and retag: tags are merged in, a null value removes that tag."""
+    experiment = _get_or_404(session, experiment_id)
+    if "name" in patch.model_fields_set:
+        experiment.name = patch.name
+    if patch.tags:
+        tags = {**experiment.tags, **patch.tags}
+        tags = {key: value for key, value in tags.items() if value is not None}
+        if len(tags) > MAX_TAGS:
+            raise InvalidField("tags", f"at most {MAX_TAGS} tags; this would make {len(tags)}")
+        experiment.tags = tags
+    session.commit()
+    return experiment
+
+
+def _history(session, experiment_id: str) -> list[dict]:
     _get_or_404(session, experiment_id)
-    rows = session.scalars(
-        select(MetricRow).where(MetricRow.experiment_id == experiment_id).order_by(MetricRow.step)
-    )
-    return MetricHistory(items=[{"step": row.step, **row.values} for row in rows])
+    return queries.history(session, experiment_id)
+
+
+@router.get("/{experiment_id}/metrics", response_model=MetricHistory, responses=CSV_RESPONSES)
+def metric_history(experiment_id: str, session: SessionDep, request: Request, format: Format = None):
+    rows = _history(session, experiment_id)
+    if wants_csv(request, format):
+        return csv_response(export.history(rows), f"{experiment_id}-metrics")
+    return MetricHistory(items=rows)
+
+
+@router.get("/{experiment_id}/metrics.png", response_class=Response, responses=PNG_RESPONSES)
+async def metric_history_png(
+    experiment_id: str,
+    session: SessionDep,
+    metric: Annotated[str, Query(max_length=2000, description="comma-separated history metrics")] = "nc1",
+    width: PlotWidth = 800,
+    height: PlotHeight = 500,
+) -> Response:
+    """The history as a plot: one line per metric over the steps (iterations or epochs)."""
+    try:
+        metrics = [history_key(name.strip()) for name in metric.split(",") if name.strip()]
+    except UnknownField as exc:
+        raise InvalidField("metric", str(exc)) from None
+    if not metrics:
+        raise InvalidField("metric", "name at least one history metric, e.g. nc1")
+    experiment = await run_in_threadpool(_get_or_404, session, experiment_id)
+    rows = await run_in_threadpool(queries.history, session, experiment_id)
+    title = experiment.name or f"{experiment.kind} {experiment.id[:8]}"
+    png = await run_in_threadpool(plots.history_png, rows, metrics, title, STEP_UNITS[experiment.kind], width, height)
+    return Response(png, media_type="image/png")
 
 
 @router.post("/{experiment_id}/cancel", response_model=ExperimentOut)
@@ -57,48 +106,3 @@ def cancel(experiment_id: str, session: SessionDep, response: Response) -> Exper
     # A running job stops cooperatively within seconds; until then it reports cancel_requested.
     response.status_code = 202 if experiment.status == "running" else 200
     return experiment
-
-
-def _encode_cursor(experiment: Experiment) -> str:
-    raw = json.dumps([experiment.created_at.isoformat(), experiment.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        created_at, experiment_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(created_at), str(experiment_id)
-    except (binascii.Error, ValueError, TypeError) as exc:
-        raise HTTPException(422, "cursor: not a cursor returned by this API") from exc
-
-
-@router.get("", response_model=ExperimentList)
-def list_experiments(
-    session: SessionDep,
-    kind: Literal["ufm", "train"] | None = None,
-    status: Status | None = None,
-    normalization: Literal["normalized", "regularized", "none"] | None = None,
-    K: Annotated[int | None, Query(ge=1)] = None,
-    d: Annotated[int | None, Query(ge=1)] = None,
-    dataset: str | None = None,
-    architecture: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: str | None = None,
-) -> ExperimentList:
-    """Newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
-    filters = {
-        Experiment.kind: kind, Experiment.status: status, Experiment.normalization: normalization,
-        Experiment.num_classes: K, Experiment.dim: d, Experiment.dataset: dataset,
-        Experiment.architecture: architecture,
-    }
-    query = select(Experiment).where(*(column == value for column, value in filters.items() if value is not None))
-    if cursor is not None:
-        created_at, experiment_id = _decode_cursor(cursor)
-        query = query.where(or_(
-            Experiment.created_at < created_at,
-            and_(Experiment.created_at == created_at, Experiment.id < experiment_id),
-        ))
-    query = query.order_by(Experiment.created_at.desc(), Experiment.id.desc()).limit(limit + 1)
-    page = session.scalars(query).all()
-    next_cursor = _encode_cursor(page[limit - 1]) if len(page) > limit else None
-    return ExperimentList(items=page[:limit], next_cursor=next_cursor)

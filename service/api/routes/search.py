@@ -1,0 +1,168 @@
+"""Lab-wide comparison: search, aggregate and curves over the experiments, as JSON, CSV or PNG.
+
+Thin: parse the parameters (service/search/language.py), run the query
+(service/search/queries.py), and shape the answer. Declared before /experiments/{id} so
+that 'aggregate', 'curves' and 'search' are not taken for ids.
+"""
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from service import plots
+from service.api.deps import SessionDep, require_api_key, strict_query
+from service.api.formats import CSV_RESPONSES, PNG_RESPONSES, Format, PlotHeight, PlotWidth, csv_response, wants_csv
+from service.api.problems import InvalidField
+from service.db import get_sessionmaker
+from service.schemas import ExperimentList, SearchRequest, Status
+from service.search import export, queries
+from service.search.fields import STEP_UNITS, Field, UnknownField, history_key, lookup, numeric_result_key
+from service.search.language import Compare, Filter, FilterError, OrderKey, conjunction, parse_filter, parse_order_by
+
+router = APIRouter(prefix="/experiments", tags=["comparison"],
+                   dependencies=[Depends(require_api_key), Depends(strict_query)])
+
+Where = Annotated[str | None, Query(max_length=20_000, description="a filter, e.g. \"spec.K = 10 and result.nc1 < 0.1\"")]
+GroupBy = Annotated[str | None, Query(max_length=2000, description="comma-separated fields, e.g. spec.normalization,spec.logit_scale")]
+
+
+def _filter(where: str | None, legacy: list[Filter] = ()) -> Filter | None:
+    parsed = [parse_filter(where)] if where and where.strip() else []
+    return conjunction([*legacy, *parsed])
+
+
+def _order(order_by: str | list[str] | None) -> list[OrderKey] | None:
+    if isinstance(order_by, list):
+        order_by = ",".join(order_by)
+    return parse_order_by(order_by) if order_by and order_by.strip() else None
+
+
+def _fields(text: str | None, parameter: str) -> list[Field]:
+    names = [name.strip() for name in (text or "").split(",") if name.strip()]
+    try:
+        return [lookup(name) for name in names]
+    except UnknownField as exc:
+        raise FilterError(str(exc), parameter, field=exc.name) from None
+
+
+def _metric_names(text: str | None, parameter: str, resolve) -> list[str]:
+    names = [name.strip() for name in (text or "").split(",") if name.strip()]
+    try:
+        return [resolve(name) for name in names]
+    except UnknownField as exc:
+        raise InvalidField(parameter, str(exc)) from None
+
+
+def _export(tree: Filter | None, order: list[OrderKey] | None) -> StreamingResponse:
+    """Every match as CSV, read in batches by a session of the stream's own (it outlives the request's)."""
+
+    def chunks():
+        with get_sessionmaker()() as session:
+            yield from export.experiments(queries.stream(session, tree, order))
+
+    return csv_response(chunks(), "experiments")
+
+
+def _page(session, request: Request, format: str | None, tree, order, limit: int, cursor: str | None):
+    if wants_csv(request, format):
+        # A CSV export is the whole match, not a page: it streams in constant memory.
+        return _export(tree, order)
+    page = queries.search(session, tree, order, limit, cursor)
+    return ExperimentList(items=page.items, next_cursor=page.next_cursor)
+
+
+@router.get("", response_model=ExperimentList, responses=CSV_RESPONSES)
+def list_experiments(
+    session: SessionDep,
+    request: Request,
+    where: Where = None,
+    order_by: Annotated[str | None, Query(max_length=2000, description="e.g. result.nc1,-created_at")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: str | None = None,
+    format: Format = None,
+    kind: Literal["ufm", "train"] | None = None,
+    status: Status | None = None,
+    normalization: Literal["normalized", "regularized", "none"] | None = None,
+    K: Annotated[int | None, Query(ge=1)] = None,
+    d: Annotated[int | None, Query(ge=1)] = None,
+    dataset: str | None = None,
+    architecture: str | None = None,
+):
+    """Search: newest first unless ``order_by`` says otherwise; pass ``next_cursor`` back as
+    ``cursor`` for the next page. ``where`` takes the filter language; the equality
+    parameters (kind, status, ..., K, d) still work and are combined with it."""
+    legacy = {"kind": kind, "status": status, "spec.normalization": normalization, "spec.K": K, "spec.d": d,
+              "spec.dataset": dataset, "spec.architecture": architecture}
+    equalities = [Compare(lookup(name), "=", value) for name, value in legacy.items() if value is not None]
+    return _page(session, request, format, _filter(where, equalities), _order(order_by), limit, cursor)
+
+
+@router.post("/search", response_model=ExperimentList, responses=CSV_RESPONSES)
+def search(body: SearchRequest, session: SessionDep, request: Request, format: Format = None):
+    """The same search with its parameters in a JSON body, for filters too long for a URL."""
+    return _page(session, request, format, _filter(body.where), _order(body.order_by), body.limit, body.cursor)
+
+
+@router.get("/aggregate", responses=CSV_RESPONSES)
+def aggregate(
+    session: SessionDep,
+    request: Request,
+    where: Where = None,
+    group_by: GroupBy = None,
+    metrics: Annotated[str | None, Query(max_length=2000, description="comma-separated result keys, e.g. nc1,test_accuracy")] = None,
+    format: Format = None,
+):
+    """Per group: ``count``, and per metric n, mean, std (sample), min, max, median; computed in the database."""
+    tree, groups = _filter(where), _fields(group_by, "group_by")
+    keys = _metric_names(metrics, "metrics", numeric_result_key)
+    items = queries.aggregate(session, tree, groups, keys)
+    if wants_csv(request, format):
+        return csv_response(export.aggregate(items, [g.name for g in groups], keys), "aggregate")
+    return {"items": items}
+
+
+def _curves(session, where: str | None, group_by: str | None, metric: str):
+    tree, groups = _filter(where), _fields(group_by, "group_by")
+    (key,) = _metric_names(metric, "metric", history_key) or [None]
+    if key is None:
+        raise InvalidField("metric", "name one history metric, e.g. nc1")
+    return tree, groups, key, queries.curves(session, tree, groups, key)
+
+
+@router.get("/curves", responses=CSV_RESPONSES)
+def curves(
+    session: SessionDep,
+    request: Request,
+    metric: Annotated[str, Query(max_length=100, description="a history metric, e.g. nc1")],
+    where: Where = None,
+    group_by: GroupBy = None,
+    format: Format = None,
+):
+    """Per group and per history step: n, mean, std, min, max of the metric over the experiments."""
+    _tree, groups, _key, items = _curves(session, where, group_by, metric)
+    if wants_csv(request, format):
+        return csv_response(export.curves(items, [g.name for g in groups]), "curves")
+    return {"items": items}
+
+
+def _step_unit(kinds: set[str]) -> str:
+    units = {STEP_UNITS[kind] for kind in kinds}
+    return units.pop() if len(units) == 1 else "step"
+
+
+@router.get("/curves.png", response_class=Response, responses=PNG_RESPONSES)
+async def curves_png(
+    session: SessionDep,
+    metric: Annotated[str, Query(max_length=100, description="a history metric, e.g. nc1")],
+    where: Where = None,
+    group_by: GroupBy = None,
+    width: PlotWidth = 800,
+    height: PlotHeight = 500,
+) -> Response:
+    """The curves as a plot: one line per group, the mean with a shaded band of ± one std."""
+    tree, _groups, key, items = await run_in_threadpool(_curves, session, where, group_by, metric)
+    unit = _step_unit(await run_in_threadpool(queries.step_units, session, tree))
+    png = await run_in_threadpool(plots.curves_png, items, key, unit, width, height)
+    return Response(png, media_type="image/png")

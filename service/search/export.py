@@ -1,0 +1,80 @@
+"""CSV for every list-like response, written as it is read (constant memory).
+
+An experiment is one row: its columns, ``tags`` as JSON, then ``spec.<field>`` for every
+spec field of every kind and ``result.<key>`` for every result key, in catalogue order
+(blank where a kind has no such field). Booleans are ``true``/``false``, nulls blank,
+lists and objects JSON, floats in Python's shortest round-trip form.
+"""
+
+import csv
+import io
+import json
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+
+from service.models import Experiment
+from service.search.fields import RESULT_TYPES, SPEC_FIELDS
+from service.search.queries import STATISTICS
+
+EXPERIMENT_COLUMNS = ["id", "status", "kind", "owner", "name", "sweep", "tags", "progress", "error", "attempts",
+                      "created_at", "started_at", "finished_at"]
+SPEC_KEYS = [name.removeprefix("spec.") for name in SPEC_FIELDS]
+RESULT_KEYS = list(RESULT_TYPES)
+EXPERIMENT_HEADER = EXPERIMENT_COLUMNS + [f"spec.{k}" for k in SPEC_KEYS] + [f"result.{k}" for k in RESULT_KEYS]
+
+
+def cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, list | dict):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def experiment_row(experiment: Experiment) -> list:
+    spec, result = experiment.spec, experiment.result or {}
+    return ([getattr(experiment, column) for column in EXPERIMENT_COLUMNS]
+            + [spec.get(k) for k in SPEC_KEYS] + [result.get(k) for k in RESULT_KEYS])
+
+
+def lines(header: list[str], rows: Iterable[list], chunk: int = 500) -> Iterator[str]:
+    """The CSV text in pieces of ``chunk`` rows."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for count, row in enumerate(rows, start=1):
+        writer.writerow([cell(value) for value in row])
+        if count % chunk == 0:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+def experiments(items: Iterable[Experiment]) -> Iterator[str]:
+    return lines(EXPERIMENT_HEADER, (experiment_row(e) for e in items))
+
+
+def aggregate(items: list[dict], group_by: list[str], metrics: list[str]) -> Iterator[str]:
+    header = group_by + ["count"] + [f"{m}.{s}" for m in metrics for s in STATISTICS]
+    rows = ([item["group"][g] for g in group_by] + [item["count"]]
+            + [item["metrics"][m][s] for m in metrics for s in STATISTICS] for item in items)
+    return lines(header, rows)
+
+
+def curves(items: list[dict], group_by: list[str]) -> Iterator[str]:
+    header = group_by + ["step", "n", "mean", "std", "min", "max"]
+    rows = ([item["group"][g] for g in group_by] + [p["step"], p["n"], p["mean"], p["std"], p["min"], p["max"]]
+            for item in items for p in item["points"])
+    return lines(header, rows)
+
+
+def history(rows: list[dict]) -> Iterator[str]:
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    return lines(keys, ([row.get(k) for k in keys] for row in rows))

@@ -1,0 +1,156 @@
+"""What can be searched, grouped and ordered on, and the type of each field.
+
+A field is a name of the filter language: a column of the experiment (``status``,
+``owner``, ``created_at``, ...), ``tags.<key>``, ``spec.<field>`` (every field of every
+spec kind, read from the pydantic models) or ``result.<key>`` (the result keys the
+engine writes: the metric catalogue of DESIGN.md and each kind's own figures). History
+keys (``metric=`` of curves and plots) are the catalogue plus the training rows' keys.
+
+Types are those a comparison needs: ``number`` (int or float), ``string``, ``bool``,
+``datetime``. A field with a closed set of values (``status``, ``spec.dataset``) lists
+them, so that a typo is an error rather than an empty answer.
+"""
+
+import re
+import typing
+from dataclasses import dataclass
+from typing import Literal
+
+from service.schemas import TrainSpec, UFMSpec
+
+FieldType = Literal["number", "string", "bool", "datetime"]
+
+# Tag keys and JSON keys are spliced into SQL text as literals (service/search/sql.py):
+# only names that match this are ever accepted.
+KEY_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+CATALOGUE_METRICS = (
+    "nc1", "nc1_cdnv", "nc2_equinorm_m", "nc2_equinorm_w", "nc2_equiangle_m", "nc2_equiangle_w",
+    "nc2_etf_m", "nc2_etf_w", "nc3", "nc3_etf", "nc4", "accuracy", "loss",
+)
+# Keys of a history row, beside its step.
+HISTORY_KEYS = CATALOGUE_METRICS + (
+    "cross_entropy", "grad_norm", "w_min_angle_deg",  # UFM checkpoints
+    "epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy",  # training epochs
+)
+RESULT_TYPES: dict[str, FieldType] = {
+    **{key: "number" for key in HISTORY_KEYS},
+    **{key: "number" for key in (
+        "optimal_loss", "optimality_gap", "iterations", "features_merged_at", "restarts",
+        "global_optimum_fraction", "final_loss_min", "final_loss_max", "final_loss_std",  # UFM
+        "epochs", "parameters",  # training
+    )},
+    "converged": "bool",
+    "has_closed_form": "bool",
+}
+
+# The step of a history row counts iterations for a UFM solve and epochs for training.
+STEP_UNITS = {"ufm": "iteration", "train": "epoch"}
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    type: FieldType
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def scope(self) -> str:
+        """'spec', 'result', 'tags', or 'column'."""
+        head, _, rest = self.name.partition(".")
+        return head if rest else "column"
+
+    @property
+    def key(self) -> str:
+        return self.name.partition(".")[2] or self.name
+
+
+COLUMN_FIELDS = {
+    field.name: field for field in (
+        Field("id", "string"),
+        Field("status", "string", ("queued", "running", "succeeded", "failed", "canceled")),
+        Field("kind", "string", ("ufm", "train")),
+        Field("owner", "string"),
+        Field("name", "string"),
+        Field("sweep", "string"),
+        Field("progress", "number"),
+        Field("created_at", "datetime"),
+        Field("started_at", "datetime"),
+        Field("finished_at", "datetime"),
+    )
+}
+
+
+def _spec_field(name: str, annotation) -> Field:
+    """The type of a spec field from its pydantic annotation."""
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)] or [annotation]
+    if typing.get_origin(annotation) is Literal:
+        return Field(f"spec.{name}", "string", tuple(args))
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _spec_field(name, args[0])
+    if all(arg is bool for arg in args):
+        return Field(f"spec.{name}", "bool")
+    # int | list[int] (n_per_class) compares as a number where it is one.
+    if any(arg in (int, float) for arg in args):
+        return Field(f"spec.{name}", "number")
+    return Field(f"spec.{name}", "string")
+
+
+def _spec_fields() -> dict[str, Field]:
+    fields: dict[str, Field] = {}
+    for model in (UFMSpec, TrainSpec):
+        for name, info in model.model_fields.items():
+            field = _spec_field(name, info.annotation)
+            known = fields.get(field.name)
+            if known is not None and known.choices and field.choices:
+                field = Field(field.name, field.type, tuple(dict.fromkeys(known.choices + field.choices)))
+            fields[field.name] = field
+    return fields
+
+
+SPEC_FIELDS = _spec_fields()
+RESULT_FIELDS = {f"result.{key}": Field(f"result.{key}", kind) for key, kind in RESULT_TYPES.items()}
+
+
+class UnknownField(ValueError):
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
+def lookup(name: str) -> Field:
+    """The field of a name, or UnknownField saying what there is."""
+    if name in COLUMN_FIELDS:
+        return COLUMN_FIELDS[name]
+    if name in SPEC_FIELDS:
+        return SPEC_FIELDS[name]
+    if name in RESULT_FIELDS:
+        return RESULT_FIELDS[name]
+    scope, _, key = name.partition(".")
+    if scope == "tags" and KEY_PATTERN.fullmatch(key):
+        return Field(name, "string")
+    if scope == "tags":
+        raise UnknownField(name, f"unknown field '{name}': a tag key is letters, digits and '_', at most 64")
+    if scope == "spec":
+        raise UnknownField(name, f"unknown field '{name}': spec fields are {', '.join(k[5:] for k in SPEC_FIELDS)}")
+    if scope == "result":
+        raise UnknownField(name, f"unknown field '{name}': result keys are {', '.join(RESULT_TYPES)}")
+    raise UnknownField(name, f"unknown field '{name}': use one of {', '.join(COLUMN_FIELDS)}, "
+                       "tags.<key>, spec.<field> or result.<key>")
+
+
+def history_key(name: str) -> str:
+    """A history metric by name (``nc1`` or ``result.nc1``), or UnknownField."""
+    key = name.removeprefix("result.")
+    if key not in HISTORY_KEYS:
+        raise UnknownField(name, f"unknown history metric '{name}': use one of {', '.join(HISTORY_KEYS)}")
+    return key
+
+
+def numeric_result_key(name: str) -> str:
+    """A numeric result key by name (``nc1`` or ``result.nc1``), or UnknownField."""
+    key = name.removeprefix("result.")
+    if RESULT_TYPES.get(key) != "number":
+        numeric = [k for k, kind in RESULT_TYPES.items() if kind == "number"]
+        raise UnknownField(name, f"unknown metric '{name}': use a numeric result key, one of {', '.join(numeric)}")
+    return key

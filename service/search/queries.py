@@ -1,0 +1,147 @@
+"""Lab-wide queries over the experiments: search pages, aggregates and curves, in SQL.
+
+Each takes a type-checked filter tree (service/search/language.py) and lets the database
+do the work: filtering, ordering, grouping and the statistics (mean, sample std, min,
+max, median) all run in one statement. SQLite gets ``stddev_samp`` and ``median`` as
+aggregate functions of its own (service/search/sqlite_functions.py).
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
+
+from service.models import Experiment, MetricRow
+from service.search import sql
+from service.search.fields import Field
+from service.search.language import Filter, OrderKey
+from service.search.sql import JSONValue
+
+
+@dataclass
+class Page:
+    items: list[Experiment]
+    next_cursor: str | None
+
+
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
+
+
+def matching(session: Session, tree: Filter | None) -> Select:
+    """SELECT experiments WHERE the filter holds."""
+    return select(Experiment).where(sql.compile_filter(tree, _dialect(session)))
+
+
+def search(session: Session, tree: Filter | None, order: list[OrderKey] | None, limit: int,
+           cursor: str | None = None) -> Page:
+    """One page in the given order (newest first by default); its cursor leads to the next."""
+    keys = order or sql.DEFAULT_ORDER
+    query = select(Experiment, *sql.sort_values(keys)).where(sql.compile_filter(tree, _dialect(session)))
+    if cursor is not None:
+        query = query.where(sql.after_cursor(keys, cursor))
+    rows = session.execute(query.order_by(*sql.order_clauses(keys)).limit(limit + 1)).all()
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        next_cursor = sql.encode_cursor(keys, list(last[1:]), last[0].id)
+    return Page([row[0] for row in rows[:limit]], next_cursor)
+
+
+def stream(session: Session, tree: Filter | None, order: list[OrderKey] | None,
+           batch: int = 1000) -> Iterator[Experiment]:
+    """Every match in order, fetched ``batch`` rows at a time (a server-side cursor on PostgreSQL)."""
+    keys = order or sql.DEFAULT_ORDER
+    query = matching(session, tree).order_by(*sql.order_clauses(keys))
+    result = session.execute(query.execution_options(yield_per=batch))
+    for experiment in result.scalars():
+        yield experiment
+        session.expunge(experiment)
+
+
+def _median(dialect: str, value):
+    if dialect == "postgresql":
+        return func.percentile_cont(0.5).within_group(value)
+    return func.median(value)
+
+
+STATISTICS = ("n", "mean", "std", "min", "max", "median")
+
+
+def _statistics(dialect: str, value) -> list:
+    return [func.count(value), func.avg(value), func.stddev_samp(value), func.min(value), func.max(value),
+            _median(dialect, value)]
+
+
+def _group_value(value):
+    return value.isoformat() if hasattr(value, "isoformat") else value
+
+
+def aggregate(session: Session, tree: Filter | None, group_by: list[Field], metrics: list[str]) -> list[dict]:
+    """Per group of equal ``group_by`` values: the count, and n/mean/std/min/max/median per metric.
+
+    Groups come in ascending order of their values (nulls last). ``std`` is the sample
+    standard deviation (null for a group of one).
+    """
+    dialect = _dialect(session)
+    groups = [sql.expression(field) for field in group_by]
+    columns = [func.count()]
+    for key in metrics:
+        columns += _statistics(dialect, JSONValue(Experiment.result, key, "number"))
+    query = (select(*groups, *columns).select_from(Experiment).where(sql.compile_filter(tree, dialect))
+             .group_by(*groups).order_by(*(group.asc().nulls_last() for group in groups)))
+    items = []
+    for row in session.execute(query):
+        group, count, figures = row[:len(groups)], row[len(groups)], row[len(groups) + 1:]
+        items.append({
+            "group": {field.name: _group_value(value) for field, value in zip(group_by, group)},
+            "count": count,
+            "metrics": {
+                key: dict(zip(STATISTICS, _floats(figures[i * len(STATISTICS):(i + 1) * len(STATISTICS)])))
+                for i, key in enumerate(metrics)
+            },
+        })
+    return items
+
+
+def _floats(figures) -> list:
+    """n as an int, the rest as floats (PostgreSQL's avg of integers is a Decimal)."""
+    n, *rest = figures
+    return [n, *(None if value is None else float(value) for value in rest)]
+
+
+def curves(session: Session, tree: Filter | None, group_by: list[Field], metric: str) -> list[dict]:
+    """Per group and per history step: n, mean, std, min, max of ``metric`` over the experiments."""
+    dialect = _dialect(session)
+    groups = [sql.expression(field) for field in group_by]
+    value = JSONValue(MetricRow.values, metric, "number")
+    query = (
+        select(*groups, MetricRow.step, func.count(value), func.avg(value), func.stddev_samp(value),
+               func.min(value), func.max(value))
+        .select_from(Experiment)
+        .join(MetricRow, MetricRow.experiment_id == Experiment.id)
+        .where(sql.compile_filter(tree, dialect), value.is_not(None))
+        .group_by(*groups, MetricRow.step)
+        .order_by(*(group.asc().nulls_last() for group in groups), MetricRow.step)
+    )
+    items: list[dict] = []
+    for row in session.execute(query):
+        group = {field.name: _group_value(v) for field, v in zip(group_by, row[:len(groups)])}
+        step, *figures = row[len(groups):]
+        if not items or items[-1]["group"] != group:
+            items.append({"group": group, "points": []})
+        items[-1]["points"].append({"step": step, **dict(zip(("n", "mean", "std", "min", "max"), _floats(figures)))})
+    return items
+
+
+def step_units(session: Session, tree: Filter | None) -> set[str]:
+    """The kinds among the matches, for naming the step axis of a plot."""
+    query = select(Experiment.kind).where(sql.compile_filter(tree, _dialect(session))).group_by(Experiment.kind)
+    return set(session.scalars(query))
+
+
+def history(session: Session, experiment_id: str) -> list[dict]:
+    rows = session.scalars(select(MetricRow).where(MetricRow.experiment_id == experiment_id).order_by(MetricRow.step))
+    return [{"step": row.step, **row.values} for row in rows]
+

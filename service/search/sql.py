@@ -1,0 +1,198 @@
+"""The one compiler from the filter language's tree to SQLAlchemy, on SQLite and PostgreSQL.
+
+Values are always bound parameters. JSON keys are spliced into the SQL text as literals,
+so that PostgreSQL matches the expression indexes of migration 0002 (a key sent as a
+parameter would hide the expression from the planner); every key has matched
+fields.KEY_PATTERN before it gets here.
+
+How a field reads:
+- columns of the experiment as they are;
+- ``spec.<f>``, ``result.<k>``, ``tags.<k>`` from the JSON documents, typed:
+  PostgreSQL ``CAST((result ->> 'nc1') AS DOUBLE PRECISION)``, SQLite
+  ``json_extract(result, '$."nc1"')``. A spec number is read only where it is a JSON
+  number (``n_per_class`` may be a list), else it is null.
+On PostgreSQL, equality on a spec field or tag outside any ``not`` compiles to
+containment (``spec @> '{"dataset": "mnist"}'``), which the GIN indexes answer. Under a
+``not`` it must not: containment is false where the comparison is unknown (a missing
+field), and ``not`` would turn that into true.
+"""
+
+import base64
+import binascii
+import json
+from datetime import datetime
+
+from sqlalchemy import Boolean, ColumnElement, Float, String, and_, bindparam, false, not_, or_, true
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.visitors import InternalTraversal
+
+from service.models import Experiment
+from service.search.fields import KEY_PATTERN, Field, FieldType, lookup
+from service.search.language import AllOf, AnyOf, Compare, Filter, FilterError, IsNull, Member, Not, OrderKey
+
+_SQL_TYPES = {"number": Float(), "string": String(), "bool": Boolean()}
+
+
+class JSONValue(ColumnElement):
+    """The value at ``key`` of a JSON document column, as a SQL value of ``field_type``."""
+
+    inherit_cache = True
+    _traverse_internals = [
+        ("document", InternalTraversal.dp_clauseelement),
+        ("key", InternalTraversal.dp_string),
+        ("field_type", InternalTraversal.dp_string),
+        ("numbers_only", InternalTraversal.dp_boolean),
+    ]
+
+    def __init__(self, document, key: str, field_type: FieldType, numbers_only: bool = False):
+        if not KEY_PATTERN.fullmatch(key):
+            raise ValueError(f"not a JSON key the search accepts: {key!r}")
+        self.document, self.key, self.field_type, self.numbers_only = document, key, field_type, numbers_only
+        self.type = _SQL_TYPES[field_type]
+
+    @property
+    def _from_objects(self):
+        return self.document._from_objects
+
+
+@compiles(JSONValue, "postgresql")
+def _json_value_postgresql(element: JSONValue, compiler, **kw) -> str:
+    document = compiler.process(element.document, **kw)
+    text = f"({document} ->> '{element.key}')"
+    if element.field_type == "number":
+        text = f"CAST({text} AS DOUBLE PRECISION)"
+        if element.numbers_only:
+            text = f"CASE WHEN jsonb_typeof({document} -> '{element.key}') = 'number' THEN {text} END"
+    elif element.field_type == "bool":
+        text = f"CAST({text} AS BOOLEAN)"
+    return text
+
+
+@compiles(JSONValue, "sqlite")
+def _json_value_sqlite(element: JSONValue, compiler, **kw) -> str:
+    document = compiler.process(element.document, **kw)
+    path = f"'$.\"{element.key}\"'"
+    text = f"json_extract({document}, {path})"
+    if element.numbers_only:
+        text = f"CASE WHEN json_type({document}, {path}) IN ('integer', 'real') THEN {text} END"
+    return text
+
+
+_DOCUMENTS = {"spec": Experiment.spec, "result": Experiment.result, "tags": Experiment.tags}
+_COLUMNS = {"id": Experiment.id, "status": Experiment.status, "kind": Experiment.kind, "owner": Experiment.owner,
+            "name": Experiment.name, "sweep": Experiment.sweep, "progress": Experiment.progress,
+            "created_at": Experiment.created_at, "started_at": Experiment.started_at,
+            "finished_at": Experiment.finished_at}
+
+
+def expression(field: Field) -> ColumnElement:
+    """How the database reads a field of an experiment."""
+    if field.scope == "column":
+        return _COLUMNS[field.name]
+    return JSONValue(_DOCUMENTS[field.scope], field.key, field.type, numbers_only=field.scope == "spec")
+
+
+def _contains(field: Field, value, dialect: str, negated: bool) -> ColumnElement | None:
+    """Containment for equality on a JSON field, where it is both right and indexed."""
+    if dialect != "postgresql" or negated or field.scope not in ("spec", "tags") or field.type == "number":
+        return None
+    return _DOCUMENTS[field.scope].op("@>")(bindparam(None, {field.key: value}, type_=JSONB))
+
+
+def _compare(expr: ColumnElement, op: str, value) -> ColumnElement:
+    match op:
+        case "=":
+            return expr == value
+        case "!=":
+            return expr != value
+        case "<":
+            return expr < value
+        case "<=":
+            return expr <= value
+        case ">":
+            return expr > value
+        case ">=":
+            return expr >= value
+    raise ValueError(op)
+
+
+def compile_filter(tree: Filter | None, dialect: str, negated: bool = False) -> ColumnElement:
+    """The tree as a WHERE clause for ``dialect`` ('postgresql' or 'sqlite')."""
+    match tree:
+        case None:
+            return true()
+        case Compare(field, "=", value) if (contained := _contains(field, value, dialect, negated)) is not None:
+            return contained
+        case Compare(field, op, value):
+            return _compare(expression(field), op, value)
+        case Member(field, values, False) if _contains(field, None, dialect, negated) is not None:
+            return or_(*(_contains(field, value, dialect, negated) for value in values))
+        case Member(field, values, negated_member):
+            expr = expression(field)
+            return expr.not_in(values) if negated_member else expr.in_(values)
+        case IsNull(field, is_not):
+            expr = expression(field)
+            return expr.is_not(None) if is_not else expr.is_(None)
+        case AllOf(items):
+            return and_(*(compile_filter(item, dialect, negated) for item in items))
+        case AnyOf(items):
+            return or_(*(compile_filter(item, dialect, negated) for item in items))
+        case Not(item):
+            return not_(compile_filter(item, dialect, not negated))
+    raise TypeError(tree)
+
+
+# Ordering and keyset pagination.
+
+DEFAULT_ORDER = [OrderKey(lookup("created_at"), descending=True)]
+
+
+def order_clauses(keys: list[OrderKey]) -> list:
+    """ORDER BY each key with nulls last, then id (in the last key's direction) to break ties."""
+    clauses = [(expression(k.field).desc() if k.descending else expression(k.field).asc()).nulls_last() for k in keys]
+    clauses.append(Experiment.id.desc() if keys[-1].descending else Experiment.id.asc())
+    return clauses
+
+
+def sort_values(keys: list[OrderKey]) -> list[ColumnElement]:
+    """The expressions whose values on a page's last row make its cursor."""
+    return [expression(key.field).label(f"sort_{i}") for i, key in enumerate(keys)]
+
+
+def _canonical(keys: list[OrderKey]) -> str:
+    return ",".join(("-" if k.descending else "") + k.field.name for k in keys)
+
+
+def encode_cursor(keys: list[OrderKey], values: list, experiment_id: str) -> str:
+    encoded = [value.isoformat() if isinstance(value, datetime) else value for value in values]
+    raw = json.dumps({"order": _canonical(keys), "after": encoded, "id": experiment_id}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def after_cursor(keys: list[OrderKey], cursor: str) -> ColumnElement:
+    """Rows strictly after the cursor's row in the order of ``keys`` (nulls last)."""
+    try:
+        state = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        order, values, last_id = state["order"], state["after"], str(state["id"])
+        if order != _canonical(keys) or len(values) != len(keys):
+            raise FilterError("this cursor belongs to another order_by; start again without it", "cursor")
+        values = [datetime.fromisoformat(v) if k.field.type == "datetime" and v is not None else v
+                  for k, v in zip(keys, values)]
+    except (binascii.Error, ValueError, TypeError, KeyError, AttributeError) as exc:
+        if isinstance(exc, FilterError):
+            raise
+        raise FilterError("not a cursor returned by this API", "cursor") from None
+
+    id_after = Experiment.id < last_id if keys[-1].descending else Experiment.id > last_id
+    after = id_after
+    # Built from the last key outwards: (k0 after v0) or (k0 = v0 and ((k1 after v1) or ...)).
+    for key, value in reversed(list(zip(keys, values))):
+        expr = expression(key.field)
+        if value is None:
+            beyond, same = false(), expr.is_(None)
+        else:
+            beyond = or_(expr < value if key.descending else expr > value, expr.is_(None))
+            same = expr == value
+        after = or_(beyond, and_(same, after))
+    return after
