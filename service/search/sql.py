@@ -22,7 +22,7 @@ import binascii
 import json
 from datetime import datetime
 
-from sqlalchemy import Boolean, ColumnElement, Float, String, and_, bindparam, false, not_, or_, true
+from sqlalchemy import Boolean, ColumnElement, Float, String, and_, bindparam, false, literal, not_, or_, true
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.visitors import InternalTraversal
@@ -90,14 +90,15 @@ def expression(field: Field) -> ColumnElement:
     """How the database reads a field of an experiment."""
     if field.scope == "column":
         return _COLUMNS[field.name]
-    return JSONValue(_DOCUMENTS[field.scope], field.key, field.type, numbers_only=field.scope == "spec")
+    return JSONValue(_DOCUMENTS[field.scope], field.key, field.type,
+                     numbers_only=field.scope == "spec" and field.type == "number")
 
 
 def _contains(field: Field, value, dialect: str, negated: bool) -> ColumnElement | None:
     """Containment for equality on a JSON field, where it is both right and indexed."""
     if dialect != "postgresql" or negated or field.scope not in ("spec", "tags") or field.type == "number":
         return None
-    return _DOCUMENTS[field.scope].op("@>")(bindparam(None, {field.key: value}, type_=JSONB))
+    return _DOCUMENTS[field.scope].op("@>", is_comparison=True)(bindparam(None, {field.key: value}, type_=JSONB))
 
 
 def _compare(expr: ColumnElement, op: str, value) -> ColumnElement:
@@ -192,7 +193,8 @@ def after_cursor(keys: list[OrderKey], cursor: str) -> ColumnElement:
         if value is None:
             beyond, same = false(), expr.is_(None)
         else:
-            beyond = or_(expr < value if key.descending else expr > value, expr.is_(None))
-            same = expr == value
+            bound = literal(value, expr.type)  # a bool too is compared, not tested with IS
+            beyond = or_(expr < bound if key.descending else expr > bound, expr.is_(None))
+            same = expr == bound
         after = or_(beyond, and_(same, after))
     return after
