@@ -23,7 +23,8 @@ def _field_name(loc: tuple, error_type: str) -> str:
     A bare spec's fields are named as they are (``K``); a labelled submission's as
     ``spec.K``, ``name``, ``tags``.
     """
-    parts = [str(part) for part in loc[1:]] if loc and loc[0] == "body" else [str(part) for part in loc]
+    in_body = bool(loc) and loc[0] == "body"
+    parts = [str(part) for part in loc[1:]] if loc and loc[0] in {"body", "query", "path", "header"} else list(loc)
     if parts[:1] == ["bare"]:
         parts = parts[1:]
         spec_at = 0
@@ -31,7 +32,7 @@ def _field_name(loc: tuple, error_type: str) -> str:
         parts = parts[1:]
         spec_at = 1 if parts[:1] == ["spec"] else None
     else:
-        spec_at = 0 if loc and loc[0] == "body" else None
+        spec_at = 0 if in_body else None
     if spec_at is not None and len(parts) > spec_at and parts[spec_at] in {"ufm", "train"}:
         del parts[spec_at]
     if error_type.startswith("union_tag"):
