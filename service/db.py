@@ -7,6 +7,7 @@ in WAL mode with a generous busy timeout; PostgreSQL needs nothing special.
 from collections.abc import Iterator
 from functools import lru_cache
 
+import orjson
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -15,8 +16,9 @@ from service.settings import get_settings
 
 
 def make_engine(url: str) -> Engine:
+    # orjson reads the JSON documents (specs, results, history rows) several times faster.
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": 30}, json_deserializer=orjson.loads)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):
@@ -30,7 +32,10 @@ def make_engine(url: str) -> Engine:
             sqlite_functions.register(dbapi_connection)
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # Search statements are short and read data that sits in memory: JIT compiling them
+    # costs more than it saves, and random reads cost little more than sequential ones.
+    options = "-c jit=off -c random_page_cost=1.1"
+    return create_engine(url, pool_pre_ping=True, json_deserializer=orjson.loads, connect_args={"options": options})
 
 
 @lru_cache

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from service.models import Experiment, MetricRow, utcnow
+from service.models import Experiment, MetricRow, result_copies, spec_copies, utcnow
 from service.schemas import TERMINAL_STATUSES
 from service.settings import ANONYMOUS, Settings
 
@@ -34,12 +34,7 @@ def create(session: Session, spec: dict, owner: str = ANONYMOUS, name: str | Non
         owner=owner,
         name=name,
         tags=tags or {},
-        kind=spec["kind"],
-        normalization=spec.get("normalization"),
-        num_classes=spec["K"],
-        dim=spec["d"],
-        dataset=spec.get("dataset"),
-        architecture=spec.get("architecture"),
+        **spec_copies(spec),
         progress=0.0,
         attempts=0,
         cancel_requested=False,
@@ -76,7 +71,7 @@ def claim(session: Session, experiment_id: str, worker: str) -> Experiment | Non
         .where(Experiment.id == experiment_id, Experiment.status == "queued")
         .values(
             status="running", attempts=Experiment.attempts + 1, started_at=now, heartbeat_at=now,
-            worker=worker, progress=0.0, error=None, result=None,
+            worker=worker, progress=0.0, error=None, result=None, **result_copies(None),
         )
     ).rowcount
     if not claimed:
@@ -119,6 +114,7 @@ def finish(
     values = dict(status=status, finished_at=utcnow(), error=error)
     if result is not None:
         values["result"] = json_safe(result)
+        values.update(result_copies(values["result"]))
     if status == "succeeded":
         values["progress"] = 1.0
     finished = session.execute(update(Experiment).where(*_owned(experiment_id, attempt)).values(**values)).rowcount

@@ -41,17 +41,41 @@ class Experiment(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)
     spec: Mapped[dict] = mapped_column(JSONDocument)
 
-    # Copies of spec fields, so that lists can filter on indexed columns.
+    # Typed copies of the spec fields that comparisons filter and group on most: search
+    # reads these rather than the document (SPEC_COLUMNS).
     kind: Mapped[str] = mapped_column(String(16), index=True)
     normalization: Mapped[str | None] = mapped_column(String(16))
     num_classes: Mapped[int] = mapped_column("K", Integer)
     dim: Mapped[int] = mapped_column("d", Integer)
     dataset: Mapped[str | None] = mapped_column(String(32))
     architecture: Mapped[str | None] = mapped_column(String(32))
+    logit_scale: Mapped[float | None] = mapped_column(Float)
+    seed: Mapped[int | None] = mapped_column(Integer)
+    epochs: Mapped[int | None] = mapped_column(Integer)
+    lr: Mapped[float | None] = mapped_column(Float)
 
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     result: Mapped[dict | None] = mapped_column(JSONDocument)
     error: Mapped[str | None] = mapped_column(Text)
+
+    # Typed copies of the result's metrics (RESULT_COLUMNS): aggregates and sorts read
+    # these narrow columns, not the document.
+    result_nc1: Mapped[float | None] = mapped_column(Float)
+    result_nc1_cdnv: Mapped[float | None] = mapped_column(Float)
+    result_nc2_equinorm_m: Mapped[float | None] = mapped_column(Float)
+    result_nc2_equinorm_w: Mapped[float | None] = mapped_column(Float)
+    result_nc2_equiangle_m: Mapped[float | None] = mapped_column(Float)
+    result_nc2_equiangle_w: Mapped[float | None] = mapped_column(Float)
+    result_nc2_etf_m: Mapped[float | None] = mapped_column(Float)
+    result_nc2_etf_w: Mapped[float | None] = mapped_column(Float)
+    result_nc3: Mapped[float | None] = mapped_column(Float)
+    result_nc3_etf: Mapped[float | None] = mapped_column(Float)
+    result_nc4: Mapped[float | None] = mapped_column(Float)
+    result_accuracy: Mapped[float | None] = mapped_column(Float)
+    result_loss: Mapped[float | None] = mapped_column(Float)
+    result_test_accuracy: Mapped[float | None] = mapped_column(Float)
+    result_test_loss: Mapped[float | None] = mapped_column(Float)
+    result_optimality_gap: Mapped[float | None] = mapped_column(Float)
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -71,9 +95,28 @@ class Experiment(Base):
     tags: Mapped[dict] = mapped_column(JSONDocument, default=dict)
     sweep: Mapped[str | None] = mapped_column(String(36), index=True)
 
-    # PostgreSQL's expression indexes for search live in the migrations (0002), where
-    # they are written as SQL; the ORM does not declare them.
+    # PostgreSQL's indexes for search (GIN on the documents, metric orders) are written
+    # in SQL by migration 0002; the ORM does not declare them.
     __table_args__ = (Index("ix_experiments_created_at_id", "created_at", "id"),)
+
+
+# spec field -> attribute of its typed copy; result key -> attribute of its typed copy.
+SPEC_COLUMNS = {"kind": "kind", "normalization": "normalization", "K": "num_classes", "d": "dim",
+                "dataset": "dataset", "architecture": "architecture", "logit_scale": "logit_scale",
+                "seed": "seed", "epochs": "epochs", "lr": "lr"}
+RESULT_COLUMNS = {column.key.removeprefix("result_"): column.key
+                  for column in Experiment.__table__.columns if column.key.startswith("result_")}
+
+
+def spec_copies(spec: dict) -> dict:
+    """The typed copies of a spec's fields, as attribute values (null where the kind has no such field)."""
+    return {attribute: spec.get(field) for field, attribute in SPEC_COLUMNS.items()}
+
+
+def result_copies(result: dict | None) -> dict:
+    """The typed copies of a result's metrics (all null for no result)."""
+    result = result or {}
+    return {attribute: result.get(key) for key, attribute in RESULT_COLUMNS.items()}
 
 
 class MetricRow(Base):

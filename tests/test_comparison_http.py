@@ -57,6 +57,9 @@ def test_search_filters_on_spec_result_and_tags_and_orders_by_a_metric(lab):
         page = client.get("/experiments", params={"where": where, "order_by": "-result.loss,id", "limit": 4,
                                                   "cursor": page["next_cursor"]}).json()
     assert ids == [e["id"] for e in expected]
+    # A page's items are the experiments exactly as GET /experiments/{id} shows them.
+    for item in response.json()["items"]:
+        assert item == client.get(f"/experiments/{item['id']}").json()
 
     body = {"where": where, "order_by": ["-result.loss", "id"], "limit": 100}
     searched = client.post("/experiments/search", json=body)

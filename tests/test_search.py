@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from service import migrate
 from service.db import make_engine
-from service.models import Experiment, MetricRow
+from service.models import Experiment, MetricRow, result_copies, spec_copies
 from service.search import queries
 from service.search.fields import lookup
 from service.search.language import (
@@ -52,9 +52,8 @@ def _random_experiment(rng: random.Random, created_at: datetime | None = None) -
                   "converged": rng.choice([True, False])}
     tags = {key: rng.choice(["fig2", "fig3"]) for key in rng.sample(["paper", "run"], rng.randrange(3))}
     return Experiment(
-        id=str(uuid.UUID(int=rng.getrandbits(128))), status=status, spec=spec, kind=kind,
-        normalization=normalization, num_classes=spec["K"], dim=spec["d"], dataset=spec.get("dataset"),
-        progress=rng.choice([0.0, 0.5, 1.0]), result=result, created_at=created_at or rng.choice(TIMES),
+        id=str(uuid.UUID(int=rng.getrandbits(128))), status=status, spec=spec, **spec_copies(spec),
+        **result_copies(result), progress=rng.choice([0.0, 0.5, 1.0]), result=result, created_at=created_at or rng.choice(TIMES),
         finished_at=rng.choice([None, *TIMES]), attempts=1, cancel_requested=False, send_count=1,
         owner=rng.choice(OWNERS), name=rng.choice([None, "alpha", "beta", "it's"]), tags=tags,
     )
@@ -211,7 +210,7 @@ def all_pages(session, tree, keys, page_size: int) -> list[str]:
     ids, cursor = [], None
     while True:
         page = queries.search(session, tree, keys, page_size, cursor)
-        ids += [e.id for e in page.items]
+        ids += [e["id"] for e in page.items]
         if page.next_cursor is None:
             return ids
         cursor = page.next_cursor
@@ -238,7 +237,7 @@ def test_pagination_stays_exact_when_rows_arrive_between_pages(database):
     with Session(engine, expire_on_commit=False) as session:
         while True:
             page = queries.search(session, None, keys, 7, cursor)
-            seen += [e.id for e in page.items]
+            seen += [e["id"] for e in page.items]
             if page.next_cursor is None:
                 break
             cursor = page.next_cursor

@@ -37,10 +37,15 @@ def cell(value) -> str:
     return str(value)
 
 
-def experiment_row(experiment: Experiment) -> list:
-    spec, result = experiment.spec, experiment.result or {}
-    return ([getattr(experiment, column) for column in EXPERIMENT_COLUMNS]
-            + [spec.get(k) for k in SPEC_KEYS] + [result.get(k) for k in RESULT_KEYS])
+# What an export reads of each experiment: its columns, then the two documents.
+EXPORT_COLUMNS = [getattr(Experiment, column) for column in EXPERIMENT_COLUMNS] + [Experiment.spec, Experiment.result]
+
+
+def experiment_row(row: tuple) -> list:
+    """A row of EXPORT_COLUMNS as the CSV's cells."""
+    *columns, spec, result = row
+    result = result or {}
+    return columns + [spec.get(k) for k in SPEC_KEYS] + [result.get(k) for k in RESULT_KEYS]
 
 
 def lines(header: list[str], rows: Iterable[list], chunk: int = 500) -> Iterator[str]:
@@ -57,8 +62,9 @@ def lines(header: list[str], rows: Iterable[list], chunk: int = 500) -> Iterator
     yield buffer.getvalue()
 
 
-def experiments(items: Iterable[Experiment]) -> Iterator[str]:
-    return lines(EXPERIMENT_HEADER, (experiment_row(e) for e in items))
+def experiments(rows: Iterable[tuple]) -> Iterator[str]:
+    """CSV of rows read as EXPORT_COLUMNS."""
+    return lines(EXPERIMENT_HEADER, (experiment_row(row) for row in rows))
 
 
 def aggregate(items: list[dict], group_by: list[str], metrics: list[str]) -> Iterator[str]:

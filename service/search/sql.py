@@ -1,18 +1,19 @@
 """The one compiler from the filter language's tree to SQLAlchemy, on SQLite and PostgreSQL.
 
-Values are always bound parameters. JSON keys are spliced into the SQL text as literals,
-so that PostgreSQL matches the expression indexes of migration 0002 (a key sent as a
-parameter would hide the expression from the planner); every key has matched
-fields.KEY_PATTERN before it gets here.
+Values are always bound parameters. JSON keys are written into the SQL text as literals
+(a key sent as a parameter would leave the planner blind to which value is read); every
+key has matched fields.KEY_PATTERN before it gets here.
 
 How a field reads:
 - columns of the experiment as they are;
-- ``spec.<f>``, ``result.<k>``, ``tags.<k>`` from the JSON documents, typed:
-  PostgreSQL ``CAST((result ->> 'nc1') AS DOUBLE PRECISION)``, SQLite
-  ``json_extract(result, '$."nc1"')``. A spec number is read only where it is a JSON
-  number (``n_per_class`` may be a list), else it is null.
-On PostgreSQL, equality on a spec field or tag outside any ``not`` compiles to
-containment (``spec @> '{"dataset": "mnist"}'``), which the GIN indexes answer. Under a
+- spec fields and result keys with a typed copy (service/models.py: SPEC_COLUMNS,
+  RESULT_COLUMNS) from that column: indexed, and narrow to scan;
+- other ``spec.<f>``, ``result.<k>`` and ``tags.<k>`` from the JSON documents, typed:
+  PostgreSQL ``CAST((result ->> 'iterations') AS DOUBLE PRECISION)``, SQLite
+  ``json_extract(result, '$."iterations"')``. A spec number is read only where it is a
+  JSON number (``n_per_class`` may be a list), else it is null.
+On PostgreSQL, equality on such a spec field or a tag outside any ``not`` compiles to
+containment (``spec @> '{"optimizer": "adam"}'``), which the GIN indexes answer. Under a
 ``not`` it must not: containment is false where the comparison is unknown (a missing
 field), and ``not`` would turn that into true.
 """
@@ -25,9 +26,10 @@ from datetime import datetime
 from sqlalchemy import Boolean, ColumnElement, Float, String, and_, bindparam, false, literal, not_, or_, true
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import InstrumentedAttribute
 from sqlalchemy.sql.visitors import InternalTraversal
 
-from service.models import Experiment
+from service.models import RESULT_COLUMNS, SPEC_COLUMNS, Experiment
 from service.search.fields import KEY_PATTERN, Field, FieldType, lookup
 from service.search.language import AllOf, AnyOf, Compare, Filter, FilterError, IsNull, Member, Not, OrderKey
 
@@ -84,19 +86,30 @@ _COLUMNS = {"id": Experiment.id, "status": Experiment.status, "kind": Experiment
             "name": Experiment.name, "sweep": Experiment.sweep, "progress": Experiment.progress,
             "created_at": Experiment.created_at, "started_at": Experiment.started_at,
             "finished_at": Experiment.finished_at}
+# Typed copies of spec fields and result keys (service/models.py), read instead of the documents.
+_COPIES = {f"spec.{field}": getattr(Experiment, attribute) for field, attribute in SPEC_COLUMNS.items()}
+_COPIES |= {f"result.{key}": getattr(Experiment, attribute) for key, attribute in RESULT_COLUMNS.items()}
 
 
 def expression(field: Field) -> ColumnElement:
     """How the database reads a field of an experiment."""
     if field.scope == "column":
         return _COLUMNS[field.name]
+    if field.name in _COPIES:
+        return _COPIES[field.name]
     return JSONValue(_DOCUMENTS[field.scope], field.key, field.type,
                      numbers_only=field.scope == "spec" and field.type == "number")
 
 
+def _nullable(field: Field) -> bool:
+    expr = expression(field)
+    return not isinstance(expr, InstrumentedAttribute) or expr.property.columns[0].nullable
+
+
 def _contains(field: Field, value, dialect: str, negated: bool) -> ColumnElement | None:
     """Containment for equality on a JSON field, where it is both right and indexed."""
-    if dialect != "postgresql" or negated or field.scope not in ("spec", "tags") or field.type == "number":
+    if (dialect != "postgresql" or negated or field.scope not in ("spec", "tags") or field.type == "number"
+            or field.name in _COPIES):
         return None
     return _DOCUMENTS[field.scope].op("@>", is_comparison=True)(bindparam(None, {field.key: value}, type_=JSONB))
 
@@ -150,8 +163,15 @@ DEFAULT_ORDER = [OrderKey(lookup("created_at"), descending=True)]
 
 
 def order_clauses(keys: list[OrderKey]) -> list:
-    """ORDER BY each key with nulls last, then id (in the last key's direction) to break ties."""
-    clauses = [(expression(k.field).desc() if k.descending else expression(k.field).asc()).nulls_last() for k in keys]
+    """ORDER BY each key with nulls last, then id (in the last key's direction) to break ties.
+
+    NULLS LAST is left out for columns that hold no nulls: PostgreSQL then walks an index
+    backwards for a descending order (its descending order puts nulls first).
+    """
+    clauses = []
+    for key in keys:
+        clause = expression(key.field).desc() if key.descending else expression(key.field).asc()
+        clauses.append(clause.nulls_last() if _nullable(key.field) else clause)
     clauses.append(Experiment.id.desc() if keys[-1].descending else Experiment.id.asc())
     return clauses
 

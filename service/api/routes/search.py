@@ -13,7 +13,9 @@ from starlette.concurrency import run_in_threadpool
 
 from service import plots
 from service.api.deps import SessionDep, require_api_key, strict_query
-from service.api.formats import CSV_RESPONSES, PNG_RESPONSES, Format, PlotHeight, PlotWidth, csv_response, wants_csv
+from service.api.formats import (
+    CSV_RESPONSES, PNG_RESPONSES, Format, PlotHeight, PlotWidth, csv_response, json_response, wants_csv,
+)
 from service.api.problems import InvalidField
 from service.db import get_sessionmaker
 from service.schemas import ExperimentList, SearchRequest, Status
@@ -60,7 +62,7 @@ def _export(tree: Filter | None, order: list[OrderKey] | None) -> StreamingRespo
 
     def chunks():
         with get_sessionmaker()() as session:
-            yield from export.experiments(queries.stream(session, tree, order))
+            yield from export.experiments(queries.stream(session, tree, order, export.EXPORT_COLUMNS))
 
     return csv_response(chunks(), "experiments")
 
@@ -70,7 +72,7 @@ def _page(session, request: Request, format: str | None, tree, order, limit: int
         # A CSV export is the whole match, not a page: it streams in constant memory.
         return _export(tree, order)
     page = queries.search(session, tree, order, limit, cursor)
-    return ExperimentList(items=page.items, next_cursor=page.next_cursor)
+    return json_response({"items": page.items, "next_cursor": page.next_cursor})
 
 
 @router.get("", response_model=ExperimentList, responses=CSV_RESPONSES)
