@@ -14,7 +14,7 @@ UFM and 60% training runs, mostly succeeded, created over 90 days, results holdi
 result key the kind writes, owners and tags; and 100 history rows (steps 0-99) for each
 of 10,000 experiments, the ones tagged paper=fig2 (in the 10k database, all of them).
 The secondary indexes are dropped during the COPY and rebuilt from their own
-definitions, then everything is ANALYZEd. With --keep a database that already holds the
+definitions, then everything is VACUUM ANALYZEd. With --keep a database that already holds the
 right number of rows is reused, and the databases are left in place at the end.
 
 Then it starts the API (``python -m service.cli api``) on that database and times
@@ -62,6 +62,7 @@ import psycopg
 from psycopg import sql
 
 from service.migrate import upgrade
+from service.models import HISTORY_COLUMNS, RESULT_COLUMNS, SPEC_COLUMNS, Experiment
 from service.schemas import TrainSpec, UFMSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,10 +83,12 @@ TRAIN_TEMPLATE = TrainSpec.model_construct(kind="train", dataset="mnist", K=10).
 
 CATALOGUE_NC = ("nc1", "nc1_cdnv", "nc2_equinorm_m", "nc2_equinorm_w", "nc2_equiangle_m", "nc2_equiangle_w",
                 "nc2_etf_m", "nc2_etf_w", "nc3", "nc3_etf", "nc4")
-EXPERIMENT_COLUMNS = ("id", "status", "spec", "kind", "normalization", "K", "d", "dataset", "architecture",
-                      "progress", "result", "error", "created_at", "started_at", "finished_at", "attempts",
-                      "cancel_requested", "sent_at", "send_count", "heartbeat_at", "worker", "owner", "name",
-                      "tags", "sweep")
+# The typed copies of spec fields and metrics (service/models.py) by column name.
+SPEC_COPIES = {field: Experiment.__mapper__.columns[attribute].name for field, attribute in SPEC_COLUMNS.items()}
+RESULT_COPIES = {key: Experiment.__mapper__.columns[attribute].name for key, attribute in RESULT_COLUMNS.items()}
+EXPERIMENT_COLUMNS = ("id", "status", "spec", "progress", "result", "error", "created_at", "started_at",
+                      "finished_at", "attempts", "cancel_requested", "sent_at", "send_count", "heartbeat_at",
+                      "worker", "owner", "name", "tags", "sweep", *SPEC_COPIES.values(), *RESULT_COPIES.values())
 
 
 # The data.
@@ -152,7 +155,7 @@ def train_result(rng: random.Random, spec: dict) -> dict:
             "parameters": rng.randint(100_000, 11_000_000)}
 
 
-def history_rows(rng: np.random.Generator, kind: str, result: dict) -> Iterator[tuple[int, str]]:
+def history_rows(rng: np.random.Generator, kind: str, result: dict) -> Iterator[tuple]:
     """Steps 0-99 of a run, ending at its result: accuracies rise from 0.1 of theirs, the rest falls from ~1."""
     keys = [key for key, value in result.items() if isinstance(value, float) and value > 0]
     final = np.array([result[key] for key in keys])
@@ -165,18 +168,18 @@ def history_rows(rng: np.random.Generator, kind: str, result: dict) -> Iterator[
         document = dict(zip(keys, row))
         if kind == "train":
             document["epoch"] = step + 1
-        yield step, json.dumps(document)
+        yield step, json.dumps(document), *(document.get(key) for key in HISTORY_COLUMNS)
 
 
 @dataclass
-class Experiment:
+class Generated:
     row: tuple  # in the order of EXPERIMENT_COLUMNS
     kind: str
     result: dict | None
     started_at: datetime | None
 
 
-def experiment(rng: random.Random, index: int, now: datetime, sweeps: list[str]) -> Experiment:
+def experiment(rng: random.Random, index: int, now: datetime, sweeps: list[str]) -> Generated:
     """The index-th experiment; the first HISTORY_EXPERIMENTS are figure 2's (succeeded, with history)."""
     in_figure = index < HISTORY_EXPERIMENTS
     kind = "ufm" if rng.random() < 0.4 else "train"
@@ -192,8 +195,7 @@ def experiment(rng: random.Random, index: int, now: datetime, sweeps: list[str])
         result = ufm_result(rng, spec) if kind == "ufm" else train_result(rng, spec)
     tags = {"paper": "fig2"} if in_figure else (rng.choice(OTHER_TAGS) if rng.random() < 0.1 else {})
     row = (
-        str(uuid.uuid4()), status, spec_document(kind, tuple(spec.items())), kind, spec["normalization"],
-        spec["K"], spec["d"], spec.get("dataset"), spec.get("architecture"),
+        str(uuid.uuid4()), status, spec_document(kind, tuple(spec.items())),
         {"succeeded": 1.0, "queued": 0.0}.get(status, rng.random()),
         None if result is None else json.dumps(result),
         "RuntimeError: loss is not finite at epoch 3" if status == "failed" else None,
@@ -201,8 +203,9 @@ def experiment(rng: random.Random, index: int, now: datetime, sweeps: list[str])
         created_at, 1, finished_at, f"gpu-{rng.randrange(8)}@node" if ran else None,
         rng.choice(OWNERS), f"{kind} run {index}" if rng.random() < 0.2 else None, json.dumps(tags),
         rng.choice(sweeps) if rng.random() < 0.3 else None,
+        *({**spec, "kind": kind}.get(field) for field in SPEC_COPIES), *((result or {}).get(key) for key in RESULT_COPIES),
     )
-    return Experiment(row, kind, result, started_at)
+    return Generated(row, kind, result, started_at)
 
 
 # The databases.
@@ -257,14 +260,16 @@ def fill(postgres: str, name: str, size: int, seed: int = 0) -> None:
                 copy.write_row(made.row)
                 if i < HISTORY_EXPERIMENTS:
                     history.append(made)
-        with cursor.copy('COPY metrics (experiment_id, step, "values", recorded_at) FROM STDIN WITH (FREEZE)') as copy:
+        history_columns = sql.SQL(", ").join(map(sql.Identifier, HISTORY_COLUMNS))
+        with cursor.copy(sql.SQL('COPY metrics (experiment_id, recorded_at, step, "values", {}) FROM STDIN WITH (FREEZE)')
+                         .format(history_columns)) as copy:
             for made in history:
-                for step, values in history_rows(history_rng, made.kind, made.result):
-                    copy.write_row((made.row[0], step, values, made.started_at + timedelta(seconds=10 * step)))
+                for step, *values in history_rows(history_rng, made.kind, made.result):
+                    copy.write_row((made.row[0], made.started_at + timedelta(seconds=10 * step), step, *values))
         for _, definition in indexes:
             cursor.execute(definition)
     with psycopg.connect(database_url(postgres, name), autocommit=True) as connection:
-        connection.execute("ANALYZE")
+        connection.execute("VACUUM ANALYZE")  # and the visibility map, for index-only scans
 
 
 def prepare(postgres: str, name: str, size: int, keep: bool) -> None:

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from service.models import Experiment, MetricRow, result_copies, spec_copies, utcnow
+from service.models import Experiment, MetricRow, history_copies, result_copies, spec_copies, utcnow
 from service.schemas import TERMINAL_STATUSES
 from service.settings import ANONYMOUS, Settings
 
@@ -102,7 +102,9 @@ def record_metrics(session: Session, experiment_id: str, attempt: int, step: int
     owner = session.scalar(select(Experiment.id).where(*_owned(experiment_id, attempt)))
     if owner is None:
         return
-    session.merge(MetricRow(experiment_id=experiment_id, step=step, values=json_safe(values), recorded_at=utcnow()))
+    values = json_safe(values)
+    session.merge(MetricRow(experiment_id=experiment_id, step=step, values=values, recorded_at=utcnow(),
+                            **history_copies(values)))
     session.commit()
 
 

@@ -130,3 +130,32 @@ class MetricRow(Base):
     step: Mapped[int] = mapped_column(Integer, primary_key=True)
     values: Mapped[dict] = mapped_column(JSONDocument)
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    # Typed copies of the catalogue's metrics and the training figures (HISTORY_COLUMNS):
+    # curves over many experiments read these, not the documents.
+    nc1: Mapped[float | None] = mapped_column(Float)
+    nc1_cdnv: Mapped[float | None] = mapped_column(Float)
+    nc2_equinorm_m: Mapped[float | None] = mapped_column(Float)
+    nc2_equinorm_w: Mapped[float | None] = mapped_column(Float)
+    nc2_equiangle_m: Mapped[float | None] = mapped_column(Float)
+    nc2_equiangle_w: Mapped[float | None] = mapped_column(Float)
+    nc2_etf_m: Mapped[float | None] = mapped_column(Float)
+    nc2_etf_w: Mapped[float | None] = mapped_column(Float)
+    nc3: Mapped[float | None] = mapped_column(Float)
+    nc3_etf: Mapped[float | None] = mapped_column(Float)
+    nc4: Mapped[float | None] = mapped_column(Float)
+    accuracy: Mapped[float | None] = mapped_column(Float)
+    loss: Mapped[float | None] = mapped_column(Float)
+    train_loss: Mapped[float | None] = mapped_column(Float)
+    train_accuracy: Mapped[float | None] = mapped_column(Float)
+    test_loss: Mapped[float | None] = mapped_column(Float)
+    test_accuracy: Mapped[float | None] = mapped_column(Float)
+
+
+HISTORY_COLUMNS = tuple(column.key for column in MetricRow.__table__.columns
+                        if column.key not in ("experiment_id", "step", "values", "recorded_at"))
+
+
+def history_copies(values: dict) -> dict:
+    """The typed copies of a history row's metrics."""
+    return {key: values.get(key) for key in HISTORY_COLUMNS}

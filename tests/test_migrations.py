@@ -83,7 +83,7 @@ def test_upgrade_from_0001_with_rows_keeps_them_and_makes_them_searchable(empty_
         assert all(e["tags"] == {} and e["name"] is None and e["sweep"] is None for e in page.items)
         (group,) = queries.aggregate(session, None, [], ["nc1"])
         assert group["count"] == 3 and group["metrics"]["nc1"]["mean"] == pytest.approx(0.875 / 3, rel=1e-15)
-        (curve,) = queries.curves(session, None, [], "nc1")
+        (curve,) = queries.curves(session, None, [], "nc1")  # read from the typed copy the migration made
         assert curve["points"] == [{"step": 0, "n": 3, "mean": pytest.approx(8.75 / 3, rel=1e-15),
                                     "std": pytest.approx(np.std([5.0, 2.5, 1.25], ddof=1), rel=1e-12),
                                     "min": 1.25, "max": 5.0}]

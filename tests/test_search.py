@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from service import migrate
 from service.db import make_engine
-from service.models import Experiment, MetricRow, result_copies, spec_copies
+from service.models import Experiment, MetricRow, history_copies, result_copies, spec_copies
 from service.search import queries
 from service.search.fields import lookup
 from service.search.language import (
@@ -288,7 +288,8 @@ def test_aggregates_equal_numpy_on_the_same_rows(database):
                 assert figures["std"] is None
 
 
-def test_curves_equal_numpy_per_group_and_step(database):
+@pytest.mark.parametrize("metric", ["nc1", "lr"])  # a typed copy, and a key read from the document
+def test_curves_equal_numpy_per_group_and_step(database, metric):
     engine, experiments = database
     rng = np.random.default_rng(3)
     with_history = sorted(experiments)[:30]
@@ -296,12 +297,13 @@ def test_curves_equal_numpy_per_group_and_step(database):
     with Session(engine) as session:
         for experiment_id, values in histories.items():
             for step, value in enumerate(values):
-                row = {"nc1": float(value), "loss": 1.0} if step != 4 else {"loss": 1.0}  # step 4 has no nc1
-                session.add(MetricRow(experiment_id=experiment_id, step=step, values=row, recorded_at=T0))
+                row = {metric: float(value), "loss": 1.0} if step != 4 else {"loss": 1.0}  # step 4 lacks it
+                session.add(MetricRow(experiment_id=experiment_id, step=step, values=row, recorded_at=T0,
+                                      **history_copies(row)))
         session.commit()
         try:
             tree = parse_filter("spec.d = 8")
-            items = queries.curves(session, tree, [lookup("kind")], "nc1")
+            items = queries.curves(session, tree, [lookup("kind")], metric)
         finally:
             session.query(MetricRow).delete()
             session.commit()

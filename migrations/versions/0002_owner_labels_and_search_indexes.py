@@ -1,19 +1,21 @@
 """Owner, name, tags and sweep; typed copies of common spec fields and of the metrics; search indexes.
 
 Existing rows get owner 'anonymous', no tags, and their typed copies filled from their
-spec and result documents.
+spec, result and history documents.
 
 Search (service/search/sql.py) reads a typed column where there is one and the JSON
 document elsewhere. On PostgreSQL:
-- the documents are stored out of line (toast_tuple_target): a row in the table is then
-  a few hundred bytes of typed columns, so that a scan for an aggregate reads a tenth of
-  the pages it would with the documents inline;
 - GIN (jsonb_path_ops) on spec and tags answers equality on any spec field or tag,
   compiled to containment (``spec @> '{"optimizer": "adam"}'``);
 - each indexed metric has a B-tree of its own (the best runs overall) and one behind
   (dataset, normalization) (the best runs of one comparison), so that ordering by it
   walks an index and stops after a page;
-- (created_at, id) and (status, created_at, id) serve the default order, newest first.
+- one covering index holds every typed copy behind (dataset, normalization): an
+  aggregate over typed fields reads it alone (an index-only scan), a few hundred bytes
+  an experiment rather than the whole row with its documents;
+- (created_at, id) and (status, created_at, id) serve the default order, newest first;
+- the history's typed metrics are included in an index on (experiment_id, step): curves
+  read them from it alone.
 SQLite (embedded, one lab's history) has the columns and scans.
 
 Revision ID: 0002
@@ -36,6 +38,11 @@ SPEC_COLUMNS = {"logit_scale": sa.Float, "seed": sa.Integer, "epochs": sa.Intege
 RESULT_KEYS = (
     "nc1", "nc1_cdnv", "nc2_equinorm_m", "nc2_equinorm_w", "nc2_equiangle_m", "nc2_equiangle_w", "nc2_etf_m",
     "nc2_etf_w", "nc3", "nc3_etf", "nc4", "accuracy", "loss", "test_accuracy", "test_loss", "optimality_gap",
+)
+HISTORY_KEYS = (
+    "nc1", "nc1_cdnv", "nc2_equinorm_m", "nc2_equinorm_w", "nc2_equiangle_m", "nc2_equiangle_w", "nc2_etf_m",
+    "nc2_etf_w", "nc3", "nc3_etf", "nc4", "accuracy", "loss", "train_loss", "train_accuracy", "test_loss",
+    "test_accuracy",
 )
 INDEXED_METRICS = ("nc1", "nc2_etf_w", "nc3_etf", "accuracy", "test_accuracy", "loss", "test_loss", "optimality_gap")
 
@@ -66,11 +73,13 @@ def upgrade() -> None:
         batch.alter_column("tags", server_default=None)
     copies = [f"{name} = {_number(dialect, 'spec', name)}" for name in SPEC_COLUMNS]
     copies += [f"result_{key} = {_number(dialect, 'result', key)}" for key in RESULT_KEYS]
-    if dialect == "postgresql":
-        op.execute("ALTER TABLE experiments SET (toast_tuple_target = 128)")
-        # A document moves out of line when its row is written anew with a new value.
-        copies += ["spec = spec || '{}'", "result = result || '{}'"]
     op.execute(f"UPDATE experiments SET {', '.join(copies)}")
+    with op.batch_alter_table("metrics") as batch:
+        for key in HISTORY_KEYS:
+            batch.add_column(sa.Column(key, sa.Float))
+    values = '"values"'  # a reserved word in SQL
+    history = [f"{key} = {_number(dialect, values, key)}" for key in HISTORY_KEYS]
+    op.execute(f"UPDATE metrics SET {', '.join(history)}")
     op.create_index("ix_experiments_owner", "experiments", ["owner"])
     op.create_index("ix_experiments_sweep", "experiments", ["sweep"])
     if dialect != "postgresql":
@@ -79,6 +88,10 @@ def upgrade() -> None:
     op.execute("CREATE INDEX ix_search_spec ON experiments USING gin (spec jsonb_path_ops)")
     op.execute("CREATE INDEX ix_search_tags ON experiments USING gin (tags jsonb_path_ops)")
     op.execute("CREATE INDEX ix_search_status_created_at_id ON experiments (status, created_at, id)")
+    typed = ", ".join(['kind', 'status', 'owner', '"K"', 'd', 'architecture', *SPEC_COLUMNS, 'created_at',
+                       *(f"result_{key}" for key in RESULT_KEYS)])
+    op.execute(f"CREATE INDEX ix_search_comparisons ON experiments (dataset, normalization) INCLUDE ({typed})")
+    op.execute(f"CREATE INDEX ix_search_history ON metrics (experiment_id, step) INCLUDE ({', '.join(HISTORY_KEYS)})")
     for key in INDEXED_METRICS:
         op.execute(f"CREATE INDEX ix_search_{key} ON experiments (result_{key}, id)")
         op.execute(f"CREATE INDEX ix_search_comparison_{key} ON experiments (dataset, normalization, result_{key}, id)")
@@ -89,11 +102,13 @@ def downgrade() -> None:
         for key in INDEXED_METRICS:
             op.execute(f"DROP INDEX ix_search_{key}")
             op.execute(f"DROP INDEX ix_search_comparison_{key}")
-        for name in ("spec", "tags", "status_created_at_id"):
+        for name in ("spec", "tags", "status_created_at_id", "comparisons", "history"):
             op.execute(f"DROP INDEX ix_search_{name}")
-        op.execute("ALTER TABLE experiments RESET (toast_tuple_target)")
     op.drop_index("ix_experiments_sweep", "experiments")
     op.drop_index("ix_experiments_owner", "experiments")
+    with op.batch_alter_table("metrics") as batch:
+        for key in HISTORY_KEYS:
+            batch.drop_column(key)
     with op.batch_alter_table("experiments") as batch:
         for key in RESULT_KEYS:
             batch.drop_column(f"result_{key}")
