@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from service.models import HISTORY_COLUMNS, Experiment, MetricRow
 from service.search import sql
-from service.search.fields import Field
+from service.search.fields import Field, lookup
 from service.search.language import Filter, OrderKey
 from service.search.sql import JSONValue
 
@@ -95,7 +95,7 @@ def aggregate(session: Session, tree: Filter | None, group_by: list[Field], metr
     groups = [sql.expression(field) for field in group_by]
     columns = [func.count()]
     for key in metrics:
-        columns += _statistics(dialect, JSONValue(Experiment.result, key, "number"))
+        columns += _statistics(dialect, sql.expression(lookup(f"result.{key}")))
     query = (select(*groups, *columns).select_from(Experiment).where(sql.compile_filter(tree, dialect))
              .group_by(*groups).order_by(*(group.asc().nulls_last() for group in groups)))
     items = []
@@ -123,19 +123,20 @@ def curves(session: Session, tree: Filter | None, group_by: list[Field], metric:
 
     The metric comes from its typed copy where it has one (models.HISTORY_COLUMNS), else
     from the history document, once per row in a materialized CTE: written straight
-    into the five aggregates, the database would read the document five times.
+    into the five aggregates, the database would read the document five times. (The CTE
+    would only cost a typed copy: it stops PostgreSQL from aggregating in parallel.)
     """
     dialect = _dialect(session)
-    value = getattr(MetricRow, metric) if metric in HISTORY_COLUMNS else JSONValue(MetricRow.values, metric, "number")
+    typed = metric in HISTORY_COLUMNS
+    value = getattr(MetricRow, metric) if typed else JSONValue(MetricRow.values, metric, "number")
     rows = (
         select(*(sql.expression(field).label(f"group_{i}") for i, field in enumerate(group_by)),
                MetricRow.step.label("step"), value.label("value"))
         .select_from(Experiment)
         .join(MetricRow, MetricRow.experiment_id == Experiment.id)
         .where(sql.compile_filter(tree, dialect), value.is_not(None))
-        .cte("history")
-        .prefix_with("MATERIALIZED")
     )
+    rows = rows.subquery("history") if typed else rows.cte("history").prefix_with("MATERIALIZED")
     groups = [rows.c[f"group_{i}"] for i in range(len(group_by))]
     query = (
         select(*groups, rows.c.step, func.count(rows.c.value), func.avg(rows.c.value),
