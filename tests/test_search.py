@@ -7,6 +7,9 @@ Random experiments take their values from small sets, so that ties, nulls and re
 values are the rule rather than the exception.
 """
 
+import csv
+import io
+import json
 import math
 import random
 import uuid
@@ -21,7 +24,7 @@ from sqlalchemy.orm import Session
 from service import migrate
 from service.db import make_engine
 from service.models import Experiment, MetricRow, history_copies, result_copies, spec_copies
-from service.search import queries
+from service.search import export, queries
 from service.search.fields import lookup
 from service.search.language import (
     AllOf, AnyOf, Compare, IsNull, Member, Not, OrderKey, parse_filter, parse_order_by, render,
@@ -322,3 +325,32 @@ def test_curves_equal_numpy_per_group_and_step(database, metric):
             assert point["min"] == column.min() and point["max"] == column.max()
             if len(column) > 1:
                 assert math.isclose(point["std"], column.std(ddof=1), rel_tol=1e-12)
+
+
+def test_csv_export_parses_back_to_the_same_values(database):
+    engine, experiments = database
+    with Session(engine) as session:
+        text = "".join(export.experiments(queries.stream(session, None, parse_order_by("id"), export.EXPORT_COLUMNS,
+                                                         batch=7)))
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [row["id"] for row in rows] == sorted(experiments)
+
+    def parsed(cell: str):
+        if cell == "":
+            return None
+        if cell in ("true", "false"):
+            return cell == "true"
+        try:
+            return json.loads(cell)  # numbers, and lists
+        except ValueError:
+            return cell  # strings are written as they are
+
+    for row in rows:
+        experiment = experiments[row["id"]]
+        assert (row["owner"], row["name"] or None, row["status"]) == (experiment.owner, experiment.name, experiment.status)
+        assert json.loads(row["tags"]) == experiment.tags
+        assert datetime.fromisoformat(row["created_at"]) == experiment.created_at
+        for key in export.SPEC_KEYS:
+            assert parsed(row[f"spec.{key}"]) == experiment.spec.get(key), key
+        for key in export.RESULT_KEYS:
+            assert parsed(row[f"result.{key}"]) == (experiment.result or {}).get(key), key

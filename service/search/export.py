@@ -14,6 +14,7 @@ from datetime import datetime
 
 from service.models import Experiment
 from service.search.fields import RESULT_TYPES, SPEC_FIELDS
+from service.search.sql import JSONValue
 from service.search.queries import STATISTICS
 
 EXPERIMENT_COLUMNS = ["id", "status", "kind", "owner", "name", "sweep", "tags", "progress", "error", "attempts",
@@ -37,23 +38,19 @@ def cell(value) -> str:
     return str(value)
 
 
-# What an export reads of each experiment: its columns, then the two documents.
-EXPORT_COLUMNS = [getattr(Experiment, column) for column in EXPERIMENT_COLUMNS] + [Experiment.spec, Experiment.result]
-
-# csv writes None, str, int and float (repr) as this module wants them; only the columns
-# that can hold a bool, a datetime, a list or an object go through cell(). Done per
-# column rather than per cell, an export of many rows spends its time reading, not formatting.
-_SPEC_TYPES = {name.removeprefix("spec."): field.type for name, field in SPEC_FIELDS.items()}
-_FORMATTED = [i for i, name in enumerate(EXPERIMENT_HEADER) if name in ("tags", "created_at", "started_at",
-              "finished_at", "spec.n_per_class") or (name.startswith("spec.") and _SPEC_TYPES[name[5:]] == "bool")
-              or (name.startswith("result.") and RESULT_TYPES[name[7:]] == "bool")]
+# What an export reads of each experiment: its columns, then every spec and result value
+# as JSON writes it (true/false, exact numbers, lists), which the database formats itself.
+EXPORT_COLUMNS = ([getattr(Experiment, column) for column in EXPERIMENT_COLUMNS]
+                  + [JSONValue(Experiment.spec, key, "json") for key in SPEC_KEYS]
+                  + [JSONValue(Experiment.result, key, "json") for key in RESULT_KEYS])
+# csv writes None, str, int and float (repr) as this module wants them: only the
+# datetimes and the tags go through cell().
+_FORMATTED = [EXPERIMENT_COLUMNS.index(name) for name in ("tags", "created_at", "started_at", "finished_at")]
 
 
 def experiment_row(row: tuple) -> list:
     """A row of EXPORT_COLUMNS as the CSV's cells."""
-    *columns, spec, result = row
-    result = result or {}
-    cells = columns + [spec.get(k) for k in SPEC_KEYS] + [result.get(k) for k in RESULT_KEYS]
+    cells = list(row)
     for i in _FORMATTED:
         cells[i] = cell(cells[i])
     return cells

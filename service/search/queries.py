@@ -51,7 +51,7 @@ def search(session: Session, tree: Filter | None, order: list[OrderKey] | None, 
     query = select(*RESOURCE_COLUMNS, *sql.sort_values(keys)).where(sql.compile_filter(tree, _dialect(session)))
     if cursor is not None:
         query = query.where(sql.after_cursor(keys, cursor))
-    rows = session.execute(query.order_by(*sql.order_clauses(keys)).limit(limit + 1)).all()
+    rows = session.connection().execute(query.order_by(*sql.order_clauses(keys)).limit(limit + 1)).all()
     next_cursor = None
     if len(rows) > limit:
         last = rows[limit - 1]
@@ -64,7 +64,8 @@ def stream(session: Session, tree: Filter | None, order: list[OrderKey] | None, 
     """``columns`` of every match in order, fetched ``batch`` rows at a time (a server-side cursor on PostgreSQL)."""
     keys = order or sql.DEFAULT_ORDER
     query = select(*columns).where(sql.compile_filter(tree, _dialect(session))).order_by(*sql.order_clauses(keys))
-    yield from session.execute(query.execution_options(yield_per=batch))
+    # On the session's connection, not through the ORM: plain rows, without its per-row bookkeeping.
+    yield from session.connection().execute(query.execution_options(yield_per=batch))
 
 
 def _median(dialect: str, value):

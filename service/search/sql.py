@@ -22,6 +22,7 @@ import base64
 import binascii
 import json
 from datetime import datetime
+from typing import Literal
 
 from sqlalchemy import Boolean, ColumnElement, Float, String, and_, bindparam, false, literal, not_, or_, true
 from sqlalchemy.dialects.postgresql import JSONB
@@ -33,7 +34,8 @@ from service.models import RESULT_COLUMNS, SPEC_COLUMNS, Experiment
 from service.search.fields import KEY_PATTERN, Field, FieldType, lookup
 from service.search.language import AllOf, AnyOf, Compare, Filter, FilterError, IsNull, Member, Not, OrderKey
 
-_SQL_TYPES = {"number": Float(), "string": String(), "bool": Boolean()}
+# "json": the value as JSON writes it (true, 0.5, [2, 3]), for exports; the others compare.
+_SQL_TYPES = {"number": Float(), "string": String(), "bool": Boolean(), "json": String()}
 
 
 class JSONValue(ColumnElement):
@@ -47,7 +49,7 @@ class JSONValue(ColumnElement):
         ("numbers_only", InternalTraversal.dp_boolean),
     ]
 
-    def __init__(self, document, key: str, field_type: FieldType, numbers_only: bool = False):
+    def __init__(self, document, key: str, field_type: FieldType | Literal["json"], numbers_only: bool = False):
         if not KEY_PATTERN.fullmatch(key):
             raise ValueError(f"not a JSON key the search accepts: {key!r}")
         self.document, self.key, self.field_type, self.numbers_only = document, key, field_type, numbers_only
@@ -76,6 +78,9 @@ def _json_value_sqlite(element: JSONValue, compiler, **kw) -> str:
     document = compiler.process(element.document, **kw)
     path = f"'$.\"{element.key}\"'"
     text = f"json_extract({document}, {path})"
+    if element.field_type == "json":
+        # json_extract gives 1 and 0 for true and false (numbers and text as themselves).
+        return f"CASE json_type({document}, {path}) WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' ELSE {text} END"
     if element.numbers_only:
         text = f"CASE WHEN json_type({document}, {path}) IN ('integer', 'real') THEN {text} END"
     return text
