@@ -75,7 +75,8 @@ DATASETS = ("mnist", "fashion_mnist", "cifar10", "digits")
 LOGIT_SCALES = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
 DIMS = (64, 128, 512)
 OWNERS = ("alice", "bob", "carol", "dave", "anonymous")
-OTHER_TAGS = ({"paper": "fig3"}, {"paper": "fig4"}, {"project": "etf_geometry"}, {"project": "imbalance", "paper": "fig5"})
+OTHER_TAGS = ({"paper": "fig3"}, {"paper": "fig4"}, {"project": "etf_geometry"},
+              {"project": "imbalance", "paper": "fig5"})
 
 UFM_TEMPLATE = UFMSpec(kind="ufm", K=10, d=64, n_per_class=20).model_dump(mode="json")
 # Constructed, not validated: validating a training spec checks that the data files exist.
@@ -203,7 +204,8 @@ def experiment(rng: random.Random, index: int, now: datetime, sweeps: list[str])
         created_at, 1, finished_at, f"gpu-{rng.randrange(8)}@node" if ran else None,
         rng.choice(OWNERS), f"{kind} run {index}" if rng.random() < 0.2 else None, json.dumps(tags),
         rng.choice(sweeps) if rng.random() < 0.3 else None,
-        *({**spec, "kind": kind}.get(field) for field in SPEC_COPIES), *((result or {}).get(key) for key in RESULT_COPIES),
+        *({**spec, "kind": kind}.get(field) for field in SPEC_COPIES),
+        *((result or {}).get(key) for key in RESULT_COPIES),
     )
     return Generated(row, kind, result, started_at)
 
@@ -217,7 +219,8 @@ def database_url(postgres: str, name: str) -> str:
 def row_counts(postgres: str, name: str) -> tuple[int, int] | None:
     try:
         with psycopg.connect(database_url(postgres, name)) as connection:
-            return connection.execute("SELECT (SELECT count(*) FROM experiments), (SELECT count(*) FROM metrics)").fetchone()
+            counts = "SELECT (SELECT count(*) FROM experiments), (SELECT count(*) FROM metrics)"
+            return connection.execute(counts).fetchone()
     except psycopg.Error:
         return None
 
@@ -261,8 +264,8 @@ def fill(postgres: str, name: str, size: int, seed: int = 0) -> None:
                 if i < HISTORY_EXPERIMENTS:
                     history.append(made)
         history_columns = sql.SQL(", ").join(map(sql.Identifier, HISTORY_COLUMNS))
-        with cursor.copy(sql.SQL('COPY metrics (experiment_id, recorded_at, step, "values", {}) FROM STDIN WITH (FREEZE)')
-                         .format(history_columns)) as copy:
+        copy_history = 'COPY metrics (experiment_id, recorded_at, step, "values", {}) FROM STDIN WITH (FREEZE)'
+        with cursor.copy(sql.SQL(copy_history).format(history_columns)) as copy:
             for made in history:
                 for step, *values in history_rows(history_rng, made.kind, made.result):
                     copy.write_row((made.row[0], made.started_at + timedelta(seconds=10 * step), step, *values))

@@ -42,7 +42,8 @@ def lab(production):
 
 def test_search_filters_on_spec_result_and_tags_and_orders_by_a_metric(lab):
     client, batch, done, _ = lab
-    where = f"tags.batch = '{batch}' and spec.normalization = 'normalized' and (spec.logit_scale >= 5 or tags.paper = 'fig2')"
+    where = (f"tags.batch = '{batch}' and spec.normalization = 'normalized' "
+             "and (spec.logit_scale >= 5 or tags.paper = 'fig2')")
     response = client.get("/experiments", params={"where": where, "order_by": "-result.loss,id", "limit": 4})
     assert response.status_code == 200, response.text
     expected = [e for e in done if e["spec"]["normalization"] == "normalized"
@@ -141,7 +142,8 @@ def test_csv_round_trips_lists_aggregates_curves_and_histories(lab):
         assert row["result.converged"] == ("true" if experiment["result"]["converged"] else "false")
         assert row["spec.dataset"] == ""  # a UFM spec has no data set
 
-    by_accept = _csv(client.get("/experiments", params={"where": where, "order_by": "id"}, headers={"Accept": "text/csv"}))
+    by_accept = _csv(client.get("/experiments", params={"where": where, "order_by": "id"},
+                                headers={"Accept": "text/csv"}))
     assert by_accept == rows
 
     aggregated = _csv(client.get("/experiments/aggregate", params={
@@ -213,7 +215,8 @@ def test_bad_filters_and_parameters_are_422_problems_naming_the_field(lab, path,
 
 def test_an_injection_attempt_in_a_value_is_just_a_value(lab):
     client, batch, done, _ = lab
-    response = client.get("/experiments", params={"where": "name = 'x'' OR ''1''=''1' or name = 'x''; DROP TABLE experiments; --'"})
+    where = "name = 'x'' OR ''1''=''1' or name = 'x''; DROP TABLE experiments; --'"
+    response = client.get("/experiments", params={"where": where})
     assert response.status_code == 200 and response.json()["items"] == []
     assert len(client.get("/experiments", params={"where": f"tags.batch = '{batch}'"}).json()["items"]) == len(done)
 
@@ -228,12 +231,14 @@ def test_repeated_single_valued_parameters_are_422(lab):
 def test_patch_renames_and_merges_tags(lab):
     client, batch, done, _ = lab
     experiment_id = done[1]["id"]
-    response = client.patch(f"/experiments/{experiment_id}", json={"name": "renamed", "tags": {"fig": "3", "paper": None}})
+    response = client.patch(f"/experiments/{experiment_id}",
+                            json={"name": "renamed", "tags": {"fig": "3", "paper": None}})
     assert response.status_code == 200, response.text
     assert response.json()["name"] == "renamed"
     assert response.json()["tags"] == {"batch": batch, "fig": "3"}
     assert client.get(f"/experiments/{experiment_id}").json()["tags"] == {"batch": batch, "fig": "3"}
-    found = client.get("/experiments", params={"where": f"tags.fig = '3' and name = 'renamed' and tags.batch = '{batch}'"})
+    where = f"tags.fig = '3' and name = 'renamed' and tags.batch = '{batch}'"
+    found = client.get("/experiments", params={"where": where})
     assert [i["id"] for i in found.json()["items"]] == [experiment_id]
 
     too_many = client.patch(f"/experiments/{experiment_id}", json={"tags": {f"t{i}": "x" for i in range(31)}})

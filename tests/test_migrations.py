@@ -80,7 +80,7 @@ def test_upgrade_from_0001_with_rows_keeps_them_and_makes_them_searchable(empty_
         page = queries.search(session, parse_filter("spec.K = 3 and owner = 'anonymous'"),
                               parse_order_by("result.nc1"), limit=10)
         assert [e["id"] for e in page.items] == [ids[2], ids[0]]
-        assert all(e["tags"] == {} and e["name"] is None and e["sweep"] is None for e in page.items)
+        assert all(json.loads(e["tags"]) == {} and e["name"] is None and e["sweep"] is None for e in page.items)
         (group,) = queries.aggregate(session, None, [], ["nc1"])
         assert group["count"] == 3 and group["metrics"]["nc1"]["mean"] == pytest.approx(0.875 / 3, rel=1e-15)
         (curve,) = queries.curves(session, None, [], "nc1")  # read from the typed copy the migration made

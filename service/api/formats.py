@@ -26,8 +26,13 @@ def csv_response(chunks, filename: str) -> StreamingResponse:
                              headers={"Content-Disposition": f'attachment; filename="{filename}.csv"'})
 
 
+def json_fragment(text: str | None):
+    """JSON text from the database, to be written into a response as it is (null for None)."""
+    return None if text is None else orjson.Fragment(text)
+
+
 def json_response(body) -> Response:
     """JSON written by orjson, for pages of experiments read as plain rows (queries.search):
-    the same text pydantic would write for the response model (datetimes in UTC with 'Z'),
-    without validating what the database just returned."""
+    what pydantic would write for the response model (datetimes in UTC with 'Z'), without
+    validating what the database just returned."""
     return Response(orjson.dumps(body, option=orjson.OPT_UTC_Z), media_type="application/json")

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from service import plots
 from service.api.deps import SessionDep, require_api_key, strict_query
 from service.api.formats import (
-    CSV_RESPONSES, PNG_RESPONSES, Format, PlotHeight, PlotWidth, csv_response, json_response, wants_csv,
+    CSV_RESPONSES, PNG_RESPONSES, Format, PlotHeight, PlotWidth, csv_response, json_fragment, json_response, wants_csv,
 )
 from service.api.problems import InvalidField
 from service.db import get_sessionmaker
@@ -26,8 +26,12 @@ from service.search.language import Compare, Filter, FilterError, OrderKey, conj
 router = APIRouter(prefix="/experiments", tags=["comparison"],
                    dependencies=[Depends(require_api_key), Depends(strict_query)])
 
-Where = Annotated[str | None, Query(max_length=20_000, description="a filter, e.g. \"spec.K = 10 and result.nc1 < 0.1\"")]
-GroupBy = Annotated[str | None, Query(max_length=2000, description="comma-separated fields, e.g. spec.normalization,spec.logit_scale")]
+Where = Annotated[str | None, Query(max_length=20_000,
+                                    description="a filter, e.g. \"spec.K = 10 and result.nc1 < 0.1\"")]
+GroupBy = Annotated[str | None, Query(max_length=2000,
+                                      description="comma-separated fields, e.g. spec.normalization,spec.logit_scale")]
+Metrics = Annotated[str | None, Query(max_length=2000,
+                                      description="comma-separated result keys, e.g. nc1,test_accuracy")]
 
 
 def _filter(where: str | None, legacy: list[Filter] = ()) -> Filter | None:
@@ -72,6 +76,9 @@ def _page(session, request: Request, format: str | None, tree, order, limit: int
         # A CSV export is the whole match, not a page: it streams in constant memory.
         return _export(tree, order)
     page = queries.search(session, tree, order, limit, cursor)
+    for item in page.items:
+        for key in queries.JSON_TEXT_KEYS:
+            item[key] = json_fragment(item[key])
     return json_response({"items": page.items, "next_cursor": page.next_cursor})
 
 
@@ -113,7 +120,7 @@ def aggregate(
     request: Request,
     where: Where = None,
     group_by: GroupBy = None,
-    metrics: Annotated[str | None, Query(max_length=2000, description="comma-separated result keys, e.g. nc1,test_accuracy")] = None,
+    metrics: Metrics = None,
     format: Format = None,
 ):
     """Per group: ``count``, and per metric n, mean, std (sample), min, max, median; computed in the database."""
