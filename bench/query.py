@@ -32,6 +32,9 @@ answer helps. The requests and the targets they are held to (milliseconds):
 - curves: nc1 per step, 6 groups, ~1,000 experiments x 100 steps; p50 <= 100;
 - export: the whole table as CSV, to the last byte (10k only); p50 <= 1000.
 
+With --export-memory it then exports each whole database once more (1M rows: ~670 MB)
+and reports the API process's resident memory before and at most during the stream.
+
 "matches" is what a request covered: the page's items, the aggregate's and curves'
 experiments (summed over groups), the CSV's rows.
 """
@@ -47,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -313,7 +317,7 @@ def api(postgres: str, name: str, broker: str) -> Iterator[str]:
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(url, process)
-            yield url
+            yield url, process.pid
         except Exception:
             print(f"the API's log ends:\n{log.read_text()[-3000:]}", file=sys.stderr)
             raise
@@ -452,11 +456,38 @@ def report(size: str, timings: list[Timing]) -> None:
               f"{target or '-'!s:<18} {met:>3}  {ratio}")
 
 
+def resident_mib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) // 1024
+
+
+def export_memory(client: httpx.Client, pid: int) -> str:
+    """Export every experiment as CSV once, sampling the API's resident memory twice a second."""
+    samples, done = [resident_mib(pid)], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.5):
+            samples.append(resident_mib(pid))
+
+    threading.Thread(target=sample, daemon=True).start()
+    start, size, rows = time.perf_counter(), 0, -1  # the header is not a row
+    with client.stream("GET", "/experiments", params={"format": "csv"}, timeout=3600) as response:
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            rows += chunk.count(b"\n")
+    done.set()
+    return (f"export of all {rows:,} rows: {size / 1e6:.0f} MB in {time.perf_counter() - start:.1f} s; "
+            f"API resident memory {samples[0]} MiB before, at most {max(samples)} MiB during")
+
+
 def bench_size(args: argparse.Namespace, size: str) -> list[Timing]:
     name = f"nclab_bench_query_{size}"
     prepare(args.postgres, name, SIZES[size], args.keep)
-    with api(args.postgres, name, args.broker) as url, httpx.Client(base_url=url, timeout=120) as client:
-        return [time_case(client, case, args.repeats) for case in cases(size)]
+    with api(args.postgres, name, args.broker) as (url, pid), httpx.Client(base_url=url, timeout=120) as client:
+        timings = [time_case(client, case, args.repeats) for case in cases(size)]
+        if args.export_memory:
+            print(f"{size}: {export_memory(client, pid)}")
+        return timings
 
 
 def main() -> None:
@@ -466,6 +497,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="reuse filled databases and keep them at the end")
     parser.add_argument("--postgres", default="postgres@127.0.0.1:5432", help="user@host:port")
     parser.add_argument("--broker", default="redis://127.0.0.1:6379/15")
+    parser.add_argument("--export-memory", action="store_true",
+                        help="also export each whole database as CSV once and report the API's memory")
     args = parser.parse_args()
     sizes = [s.strip().lower() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
