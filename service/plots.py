@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 DPI = 100
 
@@ -33,6 +34,7 @@ def _axes(width: int, height: int, title: str, step_unit: str, metric_label: str
     if logarithmic:
         axes.set_yscale("log")
     axes.grid(True, which="major", alpha=0.3)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole iterations or epochs
     return figure, axes
 
 
@@ -55,7 +57,7 @@ def curves_png(items: list[dict], metric: str, step_unit: str, width: int = 800,
     logarithmic = log_scale(metric)
     figure, axes = _axes(width, height, f"{metric}: mean ± std over experiments", step_unit, metric, logarithmic)
     for item in items:
-        label = ", ".join(f"{name}={value}" for name, value in item["group"].items()) or "all"
+        label = ", ".join(str(value) for value in item["group"].values()) or "all"  # the legend's title names them
         points = [p for p in item["points"] if p["mean"] is not None and (not logarithmic or p["mean"] > 0)]
         steps = [p["step"] for p in points]
         means = [p["mean"] for p in points]
