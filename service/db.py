@@ -6,9 +6,10 @@ in WAL mode with a generous busy timeout; PostgreSQL needs nothing special.
 
 from collections.abc import Iterator
 from functools import lru_cache
+from pathlib import Path
 
 import orjson
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.search import sqlite_functions
@@ -18,6 +19,9 @@ from service.settings import get_settings
 def make_engine(url: str) -> Engine:
     # orjson reads the JSON documents (specs, results, history rows) several times faster.
     if url.startswith("sqlite"):
+        database_file = make_url(url).database
+        if database_file and database_file != ":memory:":
+            Path(database_file).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30}, json_deserializer=orjson.loads)
 
         @event.listens_for(engine, "connect")

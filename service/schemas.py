@@ -27,7 +27,8 @@ ClassCounts = Annotated[int | list[int], BeforeValidator(_positive_counts)]
 
 
 class SpecBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Infinity and NaN are no sizes, rates or tolerances: a 422 naming the field, at the edge.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _at_most_setting(value: int, setting: str) -> int:
@@ -69,8 +70,10 @@ class UFMSpec(SpecBase):
     bias: bool = False
     # Without decay on W and H the regularized objective has no minimizer (it decreases
     # forever as the features grow), so these two must be positive.
-    lambda_w: float = Field(5e-4, gt=0, description="regularized only")
-    lambda_h: float = Field(5e-4, gt=0, description="regularized only")
+    # Below 1e-12 the product n lambda_w lambda_h of the closed form underflows; no
+    # weight decay in use comes near it.
+    lambda_w: float = Field(5e-4, ge=1e-12, description="regularized only")
+    lambda_h: float = Field(5e-4, ge=1e-12, description="regularized only")
     lambda_b: float = Field(5e-4, ge=0, description="regularized only")
     max_iters: int = Field(10_000, ge=1)
     tol: float = Field(1e-10, gt=0, description="stop when the Riemannian gradient norm is below this")

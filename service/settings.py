@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     # A job that keeps losing its worker ends failed after this many attempts.
     max_attempts: int = Field(3, ge=1)
 
+    # Request bodies above this many bytes are refused (413) before they are read.
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
     # Caps so that one request cannot exhaust a worker.
     max_ufm_elements: int = Field(50_000_000, ge=1)  # samples * d
     max_iters: int = Field(200_000, ge=1)
@@ -62,6 +65,6 @@ class Settings(BaseSettings):
 
 @lru_cache
 def get_settings() -> Settings:
-    settings = Settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return settings
+    # Reading the settings creates nothing (`nclab --help` writes no files): the commands
+    # that keep files in the data directory create it (service/cli.py, service/db.py).
+    return Settings()

@@ -8,6 +8,7 @@ reconciler turns into a re-queue (or a failure once the attempts are used up).
 
 import logging
 import os
+import signal
 import socket
 import traceback
 
@@ -16,6 +17,7 @@ from pydantic import TypeAdapter
 
 from service import jobs
 from service.db import get_sessionmaker
+from service.lifetime import die_with_parent
 from service.queue import RUN_EXPERIMENT, celery_app
 from service.schemas import ExperimentSpec
 from service.settings import get_settings
@@ -31,6 +33,9 @@ SPECS = TypeAdapter(ExperimentSpec)
 @worker_process_init.connect
 def prepare_pool_process(**_) -> None:
     retain_freed_memory()
+    # A pool process whose worker was killed outright stops at once: the reconciler
+    # re-queues its job, which must not go on running unowned.
+    die_with_parent(signal.SIGKILL)
 
 
 @celery_app.task(name=RUN_EXPERIMENT)

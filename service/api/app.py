@@ -9,8 +9,10 @@ from starlette.concurrency import run_in_threadpool
 
 from service import jobs
 from service.api import problems
-from service.api.routes import experiments, health, search
+from service.api.guards import RequestGuard
+from service.api.routes import docs, experiments, health, search
 from service.db import get_sessionmaker
+from service.lifetime import die_with_parent, is_spawned_child
 from service.queue import enqueue
 from service.settings import get_settings
 
@@ -34,6 +36,8 @@ async def reconcile_forever(interval: float) -> None:
 
 @asynccontextmanager
 async def lifespan(_app: FastAPI):
+    if is_spawned_child():  # a worker of `nclab api --workers N`: it ends with its supervisor
+        die_with_parent()
     reconciler = asyncio.create_task(reconcile_forever(get_settings().reconcile_interval))
     yield
     reconciler.cancel()
@@ -45,9 +49,13 @@ def create_app() -> FastAPI:
         version="1",
         summary="Neural-collapse experiments on demand",
         lifespan=lifespan,
+        # Served by routes/docs.py instead, behind the API key.
+        openapi_url=None, docs_url=None, redoc_url=None,
     )
     problems.install(app)
+    app.add_middleware(RequestGuard, max_body_bytes=get_settings().max_body_bytes)
     app.include_router(health.router)
+    app.include_router(docs.router)
     app.include_router(search.router)  # first: /experiments/aggregate is not an experiment's id
     app.include_router(experiments.router)
     return app

@@ -3,7 +3,8 @@
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service.api.problems import InvalidField
@@ -22,15 +23,23 @@ def _owner_of(presented: str, key_owners: dict[str, str]) -> str | None:
     return owner
 
 
+# Declared as security schemes, so that the OpenAPI document says how to authenticate.
+bearer = HTTPBearer(auto_error=False, description="an API key from NCLAB_API_KEYS")
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key from NCLAB_API_KEYS")
+
+
 def require_api_key(
-    authorization: Annotated[str | None, Header()] = None,
-    x_api_key: Annotated[str | None, Header()] = None,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    x_api_key: Annotated[str | None, Depends(api_key_header)],
 ) -> str:
-    """The caller's owner name: the key's owner when keys are set, else 'anonymous'."""
+    """The caller's owner name: the key's owner when keys are set, else 'anonymous'.
+
+    ``Authorization`` must name the Bearer scheme (in any case); a bare key there is refused.
+    """
     key_owners = get_settings().key_owners
     if not key_owners:
         return ANONYMOUS
-    presented = x_api_key or (authorization or "").removeprefix("Bearer ").strip()
+    presented = x_api_key or (credentials.credentials if credentials else "")
     owner = _owner_of(presented, key_owners)
     if owner is None:
         raise HTTPException(401, "missing or unknown API key: send 'Authorization: Bearer <key>'",

@@ -5,6 +5,8 @@ from http import HTTPStatus
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
 from service.search.language import FilterError
@@ -78,7 +80,27 @@ def _http_problem(_request: Request, exc: HTTPException) -> JSONResponse:
     return response
 
 
+# How long a client should wait before it asks again while the database is unreachable.
+RETRY_AFTER_SECONDS = 5
+
+
+def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    """The database is down or unreachable: a 503 to retry, not a 500 to report."""
+    response = problem(503, f"the database is unavailable ({exc.__class__.__name__}); retry in a few seconds")
+    response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response
+
+
+def _value_out_of_range(_request: Request, exc: DataError) -> JSONResponse:
+    """A value that passed validation but not the database (a last line of defence, never a 500)."""
+    reason = str(exc.orig).splitlines()[0] if exc.orig is not None else exc.__class__.__name__
+    return problem(422, f"a value the database cannot take: {reason}")
+
+
 def install(app: FastAPI) -> None:
+    app.add_exception_handler(DataError, _value_out_of_range)
+    for outage in (OperationalError, InterfaceError, PoolTimeout):
+        app.add_exception_handler(outage, _database_unavailable)
     app.add_exception_handler(RequestValidationError, _validation_problem)
     app.add_exception_handler(HTTPException, _http_problem)
     app.add_exception_handler(InvalidField, _invalid_field_problem)

@@ -119,6 +119,11 @@ def _contains(field: Field, value, dialect: str, negated: bool) -> ColumnElement
     return _DOCUMENTS[field.scope].op("@>", is_comparison=True)(bindparam(None, {field.key: value}, type_=JSONB))
 
 
+def _bound(field: Field, value):
+    """A number is compared as a double, so that no integer column meets a value beyond its range."""
+    return bindparam(None, value, type_=Float()) if field.type == "number" else value
+
+
 def _compare(expr: ColumnElement, op: str, value) -> ColumnElement:
     match op:
         case "=":
@@ -144,12 +149,12 @@ def compile_filter(tree: Filter | None, dialect: str, negated: bool = False) -> 
         case Compare(field, "=", value) if (contained := _contains(field, value, dialect, negated)) is not None:
             return contained
         case Compare(field, op, value):
-            return _compare(expression(field), op, value)
+            return _compare(expression(field), op, _bound(field, value))
         case Member(field, values, False) if _contains(field, None, dialect, negated) is not None:
             return or_(*(_contains(field, value, dialect, negated) for value in values))
         case Member(field, values, negated_member):
-            expr = expression(field)
-            return expr.not_in(values) if negated_member else expr.in_(values)
+            expr, bound = expression(field), [_bound(field, value) for value in values]
+            return expr.not_in(bound) if negated_member else expr.in_(bound)
         case IsNull(field, is_not):
             expr = expression(field)
             return expr.is_not(None) if is_not else expr.is_(None)

@@ -94,8 +94,8 @@ def list_experiments(
     kind: Literal["ufm", "train"] | None = None,
     status: Status | None = None,
     normalization: Literal["normalized", "regularized", "none"] | None = None,
-    K: Annotated[int | None, Query(ge=1)] = None,
-    d: Annotated[int | None, Query(ge=1)] = None,
+    K: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
+    d: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
     dataset: str | None = None,
     architecture: str | None = None,
 ):

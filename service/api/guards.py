@@ -1,0 +1,56 @@
+"""ASGI guards that answer before routing: request bodies over the size cap, NUL characters.
+
+Both would otherwise reach the database or the parser as they are: PostgreSQL rejects a
+NUL in text with an error, and an unbounded body is read into memory whole.
+"""
+
+import json
+from urllib.parse import parse_qsl
+
+from service.api.problems import PROBLEM_JSON
+
+
+async def _send_problem(send, status: int, detail: str, field: str | None) -> None:
+    title = {413: "Content Too Large", 422: "Unprocessable Entity"}[status]
+    errors = [{"field": field, "message": detail, "type": "invalid"}] if field else []
+    body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail,
+                       "errors": errors}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestGuard:
+    def __init__(self, app, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if "\x00" in scope["path"]:
+            return await _send_problem(send, 422, "the path contains a NUL character", "path")
+        for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True):
+            if "\x00" in name or "\x00" in value:
+                return await _send_problem(send, 422, f"{name.strip(chr(0))}: contains a NUL character", name)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit():
+            if int(declared) > self.max_body_bytes:
+                return await _send_problem(send, 413, f"the body is {int(declared)} bytes; at most "
+                                                      f"{self.max_body_bytes} are taken (NCLAB_MAX_BODY_BYTES)", None)
+            return await self.app(scope, receive, send)
+        # No length given (a chunked body): read it here, up to the cap, and hand it on.
+        messages, received = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                return await _send_problem(send, 413, f"the body passed {self.max_body_bytes} bytes, the most "
+                                                      "taken (NCLAB_MAX_BODY_BYTES)", None)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        return await self.app(scope, replay, send)

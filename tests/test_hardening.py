@@ -1,0 +1,177 @@
+"""Hostile input and outages get problems, never a bare 500 (issue 12's first findings)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from tests.conftest import fresh_pg_database, fresh_redis_broker
+from tests.support import free_port, wait_ready
+
+PROBLEM_JSON = "application/problem+json"
+SPEC = {"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2}
+
+
+def _problem(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM_JSON
+    return response.json()
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ('{"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2, "tol": Infinity}', "tol"),
+    ('{"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2, "logit_scale": NaN}', "logit_scale"),
+    ('{"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2, "normalization": "regularized", "lambda_w": 1e-300}',
+     "lambda_w"),
+    ('{"kind": "train", "dataset": "digits", "lr": -Infinity}', "lr"),
+])
+def test_non_finite_and_underflowing_numbers_are_422_naming_the_field(production, body, field):
+    response = production.client.post("/experiments", content=body, headers={"content-type": "application/json"})
+    problem = _problem(response, 422)
+    assert [error["field"] for error in problem["errors"]] == [field]
+
+
+@pytest.mark.parametrize(("method", "url", "field"), [
+    ("GET", "/experiments/%00/metrics", "path"),
+    ("POST", "/experiments/%00/cancel", "path"),
+    ("GET", "/experiments?dataset=%00", "dataset"),
+    ("GET", "/experiments?where=name%20%3D%20%27%00%27", "where"),
+])
+def test_nul_characters_are_422_not_a_database_error(production, method, url, field):
+    problem = _problem(production.client.request(method, url), 422)
+    assert problem["errors"][0]["field"] == field
+
+
+def test_out_of_range_integers_are_422_in_parameters_and_answered_in_filters(production):
+    for name in ("K", "d"):
+        problem = _problem(production.client.get("/experiments", params={name: 2**31}), 422)
+        assert problem["errors"][0]["field"] == name
+    for where in ("spec.d = 2147483648", "spec.K in (1, 3000000000)", "spec.seed > 1e300", "result.nc1 < -1e308"):
+        response = production.client.get("/experiments", params={"where": where})
+        assert response.status_code == 200 and response.json()["items"] == [], where
+
+
+def test_a_body_over_the_cap_is_413(production):
+    huge = '{"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2, "pad": "' + "x" * (1 << 20) + '"}'
+    _problem(production.client.post("/experiments", content=huge, headers={"content-type": "application/json"}), 413)
+
+    def chunks():  # no Content-Length: the cap applies as the body arrives
+        yield huge.encode()
+
+    response = production.client.post("/experiments", content=chunks(), headers={"content-type": "application/json"})
+    _problem(response, 413)
+
+
+def test_an_unreachable_database_is_a_503_with_retry_after(pg_admin, processes):
+    with fresh_pg_database(pg_admin) as database_url:
+        processes.env["NCLAB_DATABASE_URL"] = database_url
+        port = free_port()
+        api = processes.start("api", "--port", str(port), name="api")
+        base_url = f"http://127.0.0.1:{port}"
+        wait_ready(base_url, api)
+        with httpx.Client(base_url=base_url) as client:
+            assert client.get("/experiments").status_code == 200
+            name = database_url.rsplit("/", 1)[1]
+            with psycopg.connect(pg_admin, autocommit=True) as admin:  # the database goes away under the API
+                admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            for request in (client.get("/experiments"), client.post("/experiments", json=SPEC),
+                            client.get("/experiments/aggregate", params={"metrics": "nc1"})):
+                problem = _problem(request, 503)
+                assert request.headers["retry-after"] == "5" and "database" in problem["detail"]
+
+
+def test_api_keys_need_the_bearer_scheme_and_guard_the_docs_too(processes):
+    processes.env["NCLAB_API_KEYS"] = "alice:alice-key"
+    port = free_port()
+    api = processes.start("api", "--port", str(port), name="api")  # no --host: 127.0.0.1
+    base_url = f"http://127.0.0.1:{port}"
+    wait_ready(base_url, api)
+    listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+    assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening
+    with httpx.Client(base_url=base_url) as client:
+        assert client.get("/experiments", headers={"Authorization": "alice-key"}).status_code == 401
+        assert client.get("/experiments", headers={"Authorization": "bearer alice-key"}).status_code == 200
+        assert client.get("/experiments", headers={"Authorization": "BEARER alice-key"}).status_code == 200
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            _problem(client.get(path), 401)
+            assert client.get(path, headers={"Authorization": "Bearer alice-key"}).status_code == 200
+        schema = client.get("/openapi.json", headers={"X-API-Key": "alice-key"}).json()
+        assert set(schema["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
+        assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code in (200, 503)
+
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
+
+
+def _wait_for_children(pid: int, count: int, timeout: float = 60) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while len(children := _children(pid)) < count:
+        assert time.monotonic() < deadline, f"{pid} has children {children}, wanted {count}"
+        time.sleep(0.2)
+    return children
+
+
+def _gone_within(pids: set[int], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_api_workers_end_when_their_supervisor_is_killed(processes):
+    port = free_port()
+    api = processes.start("api", "--port", str(port), "--workers", "2", name="api")
+    wait_ready(f"http://127.0.0.1:{port}", api)
+    workers = _wait_for_children(api.pid, 2)
+    os.kill(api.pid, signal.SIGKILL)  # the supervisor alone, not its process group
+    api.wait()
+    assert _gone_within(workers, 3), f"uvicorn workers {_alive(workers)} outlived their supervisor"
+
+
+def test_a_pool_process_ends_at_once_when_its_worker_is_killed(pg_database, processes):
+    processes.env.update(NCLAB_DATABASE_URL=pg_database, NCLAB_BROKER_URL=fresh_redis_broker())
+    worker = processes.start("worker", name="worker")
+    pool = _wait_for_children(worker.pid, 1)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    assert _gone_within(pool, 0.5), f"pool processes {_alive(pool)} outlived their worker"
+
+
+def test_help_writes_no_files(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NCLAB_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    for args in (["--help"], ["serve", "--help"], ["data", "--help"]):
+        result = subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+    assert list(tmp_path.iterdir()) == []
