@@ -5,9 +5,10 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StringConstraints, Tag,
-    ValidationInfo, field_validator,
+    ValidationInfo, field_validator, model_validator,
 )
 
+from service import job_size
 from service.datasets import DATASETS
 from service.settings import get_settings
 
@@ -225,6 +226,30 @@ class TrainSpec(SpecBase):
         owner, allowed = _TRAIN_FIELD_OWNERS[info.field_name]
         _only_for(cls, value, info, owner, allowed)
         return value
+
+    @field_validator("d", "mlp_width")
+    @classmethod
+    def _width_capped(cls, width: int) -> int:
+        return _at_most_setting(width, "max_train_width")
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> "TrainSpec":
+        """The gaussian mixture's size, then the whole job's memory estimate, against their caps."""
+        samples = self.K * (self.gaussian_train_per_class + self.gaussian_test_per_class)
+        if self.dataset == "gaussian" and samples > get_settings().max_train_samples:
+            raise ValueError(f"K * (gaussian_train_per_class + gaussian_test_per_class) = {samples} samples "
+                             f"exceeds the cap {get_settings().max_train_samples} (NCLAB_MAX_TRAIN_SAMPLES)")
+        estimate = job_size.train_bytes(self.model_dump(), DATASETS[self.dataset].class_counts)
+        cap = get_settings().max_job_bytes
+        if estimate["total"] > cap:
+            parts = ", ".join(f"{name} {_gib(size)}" for name, size in estimate.items() if name != "total")
+            raise ValueError(f"the job needs about {_gib(estimate['total'])} by its estimate ({parts}); "
+                             f"the cap is {_gib(cap)} (NCLAB_MAX_JOB_BYTES)")
+        return self
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.3g} GiB"
 
 
 ExperimentSpec = Annotated[Union[UFMSpec, TrainSpec], Field(discriminator="kind")]

@@ -175,3 +175,16 @@ def test_help_writes_no_files(tmp_path):
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_train_jobs_over_the_caps_are_422_saying_the_cap(production):
+    client = production.client
+    problem = _problem(client.post("/experiments", json={"kind": "train", "dataset": "digits", "d": 2_000_000_000}), 422)
+    assert [error["field"] for error in problem["errors"]] == ["d"] and "NCLAB_MAX_TRAIN_WIDTH" in problem["detail"]
+    huge = {"kind": "train", "dataset": "gaussian", "K": 10, "gaussian_dim": 100_000,
+            "gaussian_train_per_class": 10**7}
+    problem = _problem(client.post("/experiments", json=huge), 422)
+    assert "NCLAB_MAX_TRAIN_SAMPLES" in problem["detail"]
+    wide = {"kind": "train", "dataset": "gaussian", "K": 10, "gaussian_dim": 100_000, "mlp_width": 16384}
+    problem = _problem(client.post("/experiments", json=wide), 422)
+    assert "by its estimate" in problem["detail"] and "NCLAB_MAX_JOB_BYTES" in problem["detail"]

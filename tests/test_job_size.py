@@ -1,0 +1,72 @@
+"""The submit-time memory estimate of a train job: exact parameter counts, and the caps."""
+
+import pytest
+import torch
+
+from service import job_size
+from service.schemas import TrainSpec
+from worker.nc.models import build_model
+
+
+@pytest.mark.parametrize(("architecture", "channels", "side", "K", "d", "depth", "width"), [
+    ("mlp", 1, 8, 10, 64, 3, 128),
+    ("mlp", 32, 1, 7, 16, 1, 512),
+    ("mlp", 3, 32, 100, 512, 4, 256),
+    ("resnet18", 3, 32, 10, 512, 0, 0),
+    ("resnet18", 1, 28, 10, 64, 0, 0),
+    ("resnet18", 1, 8, 5, 1024, 0, 0),
+    ("vgg11", 3, 32, 100, 512, 0, 0),
+    ("vgg11", 1, 28, 10, 128, 0, 0),
+    ("vgg11", 1, 8, 10, 64, 0, 0),
+])
+def test_parameter_counts_equal_the_models_the_worker_builds(architecture, channels, side, K, d, depth, width):
+    model = build_model(architecture, channels, side, K, d, "normalized", 10.0, mlp_depth=max(depth, 1),
+                        mlp_width=max(width, 1))
+    if architecture == "mlp":
+        estimate = job_size.mlp(channels * side * side, depth, width, d, K)
+    else:
+        estimate = getattr(job_size, architecture)(channels, side, d, K)
+    assert estimate.parameters == sum(p.numel() for p in model.parameters())
+
+
+def _activation_elements(model, channels: int, side: int) -> int:
+    """Elements of every leaf module's output for one sample, counted with forward hooks."""
+    total = 0
+
+    def count(_module, _inputs, output):
+        nonlocal total
+        total += output[0].numel()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(2, channels, side, side))
+    for handle in handles:
+        handle.remove()
+    return total
+
+
+@pytest.mark.parametrize(("architecture", "channels", "side"), [("resnet18", 3, 32), ("vgg11", 1, 28), ("mlp", 1, 8)])
+def test_activation_estimate_is_within_a_factor_of_two_of_the_layer_outputs(architecture, channels, side):
+    model = build_model(architecture, channels, side, 10, 64, "normalized", 10.0)
+    if architecture == "mlp":
+        estimate = job_size.mlp(channels * side * side, 3, 512, 64, 10)
+    else:
+        estimate = getattr(job_size, architecture)(channels, side, 64, 10)
+    counted = _activation_elements(model, channels, side)
+    assert counted / 2 <= estimate.activations_per_sample <= 2 * counted
+
+
+def test_oversized_train_jobs_are_refused_with_the_estimate_and_the_cap():
+    with pytest.raises(ValueError, match=r"d\n.*must be at most 16384 \(NCLAB_MAX_TRAIN_WIDTH\)"):
+        TrainSpec(kind="train", dataset="digits", d=2_000_000_000)
+    with pytest.raises(ValueError, match=r"100000010 samples exceeds the cap 2000000 \(NCLAB_MAX_TRAIN_SAMPLES\)"):
+        TrainSpec(kind="train", dataset="gaussian", K=10, gaussian_dim=100_000, gaussian_train_per_class=10**7,
+                  gaussian_test_per_class=1)
+    # 100,000 x 16,384 + 16,384^2 + 16,384 x 512 weights: 1.91e9, 28.5 GiB with gradients and optimizer state.
+    with pytest.raises(ValueError, match=r"needs about 29.3 GiB by its estimate \(data .*, parameters 28.5 GiB, .*\); "
+                                         r"the cap is 16 GiB \(NCLAB_MAX_JOB_BYTES\)"):
+        TrainSpec(kind="train", dataset="gaussian", K=10, gaussian_dim=100_000, mlp_width=16384)
+    fine = TrainSpec(kind="train", dataset="digits")
+    assert job_size.train_bytes(fine.model_dump(), (142,) * 10)["total"] < 2**30
