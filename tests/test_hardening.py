@@ -179,7 +179,8 @@ def test_help_writes_no_files(tmp_path):
 
 def test_train_jobs_over_the_caps_are_422_saying_the_cap(production):
     client = production.client
-    problem = _problem(client.post("/experiments", json={"kind": "train", "dataset": "digits", "d": 2_000_000_000}), 422)
+    wide_features = {"kind": "train", "dataset": "digits", "d": 2_000_000_000}
+    problem = _problem(client.post("/experiments", json=wide_features), 422)
     assert [error["field"] for error in problem["errors"]] == ["d"] and "NCLAB_MAX_TRAIN_WIDTH" in problem["detail"]
     huge = {"kind": "train", "dataset": "gaussian", "K": 10, "gaussian_dim": 100_000,
             "gaussian_train_per_class": 10**7}
