@@ -140,6 +140,16 @@ def cancel(session: Session, experiment_id: str) -> Experiment | None:
     return session.get(Experiment, experiment_id, populate_existing=True)
 
 
+def forget_sends(session: Session) -> int:
+    """Mark every queued job as never sent, so that the reconciler sends it on its next round."""
+    count = session.execute(
+        update(Experiment).where(Experiment.status == "queued", Experiment.sent_at.is_not(None))
+        .values(sent_at=None)
+    ).rowcount
+    session.commit()
+    return count
+
+
 def reconcile(session: Session, settings: Settings, enqueue: Callable[[str], None]) -> None:
     """Repair what a crash or a lost message left behind.
 

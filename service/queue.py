@@ -29,6 +29,8 @@ def make_celery_app() -> Celery:
         broker_connection_timeout=3,
         task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5},
     )
+    # By name, so that the API (which never imports the worker) does not load it.
+    app.steps["consumer"].add("worker.recovery:ResendQueuedOnConnect")
     return app
 
 

@@ -189,3 +189,53 @@ def test_train_jobs_over_the_caps_are_422_saying_the_cap(production):
     wide = {"kind": "train", "dataset": "gaussian", "K": 10, "gaussian_dim": 100_000, "mlp_width": 16384}
     problem = _problem(client.post("/experiments", json=wide), 422)
     assert "by its estimate" in problem["detail"] and "NCLAB_MAX_JOB_BYTES" in problem["detail"]
+
+
+def _redis_server(port: int) -> subprocess.Popen:
+    server = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                               "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode != 0:
+        assert time.monotonic() < deadline, "redis-server did not start"
+        time.sleep(0.1)
+    return server
+
+
+def test_a_redis_restart_that_loses_the_queue_costs_seconds_not_minutes(pg_database, processes):
+    """The queue's messages die with a Redis that keeps nothing; the worker's reconnect has them re-sent."""
+    port = free_port()
+    redis_server = _redis_server(port)
+    try:
+        # The default re-send delay (300 s): recovery must not wait for it.
+        processes.env.update(NCLAB_DATABASE_URL=pg_database, NCLAB_BROKER_URL=f"redis://127.0.0.1:{port}/0",
+                             NCLAB_RESEND_AFTER="300", NCLAB_RECONCILE_INTERVAL="2")
+        api_port = free_port()
+        api = processes.start("api", "--port", str(api_port), name="api")
+        processes.start("worker", name="worker")
+        base_url = f"http://127.0.0.1:{api_port}"
+        wait_ready(base_url, api)
+        with httpx.Client(base_url=base_url, timeout=30) as client:
+            busy = client.post("/experiments", json={"kind": "ufm", "K": 30, "d": 64, "n_per_class": 50,
+                                                     "tol": 1e-300, "max_iters": 200_000}).json()
+            deadline = time.monotonic() + 60
+            while client.get(f"/experiments/{busy['id']}").json()["status"] != "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            waiting = [client.post("/experiments", json={**SPEC, "seed": seed}).json()["id"] for seed in range(3)]
+            time.sleep(1)  # sent: the messages wait in Redis behind the busy worker
+
+            redis_server.kill()
+            redis_server.wait()
+            redis_server = _redis_server(port)  # empty: the three messages are gone
+            restarted = time.monotonic()
+            client.post(f"/experiments/{busy['id']}/cancel")
+            while True:
+                statuses = [client.get(f"/experiments/{i}").json()["status"] for i in waiting]
+                if all(status == "succeeded" for status in statuses):
+                    break
+                assert time.monotonic() - restarted < 30, f"still {statuses} after a Redis restart"
+                time.sleep(0.2)
+            assert time.monotonic() - restarted <= 15
+    finally:
+        redis_server.kill()
+        redis_server.wait()
