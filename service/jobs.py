@@ -7,6 +7,8 @@ number with every write, and a write for an attempt that no longer owns the job 
 nothing.
 """
 
+import json
+import logging
 import math
 import uuid
 from collections.abc import Callable
@@ -18,6 +20,14 @@ from sqlalchemy.orm import Session
 from service.models import Experiment, MetricRow, history_copies, result_copies, spec_copies, utcnow
 from service.schemas import TERMINAL_STATUSES
 from service.settings import ANONYMOUS, Settings
+
+
+log = logging.getLogger("nclab.jobs")
+
+
+def log_transition(experiment_id: str, old: str | None, new: str, **fields) -> None:
+    """One JSON line per status change, for log pipelines: event, experiment, from, to, and the details."""
+    log.info(json.dumps({"event": "transition", "experiment": experiment_id, "from": old, "to": new, **fields}))
 
 
 def json_safe(values: dict) -> dict:
@@ -43,6 +53,7 @@ def create(session: Session, spec: dict, owner: str = ANONYMOUS, name: str | Non
     )
     session.add(experiment)
     session.commit()
+    log_transition(experiment.id, None, "queued", kind=spec["kind"], owner=owner)
     return experiment
 
 
@@ -80,7 +91,9 @@ def claim(session: Session, experiment_id: str, worker: str) -> Experiment | Non
     # A rerun starts its history afresh.
     session.execute(delete(MetricRow).where(MetricRow.experiment_id == experiment_id))
     session.commit()
-    return session.get(Experiment, experiment_id, populate_existing=True)
+    job = session.get(Experiment, experiment_id, populate_existing=True)
+    log_transition(experiment_id, "queued", "running", attempt=job.attempts, worker=worker)
+    return job
 
 
 def _owned(experiment_id: str, attempt: int):
@@ -121,16 +134,20 @@ def finish(
         values["progress"] = 1.0
     finished = session.execute(update(Experiment).where(*_owned(experiment_id, attempt)).values(**values)).rowcount
     session.commit()
+    if finished:
+        log_transition(experiment_id, "running", status, attempt=attempt, **({"error": error} if error else {}))
     return bool(finished)
 
 
 def cancel(session: Session, experiment_id: str) -> Experiment | None:
     """Cancel a queued job at once; ask a running one to stop. None if no such job."""
-    session.execute(
+    canceled = session.execute(
         update(Experiment)
         .where(Experiment.id == experiment_id, Experiment.status == "queued")
         .values(status="canceled", cancel_requested=True, finished_at=utcnow())
-    )
+    ).rowcount
+    if canceled:
+        log_transition(experiment_id, "queued", "canceled")
     session.execute(
         update(Experiment)
         .where(Experiment.id == experiment_id, Experiment.status == "running")
@@ -162,6 +179,7 @@ def reconcile(session: Session, settings: Settings, enqueue: Callable[[str], Non
     stale = session.scalars(
         select(Experiment).where(Experiment.status == "running", Experiment.heartbeat_at < stale_before)
     ).all()
+    moves = []
     for job in stale:
         silent_for = (now - job.heartbeat_at).total_seconds()
         if job.cancel_requested:
@@ -174,13 +192,17 @@ def reconcile(session: Session, settings: Settings, enqueue: Callable[[str], Non
             )
         else:
             values = dict(status="queued", heartbeat_at=None, worker=None, sent_at=None)
-        session.execute(
+        moved = session.execute(
             update(Experiment)
             .where(Experiment.id == job.id, Experiment.status == "running",
                    Experiment.heartbeat_at == job.heartbeat_at)
             .values(**values)
-        )
+        ).rowcount
+        if moved:
+            moves.append((job.id, values["status"], job.attempts, silent_for))
     session.commit()
+    for experiment_id, status, attempt, silent_for in moves:
+        log_transition(experiment_id, "running", status, attempt=attempt, reason=f"no heartbeat for {silent_for:.0f} s")
 
     queued = session.scalars(select(Experiment).where(Experiment.status == "queued")).all()
     for job in queued:

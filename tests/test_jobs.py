@@ -1,5 +1,7 @@
 """The job lifecycle's transitions, on SQLite and PostgreSQL: conditional, attempt-owned, repairable."""
 
+import json
+import logging
 from datetime import timedelta
 
 import pytest
@@ -100,3 +102,30 @@ def test_reconciler_resends_queued_jobs_with_backoff_and_tolerates_a_dead_broker
     assert sent == [job.id, job.id]
     session.refresh(job)
     assert job.send_count == 2
+
+
+def test_every_transition_is_one_json_log_line(session, caplog):
+    caplog.set_level(logging.INFO, logger="nclab.jobs")
+    first, second, third = (jobs.create(session, SPEC, owner="alice") for _ in range(3))
+    jobs.claim(session, first.id, worker="w1")
+    jobs.finish(session, first.id, 1, "failed", error="diverged: loss became nan")
+    jobs.finish(session, first.id, 1, "succeeded")  # not running any more: no transition, no line
+    jobs.cancel(session, second.id)
+    jobs.claim(session, third.id, worker="w1")
+    session.execute(update(Experiment).where(Experiment.id == third.id)
+                    .values(heartbeat_at=utcnow() - timedelta(seconds=60)))
+    session.commit()
+    jobs.reconcile(session, settings(), enqueue=lambda _id: None)
+
+    lines = [json.loads(record.getMessage()) for record in caplog.records if record.name == "nclab.jobs"]
+    moves = [(line["experiment"], line["from"], line["to"]) for line in lines]
+    assert moves == [
+        (first.id, None, "queued"), (second.id, None, "queued"), (third.id, None, "queued"),
+        (first.id, "queued", "running"), (first.id, "running", "failed"),
+        (second.id, "queued", "canceled"),
+        (third.id, "queued", "running"), (third.id, "running", "queued"),
+    ]
+    assert all(line["event"] == "transition" for line in lines)
+    assert lines[0]["owner"] == "alice" and lines[0]["kind"] == "ufm"
+    assert lines[4]["error"] == "diverged: loss became nan" and lines[4]["attempt"] == 1
+    assert lines[7]["reason"].startswith("no heartbeat for")
