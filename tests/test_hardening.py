@@ -239,3 +239,27 @@ def test_a_redis_restart_that_loses_the_queue_costs_seconds_not_minutes(pg_datab
     finally:
         redis_server.kill()
         redis_server.wait()
+
+
+def test_the_openapi_document_declares_every_status_and_media_type():
+    from service.api.app import create_app
+
+    paths = create_app().openapi()["paths"]
+    media = {}
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            media.update({(path, method, status): set(body.get("content", {})) for status, body in responses.items()})
+            if path.startswith("/experiments"):
+                for status in ("401", "413", "422", "503"):
+                    assert media[path, method, status] == {PROBLEM_JSON}, (path, method, status)
+            if "{experiment_id}" in path:
+                assert media[path, method, "404"] == {PROBLEM_JSON}
+    assert media["/experiments/{experiment_id}/cancel", "post", "409"] == {PROBLEM_JSON}
+    assert "202" in paths["/experiments/{experiment_id}/cancel"]["post"]["responses"]
+    assert media["/experiments", "post", "202"] == {"application/json"}
+    for path in ("/experiments", "/experiments/aggregate", "/experiments/curves", "/experiments/{experiment_id}/metrics"):
+        assert "text/csv" in media[path, "get", "200"]
+    for path in ("/experiments/curves.png", "/experiments/{experiment_id}/metrics.png"):
+        assert media[path, "get", "200"] == {"image/png"}
+    assert media["/readyz", "get", "503"] == {PROBLEM_JSON}

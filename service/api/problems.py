@@ -5,6 +5,7 @@ from http import HTTPStatus
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
@@ -12,6 +13,37 @@ from starlette.exceptions import HTTPException
 from service.search.language import FilterError
 
 PROBLEM_JSON = "application/problem+json"
+
+
+class FieldProblem(BaseModel):
+    field: str | None = Field(description="the field, query parameter or filter field at fault")
+    message: str
+    type: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, as every error of this API is written."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldProblem] | None = None
+
+
+def problem_responses(*statuses: int) -> dict:
+    """OpenAPI ``responses`` for the given error statuses, each a problem+json."""
+    reasons = {
+        401: "no API key, or an unknown one (when NCLAB_API_KEYS is set)",
+        404: "no such experiment",
+        409: "the experiment has already finished",
+        413: "the request body is over NCLAB_MAX_BODY_BYTES",
+        422: "invalid input: the problem names the field and the rule",
+        503: "the database is unreachable; retry after Retry-After seconds",
+    }
+    schema = Problem.model_json_schema()
+    return {status: {"description": reasons[status], "content": {PROBLEM_JSON: {"schema": schema}}}
+            for status in statuses}
 
 
 def problem(status: int, detail: str, **extra) -> JSONResponse:

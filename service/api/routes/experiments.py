@@ -7,7 +7,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import jobs, plots
 from service.api.deps import OwnerDep, SessionDep, require_api_key, strict_query
-from service.api.problems import InvalidField
+from service.api.problems import InvalidField, problem_responses
 from service.api.formats import CSV_RESPONSES, PNG_RESPONSES, Format, PlotHeight, PlotWidth, csv_response, wants_csv
 from service.models import Experiment
 from service.queue import enqueue
@@ -18,7 +18,9 @@ from service.search import export, queries
 from service.search.fields import STEP_UNITS, UnknownField, history_key
 
 router = APIRouter(prefix="/experiments", tags=["experiments"],
-                   dependencies=[Depends(require_api_key), Depends(strict_query)])
+                   dependencies=[Depends(require_api_key), Depends(strict_query)],
+                   responses=problem_responses(401, 413, 422, 503))
+NOT_FOUND = problem_responses(404)
 
 
 def _get_or_404(session, experiment_id: str) -> Experiment:
@@ -41,12 +43,12 @@ def submit(submission: Annotated[Submission, Body()], session: SessionDep, owner
     return experiment
 
 
-@router.get("/{experiment_id}", response_model=ExperimentOut)
+@router.get("/{experiment_id}", response_model=ExperimentOut, responses=NOT_FOUND)
 def read(experiment_id: str, session: SessionDep) -> Experiment:
     return _get_or_404(session, experiment_id)
 
 
-@router.patch("/{experiment_id}", response_model=ExperimentOut)
+@router.patch("/{experiment_id}", response_model=ExperimentOut, responses=NOT_FOUND)
 def relabel(experiment_id: str, patch: ExperimentPatch, session: SessionDep) -> Experiment:
     """Rename (``"name": null`` clears it) and retag: tags are merged in, a null value removes that tag."""
     experiment = _get_or_404(session, experiment_id)
@@ -67,7 +69,7 @@ def _history(session, experiment_id: str) -> list[dict]:
     return queries.history(session, experiment_id)
 
 
-@router.get("/{experiment_id}/metrics", response_model=MetricHistory, responses=CSV_RESPONSES)
+@router.get("/{experiment_id}/metrics", response_model=MetricHistory, responses={**CSV_RESPONSES, **NOT_FOUND})
 def metric_history(experiment_id: str, session: SessionDep, request: Request, format: Format = None):
     rows = _history(session, experiment_id)
     if wants_csv(request, format):
@@ -75,7 +77,7 @@ def metric_history(experiment_id: str, session: SessionDep, request: Request, fo
     return MetricHistory(items=rows)
 
 
-@router.get("/{experiment_id}/metrics.png", response_class=Response, responses=PNG_RESPONSES)
+@router.get("/{experiment_id}/metrics.png", response_class=Response, responses={**PNG_RESPONSES, **NOT_FOUND})
 async def metric_history_png(
     experiment_id: str,
     session: SessionDep,
@@ -97,7 +99,9 @@ async def metric_history_png(
     return Response(png, media_type="image/png")
 
 
-@router.post("/{experiment_id}/cancel", response_model=ExperimentOut)
+@router.post("/{experiment_id}/cancel", response_model=ExperimentOut,
+             responses={202: {"description": "running: asked to stop, within seconds", "model": ExperimentOut},
+                        **NOT_FOUND, **problem_responses(409)})
 def cancel(experiment_id: str, session: SessionDep, response: Response) -> Experiment:
     experiment = _get_or_404(session, experiment_id)
     if experiment.status in TERMINAL_STATUSES:

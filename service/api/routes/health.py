@@ -4,7 +4,7 @@ from fastapi import APIRouter
 from sqlalchemy import text
 
 from service.api.deps import SessionDep
-from service.api.problems import problem
+from service.api.problems import problem, problem_responses
 from service.queue import celery_app
 
 router = APIRouter(tags=["health"])
@@ -15,7 +15,7 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=problem_responses(503))
 def readyz(session: SessionDep):
     checks = {}
     try:

@@ -16,7 +16,7 @@ from service.api.deps import SessionDep, require_api_key, strict_query
 from service.api.formats import (
     CSV_RESPONSES, PNG_RESPONSES, Format, PlotHeight, PlotWidth, csv_response, json_fragment, json_response, wants_csv,
 )
-from service.api.problems import InvalidField
+from service.api.problems import InvalidField, problem_responses
 from service.db import get_sessionmaker
 from service.schemas import ExperimentList, SearchRequest, Status
 from service.search import export, queries
@@ -24,7 +24,8 @@ from service.search.fields import STEP_UNITS, Field, UnknownField, history_key, 
 from service.search.language import Compare, Filter, FilterError, OrderKey, conjunction, parse_filter, parse_order_by
 
 router = APIRouter(prefix="/experiments", tags=["comparison"],
-                   dependencies=[Depends(require_api_key), Depends(strict_query)])
+                   dependencies=[Depends(require_api_key), Depends(strict_query)],
+                   responses=problem_responses(401, 413, 422, 503))
 
 Where = Annotated[str | None, Query(max_length=20_000,
                                     description="a filter, e.g. \"spec.K = 10 and result.nc1 < 0.1\"")]
