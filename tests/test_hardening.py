@@ -258,7 +258,8 @@ def test_the_openapi_document_declares_every_status_and_media_type():
     assert media["/experiments/{experiment_id}/cancel", "post", "409"] == {PROBLEM_JSON}
     assert "202" in paths["/experiments/{experiment_id}/cancel"]["post"]["responses"]
     assert media["/experiments", "post", "202"] == {"application/json"}
-    csv_paths = ("/experiments", "/experiments/aggregate", "/experiments/curves", "/experiments/{experiment_id}/metrics")
+    csv_paths = ("/experiments", "/experiments/aggregate", "/experiments/curves",
+                 "/experiments/{experiment_id}/metrics")
     for path in csv_paths:
         assert "text/csv" in media[path, "get", "200"]
     for path in ("/experiments/curves.png", "/experiments/{experiment_id}/metrics.png"):
