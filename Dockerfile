@@ -14,3 +14,9 @@ CMD ["nclab", "api", "--host", "0.0.0.0", "--port", "8000"]
 FROM api AS worker
 RUN pip install --no-cache-dir -e '.[worker]'
 CMD ["nclab", "worker"]
+
+# Flower, Celery's own monitor of workers and tasks (docker-compose's `flower`).
+FROM api AS flower
+RUN pip install --no-cache-dir 'flower>=2.0'
+EXPOSE 5555
+CMD ["celery", "--app", "service.queue", "flower", "--address=0.0.0.0", "--port=5555"]
