@@ -60,8 +60,10 @@ def serve(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     """Embedded mode: the API and one worker, no external server (SQLite + SQLite queue in NCLAB_DATA_DIR)."""
     settings = get_settings()
     _prepare_data_dir()
-    typer.echo(f"nclab embedded: data in {settings.data_dir.resolve()}, API on http://{host}:{port}")
+    typer.echo(f"nclab serve: data in {settings.data_dir.resolve()}")
+    typer.echo("nclab serve: migrating the database")
     migrations.upgrade()
+    typer.echo("nclab serve: starting the worker")
     # Its own process group, so that shutting down reaches the pool's child processes too.
     worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "service.queue", *_worker_argv(1)],
                               start_new_session=True)
@@ -70,6 +72,7 @@ def serve(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     # uvicorn re-raises the signal that stopped it once it has shut down; with Python's
     # default SIGTERM action that would end the process before the worker is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    typer.echo(f"nclab serve: starting the API on http://{host}:{port}")
     try:
         _serve_api(host, port, workers=1)
     finally:
