@@ -262,3 +262,27 @@ def test_labelled_submissions_are_validated_naming_the_field(lab, body, field):
     response = lab[0].post("/experiments", json=body)
     assert response.status_code == 422, response.text
     assert [error["field"] for error in response.json()["errors"]] == [field]
+
+
+def test_metrics_count_requests_per_route_and_jobs_per_status(lab):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client, _batch, done, _ = lab
+    client.get(f"/experiments/{done[0]['id']}")
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(response.text) for s in family.samples}
+    assert samples[("http_requests_total", (("handler", "/experiments/{experiment_id}"), ("method", "GET"),
+                                            ("status", "2xx")))] >= 1
+    assert samples[("nclab_database_up", ())] == 1
+    by_status = {item["group"]["status"]: item["count"]
+                 for item in client.get("/experiments/aggregate", params={"group_by": "status"}).json()["items"]}
+    for status in ("queued", "running", "succeeded", "failed", "canceled"):
+        assert samples[("nclab_jobs", (("status", status),))] == by_status.get(status, 0)
+    assert samples[("nclab_queue_depth", ())] == by_status.get("queued", 0)
+    finished = sum(by_status.get(status, 0) for status in ("succeeded", "failed", "canceled"))
+    ufm_count = samples[("nclab_job_duration_seconds_count", (("kind", "ufm"),))]
+    assert ufm_count == finished  # every job of this module is a UFM solve
+    assert samples[("nclab_job_duration_seconds_bucket", (("kind", "ufm"), ("le", "60.0")))] <= ufm_count
+    assert samples[("nclab_job_duration_seconds_sum", (("kind", "ufm"),))] > 0

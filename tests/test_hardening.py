@@ -98,7 +98,7 @@ def test_api_keys_need_the_bearer_scheme_and_guard_the_docs_too(processes):
         assert client.get("/experiments", headers={"Authorization": "alice-key"}).status_code == 401
         assert client.get("/experiments", headers={"Authorization": "bearer alice-key"}).status_code == 200
         assert client.get("/experiments", headers={"Authorization": "BEARER alice-key"}).status_code == 200
-        for path in ("/openapi.json", "/docs", "/redoc"):
+        for path in ("/openapi.json", "/docs", "/redoc", "/metrics"):
             _problem(client.get(path), 401)
             assert client.get(path, headers={"Authorization": "Bearer alice-key"}).status_code == 200
         schema = client.get("/openapi.json", headers={"X-API-Key": "alice-key"}).json()

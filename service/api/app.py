@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service import jobs
-from service.api import problems
+from service.api import metrics, problems
 from service.api.guards import RequestGuard
 from service.api.routes import docs, experiments, health, search
 from service.db import get_sessionmaker
@@ -54,6 +54,7 @@ def create_app() -> FastAPI:
     )
     problems.install(app)
     app.add_middleware(RequestGuard, max_body_bytes=get_settings().max_body_bytes)
+    metrics.install(app)
     app.include_router(health.router)
     app.include_router(docs.router)
     app.include_router(search.router)  # first: /experiments/aggregate is not an experiment's id

@@ -1,0 +1,84 @@
+"""/metrics in Prometheus's format: requests per route (prometheus-fastapi-instrumentator)
+and the jobs as the database sees them, read at each scrape.
+
+- ``nclab_jobs{status}``: experiments per status; ``nclab_queue_depth``: the queued ones;
+- ``nclab_job_duration_seconds{kind}``: a histogram of finished jobs' run times
+  (started_at to finished_at), its buckets counted by the database;
+- ``nclab_database_up``: 0 when the scrape could not read them.
+With ``nclab api --workers N`` each process counts its own requests (set
+PROMETHEUS_MULTIPROC_DIR to add them up); the job figures are the same from any process.
+"""
+
+import logging
+
+from fastapi import Depends, FastAPI
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_fastapi_instrumentator import Instrumentator
+from sqlalchemy import Float, case, cast, func, select
+
+from service.api.deps import require_api_key
+from service.db import get_sessionmaker
+from service.models import Experiment
+from service.schemas import TERMINAL_STATUSES
+
+log = logging.getLogger("nclab.metrics")
+
+DURATION_BUCKETS = (1, 10, 60, 300, 1800, 3600, 4 * 3600, 24 * 3600)
+STATUSES = ("queued", "running", *TERMINAL_STATUSES)
+
+
+def _seconds_between(dialect: str, start, end):
+    if dialect == "postgresql":
+        return func.extract("epoch", end - start)
+    return (func.julianday(end) - func.julianday(start)) * 86400.0
+
+
+class JobCollector(Collector):
+    def collect(self):
+        up = GaugeMetricFamily("nclab_database_up", "1 when this scrape could read the jobs from the database")
+        try:
+            counts, durations = self._read()
+        except Exception:
+            log.exception("could not read the jobs for /metrics")
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        jobs = GaugeMetricFamily("nclab_jobs", "experiments per status", labels=["status"])
+        for status in STATUSES:
+            jobs.add_metric([status], counts.get(status, 0))
+        yield jobs
+        yield GaugeMetricFamily("nclab_queue_depth", "experiments waiting for a worker", value=counts.get("queued", 0))
+        histogram = HistogramMetricFamily("nclab_job_duration_seconds", "run time of finished jobs",
+                                          labels=["kind"])
+        for kind, total, seconds, cumulative in durations:
+            buckets = [(str(float(bound)), count) for bound, count in zip(DURATION_BUCKETS, cumulative)]
+            histogram.add_metric([kind], buckets + [("+Inf", total)], sum_value=seconds or 0.0)
+        yield histogram
+
+    def _read(self):
+        with get_sessionmaker()() as session:
+            counts = dict(session.execute(select(Experiment.status, func.count()).group_by(Experiment.status)).all())
+            duration = cast(_seconds_between(session.get_bind().dialect.name, Experiment.started_at,
+                                             Experiment.finished_at), Float)
+            query = (
+                select(Experiment.kind, func.count(), func.sum(duration),
+                       *(func.sum(case((duration <= bound, 1), else_=0)) for bound in DURATION_BUCKETS))
+                .where(Experiment.status.in_(TERMINAL_STATUSES), Experiment.started_at.is_not(None),
+                       Experiment.finished_at.is_not(None))
+                .group_by(Experiment.kind)
+            )
+            durations = [(kind, total, seconds, list(buckets)) for kind, total, seconds, *buckets
+                         in session.execute(query)]
+        return counts, durations
+
+
+def install(app: FastAPI) -> None:
+    """Instrument the app's routes and serve /metrics (behind the API key, like every route but health)."""
+    registry = CollectorRegistry()
+    registry.register(JobCollector())
+    instrumentator = Instrumentator(excluded_handlers=["/metrics"], registry=registry)
+    instrumentator.instrument(app).expose(app, include_in_schema=False, dependencies=[Depends(require_api_key)])
