@@ -159,6 +159,16 @@ def test_huge_learning_rate_raises_diverged():
         train(small_config(normalization="none", lr=1e30), "/unused")
 
 
+def test_a_run_that_learned_nothing_fails_instead_of_succeeding():
+    """Adam at lr = 100 keeps its losses finite but ends far above a uniform guess (ln K)."""
+    epochs = []
+    learned_nothing = r"^the last epoch's training loss is .*, above 2 x ln K = 2\.77 .*learned nothing"
+    with pytest.raises(Diverged, match=learned_nothing):
+        train(small_config(optimizer="adam", lr=100, epochs=3), "/unused",
+              on_epoch=lambda epoch, row: epochs.append(row["train_loss"]))
+    assert len(epochs) == 3 and all(math.isfinite(loss) and loss > 2 * math.log(4) for loss in epochs)
+
+
 def test_should_stop_raises_stopped():
     batches_per_epoch = math.ceil(len(load_dataset("digits", "/unused", 4).train_y) / 32)
     polls, epochs = [], []

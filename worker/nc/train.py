@@ -208,8 +208,26 @@ def train(
             row.update(evaluate(model, train_x, train_y, test_x, test_y, config.num_classes))
         if on_epoch is not None:
             on_epoch(epoch, row)
+    _check_learned(row["train_loss"], config.num_classes)
     parameters = sum(p.numel() for p in model.parameters())
     return {**row, "epochs": config.epochs, "parameters": parameters}
+
+
+# A uniform guess scores ln K; a run that ends far above it did worse than guessing.
+LEARNED_NOTHING_FACTOR = 2.0
+
+
+def _check_learned(final_train_loss: float, num_classes: int) -> None:
+    """Raise Diverged for a run whose last epoch's training loss is above twice a uniform guess's.
+
+    Such a run (Adam at lr = 100, say) has finite losses but has learned nothing, and its
+    metrics would be reported as if it had.
+    """
+    chance = math.log(num_classes)
+    if final_train_loss > LEARNED_NOTHING_FACTOR * chance:
+        raise Diverged(f"the last epoch's training loss is {final_train_loss:.4g}, above {LEARNED_NOTHING_FACTOR:g} "
+                       f"x ln K = {LEARNED_NOTHING_FACTOR * chance:.3g} (a uniform guess scores ln K): "
+                       "the run learned nothing")
 
 
 def _check_finite(loss_sums: torch.Tensor, start: int, stop: int, epoch: int) -> None:
