@@ -1,0 +1,32 @@
+"""One short round of bench/chaos.py in the default run: kill -9 the worker mid-job once,
+restart Redis with 20 jobs queued once, on a PostgreSQL cluster and a Redis of its own."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REQUIRE_SERVICES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_short_chaos_round_loses_nothing():
+    missing = [tool for tool in ("redis-server", "redis-cli", "runuser") if shutil.which(tool) is None]
+    if not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
+        missing.append("initdb")
+    if missing:
+        message = f"chaos needs {', '.join(missing)}"
+        if REQUIRE_SERVICES:
+            pytest.fail(message)
+        pytest.skip(message)
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos.py"), "--short"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=280)
+    print(result.stdout, result.stderr[-5000:])
+    assert result.returncode == 0, result.stdout + result.stderr[-5000:]
+    table = result.stdout.splitlines()
+    assert table[-1] == "targets met"
+    rows = {line.split()[0]: line.split()[1:] for line in table[1:-1]}
+    assert rows["worker"][:3] == ["1", "1", "0"] and rows["redis"][:3] == ["20", "20", "0"]
