@@ -347,7 +347,10 @@ def main() -> int:
     parser.add_argument("--short", action="store_true", help="one worker kill and one Redis restart (CI)")
     parser.add_argument("--rounds", type=int, default=10, help="kills of the pool process and of the worker")
     parser.add_argument("--outage", type=float, default=20.0, help="seconds PostgreSQL stays down")
+    parser.add_argument("--scenarios", default="pool,worker,redis,postgres,api",
+                        help="comma-separated, of pool, worker, redis, postgres, api")
     args = parser.parse_args()
+    chosen = {"worker", "redis"} if args.short else set(args.scenarios.split(","))
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
@@ -365,18 +368,17 @@ def main() -> int:
             stack.start_api()
             stack.start_worker()
             rounds = 1 if args.short else args.rounds
-            if not args.short:
-                tallies.append(Tally("pool"))
-                worker_pool_round(stack, tallies[-1], rounds)
-            tallies.append(Tally("worker"))
-            worker_round(stack, tallies[-1], rounds)
-            tallies.append(Tally("redis"))
-            redis_round(stack, redis, tallies[-1], 1)
-            if not args.short:
-                tallies.append(Tally("postgres"))
-                postgres_round(stack, postgres, tallies[-1], args.outage)
-                tallies.append(Tally("api"))
-                api_round(stack, tallies[-1], 3)
+            scenarios = {
+                "pool": lambda tally: worker_pool_round(stack, tally, rounds),
+                "worker": lambda tally: worker_round(stack, tally, rounds),
+                "redis": lambda tally: redis_round(stack, redis, tally, 1),
+                "postgres": lambda tally: postgres_round(stack, postgres, tally, args.outage),
+                "api": lambda tally: api_round(stack, tally, 3),
+            }
+            for name, run in scenarios.items():
+                if name in chosen:
+                    tallies.append(Tally(name))
+                    run(tallies[-1])
         finally:
             stack.stop()
             redis.kill()

@@ -14,6 +14,7 @@ import traceback
 
 from celery.signals import worker_process_init
 from pydantic import TypeAdapter
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from service import jobs
 from service.db import get_sessionmaker
@@ -38,11 +39,21 @@ def prepare_pool_process(**_) -> None:
     die_with_parent(signal.SIGKILL)
 
 
-@celery_app.task(name=RUN_EXPERIMENT)
-def run_experiment(experiment_id: str) -> None:
+# While the database is unreachable a message cannot be claimed: it goes back to the
+# queue this many seconds later, as often as it takes (the row still says queued).
+CLAIM_RETRY_SECONDS = 2.0
+
+
+@celery_app.task(name=RUN_EXPERIMENT, bind=True, max_retries=None)
+def run_experiment(self, experiment_id: str) -> None:
     sessions = get_sessionmaker()
-    with sessions() as session:
-        job = jobs.claim(session, experiment_id, worker=f"{socket.gethostname()} pid {os.getpid()}")
+    try:
+        with sessions() as session:
+            job = jobs.claim(session, experiment_id, worker=f"{socket.gethostname()} pid {os.getpid()}")
+    except (OperationalError, InterfaceError) as exc:
+        log.warning("experiment %s: the database is unreachable (%s); retrying in %g s",
+                    experiment_id, exc.__class__.__name__, CLAIM_RETRY_SECONDS)
+        raise self.retry(countdown=CLAIM_RETRY_SECONDS) from exc
     if job is None:
         log.info("experiment %s is not queued; nothing to do", experiment_id)
         return
