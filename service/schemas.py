@@ -61,6 +61,12 @@ class UFMSpec(SpecBase):
     ``lambda_b`` (Zhu et al. 2021).
     """
 
+    # The cross-field rule, in the JSON Schema too: normalized (the default) needs d >= 2.
+    model_config = ConfigDict(json_schema_extra={"allOf": [{
+        "if": {"properties": {"normalization": {"const": "normalized"}}},
+        "then": {"properties": {"d": {"minimum": 2}}},
+    }]})
+
     kind: Literal["ufm"]
     # First, so that the validators of the fields below can see it.
     normalization: Literal["normalized", "regularized"] = "normalized"

@@ -244,8 +244,11 @@ def test_a_redis_restart_that_loses_the_queue_costs_seconds_not_minutes(pg_datab
 def test_the_openapi_document_declares_every_status_and_media_type():
     from service.api.app import create_app
 
-    paths = create_app().openapi()["paths"]
-    media = {}
+    document = create_app().openapi()
+    paths, media = document["paths"], {}
+    rule = {"if": {"properties": {"normalization": {"const": "normalized"}}},
+            "then": {"properties": {"d": {"minimum": 2}}}}
+    assert document["components"]["schemas"]["UFMSpec"]["allOf"] == [rule]  # the cross-field rule is declared
     for path, operations in paths.items():
         for method, operation in operations.items():
             responses = operation["responses"]
