@@ -29,6 +29,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,8 @@ from pathlib import Path
 
 import httpx
 
+from service.lifetime import children
+
 ROOT = Path(__file__).resolve().parent.parent
 HEARTBEAT_TIMEOUT = 10
 PG_BIN = next(Path("/usr/lib/postgresql").glob("*/bin"), Path("/usr/lib/postgresql/bin"))
@@ -52,8 +55,6 @@ QUICK_SPEC = {"kind": "ufm", "K": 4, "d": 6, "n_per_class": 3}
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -157,18 +158,6 @@ def _ok(url: str) -> bool:
         return False
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
-
-
 @dataclass
 class Tally:
     scenario: str
@@ -256,7 +245,7 @@ def worker_pool_round(stack: Stack, tally: Tally, rounds: int) -> None:
     for _ in range(rounds):
         experiment_id = running_job(client)
         tally.tried += 1
-        (pool,) = children(stack.worker.pid)
+        (pool,) = children(stack.worker.pid)  # prefork with concurrency 1: one pool process
         os.kill(pool, signal.SIGKILL)
         _recovered(tally, settle(client, tally, [experiment_id], time.monotonic(), HEARTBEAT_TIMEOUT + 120))
 

@@ -12,6 +12,7 @@ import ctypes.util
 import multiprocessing
 import os
 import signal
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 
@@ -32,3 +33,16 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
 def is_spawned_child() -> bool:
     """Whether this process was started by multiprocessing (a uvicorn worker under --workers)."""
     return multiprocessing.parent_process() is not None
+
+
+def children(pid: int) -> set[int]:
+    """The live (not zombie) child processes of ``pid``, read from /proc (for tests and bench/chaos.py)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found

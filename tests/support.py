@@ -36,3 +36,4 @@ def wait_for_status(client: httpx.Client, experiment_id: str, statuses: set[str]
         if time.monotonic() > deadline:
             raise TimeoutError(f"experiment stayed {body['status']} (wanted {statuses}): {body}")
         time.sleep(0.1)
+

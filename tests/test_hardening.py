@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from tests.conftest import fresh_pg_database, fresh_redis_broker
+from service.lifetime import children
 from tests.support import free_port, wait_ready
 
 PROBLEM_JSON = "application/problem+json"
@@ -107,18 +108,6 @@ def test_api_keys_need_the_bearer_scheme_and_guard_the_docs_too(processes):
 
 
 
-def _children(pid: int) -> set[int]:
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.add(int(stat.parent.name))
-    return found
-
-
 def _alive(pids: set[int]) -> set[int]:
     alive = set()
     for pid in pids:
@@ -133,10 +122,10 @@ def _alive(pids: set[int]) -> set[int]:
 
 def _wait_for_children(pid: int, count: int, timeout: float = 60) -> set[int]:
     deadline = time.monotonic() + timeout
-    while len(children := _children(pid)) < count:
-        assert time.monotonic() < deadline, f"{pid} has children {children}, wanted {count}"
+    while len(found := children(pid)) < count:
+        assert time.monotonic() < deadline, f"{pid} has children {found}, wanted {count}"
         time.sleep(0.2)
-    return children
+    return found
 
 
 def _gone_within(pids: set[int], seconds: float) -> bool:
