@@ -11,8 +11,10 @@ from typing import Annotated
 import typer
 import uvicorn
 
+from service import jobs
 from service import migrate as migrations
 from service import prepare_data
+from service.db import get_sessionmaker
 from service.http import HTTP_PROTOCOL
 from service.queue import celery_app
 from service.settings import get_settings
@@ -81,16 +83,40 @@ def serve(host: Host = "127.0.0.1", port: Port = 8000) -> None:
 
 
 def _stop_worker(worker: subprocess.Popen, grace: float = 5.0) -> None:
-    """Warm shutdown, then kill. A job cut short is re-queued by the reconciler after the
-    next start, once its heartbeat is stale."""
+    """Stop the embedded worker: at once when no job runs, else a warm shutdown, then kill.
+
+    Celery's warm shutdown of an idle worker takes seconds (it polls the SQLite queue once
+    a second, then joins its pool's threads) and saves nothing: an idle worker holds no
+    message. A job cut short is re-queued by the reconciler after the next start, once
+    its heartbeat is stale.
+    """
+    if not _a_job_runs():
+        _kill_group(worker)
+        return
     try:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=grace)
     except subprocess.TimeoutExpired:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
+        _kill_group(worker)
     except ProcessLookupError:
         pass  # the worker's group is already gone
+
+
+def _a_job_runs() -> bool:
+    """Whether the embedded database has a running job (the one worker's); True if it cannot tell."""
+    try:
+        with get_sessionmaker()() as session:
+            return jobs.running_count(session) > 0
+    except Exception:
+        return True
+
+
+def _kill_group(worker: subprocess.Popen) -> None:
+    try:
+        os.killpg(worker.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    worker.wait()
 
 
 @app.command()

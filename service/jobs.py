@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from service.models import Experiment, MetricRow, history_copies, result_copies, spec_copies, utcnow
@@ -155,6 +155,10 @@ def cancel(session: Session, experiment_id: str) -> Experiment | None:
     )
     session.commit()
     return session.get(Experiment, experiment_id, populate_existing=True)
+
+
+def running_count(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(Experiment).where(Experiment.status == "running"))
 
 
 def forget_sends(session: Session) -> int:

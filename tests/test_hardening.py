@@ -248,6 +248,9 @@ def test_the_openapi_document_declares_every_status_and_media_type():
             if "{experiment_id}" in path:
                 assert media[path, method, "404"] == {PROBLEM_JSON}
     assert media["/experiments/{experiment_id}/cancel", "post", "409"] == {PROBLEM_JSON}
+    with_body = (("/experiments", "post"), ("/experiments/search", "post"), ("/experiments/{experiment_id}", "patch"))
+    for path, method in with_body:
+        assert media[path, method, "400"] == {PROBLEM_JSON}  # a body that cannot be read
     assert "202" in paths["/experiments/{experiment_id}/cancel"]["post"]["responses"]
     assert media["/experiments", "post", "202"] == {"application/json"}
     csv_paths = ("/experiments", "/experiments/aggregate", "/experiments/curves",

@@ -34,6 +34,7 @@ class Problem(BaseModel):
 def problem_responses(*statuses: int) -> dict:
     """OpenAPI ``responses`` for the given error statuses, each a problem+json."""
     reasons = {
+        400: "the request body could not be read",
         401: "no API key, or an unknown one (when NCLAB_API_KEYS is set)",
         404: "no such experiment",
         409: "the experiment has already finished",

@@ -30,7 +30,7 @@ def _get_or_404(session, experiment_id: str) -> Experiment:
     return experiment
 
 
-@router.post("", status_code=202, response_model=ExperimentOut)
+@router.post("", status_code=202, response_model=ExperimentOut, responses=problem_responses(400))
 def submit(submission: Annotated[Submission, Body()], session: SessionDep, owner: OwnerDep,
            response: Response) -> Experiment:
     """A spec, bare or as ``{"spec": ..., "name": ..., "tags": {...}}``; recorded with the key's owner."""
@@ -48,7 +48,7 @@ def read(experiment_id: str, session: SessionDep) -> Experiment:
     return _get_or_404(session, experiment_id)
 
 
-@router.patch("/{experiment_id}", response_model=ExperimentOut, responses=NOT_FOUND)
+@router.patch("/{experiment_id}", response_model=ExperimentOut, responses={**NOT_FOUND, **problem_responses(400)})
 def relabel(experiment_id: str, patch: ExperimentPatch, session: SessionDep) -> Experiment:
     """Rename (``"name": null`` clears it) and retag: tags are merged in, a null value removes that tag."""
     experiment = _get_or_404(session, experiment_id)

@@ -109,7 +109,7 @@ def list_experiments(
     return _page(session, request, format, _filter(where, equalities), _order(order_by), limit, cursor)
 
 
-@router.post("/search", response_model=ExperimentList, responses=CSV_RESPONSES)
+@router.post("/search", response_model=ExperimentList, responses={**CSV_RESPONSES, **problem_responses(400)})
 def search(body: SearchRequest, session: SessionDep, request: Request, format: Format = None):
     """The same search with its parameters in a JSON body, for filters too long for a URL."""
     return _page(session, request, format, _filter(body.where), _order(body.order_by), body.limit, body.cursor)
