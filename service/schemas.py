@@ -1,7 +1,8 @@
 """The HTTP contract: experiment specs (a discriminated union on ``kind``) and resources."""
 
+import typing
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
     AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StringConstraints, Tag,
@@ -53,6 +54,30 @@ def _only_for(model: type[BaseModel], value: Any, info: ValidationInfo, owner: s
         raise ValueError(f"applies only to {owner} {choices}")
 
 
+def _declare_cross_field_rules(schema: dict, model: type[BaseModel]) -> None:
+    """Write the model's cross-field rules into its JSON Schema, as ``allOf`` of if/then.
+
+    - ``SCHEMA_RULES`` as they are (UFMSpec: ``d >= 2`` when normalized);
+    - a field of ``FIELD_OWNERS`` keeps its default unless its owner setting uses it
+      (what ``_only_for`` enforces). The condition names the owner's other values, with
+      no ``not``, so that generators (schemathesis) can follow it; ``properties`` holds
+      when the owner is absent, which is right exactly when its default does not use
+      the field.
+    """
+    rules = list(getattr(model, "SCHEMA_RULES", ()))
+    governed: dict[tuple, list[str]] = {}  # one rule per (owner, values that use the fields)
+    for field, owner_and_allowed in model.FIELD_OWNERS.items():
+        governed.setdefault(owner_and_allowed, []).append(field)
+    for (owner, allowed), fields in governed.items():
+        others = [value for value in typing.get_args(model.model_fields[owner].annotation) if value not in allowed]
+        unused = {"properties": {owner: {"enum": others}}}
+        if model.model_fields[owner].default in allowed:
+            unused["required"] = [owner]
+        defaults = {field: {"const": model.model_fields[field].default} for field in fields}
+        rules.append({"if": unused, "then": {"properties": defaults}})
+    schema["allOf"] = rules
+
+
 class UFMSpec(SpecBase):
     """Unconstrained feature model: features H and classifier W are free variables.
 
@@ -61,11 +86,15 @@ class UFMSpec(SpecBase):
     ``lambda_b`` (Zhu et al. 2021).
     """
 
-    # The cross-field rule, in the JSON Schema too: normalized (the default) needs d >= 2.
-    model_config = ConfigDict(json_schema_extra={"allOf": [{
-        "if": {"properties": {"normalization": {"const": "normalized"}}},
-        "then": {"properties": {"d": {"minimum": 2}}},
-    }]})
+    # Fields that only one normalization uses: field -> (the setting, the values that use it).
+    FIELD_OWNERS: ClassVar[dict] = {
+        "logit_scale": ("normalization", ("normalized",)),
+        **{field: ("normalization", ("regularized",)) for field in ("lambda_w", "lambda_h", "lambda_b")},
+    }
+    # Normalized (the default) needs d >= 2: a rule the JSON Schema states too.
+    SCHEMA_RULES: ClassVar[list] = [{"if": {"properties": {"normalization": {"const": "normalized"}}},
+                                     "then": {"properties": {"d": {"minimum": 2}}}}]
+    model_config = ConfigDict(json_schema_extra=_declare_cross_field_rules)
 
     kind: Literal["ufm"]
     # First, so that the validators of the fields below can see it.
@@ -115,11 +144,11 @@ class UFMSpec(SpecBase):
     def _work_capped(cls, value: int, info: ValidationInfo) -> int:
         return _at_most_setting(value, {"max_iters": "max_iters", "restarts": "max_restarts"}[info.field_name])
 
-    @field_validator("logit_scale", "lambda_w", "lambda_h", "lambda_b")
+    @field_validator(*FIELD_OWNERS)
     @classmethod
     def _fields_match_normalization(cls, value: float, info: ValidationInfo) -> float:
-        mode = "normalized" if info.field_name == "logit_scale" else "regularized"
-        _only_for(cls, value, info, "normalization", (mode,))
+        owner, allowed = cls.FIELD_OWNERS[info.field_name]
+        _only_for(cls, value, info, owner, allowed)
         return value
 
 
@@ -144,6 +173,9 @@ class TrainSpec(SpecBase):
     parameter plus ``feature_decay`` on the features (Zhu et al. 2021). ``none``: plain
     cross-entropy. Defaults follow the seed paper's code (SGD, lr 0.05, momentum 0.9, batch 128).
     """
+
+    FIELD_OWNERS: ClassVar[dict] = _TRAIN_FIELD_OWNERS
+    model_config = ConfigDict(json_schema_extra=_declare_cross_field_rules)
 
     kind: Literal["train"]
     # Declared before the fields whose validity depends on them.
