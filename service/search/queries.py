@@ -166,7 +166,7 @@ def curves(session: Session, tree: Filter | None, group_by: list[Field], metric:
 
 def step_units(session: Session, tree: Filter | None) -> set[str]:
     """The kinds among the matches, for naming the step axis of a plot."""
-    query = select(Experiment.kind).where(sql.compile_filter(tree, _dialect(session))).group_by(Experiment.kind)
+    query = matching(session, tree).with_only_columns(Experiment.kind).group_by(Experiment.kind)
     return set(session.scalars(query))
 
 
