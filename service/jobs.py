@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from service.models import Experiment, MetricRow, history_copies, result_copies, spec_copies, utcnow
+from service.models import Experiment, MetricRow, Sweep, history_copies, result_copies, spec_copies, utcnow
 from service.schemas import TERMINAL_STATUSES
 from service.settings import ANONYMOUS, Settings
 
@@ -35,26 +35,33 @@ def json_safe(values: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
 
 
+def _queued(spec: dict, owner: str, name: str | None, tags: dict[str, str] | None,
+            sweep: str | None = None) -> Experiment:
+    return Experiment(
+        id=str(uuid.uuid4()), status="queued", spec=spec, owner=owner, name=name, tags=tags or {}, sweep=sweep,
+        **spec_copies(spec), progress=0.0, attempts=0, cancel_requested=False, send_count=0, created_at=utcnow(),
+    )
+
+
 def create(session: Session, spec: dict, owner: str = ANONYMOUS, name: str | None = None,
            tags: dict[str, str] | None = None) -> Experiment:
-    experiment = Experiment(
-        id=str(uuid.uuid4()),
-        status="queued",
-        spec=spec,
-        owner=owner,
-        name=name,
-        tags=tags or {},
-        **spec_copies(spec),
-        progress=0.0,
-        attempts=0,
-        cancel_requested=False,
-        send_count=0,
-        created_at=utcnow(),
-    )
+    experiment = _queued(spec, owner, name, tags)
     session.add(experiment)
     session.commit()
     log_transition(experiment.id, None, "queued", kind=spec["kind"], owner=owner)
     return experiment
+
+
+def create_sweep(session: Session, sweep: Sweep, specs: list[dict]) -> list[Experiment]:
+    """The sweep and all its members in one transaction: all of them are stored, or none."""
+    members = [_queued(spec, sweep.owner, sweep.name, sweep.tags, sweep.id) for spec in specs]
+    session.add(sweep)
+    session.flush()  # the sweep's row first: the members' foreign key names it
+    session.add_all(members)
+    session.commit()
+    for member in members:
+        log_transition(member.id, None, "queued", kind=member.kind, owner=member.owner, sweep=sweep.id)
+    return members
 
 
 def send(session: Session, experiment_id: str, enqueue: Callable[[str], None]) -> bool:

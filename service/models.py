@@ -34,6 +34,23 @@ class Base(DeclarativeBase):
     pass
 
 
+class Sweep(Base):
+    """Experiments submitted together: base x variants x grid (POST /sweeps); members point here."""
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200), index=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    tags: Mapped[dict] = mapped_column(JSONDocument, default=dict)
+    # The request as given: {"base": {...}, "variants": [...], "grid": {...}}.
+    definition: Mapped[dict] = mapped_column(JSONDocument)
+    size: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_sweeps_created_at_id", "created_at", "id"),)
+
+
 class Experiment(Base):
     __tablename__ = "experiments"
 
@@ -93,7 +110,7 @@ class Experiment(Base):
     owner: Mapped[str] = mapped_column(String(200), index=True, default="anonymous")
     name: Mapped[str | None] = mapped_column(String(200))
     tags: Mapped[dict] = mapped_column(JSONDocument, default=dict)
-    sweep: Mapped[str | None] = mapped_column(String(36), index=True)
+    sweep: Mapped[str | None] = mapped_column(String(36), ForeignKey("sweeps.id"), index=True)
 
     # PostgreSQL's indexes for search (GIN on the documents, metric orders) are written
     # in SQL by migration 0002; the ORM does not declare them.

@@ -369,6 +369,23 @@ class ExperimentOut(BaseModel):
     finished_at: datetime | None
 
 
+class SweepOut(BaseModel):
+    id: str
+    name: str | None
+    tags: dict[str, str]
+    owner: str
+    created_at: datetime
+    size: int
+    status_counts: dict[str, int]
+    progress: float = Field(description="mean over the members; a finished member counts 1")
+    members: list[str] = Field(description="the member experiments' ids")
+
+
+class SweepList(BaseModel):
+    items: list[SweepOut]
+    next_cursor: str | None
+
+
 class ExperimentList(BaseModel):
     items: list[ExperimentOut]
     next_cursor: str | None

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     max_iters: int = Field(200_000, ge=1)
     max_restarts: int = Field(50, ge=1)
     max_epochs: int = Field(1000, ge=1)
+    max_sweep: int = Field(1000, ge=1)  # experiments in one sweep
     max_train_width: int = Field(16384, ge=1)  # d and mlp_width of a train job
     max_train_samples: int = Field(2_000_000, ge=1)  # the gaussian mixture's training and test samples
     # A train job whose memory estimate (service/job_size.py) is above this is refused at submit.

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from service import jobs
 from service.api import metrics, problems
 from service.api.guards import RequestGuard
-from service.api.routes import docs, experiments, health, search
+from service.api.routes import docs, experiments, health, search, sweeps
 from service.db import get_sessionmaker
 from service.lifetime import die_with_parent, is_spawned_child
 from service.queue import enqueue
@@ -59,6 +59,7 @@ def create_app() -> FastAPI:
     app.include_router(docs.router)
     app.include_router(search.router)  # first: /experiments/aggregate is not an experiment's id
     app.include_router(experiments.router)
+    app.include_router(sweeps.router)
     return app
 
 

@@ -1,0 +1,64 @@
+"""A sweep's members: base x each variant x the cartesian product of the grid, all validated first.
+
+Variants let each setting carry its own fields (regularized runs take ``lambda_w``,
+normalized ones ``logit_scale``); the grid varies the fields every member shares. Every
+member is validated before anything is stored, so that one invalid member stores nothing.
+"""
+
+import itertools
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from service.schemas import ExperimentSpec, Name, Tags
+from service.settings import get_settings
+
+SPECS = TypeAdapter(ExperimentSpec)
+
+
+class SweepRequest(BaseModel):
+    """POST /sweeps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name | None = None
+    tags: Tags = {}
+    base: dict[str, Any] = Field(description="the fields every member shares, e.g. kind and dataset")
+    variants: list[dict[str, Any]] = Field(default_factory=lambda: [{}], min_length=1,
+                                           description="partial specs laid over the base, one member set each")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="field -> values; every combination")
+
+
+class InvalidMember(ValueError):
+    """A member that is not a valid spec: which one, what it varies, and the first error."""
+
+    def __init__(self, index: int, values: dict, field: str, message: str):
+        super().__init__(f"member {index} ({values}): {field}: {message}")
+        self.index, self.values, self.field, self.message = index, values, field, message
+
+
+def size(request: SweepRequest) -> int:
+    count = len(request.variants)
+    for values in request.grid.values():
+        count *= len(values)
+    return count
+
+
+def members(request: SweepRequest) -> list[dict]:
+    """Every member's validated spec (as stored), in order: variants outermost, then the grid."""
+    cap = get_settings().max_sweep
+    if size(request) > cap:
+        raise InvalidMember(-1, {}, "grid", f"{size(request)} members; a sweep has at most {cap} (NCLAB_MAX_SWEEP)")
+    fields = list(request.grid)
+    specs = []
+    for variant in request.variants:
+        for combination in itertools.product(*(request.grid[field] for field in fields)):
+            varied = {**variant, **dict(zip(fields, combination))}
+            try:
+                spec = SPECS.validate_python({**request.base, **varied})
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                field = ".".join(str(part) for part in error["loc"][1:]) or "kind"
+                raise InvalidMember(len(specs), varied, field, error["msg"].removeprefix("Value error, ")) from None
+            specs.append(spec.model_dump(mode="json"))
+    return specs

@@ -1,0 +1,68 @@
+"""Sweeps over real HTTP, PostgreSQL, Redis and a Celery worker."""
+
+import itertools
+
+from tests.support import wait_for_status
+
+BASE = {"kind": "ufm", "d": 6, "n_per_class": 2}
+VARIANTS = [{"normalization": "normalized", "logit_scale": 5}, {"normalization": "regularized", "lambda_w": 1e-3}]
+GRID = {"seed": [0, 1], "K": [3, 4]}
+
+
+def _count(client, path: str) -> int:
+    return len(client.get(path, params={"limit": 100}).json()["items"])
+
+
+def test_a_sweep_creates_base_x_variants_x_grid_and_each_member_runs(production):
+    client = production.client
+    response = client.post("/sweeps", json={"name": "modes", "tags": {"paper": "fig1"}, "base": BASE,
+                                            "variants": VARIANTS, "grid": GRID})
+    assert response.status_code == 202, response.text
+    sweep = response.json()
+    assert response.headers["location"] == f"/sweeps/{sweep['id']}"
+    assert sweep["size"] == len(sweep["members"]) == 8 and sweep["owner"] == "anonymous"
+
+    members = [client.get(f"/experiments/{i}").json() for i in sweep["members"]]
+    varied = sorted((m["spec"]["normalization"], m["spec"]["seed"], m["spec"]["K"]) for m in members)
+    assert varied == sorted((v["normalization"], s, k) for v in VARIANTS for s, k in itertools.product(*GRID.values()))
+    for member in members:
+        assert member["sweep"] == sweep["id"] and member["name"] == "modes" and member["tags"] == {"paper": "fig1"}
+        if member["spec"]["normalization"] == "normalized":
+            assert member["spec"]["logit_scale"] == 5 and member["spec"]["lambda_w"] == 5e-4
+        else:
+            assert member["spec"]["lambda_w"] == 1e-3 and member["spec"]["logit_scale"] == 10
+
+    for member_id in sweep["members"]:
+        assert wait_for_status(client, member_id, {"succeeded", "failed"}, timeout=120)["status"] == "succeeded"
+    done = client.get(f"/sweeps/{sweep['id']}").json()
+    assert done["status_counts"]["succeeded"] == 8 and done["progress"] == 1.0
+    by_filter = client.get("/experiments", params={"where": f"sweep = '{sweep['id']}'", "limit": 100}).json()
+    assert sorted(item["id"] for item in by_filter["items"]) == sorted(sweep["members"])
+    assert sweep["id"] in [item["id"] for item in client.get("/sweeps").json()["items"]]
+
+
+def test_an_invalid_member_is_a_422_naming_it_and_nothing_is_stored(production):
+    client = production.client
+    experiments_before, sweeps_before = _count(client, "/experiments"), _count(client, "/sweeps")
+    response = client.post("/sweeps", json={"base": {**BASE, "K": 3}, "grid": {"d": [4, 1, 8]}})
+    assert response.status_code == 422 and response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["errors"][0]["field"] == "members[1].d"
+    assert "member 1 ({'d': 1})" in problem["detail"] and "at least 2 when normalized" in problem["detail"]
+    too_big = client.post("/sweeps", json={"base": {**BASE, "K": 3}, "grid": {"seed": list(range(1001))}})
+    assert too_big.status_code == 422 and "NCLAB_MAX_SWEEP" in too_big.json()["detail"]
+    assert _count(client, "/experiments") == experiments_before and _count(client, "/sweeps") == sweeps_before
+
+
+def test_cancel_reaches_every_member(production):
+    client = production.client
+    endless = {"kind": "ufm", "K": 30, "d": 64, "n_per_class": 50, "tol": 1e-300, "max_iters": 200_000}
+    sweep = client.post("/sweeps", json={"base": endless, "grid": {"seed": [0, 1, 2]}}).json()
+    wait_for_status(client, sweep["members"][0], {"running"}, timeout=60)
+    canceled = client.post(f"/sweeps/{sweep['id']}/cancel")
+    assert canceled.status_code == 200
+    for member_id in sweep["members"]:
+        final = wait_for_status(client, member_id, {"canceled", "succeeded", "failed"}, timeout=30)
+        assert final["status"] == "canceled"
+    assert client.get(f"/sweeps/{sweep['id']}").json()["status_counts"]["canceled"] == 3
+    assert client.get("/sweeps/nope").status_code == 404
