@@ -14,6 +14,7 @@ from service.datasets import DATASETS
 from service.settings import get_settings
 
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
+STATUSES: tuple[str, ...] = typing.get_args(Status)
 TERMINAL_STATUSES = ("succeeded", "failed", "canceled")
 
 

@@ -4,7 +4,7 @@ With nothing set, nclab runs embedded: a SQLite database and a SQLite-backed Cel
 queue in the data directory, so no external server is needed.
 """
 
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from pydantic import Field
@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     def resolved_broker_url(self) -> str:
         return self.broker_url or f"sqla+sqlite:///{self.data_dir.resolve() / 'queue.sqlite'}"
 
-    @property
+    @cached_property
     def key_owners(self) -> dict[str, str]:
         """API key -> its owner's name."""
         owners = {}

@@ -1,4 +1,4 @@
-"""Request dependencies: a database session, the caller's identity, and strict query strings."""
+"""Request dependencies: a database session, the caller's identity, strict query strings, and lookups."""
 
 import hmac
 from typing import Annotated
@@ -8,6 +8,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from sqlalchemy.orm import Session
 
 from service.api.problems import InvalidField
+from service.search.fields import UnknownField, names
 from service.db import get_session
 from service.settings import ANONYMOUS, get_settings
 
@@ -50,6 +51,14 @@ def require_api_key(
 OwnerDep = Annotated[str, Depends(require_api_key)]
 
 
+def get_or_404(session: Session, model: type, resource_id: str):
+    """The row of ``model`` with this id, or a 404 naming what was asked for."""
+    row = session.get(model, resource_id)
+    if row is None:
+        raise HTTPException(404, f"no {model.__tablename__.removesuffix('s')} with id {resource_id!r}")
+    return row
+
+
 def _declared_query_parameters(request: Request) -> dict[str, bool]:
     """The route's query parameters, each with whether it takes several values."""
     route = request.scope["route"]
@@ -80,3 +89,10 @@ def strict_query(request: Request) -> None:
         if not declared[name] and len(request.query_params.getlist(name)) > 1:
             raise InvalidField(name, f"given {len(request.query_params.getlist(name))} times; it takes one value")
 
+
+def metric_names(text: str | None, parameter: str, resolve) -> list[str]:
+    """The metrics a parameter names, each resolved (history_key, numeric_result_key); a 422 for an unknown one."""
+    try:
+        return [resolve(name) for name in names(text)]
+    except UnknownField as exc:
+        raise InvalidField(parameter, str(exc)) from None

@@ -4,20 +4,14 @@ Both would otherwise reach the database or the parser as they are: PostgreSQL re
 NUL in text with an error, and an unbounded body is read into memory whole.
 """
 
-import json
 from urllib.parse import parse_qsl
 
-from service.api.problems import PROBLEM_JSON
+from service.api.problems import problem
 
 
-async def _send_problem(send, status: int, detail: str, field: str | None) -> None:
-    title = {413: "Content Too Large", 422: "Unprocessable Entity"}[status]
-    errors = [{"field": field, "message": detail, "type": "invalid"}] if field else []
-    body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail,
-                       "errors": errors}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+def _refusal(status: int, detail: str, field: str | None = None):
+    """The problem+json answer, an ASGI app of its own."""
+    return problem(status, detail, errors=[{"field": field, "message": detail, "type": "invalid"}] if field else [])
 
 
 class RequestGuard:
@@ -27,16 +21,11 @@ class RequestGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if "\x00" in scope["path"]:
-            return await _send_problem(send, 422, "the path contains a NUL character", "path")
-        for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True):
-            if "\x00" in name or "\x00" in value:
-                return await _send_problem(send, 422, f"{name.strip(chr(0))}: contains a NUL character", name)
+        refusal = self._refusal_before_body(scope)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit():
-            if int(declared) > self.max_body_bytes:
-                return await _send_problem(send, 413, f"the body is {int(declared)} bytes; at most "
-                                                      f"{self.max_body_bytes} are taken (NCLAB_MAX_BODY_BYTES)", None)
             return await self.app(scope, receive, send)
         # No length given (a chunked body): read it here, up to the cap, and hand it on.
         messages, received = [], 0
@@ -45,8 +34,9 @@ class RequestGuard:
             messages.append(message)
             received += len(message.get("body", b""))
             if received > self.max_body_bytes:
-                return await _send_problem(send, 413, f"the body passed {self.max_body_bytes} bytes, the most "
-                                                      "taken (NCLAB_MAX_BODY_BYTES)", None)
+                refusal = _refusal(413, f"the body passed {self.max_body_bytes} bytes, the most taken "
+                                        "(NCLAB_MAX_BODY_BYTES)")
+                return await refusal(scope, receive, send)
             if message["type"] != "http.request" or not message.get("more_body"):
                 break
 
@@ -54,3 +44,16 @@ class RequestGuard:
             return messages.pop(0) if messages else await receive()
 
         return await self.app(scope, replay, send)
+
+    def _refusal_before_body(self, scope):
+        """A NUL character in the path or the query, or a declared length over the cap."""
+        if "\x00" in scope["path"]:
+            return _refusal(422, "the path contains a NUL character", "path")
+        for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True):
+            if "\x00" in name or "\x00" in value:
+                return _refusal(422, f"{name.strip(chr(0))}: contains a NUL character", name)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return _refusal(413, f"the body is {int(declared)} bytes; at most {self.max_body_bytes} are taken "
+                                 "(NCLAB_MAX_BODY_BYTES)")
+        return None

@@ -21,12 +21,11 @@ from sqlalchemy import Float, case, cast, func, select
 from service.api.deps import require_api_key
 from service.db import get_sessionmaker
 from service.models import Experiment
-from service.schemas import TERMINAL_STATUSES
+from service.schemas import STATUSES, TERMINAL_STATUSES
 
 log = logging.getLogger("nclab.metrics")
 
 DURATION_BUCKETS = (1, 10, 60, 300, 1800, 3600, 4 * 3600, 24 * 3600)
-STATUSES = ("queued", "running", *TERMINAL_STATUSES)
 
 
 def _seconds_between(dialect: str, start, end):

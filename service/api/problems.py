@@ -36,7 +36,7 @@ def problem_responses(*statuses: int) -> dict:
     reasons = {
         400: "the request body could not be read",
         401: "no API key, or an unknown one (when NCLAB_API_KEYS is set)",
-        404: "no such experiment",
+        404: "no such experiment or sweep",
         409: "the experiment has already finished",
         413: "the request body is over NCLAB_MAX_BODY_BYTES",
         422: "invalid input: the problem names the field and the rule",

@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
-from service.schemas import TrainSpec, UFMSpec
+from service.schemas import STATUSES, TrainSpec, UFMSpec
 
 FieldType = Literal["number", "string", "bool", "datetime"]
 
@@ -68,7 +68,7 @@ class Field:
 COLUMN_FIELDS = {
     field.name: field for field in (
         Field("id", "string"),
-        Field("status", "string", ("queued", "running", "succeeded", "failed", "canceled")),
+        Field("status", "string", STATUSES),
         Field("kind", "string", ("ufm", "train")),
         Field("owner", "string"),
         Field("name", "string"),
@@ -137,6 +137,11 @@ def lookup(name: str) -> Field:
         raise UnknownField(name, f"unknown field '{name}': result keys are {', '.join(RESULT_TYPES)}")
     raise UnknownField(name, f"unknown field '{name}': use one of {', '.join(COLUMN_FIELDS)}, "
                        "tags.<key>, spec.<field> or result.<key>")
+
+
+def names(text: str | None) -> list[str]:
+    """The names of a comma-separated parameter (``group_by``, ``metrics``), blanks dropped."""
+    return [name.strip() for name in (text or "").split(",") if name.strip()]
 
 
 def history_key(name: str) -> str:

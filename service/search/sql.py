@@ -106,8 +106,7 @@ def expression(field: Field) -> ColumnElement:
                      numbers_only=field.scope == "spec" and field.type == "number")
 
 
-def _nullable(field: Field) -> bool:
-    expr = expression(field)
+def _nullable(expr: ColumnElement) -> bool:
     return not isinstance(expr, InstrumentedAttribute) or expr.property.columns[0].nullable
 
 
@@ -180,8 +179,9 @@ def order_clauses(keys: list[OrderKey]) -> list:
     """
     clauses = []
     for key in keys:
-        clause = expression(key.field).desc() if key.descending else expression(key.field).asc()
-        clauses.append(clause.nulls_last() if _nullable(key.field) else clause)
+        expr = expression(key.field)
+        clause = expr.desc() if key.descending else expr.asc()
+        clauses.append(clause.nulls_last() if _nullable(expr) else clause)
     clauses.append(Experiment.id.desc() if keys[-1].descending else Experiment.id.asc())
     return clauses
 

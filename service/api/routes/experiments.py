@@ -6,7 +6,7 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Res
 from starlette.concurrency import run_in_threadpool
 
 from service import jobs, plots
-from service.api.deps import OwnerDep, SessionDep, require_api_key, strict_query
+from service.api.deps import OwnerDep, SessionDep, get_or_404, metric_names, require_api_key, strict_query
 from service.api.problems import InvalidField, problem_responses
 from service.api.formats import CSV_RESPONSES, PNG_RESPONSES, Format, PlotHeight, PlotWidth, csv_response, wants_csv
 from service.models import Experiment
@@ -15,7 +15,7 @@ from service.schemas import (
     MAX_TAGS, TERMINAL_STATUSES, ExperimentOut, ExperimentPatch, LabelledSubmission, MetricHistory, Submission,
 )
 from service.search import export, queries
-from service.search.fields import STEP_UNITS, UnknownField, history_key
+from service.search.fields import STEP_UNITS, history_key
 
 router = APIRouter(prefix="/experiments", tags=["experiments"],
                    dependencies=[Depends(require_api_key), Depends(strict_query)],
@@ -24,10 +24,7 @@ NOT_FOUND = problem_responses(404)
 
 
 def _get_or_404(session, experiment_id: str) -> Experiment:
-    experiment = session.get(Experiment, experiment_id)
-    if experiment is None:
-        raise HTTPException(404, f"no experiment with id {experiment_id!r}")
-    return experiment
+    return get_or_404(session, Experiment, experiment_id)
 
 
 @router.post("", status_code=202, response_model=ExperimentOut, responses=problem_responses(400))
@@ -86,10 +83,7 @@ async def metric_history_png(
     height: PlotHeight = 500,
 ) -> Response:
     """The history as a plot: one line per metric over the steps (iterations or epochs)."""
-    try:
-        metrics = [history_key(name.strip()) for name in metric.split(",") if name.strip()]
-    except UnknownField as exc:
-        raise InvalidField("metric", str(exc)) from None
+    metrics = metric_names(metric, "metric", history_key)
     if not metrics:
         raise InvalidField("metric", "name at least one history metric, e.g. nc1")
     experiment = await run_in_threadpool(_get_or_404, session, experiment_id)

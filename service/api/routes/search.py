@@ -12,7 +12,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import plots
-from service.api.deps import SessionDep, require_api_key, strict_query
+from service.api.deps import SessionDep, metric_names, require_api_key, strict_query
 from service.api.formats import (
     CSV_RESPONSES, PNG_RESPONSES, Format, PlotHeight, PlotWidth, csv_response, json_fragment, json_response, wants_csv,
 )
@@ -20,7 +20,7 @@ from service.api.problems import InvalidField, problem_responses
 from service.db import get_sessionmaker
 from service.schemas import ExperimentList, SearchRequest, Status
 from service.search import export, queries
-from service.search.fields import STEP_UNITS, Field, UnknownField, history_key, lookup, numeric_result_key
+from service.search.fields import STEP_UNITS, Field, UnknownField, history_key, lookup, names, numeric_result_key
 from service.search.language import Compare, Filter, FilterError, OrderKey, conjunction, parse_filter, parse_order_by
 
 router = APIRouter(prefix="/experiments", tags=["comparison"],
@@ -47,19 +47,10 @@ def _order(order_by: str | list[str] | None) -> list[OrderKey] | None:
 
 
 def _fields(text: str | None, parameter: str) -> list[Field]:
-    names = [name.strip() for name in (text or "").split(",") if name.strip()]
     try:
-        return [lookup(name) for name in names]
+        return [lookup(name) for name in names(text)]
     except UnknownField as exc:
         raise FilterError(str(exc), parameter, field=exc.name) from None
-
-
-def _metric_names(text: str | None, parameter: str, resolve) -> list[str]:
-    names = [name.strip() for name in (text or "").split(",") if name.strip()]
-    try:
-        return [resolve(name) for name in names]
-    except UnknownField as exc:
-        raise InvalidField(parameter, str(exc)) from None
 
 
 def _export(tree: Filter | None, order: list[OrderKey] | None) -> StreamingResponse:
@@ -126,7 +117,7 @@ def aggregate(
 ):
     """Per group: ``count``, and per metric n, mean, std (sample), min, max, median; computed in the database."""
     tree, groups = _filter(where), _fields(group_by, "group_by")
-    keys = _metric_names(metrics, "metrics", numeric_result_key)
+    keys = metric_names(metrics, "metrics", numeric_result_key)
     items = queries.aggregate(session, tree, groups, keys)
     if wants_csv(request, format):
         return csv_response(export.aggregate(items, [g.name for g in groups], keys), "aggregate")
@@ -135,7 +126,7 @@ def aggregate(
 
 def _curves(session, where: str | None, group_by: str | None, metric: str):
     tree, groups = _filter(where), _fields(group_by, "group_by")
-    (key,) = _metric_names(metric, "metric", history_key) or [None]
+    (key,) = metric_names(metric, "metric", history_key) or [None]
     if key is None:
         raise InvalidField("metric", "name one history metric, e.g. nc1")
     return tree, groups, key, queries.curves(session, tree, groups, key)

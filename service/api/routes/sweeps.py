@@ -3,15 +3,15 @@
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from fastapi import APIRouter, Depends, Query, Response
 from sqlalchemy import select
 
 from service import jobs, sweeps
-from service.api.deps import OwnerDep, SessionDep, require_api_key, strict_query
+from service.api.deps import OwnerDep, SessionDep, get_or_404, require_api_key, strict_query
 from service.api.problems import InvalidField, problem_responses
 from service.models import Experiment, Sweep, utcnow
 from service.queue import enqueue
-from service.schemas import TERMINAL_STATUSES, SweepList, SweepOut
+from service.schemas import STATUSES, TERMINAL_STATUSES, SweepList, SweepOut
 
 router = APIRouter(prefix="/sweeps", tags=["sweeps"], dependencies=[Depends(require_api_key), Depends(strict_query)],
                    responses=problem_responses(401, 413, 422, 503))
@@ -23,19 +23,12 @@ def _resource(session, sweep: Sweep) -> SweepOut:
         select(Experiment.id, Experiment.status, Experiment.progress)
         .where(Experiment.sweep == sweep.id).order_by(Experiment.created_at, Experiment.id)
     ).all()
-    counts = {status: 0 for status in ("queued", "running", *TERMINAL_STATUSES)}
+    counts = dict.fromkeys(STATUSES, 0)
     for _id, status, _progress in rows:
         counts[status] += 1
     progress = sum(1.0 if status in TERMINAL_STATUSES else p for _id, status, p in rows) / max(len(rows), 1)
     return SweepOut(id=sweep.id, name=sweep.name, tags=sweep.tags, owner=sweep.owner, created_at=sweep.created_at,
                     size=sweep.size, status_counts=counts, progress=progress, members=[row[0] for row in rows])
-
-
-def _get_or_404(session, sweep_id: str) -> Sweep:
-    sweep = session.get(Sweep, sweep_id)
-    if sweep is None:
-        raise HTTPException(404, f"no sweep with id {sweep_id!r}")
-    return sweep
 
 
 @router.post("", status_code=202, response_model=SweepOut, responses=problem_responses(400))
@@ -57,7 +50,7 @@ def submit(request: sweeps.SweepRequest, session: SessionDep, owner: OwnerDep, r
 
 @router.get("/{sweep_id}", response_model=SweepOut, responses=NOT_FOUND)
 def read(sweep_id: str, session: SessionDep) -> SweepOut:
-    return _resource(session, _get_or_404(session, sweep_id))
+    return _resource(session, get_or_404(session, Sweep, sweep_id))
 
 
 @router.get("", response_model=SweepList)
@@ -82,7 +75,7 @@ def list_sweeps(
 @router.post("/{sweep_id}/cancel", response_model=SweepOut, responses=NOT_FOUND)
 def cancel(sweep_id: str, session: SessionDep) -> SweepOut:
     """Cancel every member that has not finished: queued ones at once, running ones within seconds."""
-    sweep = _get_or_404(session, sweep_id)
+    sweep = get_or_404(session, Sweep, sweep_id)
     unfinished = session.scalars(select(Experiment.id).where(
         Experiment.sweep == sweep.id, Experiment.status.not_in(TERMINAL_STATUSES))).all()
     for experiment_id in unfinished:
