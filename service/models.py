@@ -51,6 +51,20 @@ class Sweep(Base):
     __table_args__ = (Index("ix_sweeps_created_at_id", "created_at", "id"),)
 
 
+class IdempotencyKey(Base):
+    """A keyed POST (Idempotency-Key): what it asked for and what it created, kept for 24 h."""
+
+    __tablename__ = "idempotency_keys"
+
+    owner: Mapped[str] = mapped_column(String(200), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # sha256 of the route and the validated request: the same key with another request is refused.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    # the experiment or sweep it created (the fingerprint covers the route, so the key says which)
+    resource_id: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
 class Experiment(Base):
     __tablename__ = "experiments"
 

@@ -39,3 +39,10 @@ celery_app = make_celery_app()
 
 def enqueue(experiment_id: str) -> None:
     celery_app.send_task(RUN_EXPERIMENT, args=[experiment_id])
+
+
+def enqueue_many(experiment_ids: list[str]) -> None:
+    """One message per job over one broker connection."""
+    with celery_app.producer_or_acquire() as producer:
+        for experiment_id in experiment_ids:
+            celery_app.send_task(RUN_EXPERIMENT, args=[experiment_id], producer=producer)

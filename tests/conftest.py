@@ -145,7 +145,16 @@ class Stack:
     client: httpx.Client
     processes: Processes
     api: subprocess.Popen
-    worker: subprocess.Popen
+    worker: subprocess.Popen  # in embedded mode, the `nclab serve` that is also the API
+
+    @property
+    def base_url(self) -> str:
+        return str(self.client.base_url)
+
+    @property
+    def database_url(self) -> str:
+        embedded = f"sqlite:///{self.processes.env['NCLAB_DATA_DIR']}/nclab.sqlite"
+        return self.processes.env.get("NCLAB_DATABASE_URL", embedded)
 
 
 @contextmanager
@@ -177,3 +186,21 @@ def own_production(pg_database, processes) -> Iterator[Stack]:
     """A production stack for one test that may kill its processes."""
     with production_stack(processes, pg_database, fresh_redis_broker()) as stack:
         yield stack
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory) -> Iterator[Stack]:
+    """`nclab serve` (SQLite, SQLite-backed queue, its own worker) shared by a module's tests."""
+    with running(make_processes(tmp_path_factory.mktemp("embedded"))) as processes:
+        port = free_port()
+        serve = processes.start("serve", "--port", str(port), name="serve")
+        base_url = f"http://127.0.0.1:{port}"
+        wait_ready(base_url, serve)
+        with httpx.Client(base_url=base_url, timeout=30) as client:
+            yield Stack(client, processes, serve, serve)
+
+
+@pytest.fixture(params=["embedded", "production"])
+def stack(request) -> Stack:
+    """Each test twice: on the embedded service, and on PostgreSQL + Redis + a worker."""
+    return request.getfixturevalue(request.param)

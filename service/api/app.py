@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from service import jobs
+from service import idempotency, jobs
 from service.api import metrics, problems
 from service.api.guards import RequestGuard
 from service.api.routes import docs, experiments, health, search, sweeps
@@ -22,6 +22,7 @@ log = logging.getLogger("nclab.reconciler")
 def reconcile_once() -> None:
     with get_sessionmaker()() as session:
         jobs.reconcile(session, get_settings(), enqueue)
+        idempotency.forget_expired(session)
 
 
 async def reconcile_forever(interval: float) -> None:

@@ -3,10 +3,13 @@
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from collections.abc import Callable
+
+from fastapi import Depends, Header, HTTPException, Request, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from service import idempotency
 from service.api.problems import InvalidField
 from service.search.fields import UnknownField, names
 from service.db import get_session
@@ -49,6 +52,29 @@ def require_api_key(
 
 
 OwnerDep = Annotated[str, Depends(require_api_key)]
+
+
+IdempotencyKeyHeader = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[!-~]+$",
+    description="any unique string (a UUID): a retry with the same key and body within 24 h returns "
+                "what the first request created instead of creating it again",
+)]
+
+
+def create_once(session: Session, owner: str, key: str | None, route: str, request: dict,
+                create: Callable, response: Response) -> tuple[str, bool]:
+    """Run ``create`` unless a request with this idempotency key already did (see service.idempotency).
+
+    The id created, and whether it was created now; a replay is marked ``Idempotent-Replayed: true``.
+    """
+    try:
+        created_id, new = idempotency.create_once(session, owner, key, idempotency.fingerprint(route, request),
+                                                  create)
+    except idempotency.KeyReused as exc:
+        raise InvalidField("Idempotency-Key", str(exc)) from None
+    if not new:
+        response.headers["Idempotent-Replayed"] = "true"
+    return created_id, new
 
 
 def get_or_404(session: Session, model: type, resource_id: str):

@@ -170,7 +170,11 @@ def step_units(session: Session, tree: Filter | None) -> set[str]:
     return set(session.scalars(query))
 
 
-def history(session: Session, experiment_id: str) -> list[dict]:
-    rows = session.scalars(select(MetricRow).where(MetricRow.experiment_id == experiment_id).order_by(MetricRow.step))
+def history(session: Session, experiment_id: str, after_step: int | None = None) -> list[dict]:
+    """The experiment's metric rows in step order; with ``after_step``, only the later ones (a live tail)."""
+    query = select(MetricRow).where(MetricRow.experiment_id == experiment_id)
+    if after_step is not None:
+        query = query.where(MetricRow.step > after_step)
+    rows = session.scalars(query.order_by(MetricRow.step))
     return [{"step": row.step, **row.values} for row in rows]
 

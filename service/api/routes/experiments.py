@@ -6,7 +6,9 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Res
 from starlette.concurrency import run_in_threadpool
 
 from service import jobs, plots
-from service.api.deps import OwnerDep, SessionDep, get_or_404, metric_names, require_api_key, strict_query
+from service.api.deps import (
+    IdempotencyKeyHeader, OwnerDep, SessionDep, create_once, get_or_404, metric_names, require_api_key, strict_query,
+)
 from service.api.problems import InvalidField, problem_responses
 from service.api.formats import CSV_RESPONSES, PNG_RESPONSES, Format, PlotHeight, PlotWidth, csv_response, wants_csv
 from service.models import Experiment
@@ -29,15 +31,22 @@ def _get_or_404(session, experiment_id: str) -> Experiment:
 
 @router.post("", status_code=202, response_model=ExperimentOut, responses=problem_responses(400))
 def submit(submission: Annotated[Submission, Body()], session: SessionDep, owner: OwnerDep,
-           response: Response) -> Experiment:
+           response: Response, idempotency_key: IdempotencyKeyHeader = None) -> Experiment:
     """A spec, bare or as ``{"spec": ..., "name": ..., "tags": {...}}``; recorded with the key's owner."""
     labelled = submission if isinstance(submission, LabelledSubmission) else LabelledSubmission(spec=submission)
-    experiment = jobs.create(session, labelled.spec.model_dump(mode="json"), owner=owner, name=labelled.name,
-                             tags=labelled.tags)
-    jobs.send(session, experiment.id, enqueue)
-    response.headers["Location"] = f"/experiments/{experiment.id}"
-    session.refresh(experiment)
-    return experiment
+    spec = labelled.spec.model_dump(mode="json")
+
+    def create(key) -> str:
+        return jobs.create(session, spec, owner=owner, name=labelled.name, tags=labelled.tags,
+                           idempotency_key=key).id
+
+    experiment_id, new = create_once(session, owner, idempotency_key, "/experiments",
+                                     labelled.model_dump(mode="json"), create, response)
+    if new:
+        jobs.send(session, experiment_id, enqueue)
+    response.headers["Location"] = f"/experiments/{experiment_id}"
+    session.expire_all()
+    return _get_or_404(session, experiment_id)
 
 
 @router.get("/{experiment_id}", response_model=ExperimentOut, responses=NOT_FOUND)
@@ -61,14 +70,17 @@ def relabel(experiment_id: str, patch: ExperimentPatch, session: SessionDep) -> 
     return experiment
 
 
-def _history(session, experiment_id: str) -> list[dict]:
-    _get_or_404(session, experiment_id)
-    return queries.history(session, experiment_id)
-
-
 @router.get("/{experiment_id}/metrics", response_model=MetricHistory, responses={**CSV_RESPONSES, **NOT_FOUND})
-def metric_history(experiment_id: str, session: SessionDep, request: Request, format: Format = None):
-    rows = _history(session, experiment_id)
+def metric_history(
+    experiment_id: str,
+    session: SessionDep,
+    request: Request,
+    format: Format = None,
+    after: Annotated[int | None, Query(ge=-1, le=2**31 - 1,
+                                       description="only the rows with a later step: a live tail")] = None,
+):
+    _get_or_404(session, experiment_id)
+    rows = queries.history(session, experiment_id, after)
     if wants_csv(request, format):
         return csv_response(export.history(rows), f"{experiment_id}-metrics")
     return MetricHistory(items=rows)

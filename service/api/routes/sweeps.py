@@ -7,10 +7,12 @@ from fastapi import APIRouter, Depends, Query, Response
 from sqlalchemy import select
 
 from service import jobs, sweeps
-from service.api.deps import OwnerDep, SessionDep, get_or_404, require_api_key, strict_query
+from service.api.deps import (
+    IdempotencyKeyHeader, OwnerDep, SessionDep, create_once, get_or_404, require_api_key, strict_query,
+)
 from service.api.problems import InvalidField, problem_responses
 from service.models import Experiment, Sweep, utcnow
-from service.queue import enqueue
+from service.queue import enqueue_many
 from service.schemas import STATUSES, TERMINAL_STATUSES, SweepList, SweepOut
 
 router = APIRouter(prefix="/sweeps", tags=["sweeps"], dependencies=[Depends(require_api_key), Depends(strict_query)],
@@ -32,20 +34,28 @@ def _resource(session, sweep: Sweep) -> SweepOut:
 
 
 @router.post("", status_code=202, response_model=SweepOut, responses=problem_responses(400))
-def submit(request: sweeps.SweepRequest, session: SessionDep, owner: OwnerDep, response: Response) -> SweepOut:
+def submit(request: sweeps.SweepRequest, session: SessionDep, owner: OwnerDep, response: Response,
+           idempotency_key: IdempotencyKeyHeader = None) -> SweepOut:
     """Expand base x variants x grid, validate every member, store them all in one transaction, enqueue."""
     try:
         specs = sweeps.members(request)
     except sweeps.InvalidMember as exc:
         raise InvalidField(f"members[{exc.index}].{exc.field}" if exc.index >= 0 else exc.field, str(exc)) from None
-    sweep = Sweep(id=str(uuid.uuid4()), owner=owner, name=request.name, tags=request.tags,
-                  definition=request.model_dump(include={"base", "variants", "grid"}), size=len(specs),
-                  created_at=utcnow())
-    members = jobs.create_sweep(session, sweep, specs)
-    for member in members:
-        jobs.send(session, member.id, enqueue)
-    response.headers["Location"] = f"/sweeps/{sweep.id}"
-    return _resource(session, sweep)
+    members: list[str] = []
+
+    def create(key) -> str:
+        sweep = Sweep(id=str(uuid.uuid4()), owner=owner, name=request.name, tags=request.tags,
+                      definition=request.model_dump(include={"base", "variants", "grid"}), size=len(specs),
+                      created_at=utcnow())
+        members.extend(member.id for member in jobs.create_sweep(session, sweep, specs, idempotency_key=key))
+        return sweep.id
+
+    sweep_id, new = create_once(session, owner, idempotency_key, "/sweeps", request.model_dump(mode="json"),
+                                create, response)
+    if new:
+        jobs.send_many(session, members, enqueue_many)
+    response.headers["Location"] = f"/sweeps/{sweep_id}"
+    return _resource(session, get_or_404(session, Sweep, sweep_id))
 
 
 @router.get("/{sweep_id}", response_model=SweepOut, responses=NOT_FOUND)

@@ -1,0 +1,320 @@
+"""A Python client for the nclab API: submit, sweep, wait, search and compare from a script.
+
+    from service.client import Client
+
+    with Client() as nclab:  # NCLAB_URL and NCLAB_API_KEY, or Client(url, api_key=...)
+        sweep = nclab.sweep(**json.load(open("examples/digits-three-modes.json")))
+        nclab.wait(sweep["members"])
+        print(nclab.aggregate(where=f"sweep = '{sweep['id']}'", group_by="spec.normalization", metrics="nc1"))
+
+Every method returns plain dicts (or lists of them) as the API writes them. Errors are
+``NclabError`` subclasses carrying the problem+json body. GETs are retried with backoff
+on connection errors and 503s; a POST only when it carries an idempotency key, which
+``submit`` and ``sweep`` always send, so that a retried submit never runs twice.
+Needs only httpx: no torch, no server code.
+"""
+
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL_STATUSES = ("succeeded", "failed", "canceled")
+# Ids per search request while waiting on many experiments (the API's page limit is 500).
+WAIT_BATCH = 500
+
+
+class NclabError(Exception):
+    """An error answer of the API; ``problem`` is its problem+json body (title, status, detail, errors)."""
+
+    def __init__(self, status: int | None, detail: str, problem: dict | None = None):
+        super().__init__(f"{status}: {detail}" if status else detail)
+        self.status, self.detail, self.problem = status, detail, problem or {}
+
+    @property
+    def errors(self) -> list[dict]:
+        """The fields at fault, each ``{"field", "message", "type"}`` (422s)."""
+        return self.problem.get("errors") or []
+
+
+class InvalidRequest(NclabError):
+    """400, 413 or 422: the request broke a rule; ``errors`` names the field."""
+
+
+class Unauthorized(NclabError):
+    """401: a missing or unknown API key."""
+
+
+class NotFound(NclabError):
+    """404: no such experiment or sweep."""
+
+
+class Conflict(NclabError):
+    """409: e.g. canceling an experiment that has already finished."""
+
+
+class Unavailable(NclabError):
+    """The service could not be reached, or answered 503, after every retry."""
+
+
+class WaitTimeout(TimeoutError):
+    """``wait`` or ``wait_sweep`` ran out of time; ``last`` is what the last poll read."""
+
+    def __init__(self, message: str, last: Any):
+        super().__init__(message)
+        self.last = last
+
+
+_ERRORS = {400: InvalidRequest, 401: Unauthorized, 404: NotFound, 409: Conflict, 413: InvalidRequest,
+           422: InvalidRequest, 503: Unavailable}
+
+
+def _error(response: httpx.Response) -> NclabError:
+    try:
+        problem = response.json()
+        detail = problem.get("detail") or problem.get("title") or response.reason_phrase
+    except ValueError:
+        problem, detail = {}, response.text.strip() or response.reason_phrase
+    return _ERRORS.get(response.status_code, NclabError)(response.status_code, detail, problem)
+
+
+def _backoff(attempt: int, retry_after: str | None = None) -> float:
+    """Seconds before retry number ``attempt`` (0-based): the server's Retry-After, else exponential with jitter."""
+    if retry_after and retry_after.isdigit():
+        return min(float(retry_after), 30.0)
+    return min(0.25 * 2**attempt, 8.0) * random.uniform(0.5, 1.0)
+
+
+def _labels(**labels) -> dict:
+    return {key: value for key, value in labels.items() if value is not None}
+
+
+class Client:
+    """One kept-alive connection to an nclab service.
+
+    ``base_url`` defaults to ``NCLAB_URL`` (else http://127.0.0.1:8000), ``api_key`` to
+    ``NCLAB_API_KEY``. ``retries`` bounds the retries of one call on connection errors and 503s.
+    """
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 30.0,
+                 retries: int = 5):
+        base_url = base_url or os.environ.get("NCLAB_URL") or DEFAULT_URL
+        api_key = api_key or os.environ.get("NCLAB_API_KEY")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.retries = retries
+        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
+
+    @property
+    def base_url(self) -> str:
+        return str(self._http.base_url)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- transport
+
+    def _request(self, method: str, path: str, *, params: dict | None = None, json: Any = None,
+                 idempotency_key: str | None = None) -> httpx.Response:
+        retryable = method == "GET" or idempotency_key is not None
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        params = _labels(**(params or {}))
+        for attempt in range(self.retries + 1):
+            last_try = not retryable or attempt == self.retries
+            try:
+                response = self._http.request(method, path, params=params, json=json, headers=headers)
+            except httpx.TransportError as exc:
+                if last_try:
+                    raise Unavailable(None, f"{self.base_url} unreachable: {exc.__class__.__name__}: {exc}") from exc
+                time.sleep(_backoff(attempt))
+                continue
+            if response.status_code == 503 and not last_try:
+                time.sleep(_backoff(attempt, response.headers.get("retry-after")))
+                continue
+            if response.is_error:
+                raise _error(response)
+            return response
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _get(self, path: str, **params) -> Any:
+        return self._request("GET", path, params=params).json()
+
+    def _post(self, path: str, body: Any, idempotency_key: str | None = None) -> Any:
+        return self._request("POST", path, json=body, idempotency_key=idempotency_key).json()
+
+    # -- experiments
+
+    def submit(self, spec: dict, name: str | None = None, tags: dict[str, str] | None = None,
+               idempotency_key: str | None = None) -> dict:
+        """Queue one experiment; the experiment as stored (``id``, ``status``: queued, the spec with defaults)."""
+        body = _labels(spec=spec, name=name, tags=tags)
+        return self._post("/experiments", body, idempotency_key or str(uuid.uuid4()))
+
+    def get(self, experiment_id: str) -> dict:
+        return self._get(f"/experiments/{experiment_id}")
+
+    def cancel(self, experiment_id: str) -> dict:
+        """Cancel a queued or running experiment (a running one stops within seconds); Conflict if finished."""
+        return self._post(f"/experiments/{experiment_id}/cancel", None)
+
+    def history(self, experiment_id: str, after: int | None = None) -> list[dict]:
+        """The metric rows in step order, ``{"step", "loss", "nc1", ...}``; ``after``: only later steps."""
+        return self._get(f"/experiments/{experiment_id}/metrics", after=after)["items"]
+
+    def history_csv(self, experiment_id: str) -> str:
+        return self._request("GET", f"/experiments/{experiment_id}/metrics", params={"format": "csv"}).text
+
+    def history_png(self, experiment_id: str, metrics: str = "nc1", width: int = 800, height: int = 500) -> bytes:
+        return self._request("GET", f"/experiments/{experiment_id}/metrics.png",
+                             params={"metric": metrics, "width": width, "height": height}).content
+
+    # -- sweeps
+
+    def sweep(self, base: dict, grid: dict[str, list] | None = None, variants: list[dict] | None = None,
+              name: str | None = None, tags: dict[str, str] | None = None, idempotency_key: str | None = None) -> dict:
+        """Queue base x each variant x the grid's product; the sweep (``id``, ``size``, ``members``)."""
+        body = _labels(base=base, grid=grid, variants=variants, name=name, tags=tags)
+        return self._post("/sweeps", body, idempotency_key or str(uuid.uuid4()))
+
+    def get_sweep(self, sweep_id: str) -> dict:
+        """The sweep with ``status_counts``, ``progress`` and its ``members``' ids."""
+        return self._get(f"/sweeps/{sweep_id}")
+
+    def cancel_sweep(self, sweep_id: str) -> dict:
+        return self._post(f"/sweeps/{sweep_id}/cancel", None)
+
+    def sweeps(self) -> Iterator[dict]:
+        """Every sweep, newest first."""
+        return self._pages("/sweeps", {"limit": 100})
+
+    # -- waiting
+
+    def wait(self, ids: str | Iterable[str], timeout: float | None = None,
+             on_progress: Callable[[list[dict]], None] | None = None, max_interval: float = 2.0) -> dict | list[dict]:
+        """Poll until every experiment has finished (succeeded, failed or canceled); their final states.
+
+        One id gives one dict, several a list in the same order. ``on_progress`` gets the
+        latest states of all of them after every round. Polls start 0.1 s apart and back
+        off to ``max_interval``; many ids are read a few hundred per request.
+        Raises WaitTimeout after ``timeout`` seconds.
+        """
+        single = isinstance(ids, str)
+        order = [ids] if single else list(dict.fromkeys(ids))
+        latest: dict[str, dict] = {}
+
+        def read() -> list[dict]:
+            pending = [i for i in order if latest.get(i, {}).get("status") not in TERMINAL_STATUSES]
+            for experiment in self._states(pending):
+                latest[experiment["id"]] = experiment
+            missing = [i for i in pending if i not in latest]
+            if missing:
+                raise NotFound(404, f"no experiment with id {missing[0]!r}")
+            return [latest[i] for i in order]
+
+        def finished(states: list[dict]) -> bool:
+            return all(state["status"] in TERMINAL_STATUSES for state in states)
+
+        def unfinished(states: list[dict]) -> str:
+            return f"{sum(s['status'] not in TERMINAL_STATUSES for s in states)} of {len(states)} experiments"
+
+        states = _poll(read, finished, unfinished, timeout, on_progress, max_interval)
+        return states[0] if single else states
+
+    def wait_sweep(self, sweep_id: str, timeout: float | None = None, on_progress: Callable[[dict], None] | None = None,
+                   max_interval: float = 2.0) -> dict:
+        """Poll the sweep until every member has finished; the sweep (``status_counts`` says how they ended)."""
+
+        def finished(sweep: dict) -> bool:
+            return sum(sweep["status_counts"][status] for status in TERMINAL_STATUSES) == sweep["size"]
+
+        def unfinished(sweep: dict) -> str:
+            counts = sweep["status_counts"]
+            return f"{counts['queued'] + counts['running']} of {sweep['size']} members"
+
+        return _poll(lambda: self.get_sweep(sweep_id), finished, unfinished, timeout, on_progress, max_interval)
+
+    def _states(self, ids: list[str]) -> list[dict]:
+        if len(ids) == 1:
+            return [self.get(ids[0])]
+        states = []
+        for start in range(0, len(ids), WAIT_BATCH):
+            batch = ids[start:start + WAIT_BATCH]
+            where = f"id in ({', '.join(repr(i) for i in batch)})"
+            states += self._request("POST", "/experiments/search",
+                                    json={"where": where, "limit": WAIT_BATCH}).json()["items"]
+        return states
+
+    # -- comparison
+
+    def search(self, where: str | None = None, order_by: str | None = None, page_size: int = 500) -> Iterator[dict]:
+        """Every matching experiment (filter language), page after page; newest first by default."""
+        return self._pages("/experiments", {"where": where, "order_by": order_by, "limit": page_size})
+
+    def _pages(self, path: str, params: dict) -> Iterator[dict]:
+        cursor = None
+        while True:
+            page = self._get(path, **params, cursor=cursor)
+            yield from page["items"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return
+
+    def search_csv(self, where: str | None = None, order_by: str | None = None) -> str:
+        """Every match as CSV (the whole match, not a page)."""
+        return self._request("GET", "/experiments", params={"where": where, "order_by": order_by,
+                                                             "format": "csv"}).text
+
+    def aggregate(self, where: str | None = None, group_by: str | None = None,
+                  metrics: str | None = None) -> list[dict]:
+        """Per group: ``count`` and, per metric, ``{"n", "mean", "std", "min", "max", "median"}``."""
+        return self._get("/experiments/aggregate", where=where, group_by=group_by, metrics=metrics)["items"]
+
+    def aggregate_csv(self, where: str | None = None, group_by: str | None = None, metrics: str | None = None) -> str:
+        return self._request("GET", "/experiments/aggregate", params={
+            "where": where, "group_by": group_by, "metrics": metrics, "format": "csv"}).text
+
+    def curves(self, where: str | None = None, group_by: str | None = None, metric: str = "nc1") -> list[dict]:
+        """Per group, ``{"group", "points": [{"step", "n", "mean", "std", "min", "max"}, ...]}``."""
+        return self._get("/experiments/curves", where=where, group_by=group_by, metric=metric)["items"]
+
+    def curves_png(self, where: str | None = None, group_by: str | None = None, metric: str = "nc1",
+                   width: int = 800, height: int = 500) -> bytes:
+        """The curves as a PNG: mean per group over the steps, a band of one standard deviation."""
+        return self._request("GET", "/experiments/curves.png", params={
+            "where": where, "group_by": group_by, "metric": metric, "width": width, "height": height}).content
+
+
+def _poll(read: Callable[[], Any], finished: Callable[[Any], bool], unfinished: Callable[[Any], str],
+          timeout: float | None, on_progress: Callable[[Any], None] | None, max_interval: float) -> Any:
+    """Call ``read`` until ``finished`` says so, 0.1 s apart at first, backing off to ``max_interval``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    interval = 0.1
+    while True:
+        state = read()
+        if on_progress is not None:
+            on_progress(state)
+        if finished(state):
+            return state
+        if deadline is not None and time.monotonic() + interval > deadline:
+            raise WaitTimeout(f"{unfinished(state)} unfinished after {timeout} s", state)
+        time.sleep(interval)
+        interval = min(interval * 1.5, max_interval)
+
+
+def to_pandas(rows: list[dict]):
+    """A pandas DataFrame of rows from the client (nested dicts flattened as ``spec.K``); needs pandas."""
+    try:
+        import pandas
+    except ImportError:
+        raise ImportError("to_pandas needs pandas: pip install pandas") from None
+    return pandas.json_normalize(rows)
