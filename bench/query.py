@@ -256,7 +256,10 @@ def fill(postgres: str, name: str, size: int, seed: int = 0) -> None:
     history = []
     with psycopg.connect(database_url(postgres, name)) as connection, connection.cursor() as cursor:
         cursor.execute("SET LOCAL maintenance_work_mem = '1GB'")
-        cursor.execute("TRUNCATE metrics, experiments")  # in this transaction, so that COPY can FREEZE
+        cursor.execute("TRUNCATE metrics, experiments, sweeps")  # in this transaction, so that COPY can FREEZE
+        # The sweeps the experiments name (a foreign key); their sizes are counted once the members exist.
+        cursor.executemany("INSERT INTO sweeps (id, owner, tags, definition, size, created_at)"
+                           " VALUES (%s, 'anonymous', '{}', '{}', 0, %s)", [(sweep, now) for sweep in sweeps])
         indexes = secondary_indexes(connection)
         for index, _ in indexes:
             cursor.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index)))
@@ -275,6 +278,7 @@ def fill(postgres: str, name: str, size: int, seed: int = 0) -> None:
                     copy.write_row((made.row[0], made.started_at + timedelta(seconds=10 * step), step, *values))
         for _, definition in indexes:
             cursor.execute(definition)
+        cursor.execute("UPDATE sweeps SET size = (SELECT count(*) FROM experiments WHERE sweep = sweeps.id)")
     with psycopg.connect(database_url(postgres, name), autocommit=True) as connection:
         connection.execute("VACUUM ANALYZE")  # and the visibility map, for index-only scans
 

@@ -130,14 +130,15 @@ def _kill_group(worker: subprocess.Popen) -> None:
 
 @app.command()
 def api(host: Host = "127.0.0.1", port: Port = 8000,
-        workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+        workers: Annotated[int | None, typer.Option(help="uvicorn worker processes [default: one per CPU core]")]
+        = None,
         loop: Annotated[Loop, typer.Option(help="event loop implementation")] = Loop.auto) -> None:
     """Production API (migrates first)."""
     from service import migrate as migrations
 
     _prepare_data_dir()
     migrations.upgrade()
-    _serve_api(host, port, workers, loop.value)
+    _serve_api(host, port, workers or len(os.sched_getaffinity(0)), loop.value)
 
 
 @app.command()

@@ -16,13 +16,20 @@ from service.search import sqlite_functions
 from service.settings import get_settings
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, reads: bool = False) -> Engine:
+    """The engine for ``url``; with ``reads``, one for the API's one-statement reads (see get_read_engine)."""
     # orjson reads the JSON documents (specs, results, history rows) several times faster.
+    options: dict = {"json_deserializer": orjson.loads}
+    if reads:
+        options.update(isolation_level="AUTOCOMMIT", pool_size=2, max_overflow=2)
+    elif not url.startswith("sqlite"):
+        # A few more for the streams (CSV exports) that hold one after their route returns.
+        options.update(pool_size=get_settings().api_connections, max_overflow=4)
     if url.startswith("sqlite"):
         database_file = make_url(url).database
         if database_file and database_file != ":memory:":
             Path(database_file).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30}, json_deserializer=orjson.loads)
+        engine = create_engine(url, connect_args={"timeout": 30}, **options)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):
@@ -39,13 +46,26 @@ def make_engine(url: str) -> Engine:
     # Search statements are short and read data that sits in memory: JIT compiling them
     # costs more than it saves, and random reads cost little more than sequential ones.
     # An aggregate's medians sort its rows: in memory, not in temporary files.
-    options = "-c jit=off -c random_page_cost=1.1 -c work_mem=64MB"
-    return create_engine(url, pool_pre_ping=True, json_deserializer=orjson.loads, connect_args={"options": options})
+    settings = "-c jit=off -c random_page_cost=1.1 -c work_mem=64MB"
+    if reads:
+        settings += " -c statement_timeout=5s"
+    return create_engine(url, pool_pre_ping=True, connect_args={"options": settings, "connect_timeout": 5}, **options)
 
 
 @lru_cache
 def get_engine() -> Engine:
     return make_engine(get_settings().resolved_database_url)
+
+
+@lru_cache
+def get_read_engine() -> Engine:
+    """Autocommit connections for the one-statement reads the API makes in its event loop (status polls, histories).
+
+    Outside a transaction such a read is one round trip: no BEGIN before it, no ROLLBACK
+    when its connection goes back to the pool. The event loop holds one at a time; the
+    statement and connect timeouts bound how long a stuck database can hold the loop.
+    """
+    return make_engine(get_settings().resolved_database_url, reads=True)
 
 
 @lru_cache

@@ -88,6 +88,7 @@ def send(session: Session, experiment_id: str, enqueue: Callable[[str], None]) -
         update(Experiment)
         .where(Experiment.id == experiment_id)
         .values(sent_at=utcnow(), send_count=Experiment.send_count + 1)
+        .execution_options(synchronize_session=False)  # no object in the session needs these two columns
     )
     session.commit()
     return True

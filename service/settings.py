@@ -38,6 +38,9 @@ class Settings(BaseSettings):
 
     # Request bodies above this many bytes are refused (413) before they are read.
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    # Database connections per API process, and as many threads for its blocking routes:
+    # a thread never waits for a connection, and no connection is opened and closed per request.
+    api_connections: int = Field(16, ge=1)
 
     # Caps so that one request cannot exhaust a worker.
     max_ufm_elements: int = Field(50_000_000, ge=1)  # samples * d

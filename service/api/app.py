@@ -4,6 +4,7 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
+from anyio import to_thread
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
@@ -39,6 +40,8 @@ async def reconcile_forever(interval: float) -> None:
 async def lifespan(_app: FastAPI):
     if is_spawned_child():  # a worker of `nclab api --workers N`: it ends with its supervisor
         die_with_parent()
+    # As many threads for blocking routes as the pool has connections (settings.api_connections).
+    to_thread.current_default_thread_limiter().total_tokens = get_settings().api_connections
     reconciler = asyncio.create_task(reconcile_forever(get_settings().reconcile_interval))
     yield
     reconciler.cancel()

@@ -32,7 +32,7 @@ bearer = HTTPBearer(auto_error=False, description="an API key from NCLAB_API_KEY
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key from NCLAB_API_KEYS")
 
 
-def require_api_key(
+async def require_api_key(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     x_api_key: Annotated[str | None, Depends(api_key_header)],
 ) -> str:
@@ -77,11 +77,16 @@ def create_once(session: Session, owner: str, key: str | None, route: str, reque
     return created_id, new
 
 
+def not_found(model: type, resource_id: str) -> HTTPException:
+    """A 404 naming what was asked for."""
+    return HTTPException(404, f"no {model.__tablename__.removesuffix('s')} with id {resource_id!r}")
+
+
 def get_or_404(session: Session, model: type, resource_id: str):
-    """The row of ``model`` with this id, or a 404 naming what was asked for."""
+    """The row of ``model`` with this id, or a 404."""
     row = session.get(model, resource_id)
     if row is None:
-        raise HTTPException(404, f"no {model.__tablename__.removesuffix('s')} with id {resource_id!r}")
+        raise not_found(model, resource_id)
     return row
 
 
@@ -101,7 +106,7 @@ def _declared_query_parameters(request: Request) -> dict[str, bool]:
     return declared
 
 
-def strict_query(request: Request) -> None:
+async def strict_query(request: Request) -> None:
     """Reject query parameters the route does not take, and repeats of single-valued ones.
 
     A misspelt filter (``?seed=0``, ``?order_by=nc1`` on an old server) must not quietly

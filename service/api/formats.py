@@ -1,5 +1,6 @@
 """Response formats beside JSON: CSV (``Accept: text/csv`` or ``format=csv``), streamed, and PNG."""
 
+import hashlib
 from typing import Annotated, Literal
 
 import orjson
@@ -31,8 +32,40 @@ def json_fragment(text: str | None):
     return None if text is None else orjson.Fragment(text)
 
 
-def json_response(body) -> Response:
-    """JSON written by orjson, for pages of experiments read as plain rows (queries.search):
+def with_documents(item: dict) -> dict:
+    """An experiment read as plain columns (queries.RESOURCE_KEYS), its documents' JSON text passed through."""
+    for key in ("tags", "spec", "result"):
+        item[key] = json_fragment(item[key])
+    return item
+
+
+def json_bytes(body) -> bytes:
+    """JSON written by orjson, for experiments read as plain rows (queries.search, queries.resource):
     what pydantic would write for the response model (datetimes in UTC with 'Z'), without
     validating what the database just returned."""
-    return Response(orjson.dumps(body, option=orjson.OPT_UTC_Z), media_type="application/json")
+    return orjson.dumps(body, option=orjson.OPT_UTC_Z)
+
+
+def json_response(body) -> Response:
+    return Response(json_bytes(body), media_type="application/json")
+
+
+def revalidated_json(request: Request, body: bytes, final: bool) -> Response:
+    """JSON with a strong ETag (a hash of the body), or a bodiless 304 when If-None-Match names it.
+
+    ``final``: the resource will not change again (a finished experiment's history), so a
+    client may keep it without asking; otherwise it must revalidate (``no-cache``).
+    """
+    etag = f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"'
+    headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable" if final else "no-cache"}
+    if _matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
+
+
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110's weak comparison: '*' or any listed tag, with or without its W/ prefix."""
+    if not if_none_match:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags

@@ -14,7 +14,8 @@ from starlette.concurrency import run_in_threadpool
 from service import plots
 from service.api.deps import SessionDep, metric_names, require_api_key, strict_query
 from service.api.formats import (
-    CSV_RESPONSES, PNG_RESPONSES, Format, PlotHeight, PlotWidth, csv_response, json_fragment, json_response, wants_csv,
+    CSV_RESPONSES, PNG_RESPONSES, Format, PlotHeight, PlotWidth, csv_response, json_response, wants_csv,
+    with_documents,
 )
 from service.api.problems import InvalidField, problem_responses
 from service.db import get_sessionmaker
@@ -68,10 +69,7 @@ def _page(session, request: Request, format: str | None, tree, order, limit: int
         # A CSV export is the whole match, not a page: it streams in constant memory.
         return _export(tree, order)
     page = queries.search(session, tree, order, limit, cursor)
-    for item in page.items:
-        for key in queries.JSON_TEXT_KEYS:
-            item[key] = json_fragment(item[key])
-    return json_response({"items": page.items, "next_cursor": page.next_cursor})
+    return json_response({"items": [with_documents(item) for item in page.items], "next_cursor": page.next_cursor})
 
 
 @router.get("", response_model=ExperimentList, responses=CSV_RESPONSES)
