@@ -1,0 +1,907 @@
+"""The nclab API against MLflow's tracking server, side by side, on the same data and the same load generator.
+
+    .venv/bin/python bench/api.py                  # every row, about 10 minutes with a cold cache
+    .venv/bin/python bench/api.py --keep           # reuse filled databases (and keep them at the end)
+    .venv/bin/python bench/api.py --rows poll8,poll32 --rounds 5 --seconds 10
+    .venv/bin/python bench/api.py --check          # exit 1 when a target is missed
+
+Needs PostgreSQL (--postgres user@host:port, allowed to create databases) and Redis
+(--broker: /readyz checks it and the submit row enqueues there; the bench's own Redis
+database, flushed at the end when the submit row ran). No worker: submitted experiments
+stay queued.
+
+MLflow lives in a scratch virtualenv that the bench makes on first use,
+``.bench/mlflow-venv`` (``mlflow==MLFLOW_VERSION`` and psycopg2-binary, from PyPI; never
+in .venv). Both servers start on free ports with 2 worker processes each: ``nclab api
+--workers 2`` and ``mlflow server --workers 2`` (uvicorn, MLflow's default server, with
+its default security middleware and access log), each on a PostgreSQL database of its own:
+
+- ``nclab_bench_api``: bench/query.py's 10k fill (every experiment succeeded, with a
+  complete spec and result and a 100-step history);
+- ``nclab_bench_api_mlflow``: the same 10k experiments as MLflow runs (run id = the
+  experiment's id without dashes) in one experiment: FINISHED, a param per spec field,
+  the result's numeric keys as metrics, the tags (plus mlflow.user and mlflow.runName);
+  for 1,000 of them (the history row's runs) the same 100-step history, one metric row per
+  key and step (~19 keys). It is written through MLflow's own SQL store: a helper run by the
+  scratch venv's python creates the schema and the experiments with SqlAlchemyStore and
+  COPYs the rows into its tables (named by MLflow's ORM models), then VACUUM ANALYZE, as
+  nclab's fill does; about a minute, where logging them over REST takes many.
+
+With --keep a database is reused when it holds what the fill writes (nclab: the row
+counts; MLflow: the same run ids, and the fill's completion mark) and both are left in place
+at the end; by default they are dropped.
+
+The load generator, the same for both servers: --loadgen-processes forked processes, each
+running its share of the clients over asyncio (uvloop) on raw kept-alive HTTP/1.1
+connections (TCP_NODELAY); a client sends one request, reads the whole response, sends the
+next. Each measurement warms up for 1 s, then counts --seconds seconds: req/s is completed
+requests (or operations) begun in that window over its length, p50/p99 their latencies (a
+client whose operation outlasts the window goes on until one begun in it has completed). Its own
+CPU use is printed with each measurement (cpu: client/server/postgres, % of one core, and
+the machine's busy %), to tell a saturated client from a saturated server.
+
+Every row alternates nclab, MLflow, nclab, MLflow ... for --rounds rounds and reports the
+median of the rounds:
+
+  poll1, poll8, poll32  status poll with 1 / 8 / 32 clients: GET /experiments/{id} of random
+                        finished experiments vs GET /api/2.0/mlflow/runs/get?run_id= (req/s, p50, p99)
+  filter                top 100 by two equality filters, 1 client: GET /experiments?where=spec.dataset
+                        = '...' and spec.normalization = '...'&limit=100 vs POST runs/search with
+                        "params.dataset = '...' and params.normalization = '...'", max_results 100
+                        (the 12 combinations in turn; p50, p95)
+  history               metric history of one run, all keys, 100 steps, 1 client: GET
+                        /experiments/{id}/metrics vs GET metrics/get-history once per key in
+                        sequence (the operation's p50), and vs one key alone
+  scan                  all 10k: GET /experiments?format=csv to the last byte, and the JSON pages
+                        (limit=500, next_cursor) vs runs/search pages (max_results 1000, page_token)
+                        (seconds, one of each per round)
+  submit                4 clients: POST /experiments {"kind": "ufm", "K": 10, "d": 16, "n_per_class":
+                        20} vs POST runs/create (req/s); what they created is deleted afterwards
+  queries               bench/query.py's 10k cases (the comparison issue's queries) against this
+                        nclab API (--repeats timed requests each); no MLflow counterpart
+
+--rows picks rows by name or number (1-8, in the order above), e.g. --rows 1,2,history.
+The table's ratio is nclab's advantage: MLflow's time over nclab's, or nclab's req/s over
+MLflow's (above 1: nclab is better). "met" judges the issue's targets on nclab's figure
+(status poll at 8 clients >= 5x MLflow's req/s and p99 <= 25 ms; at 32 clients req/s not
+below 8 clients' (5% allowed for noise) and p99 <= 100 ms; history p50 <= 2 ms; full scan
+<= 0.5 s; submit >= 3x MLflow's create_run; the queries' own targets). --check exits 1 when
+one is missed; by default the bench prints and exits 0.
+"""
+
+import argparse
+import asyncio
+import json
+import math
+import multiprocessing
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import orjson  # noqa: E402
+import psycopg  # noqa: E402
+
+from bench.query import (  # noqa: E402
+    DATASETS, cases, database_url, drop_database, free_port, prepare, recreate_database, time_case,
+    wait_ready,
+)
+
+MLFLOW_VERSION = "3.17.2"
+PSYCOPG2_VERSION = "2.9.13"
+SCRATCH = ROOT / ".bench"
+MLFLOW_VENV = SCRATCH / "mlflow-venv"
+
+HOST = "127.0.0.1"
+SIZE = 10_000
+NCLAB_DB, MLFLOW_DB = "nclab_bench_api", "nclab_bench_api_mlflow"
+EXPERIMENT, SUBMIT_EXPERIMENT = "nclab-bench", "nclab-bench-submit"
+HISTORY_RUNS = 1_000  # the runs MLflow gets a history for, and the history row's runs on both sides
+FILLED_TAG = "nclab.bench.filled"
+WORKERS = 2
+WARMUP = 1.0
+OVERTIME = 300.0  # seconds past its window a client waits for its first counted operation
+OTHER_LOAD = 20  # % of one core: other processes above this make a row's figures unreliable
+NORMALIZATIONS = ("normalized", "regularized", "none")
+SUBMISSION = {"kind": "ufm", "K": 10, "d": 16, "n_per_class": 20}
+MLFLOW_API = "/api/2.0/mlflow"
+ROWS = ("poll1", "poll8", "poll32", "filter", "history", "scan", "submit", "queries")
+
+
+# The scratch virtualenv with MLflow.
+
+def mlflow_python() -> Path:
+    """The scratch venv's interpreter, with MLflow installed on first use; never .venv."""
+    python = MLFLOW_VENV / "bin" / "python"
+    installed = MLFLOW_VENV / f".installed-mlflow-{MLFLOW_VERSION}"
+    if not installed.exists():
+        print(f"making {MLFLOW_VENV.relative_to(ROOT)} with mlflow=={MLFLOW_VERSION} (first use only)", flush=True)
+        if not python.exists():
+            subprocess.run([sys.executable, "-m", "venv", str(MLFLOW_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        f"mlflow=={MLFLOW_VERSION}", f"psycopg2-binary=={PSYCOPG2_VERSION}"], check=True)
+        installed.touch()
+    return python
+
+
+# The servers.
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    port: int
+    pid: int  # the leader of its process group: the server and every process it started
+    experiment: str | None = None  # MLflow's experiment of the 10k runs
+    submit_experiment: str | None = None
+
+
+@contextmanager
+def started(argv: list[str], env: dict, cwd: Path, log: Path) -> Iterator[subprocess.Popen]:
+    """A server in a process group of its own, stopped (SIGTERM, then SIGKILL) with everything it started."""
+    with log.open("w") as output:
+        process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        yield process
+    except BaseException:
+        print(f"{argv[0]}'s log ends:\n{log.read_text()[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        except ProcessLookupError:
+            pass
+
+
+@contextmanager
+def nclab_server(postgres: str, broker: str, scratch: Path) -> Iterator[Server]:
+    port = free_port()
+    env = {**os.environ, "NCLAB_DATABASE_URL": f"postgresql+psycopg://{postgres}/{NCLAB_DB}",
+           "NCLAB_BROKER_URL": broker, "NCLAB_DATA_DIR": str(scratch / "nclab-data"), "NCLAB_API_KEYS": "",
+           # as bench/query.py: the reconciler runs once at start and re-sends nothing during the bench
+           "NCLAB_RECONCILE_INTERVAL": "86400", "NCLAB_RESEND_AFTER": "1e9"}
+    argv = [sys.executable, "-m", "service.cli", "api", "--host", HOST, "--port", str(port),
+            "--workers", str(WORKERS)]
+    with started(argv, env, ROOT, scratch / "nclab-api.log") as process:
+        url = f"http://{HOST}:{port}"
+        wait_ready(url, process, timeout=120)
+        yield Server("nclab", url, port, process.pid)
+
+
+@contextmanager
+def mlflow_server(postgres: str, scratch: Path) -> Iterator[Server]:
+    port = free_port()
+    python = mlflow_python()
+    argv = [str(python.parent / "mlflow"), "server", "--backend-store-uri", mlflow_store_uri(postgres),
+            "--artifacts-destination", str(scratch / "mlflow-artifacts"), "--workers", str(WORKERS),
+            "--host", HOST, "--port", str(port)]
+    (scratch / "mlflow").mkdir(exist_ok=True)
+    with started(argv, dict(os.environ), scratch / "mlflow", scratch / "mlflow-server.log") as process:
+        url = f"http://{HOST}:{port}"
+        wait_http(f"{url}/health", process, timeout=180)
+        experiments = mlflow_experiments(postgres)
+        yield Server("MLflow", url, port, process.pid, experiments[EXPERIMENT], experiments[SUBMIT_EXPERIMENT])
+
+
+def wait_http(url: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with code {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout} s")
+
+
+# The data: nclab's by bench/query.py's fill; MLflow's copied from it through MLflow's SQL store.
+
+def mlflow_store_uri(postgres: str) -> str:
+    return f"postgresql+psycopg2://{postgres}/{MLFLOW_DB}"  # SQLAlchemy 2.1 reads postgresql:// as psycopg 3
+
+
+def mlflow_experiments(postgres: str) -> dict[str, str]:
+    with psycopg.connect(database_url(postgres, MLFLOW_DB)) as connection:
+        return {name: str(id_) for name, id_ in connection.execute("SELECT name, experiment_id FROM experiments")}
+
+
+def fingerprint(connection: psycopg.Connection, query: str) -> tuple:
+    return connection.execute(query).fetchone()
+
+
+NCLAB_IDS = """SELECT count(*), md5(string_agg(replace(id, '-', ''), ',' ORDER BY replace(id, '-', '') COLLATE "C"))
+               FROM experiments"""
+MLFLOW_IDS = """SELECT count(*), md5(string_agg(run_uuid, ',' ORDER BY run_uuid COLLATE "C")) FROM runs
+                WHERE experiment_id = (SELECT experiment_id FROM experiments WHERE name = %s)
+                AND EXISTS (SELECT 1 FROM experiment_tags WHERE key = %s AND experiment_id = runs.experiment_id)"""
+
+
+def mlflow_filled(postgres: str) -> bool:
+    """Whether MLflow's database holds a completed fill of the runs nclab's database holds."""
+    try:
+        with psycopg.connect(database_url(postgres, MLFLOW_DB)) as connection:
+            mlflow = connection.execute(MLFLOW_IDS, (EXPERIMENT, FILLED_TAG)).fetchone()
+    except psycopg.Error:
+        return False
+    with psycopg.connect(database_url(postgres, NCLAB_DB)) as connection:
+        return fingerprint(connection, NCLAB_IDS) == mlflow
+
+
+def document(value) -> dict | None:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def history_runs(postgres: str) -> list[str]:
+    """The experiments the history row reads: the first HISTORY_RUNS with a history, by id."""
+    with psycopg.connect(database_url(postgres, NCLAB_DB)) as connection:
+        rows = connection.execute("SELECT DISTINCT experiment_id FROM metrics ORDER BY experiment_id LIMIT %s",
+                                  (HISTORY_RUNS,))
+        return [row[0] for row in rows]
+
+
+def millis(moment) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+MLFLOW_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "canceled": "KILLED", "queued": "SCHEDULED",
+                 "running": "RUNNING"}
+
+
+def mlflow_runs(postgres: str, path: Path) -> int:
+    """nclab's experiments as MLflow runs, one JSON line each, for the fill helper."""
+    with_history = set(history_runs(postgres))
+    query = "SELECT id, status, spec, result, tags, owner, name, created_at, finished_at FROM experiments"
+    with psycopg.connect(database_url(postgres, NCLAB_DB)) as connection, path.open("w") as out:
+        histories: dict[str, list] = {}
+        history = connection.execute('SELECT experiment_id, step, recorded_at, "values" FROM metrics'
+                                     " WHERE experiment_id = ANY(%s) ORDER BY experiment_id, step",
+                                     (list(with_history),))
+        for experiment_id, step, recorded_at, values in history:
+            histories.setdefault(experiment_id, []).append((step, millis(recorded_at), document(values)))
+        count = 0
+        for id_, status, spec, result, tags, owner, name, created_at, finished_at in connection.execute(query):
+            spec, result = document(spec), document(result) or {}
+            metrics = {key: float(value) for key, value in result.items()
+                       if isinstance(value, int | float) and value is not None}
+            out.write(json.dumps({
+                "run": id_.replace("-", ""), "name": name or f"{spec['kind']}-{id_[:8]}", "user": owner,
+                "status": MLFLOW_STATUS[status], "start": millis(created_at),
+                "end": millis(finished_at) if finished_at else None,
+                "params": {key: str(value) for key, value in spec.items() if value is not None},
+                "metrics": metrics, "tags": document(tags) or {}, "history": histories.get(id_, []),
+            }) + "\n")
+            count += 1
+    return count
+
+
+# Run by the scratch venv's python: MLflow's schema and experiments by its SQL store, then the
+# runs by COPY into the tables its ORM models name (tables and columns as MLflow defines them).
+MLFLOW_FILL = r'''
+import csv, io, json, sys
+from mlflow.store.tracking.dbmodels.models import (
+    SqlExperimentTag, SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag)
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+uri, path, name, submit_name, filled_tag = sys.argv[1:]
+store = SqlAlchemyStore(uri, "mlflow-artifacts:/")
+experiment = int(store.create_experiment(name))
+store.create_experiment(submit_name)
+pending = {}
+
+def add(model, **row):
+    pending.setdefault(model.__table__.name, []).append(row)
+
+connection = store.engine.raw_connection()
+cursor = connection.cursor()
+
+def flush():
+    for table, rows in pending.items():  # runs first: the others refer to them
+        if rows:
+            text = io.StringIO()
+            csv.writer(text).writerows([list(row.values()) for row in rows])
+            text.seek(0)
+            cursor.copy_expert(f"COPY {table} ({', '.join(rows[0])}) FROM STDIN WITH (FORMAT csv)", text)
+            rows.clear()
+
+count = 0
+for line in open(path):
+    r = json.loads(line)
+    run = r["run"]
+    add(SqlRun, run_uuid=run, name=r["name"], source_type="LOCAL", user_id=r["user"], status=r["status"],
+        start_time=r["start"], end_time=r["end"], lifecycle_stage="active",
+        artifact_uri=f"mlflow-artifacts:/{experiment}/{run}/artifacts", experiment_id=experiment)
+    for key, value in {**r["tags"], "mlflow.user": r["user"], "mlflow.runName": r["name"]}.items():
+        add(SqlTag, key=key, value=value, run_uuid=run)
+    for key, value in r["params"].items():
+        add(SqlParam, key=key, value=value, run_uuid=run)
+    latest = {}
+    for step, timestamp, values in r["history"]:
+        for key, value in values.items():
+            add(SqlMetric, key=key, value=value, timestamp=timestamp, step=step, is_nan=False, run_uuid=run)
+            latest[key] = (value, timestamp, step)
+    final_step = r["history"][-1][0] if r["history"] else 0
+    for key, value in r["metrics"].items():
+        if key not in latest:
+            add(SqlMetric, key=key, value=value, timestamp=r["end"] or r["start"], step=final_step, is_nan=False,
+                run_uuid=run)
+            latest[key] = (value, r["end"] or r["start"], final_step)
+    for key, (value, timestamp, step) in latest.items():
+        add(SqlLatestMetric, key=key, value=value, timestamp=timestamp, step=step, is_nan=False, run_uuid=run)
+    count += 1
+    if count % 1000 == 0:
+        flush()
+add(SqlExperimentTag, key=filled_tag, value=str(count), experiment_id=experiment)
+flush()
+connection.commit()
+print(json.dumps({"runs": count, "experiment": experiment}))
+'''
+
+
+def prepare_mlflow(postgres: str, keep: bool, scratch: Path) -> None:
+    if keep and mlflow_filled(postgres):
+        print(f"{MLFLOW_DB}: reusing ({SIZE:,} runs)", flush=True)
+        return
+    start = time.perf_counter()
+    recreate_database(postgres, MLFLOW_DB)
+    runs = scratch / "mlflow-runs.jsonl"
+    count = mlflow_runs(postgres, runs)
+    exported = time.perf_counter()
+    subprocess.run([str(mlflow_python()), "-c", MLFLOW_FILL, mlflow_store_uri(postgres), str(runs), EXPERIMENT,
+                    SUBMIT_EXPERIMENT, FILLED_TAG], check=True, cwd=scratch, stdout=subprocess.DEVNULL)
+    runs.unlink()
+    with psycopg.connect(database_url(postgres, MLFLOW_DB), autocommit=True) as connection:
+        connection.execute("VACUUM ANALYZE")
+        metrics = connection.execute("SELECT count(*) FROM metrics").fetchone()[0]
+    print(f"{MLFLOW_DB}: filled {count:,} runs and {metrics:,} metric rows through MLflow's SQL store in "
+          f"{time.perf_counter() - start:.1f} s (export from nclab {exported - start:.1f} s)", flush=True)
+
+
+# The load generator.
+
+def request(server: Server, method: str, path: str, body=None) -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: {HOST}:{server.port}\r\nAccept: application/json\r\n"
+    if body is None:
+        return f"{head}\r\n".encode()
+    data = json.dumps(body).encode()
+    return f"{head}Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data
+
+
+async def response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+    """(status, body, whether the server closes the connection) of one HTTP/1.1 response."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    headers = head.lower()
+    closes = b"\r\nconnection: close" in headers
+    at = headers.find(b"\r\ncontent-length:")
+    if at >= 0:
+        body = await reader.readexactly(int(headers[at + 17:headers.index(b"\r\n", at + 2)]))
+    elif b"\r\ntransfer-encoding: chunked" in headers:
+        chunks = []
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            chunks.append((await reader.readexactly(size + 2))[:-2])
+        await reader.readuntil(b"\r\n")  # no trailers
+        body = b"".join(chunks)
+    else:
+        body, closes = await reader.read(), True
+    return int(head[9:12]), body, closes
+
+
+@dataclass
+class Window:
+    begin: float  # perf_counter: the clients start
+    start: float  # the counted window
+    end: float
+
+
+@dataclass
+class Tally:
+    latencies: array = field(default_factory=lambda: array("d"))
+    errors: int = 0
+    error: str = ""
+    last: float = 0.0  # seconds from the window's start to the last recorded operation's end
+
+    def fail(self, what: str) -> None:
+        self.errors += 1
+        self.error = self.error or what[:300]
+
+
+async def client(port: int, ops: list[tuple[bytes, ...]], first: int, window: Window, tally: Tally) -> None:
+    """Operations (requests in sequence on one kept-alive connection) from ops[first] on, until the window ends."""
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return reader, writer
+
+    reader, writer = await connect()
+    await asyncio.sleep(window.begin - time.perf_counter())
+    index, recorded = first, 0
+    # Until the window ends, and at least one operation begun in it (slow ones can outlast a short window).
+    while (began := time.perf_counter()) < window.end or (not recorded and began < window.end + OVERTIME):
+        op = ops[index % len(ops)]
+        index += 1
+        try:
+            for message in op:
+                if writer is None:
+                    reader, writer = await connect()
+                writer.write(message)
+                status, body, closes = await response(reader)
+                if not 200 <= status < 300:
+                    tally.fail(f"HTTP {status}: {body[:200]!r}")
+                if closes:
+                    writer.close()
+                    writer = None
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            tally.fail(f"{type(exc).__name__}: {exc}")
+            writer = None
+            continue
+        finished = time.perf_counter()
+        if began >= window.start:
+            tally.latencies.append(finished - began)
+            tally.last = max(tally.last, finished - window.start)
+            recorded += 1
+    if writer is not None:
+        writer.close()
+
+
+async def generate(port: int, ops: list, clients: int, first: int, window: Window) -> tuple[Tally, float]:
+    tally = Tally()
+    cpu = []
+
+    async def meter() -> None:
+        await asyncio.sleep(window.start - time.perf_counter())
+        cpu.append(time.process_time())
+        await asyncio.sleep(window.end - time.perf_counter())
+        cpu.append(time.process_time())
+
+    await asyncio.gather(meter(), *(client(port, ops, first + 7919 * i, window, tally) for i in range(clients)))
+    return tally, cpu[1] - cpu[0]
+
+
+def generator_process(pipe, port: int, ops: list, clients: int, first: int, begin: float, warmup: float,
+                      seconds: float) -> None:
+    """One process of the generator: ``clients`` connections from wall-clock time ``begin`` on."""
+    offset = time.perf_counter() - time.time()
+    window = Window(begin + offset, begin + offset + warmup, begin + offset + warmup + seconds)
+    try:
+        import uvloop
+        tally, cpu = uvloop.run(generate(port, ops, clients, first, window))
+    except ImportError:
+        tally, cpu = asyncio.run(generate(port, ops, clients, first, window))
+    pipe.send((tally.latencies.tobytes(), tally.errors, tally.error, tally.last, cpu))
+    pipe.close()
+
+
+def cpu_ticks(server_group: int) -> tuple[float, float, float]:
+    """Seconds of CPU so far: the server's process group, every postgres process, and the whole machine (busy)."""
+    server = postgres = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        comm, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        ticks = int(fields[11]) + int(fields[12])
+        if int(fields[2]) == server_group:
+            server += ticks
+        elif comm.startswith("postgres"):
+            postgres += ticks
+    total = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(total) - total[3] - total[4]
+    hz = os.sysconf("SC_CLK_TCK")
+    return server / hz, postgres / hz, busy / hz
+
+
+@dataclass
+class Load:
+    rate: float  # completed operations per second
+    p50: float  # milliseconds
+    p95: float
+    p99: float
+    errors: int
+    cpu: str = ""  # client, server, postgres, other processes: % of one core; machine: % busy
+    other: float = 0.0  # % of one core that other processes used meanwhile
+
+
+def load(server: Server, ops: list[tuple[bytes, ...]], clients: int, seconds: float, processes: int,
+         required: bool = True) -> Load:
+    """Run ``clients`` kept-alive clients over ``processes`` forked processes for WARMUP + seconds."""
+    processes = min(processes, clients)
+    context = multiprocessing.get_context("fork")
+    begin = time.time() + 0.3 + 0.05 * clients  # time to fork and connect
+    first = random.randrange(len(ops))
+    workers = []
+    for p in range(processes):
+        parent, child = context.Pipe(duplex=False)
+        share = clients // processes + (p < clients % processes)
+        process = context.Process(target=generator_process, daemon=True,
+                                  args=(child, server.port, ops, share, first + 104_729 * p, begin, WARMUP, seconds))
+        process.start()
+        child.close()
+        workers.append((process, parent))
+    time.sleep(max(0.0, begin + WARMUP - time.time()))
+    before = cpu_ticks(server.pid)
+    time.sleep(max(0.0, begin + WARMUP + seconds - time.time()))
+    after = cpu_ticks(server.pid)
+    latencies, errors, error, client_cpu, elapsed = array("d"), 0, "", 0.0, seconds
+    for process, pipe in workers:
+        if not pipe.poll(OVERTIME + 30):
+            raise RuntimeError(f"a load generator process did not report in time ({server.name})")
+        data, failed, failure, last, cpu = pipe.recv()
+        process.join()
+        latencies.frombytes(data)
+        errors, error, client_cpu, elapsed = errors + failed, error or failure, client_cpu + cpu, max(elapsed, last)
+    if error:
+        print(f"    {server.name}: {errors} failed requests, e.g. {error}", flush=True)
+    if not latencies and required:
+        raise RuntimeError(f"{server.name}: no request completed in the window")
+    ordered = sorted(latencies)
+
+    def quantile(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else math.nan
+
+    server_cpu, postgres_cpu, busy = [(b - a) / seconds * 100 for a, b in zip(before, after)]
+    client_cpu = client_cpu / seconds * 100
+    other = max(0.0, busy - server_cpu - postgres_cpu - client_cpu)
+    cpu = (f"cpu: client {client_cpu:.0f}%, server {server_cpu:.0f}%, postgres {postgres_cpu:.0f}%, "
+           f"other {other:.0f}%; machine {busy / os.cpu_count():.0f}% busy")
+    return Load(len(ordered) / elapsed, quantile(0.5), quantile(0.95), quantile(0.99), errors, cpu, other)
+
+
+# The rows.
+
+@dataclass
+class Line:
+    row: str
+    measure: str
+    nclab: float | None
+    mlflow: float | None = None
+    better: str = "lower"  # or "higher": which way nclab's figure is better, for the ratio
+    target: str = "-"
+    met: bool | None = None
+    unit: str = ""
+
+    def ratio(self) -> str:
+        if not self.nclab or not self.mlflow:
+            return "-"
+        return f"{(self.mlflow / self.nclab if self.better == 'lower' else self.nclab / self.mlflow):.2f}x"
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    nclab: Server
+    mlflow: Server
+    ids: list[str]  # nclab ids of finished experiments, shuffled; MLflow's run id is the same without dashes
+    history: dict[str, list[str]]  # history run -> its history keys
+    lines: list[Line] = field(default_factory=list)
+    rates: dict[str, dict[str, float]] = field(default_factory=dict)
+    other: dict[str, float] = field(default_factory=dict)  # row -> the most CPU other processes took meanwhile
+
+
+def run_id(experiment_id: str) -> str:
+    return experiment_id.replace("-", "")
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def alternate(context: Context, label: str, nclab: Callable[[], Load], mlflow: Callable[[], Load]
+              ) -> tuple[Load, Load]:
+    """Both measurements, nclab then MLflow, for --rounds rounds; each figure the median of the rounds."""
+    results: dict[str, list[Load]] = {"nclab": [], "MLflow": []}
+    for round_ in range(context.args.rounds):
+        for name, measure in (("nclab", nclab), ("MLflow", mlflow)):
+            result = measure()
+            results[name].append(result)
+            print(f"  {label:<28} round {round_ + 1} {name:<6} {result.rate:9.1f}/s  p50 {result.p50:8.2f} ms  "
+                  f"p95 {result.p95:8.2f}  p99 {result.p99:8.2f}  errors {result.errors}  {result.cpu}", flush=True)
+    context.other[label] = max([context.other.get(label, 0.0), *(r.other for rs in results.values() for r in rs)])
+    return tuple(Load(median([r.rate for r in rs]), median([r.p50 for r in rs]), median([r.p95 for r in rs]),
+                      median([r.p99 for r in rs]), sum(r.errors for r in rs)) for rs in results.values())
+
+
+def warm_up(context: Context) -> None:
+    """Unrecorded: 8 clients on each server for 5 s, so that every worker has connected and loaded what it
+    loads lazily (MLflow's first requests take seconds)."""
+    args = context.args
+    for server, path in ((context.nclab, "/experiments/{}"), (context.mlflow, f"{MLFLOW_API}/runs/get?run_id={{}}")):
+        ops = [(request(server, "GET", path.format(id_ if server is context.nclab else run_id(id_))),)
+               for id_ in context.ids[:1000]]
+        result = load(server, ops, 8, 5.0, args.loadgen_processes, required=False)
+        print(f"  warm-up {server.name:<6} {result.rate:9.1f}/s  p50 {result.p50:8.2f} ms  {result.cpu}", flush=True)
+
+
+def poll(context: Context, clients: int) -> None:
+    args, row = context.args, f"status poll, {clients} client{'s' if clients > 1 else ''}"
+    nclab_ops = [(request(context.nclab, "GET", f"/experiments/{id_}"),) for id_ in context.ids]
+    mlflow_ops = [(request(context.mlflow, "GET", f"{MLFLOW_API}/runs/get?run_id={run_id(id_)}"),)
+                  for id_ in context.ids]
+    ours, theirs = alternate(context, row,
+                             lambda: load(context.nclab, nclab_ops, clients, args.seconds, args.loadgen_processes),
+                             lambda: load(context.mlflow, mlflow_ops, clients, args.seconds, args.loadgen_processes))
+    context.rates[row] = {"nclab": ours.rate, "MLflow": theirs.rate}
+    targets = {8: (5.0, 25.0), 32: (None, 100.0)}
+    ratio_target, p99_target = targets.get(clients, (None, None))
+    rate = Line(row, "req/s", ours.rate, theirs.rate, "higher")
+    if ratio_target:
+        rate.target, rate.met = f">= {ratio_target:g}x MLflow", ours.rate >= ratio_target * theirs.rate
+    context.lines += [rate, Line(row, "p50 ms", ours.p50, theirs.p50)]
+    p99 = Line(row, "p99 ms", ours.p99, theirs.p99)
+    if p99_target:
+        p99.target, p99.met = f"<= {p99_target:g} ms", ours.p99 <= p99_target
+    context.lines.append(p99)
+    eight = context.rates.get("status poll, 8 clients")
+    if clients == 32 and eight:
+        context.lines.append(Line(row, "req/s over 8 clients'", ours.rate / eight["nclab"],
+                                  theirs.rate / eight["MLflow"], "higher", ">= 1 (0.95 for noise)",
+                                  ours.rate >= 0.95 * eight["nclab"], unit="x"))
+
+
+def filtered(context: Context) -> None:
+    args, row = context.args, "filtered top-100, 1 client"
+    pairs = [(d, n) for d in DATASETS for n in NORMALIZATIONS]
+    nclab_ops = [(request(context.nclab, "GET", "/experiments?" + str(httpx.QueryParams(
+        {"where": f"spec.dataset = '{d}' and spec.normalization = '{n}'", "limit": 100}))),) for d, n in pairs]
+    mlflow_ops = [(request(context.mlflow, "POST", f"{MLFLOW_API}/runs/search", {
+        "experiment_ids": [context.mlflow.experiment], "max_results": 100,
+        "filter": f"params.dataset = '{d}' and params.normalization = '{n}'"}),) for d, n in pairs]
+    ours, theirs = alternate(context, row, lambda: load(context.nclab, nclab_ops, 1, args.seconds, 1),
+                             lambda: load(context.mlflow, mlflow_ops, 1, args.seconds, 1))
+    context.lines += [Line(row, "p50 ms", ours.p50, theirs.p50), Line(row, "p95 ms", ours.p95, theirs.p95)]
+
+
+def history(context: Context) -> None:
+    args, row = context.args, "metric history, all keys x 100 steps"
+    runs = list(context.history)
+    random.Random(1).shuffle(runs)
+    nclab_ops = [(request(context.nclab, "GET", f"/experiments/{id_}/metrics"),) for id_ in runs]
+    mlflow_all = [tuple(request(context.mlflow, "GET", f"{MLFLOW_API}/metrics/get-history?run_id={run_id(id_)}"
+                                                       f"&metric_key={key}") for key in context.history[id_])
+                  for id_ in runs]
+    mlflow_one = [(op[i % len(op)],) for i, op in enumerate(mlflow_all)]
+    ours, theirs = alternate(context, row, lambda: load(context.nclab, nclab_ops, 1, args.seconds, 1),
+                             lambda: load(context.mlflow, mlflow_all, 1, args.seconds, 1))
+    _, one = alternate(context, "metric history, one key", lambda: load(context.nclab, nclab_ops, 1, args.seconds, 1),
+                       lambda: load(context.mlflow, mlflow_one, 1, args.seconds, 1))
+    keys = median([len(keys) for keys in context.history.values()])
+    context.lines += [
+        Line(row, f"p50 ms (MLflow: {keys:g} requests)", ours.p50, theirs.p50, target="<= 2 ms", met=ours.p50 <= 2),
+        Line(row, "p95 ms", ours.p95, theirs.p95),
+        Line("metric history, MLflow one key", "p50 ms", ours.p50, one.p50),
+    ]
+
+
+def scan_csv(client: httpx.Client) -> tuple[float, int]:
+    start, rows = time.perf_counter(), -1  # the header is not a row
+    with client.stream("GET", "/experiments", params={"format": "csv"}) as answer:
+        answer.raise_for_status()
+        for chunk in answer.iter_bytes():
+            rows += chunk.count(b"\n")
+    return time.perf_counter() - start, rows
+
+
+def scan_pages(client: httpx.Client) -> tuple[float, int]:
+    start, rows, cursor = time.perf_counter(), 0, None
+    while True:
+        answer = client.get("/experiments", params={"limit": 500, **({"cursor": cursor} if cursor else {})})
+        answer.raise_for_status()
+        page = orjson.loads(answer.content)
+        rows += len(page["items"])
+        if not (cursor := page.get("next_cursor")):
+            return time.perf_counter() - start, rows
+
+
+def scan_mlflow(client: httpx.Client, experiment: str) -> tuple[float, int]:
+    start, rows, token = time.perf_counter(), 0, None
+    while True:
+        body = {"experiment_ids": [experiment], "max_results": 1000, **({"page_token": token} if token else {})}
+        answer = client.post(f"{MLFLOW_API}/runs/search", json=body)
+        answer.raise_for_status()
+        page = orjson.loads(answer.content)
+        rows += len(page.get("runs", []))
+        if not (token := page.get("next_page_token")):
+            return time.perf_counter() - start, rows
+
+
+def scan(context: Context) -> None:
+    row = "full scan of 10k"
+    timings: dict[str, list[float]] = {"csv": [], "pages": [], "MLflow": []}
+    with httpx.Client(base_url=context.nclab.url, timeout=600) as ours, \
+            httpx.Client(base_url=context.mlflow.url, timeout=600) as theirs:
+        for round_ in range(context.args.rounds):
+            for name, scanning in (("csv", lambda: scan_csv(ours)), ("pages", lambda: scan_pages(ours)),
+                                   ("MLflow", lambda: scan_mlflow(theirs, context.mlflow.experiment))):
+                seconds, rows = scanning()
+                timings[name].append(seconds)
+                warning = "" if rows == SIZE else f"  (expected {SIZE:,} rows!)"
+                print(f"  {row:<28} round {round_ + 1} {name:<6} {seconds:9.3f} s  {rows:,} rows{warning}", flush=True)
+    mlflow = median(timings["MLflow"])
+    for name, measure in (("csv", "s, nclab CSV (streamed) vs MLflow pages"),
+                          ("pages", "s, nclab JSON pages of 500 vs MLflow's of 1000")):
+        seconds = median(timings[name])
+        context.lines.append(Line(row, measure, seconds, mlflow, target="<= 0.5 s", met=seconds <= 0.5))
+
+
+def submit(context: Context, postgres: str) -> None:
+    args, row = context.args, "submit, 4 clients"
+    with psycopg.connect(database_url(postgres, NCLAB_DB)) as connection:
+        since = connection.execute("SELECT now()").fetchone()[0]
+    nclab_ops = [(request(context.nclab, "POST", "/experiments", SUBMISSION),)]
+    create = {"experiment_id": context.mlflow.submit_experiment, "start_time": int(time.time() * 1000)}
+    mlflow_ops = [(request(context.mlflow, "POST", f"{MLFLOW_API}/runs/create", create),)]
+    try:
+        ours, theirs = alternate(context, row, lambda: load(context.nclab, nclab_ops, 4, args.seconds,
+                                                            args.loadgen_processes),
+                                 lambda: load(context.mlflow, mlflow_ops, 4, args.seconds, args.loadgen_processes))
+    finally:
+        forget_submissions(postgres, since, context.mlflow.submit_experiment)
+    context.lines += [Line(row, "req/s (MLflow: create_run)", ours.rate, theirs.rate, "higher", ">= 3x MLflow",
+                           ours.rate >= 3 * theirs.rate),
+                      Line(row, "p50 ms", ours.p50, theirs.p50), Line(row, "p99 ms", ours.p99, theirs.p99)]
+
+
+def forget_submissions(postgres: str, since, submit_experiment: str) -> None:
+    """Delete what the submit row created, so that the databases hold the fill again (--keep reuses them)."""
+    with psycopg.connect(database_url(postgres, NCLAB_DB)) as connection:
+        connection.execute("DELETE FROM experiments WHERE created_at >= %s", (since,))
+    with psycopg.connect(database_url(postgres, MLFLOW_DB)) as connection:
+        runs = "SELECT run_uuid FROM runs WHERE experiment_id = %s"
+        for table in ("tags", "params", "latest_metrics", "metrics"):
+            connection.execute(f"DELETE FROM {table} WHERE run_uuid IN ({runs})", (int(submit_experiment),))
+        connection.execute("DELETE FROM runs WHERE experiment_id = %s", (int(submit_experiment),))
+
+
+def queries(context: Context) -> None:
+    """bench/query.py's 10k cases against this bench's nclab API, with their own targets."""
+    with httpx.Client(base_url=context.nclab.url, timeout=120) as client:
+        timings = [time_case(client, case, context.args.repeats) for case in cases("10k")]
+    by_label = {t.case.label.split(":")[0]: t for t in timings}
+    for t in timings:
+        target, base = t.case.target, by_label.get(t.case.compare_with)
+        label = t.case.label.split(":")[0]
+        print(f"  {'queries: ' + label:<28} p50 {t.p50:8.2f} ms  p95 {t.p95:8.2f}  matches {t.matches:,}", flush=True)
+        context.lines += [Line(f"query: {t.case.label}", "p50 ms", t.p50, target=str(target) if target else "-",
+                               met=target.met(t.p50, t.p95) if target else None),
+                          Line(f"query: {label}", "p95 ms", t.p95)]
+        if base:
+            context.lines.append(Line(f"query: {label}", f"p50 over {t.case.compare_with}'s", t.p50 / base.p50,
+                                      unit="x"))
+
+
+# The table.
+
+def number(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if unit == "x":
+        return f"{value:.2f}x"
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.3g}" if value < 10 else f"{value:.1f}"
+
+
+def table(lines: list[Line]) -> None:
+    header = f"{'row':<50} {'measure':<40} {'nclab':>9} {'MLflow':>9} {'ratio':>8}  {'target':<22} met"
+    print(f"\n{header}\n{'-' * len(header)}")
+    for line in lines:
+        met = "-" if line.met is None else ("yes" if line.met else "NO")
+        ratio = "-" if line.unit == "x" else line.ratio()
+        print(f"{line.row[:50]:<50} {line.measure[:40]:<40} {number(line.nclab, line.unit):>9} "
+              f"{number(line.mlflow, line.unit):>9} {ratio:>8}  {line.target:<22} {met}")
+
+
+def chosen_rows(text: str) -> list[str]:
+    rows = []
+    for item in (part.strip().lower() for part in text.split(",") if part.strip()):
+        name = ROWS[int(item) - 1] if item.isdigit() and 1 <= int(item) <= len(ROWS) else item
+        if name not in ROWS:
+            raise ValueError(f"unknown row {item!r}: rows are {', '.join(ROWS)} (or 1-{len(ROWS)})")
+        rows.append(name)
+    return [row for row in ROWS if row in rows]  # in the table's order; submit runs after the reads
+
+
+def ids_and_history(postgres: str) -> tuple[list[str], dict[str, list[str]]]:
+    with psycopg.connect(database_url(postgres, NCLAB_DB)) as connection:
+        ids = [row[0] for row in connection.execute("SELECT id FROM experiments WHERE status = 'succeeded'")]
+        runs = history_runs(postgres)
+        first = connection.execute('SELECT experiment_id, "values" FROM metrics WHERE step = 0'
+                                   " AND experiment_id = ANY(%s)", (runs,))
+        keys = {experiment_id: sorted(document(values)) for experiment_id, values in first}
+    random.Random(0).shuffle(ids)
+    return ids, keys
+
+
+def flush_broker(broker: str) -> None:
+    import redis
+
+    redis.Redis.from_url(broker).flushdb()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--postgres", default="postgres@127.0.0.1:5432", help="user@host:port")
+    parser.add_argument("--broker", default="redis://127.0.0.1:6379/13",
+                        help="the bench's own Redis database (flushed at the end when the submit row ran)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per row; figures are their median")
+    parser.add_argument("--seconds", type=float, default=5.0, help="counted seconds of each measurement")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)} or 1-8")
+    parser.add_argument("--repeats", type=int, default=50, help="timed requests per case of the queries row")
+    parser.add_argument("--loadgen-processes", type=int, default=2, help="processes of the load generator")
+    parser.add_argument("--keep", action="store_true", help="reuse filled databases and keep them at the end")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    args = parser.parse_args()
+    try:
+        rows = chosen_rows(args.rows)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.rounds < 1 or args.seconds <= 0 or args.repeats < 2 or args.loadgen_processes < 1:
+        parser.error("rounds and loadgen processes at least 1, seconds above 0, repeats at least 2")
+
+    started_at = time.perf_counter()
+    python = mlflow_python()
+    version = subprocess.run([str(python), "-c", "import mlflow; print(mlflow.__version__)"], check=True,
+                             capture_output=True, text=True).stdout.strip()
+    print(f"MLflow {version} ({python.relative_to(ROOT)}); rows: {', '.join(rows)}; {args.rounds} rounds of "
+          f"{args.seconds:g} s; load generator: {args.loadgen_processes} processes", flush=True)
+    lines: list[Line] = []
+    other: dict[str, float] = {}
+    SCRATCH.mkdir(exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="api-", dir=SCRATCH) as directory, ExitStack() as stack:
+            scratch = Path(directory)
+            prepare(args.postgres, NCLAB_DB, SIZE, args.keep)
+            prepare_mlflow(args.postgres, args.keep, scratch)
+            nclab = stack.enter_context(nclab_server(args.postgres, args.broker, scratch))
+            mlflow = stack.enter_context(mlflow_server(args.postgres, scratch))
+            ids, keys = ids_and_history(args.postgres)
+            context = Context(args, nclab, mlflow, ids, keys, lines, other=other)
+            print(f"nclab {nclab.url} (pid {nclab.pid}), MLflow {mlflow.url} (pid {mlflow.pid})", flush=True)
+            warm_up(context)
+            for row in rows:
+                print(f"{row}:", flush=True)
+                if row.startswith("poll"):
+                    poll(context, int(row.removeprefix("poll")))
+                else:
+                    {"filter": filtered, "history": history, "scan": scan, "queries": queries,
+                     "submit": lambda c: submit(c, args.postgres)}[row](context)
+    finally:
+        if "submit" in rows:
+            flush_broker(args.broker)
+        if not args.keep:
+            for name in (NCLAB_DB, MLFLOW_DB):
+                drop_database(args.postgres, name)
+    table(lines)
+    busy = [f"{row} ({cpu:.0f}%)" for row, cpu in other.items() if cpu > OTHER_LOAD]
+    if busy:
+        print(f"\nother processes took more than {OTHER_LOAD}% of a core during: {', '.join(busy)}; "
+              "those figures are unreliable (a quiet machine gives the comparable ones)")
+    missed = [line for line in lines if line.met is False]
+    print(f"\n{len(lines) and sum(line.met is True for line in lines)} targets met, {len(missed)} missed; "
+          f"bench took {time.perf_counter() - started_at:.0f} s")
+    return 1 if args.check and missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
