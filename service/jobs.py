@@ -260,7 +260,11 @@ def reconcile(session: Session, settings: Settings, enqueue: Callable[[str], Non
     for experiment_id, status, attempt, silent_for in moves:
         log_transition(experiment_id, "running", status, attempt=attempt, reason=f"no heartbeat for {silent_for:.0f} s")
 
-    queued = session.scalars(select(Experiment).where(Experiment.status == "queued")).all()
+    # Only the jobs whose shortest possible delay has passed: a long queue is not read every round.
+    due = Experiment.sent_at.is_(None) | (Experiment.sent_at < now - _resend_delay(settings, 0))
+    queued = session.execute(
+        select(Experiment.id, Experiment.sent_at, Experiment.send_count).where(Experiment.status == "queued", due)
+    ).all()
     for job in queued:
         if job.sent_at is not None and now - job.sent_at < _resend_delay(settings, job.send_count):
             continue
