@@ -41,16 +41,20 @@ def submit(submission: Annotated[Submission, Body()], session: SessionDep, owner
     labelled = submission if isinstance(submission, LabelledSubmission) else LabelledSubmission(spec=submission)
     spec = labelled.spec.model_dump(mode="json")
 
+    created: list[Experiment] = []
+
     def create(key) -> str:
-        return jobs.create(session, spec, owner=owner, name=labelled.name, tags=labelled.tags,
-                           idempotency_key=key).id
+        created.append(jobs.create(session, spec, owner=owner, name=labelled.name, tags=labelled.tags,
+                                   idempotency_key=key))
+        return created[0].id
 
     experiment_id, new = create_once(session, owner, idempotency_key, "/experiments",
                                      labelled.model_dump(mode="json"), create, response)
     if new:
         jobs.send(session, experiment_id, enqueue)
     response.headers["Location"] = f"/experiments/{experiment_id}"
-    return _get_or_404(session, experiment_id)  # a new one is still in the session: no query
+    # A new experiment is answered as it was stored; a replay as it is now.
+    return created[0] if new else _get_or_404(session, experiment_id)
 
 
 @router.get("/{experiment_id}", response_model=ExperimentOut, responses=NOT_FOUND)
