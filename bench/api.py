@@ -11,10 +11,13 @@ database, flushed at the end when the submit row ran). No worker: submitted expe
 stay queued.
 
 MLflow lives in a scratch virtualenv that the bench makes on first use,
-``.bench/mlflow-venv`` (``mlflow==MLFLOW_VERSION`` and psycopg2-binary, from PyPI; never
-in .venv). Both servers start on free ports with 2 worker processes each: ``nclab api
+``.bench/mlflow-venv`` (gitignored; ``mlflow==MLFLOW_VERSION`` and psycopg2-binary from
+PyPI, about a minute; never in .venv). Both servers start on free ports with 2 worker
+processes each, their logs and data in a temporary ``.bench/api-*`` folder: ``nclab api
 --workers 2`` and ``mlflow server --workers 2`` (uvicorn, MLflow's default server, with
-its default security middleware and access log), each on a PostgreSQL database of its own:
+its default security middleware and access log, like nclab's; the store URI says
+postgresql+psycopg2, as SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3), each on
+a PostgreSQL database of its own:
 
 - ``nclab_bench_api``: bench/query.py's 10k fill (every experiment succeeded, with a
   complete spec and result and a 100-step history);
@@ -22,7 +25,7 @@ its default security middleware and access log), each on a PostgreSQL database o
   experiment's id without dashes) in one experiment: FINISHED, a param per spec field,
   the result's numeric keys as metrics, the tags (plus mlflow.user and mlflow.runName);
   for 1,000 of them (the history row's runs) the same 100-step history, one metric row per
-  key and step (~19 keys). It is written through MLflow's own SQL store: a helper run by the
+  key and step (~20 keys). It is written through MLflow's own SQL store: a helper run by the
   scratch venv's python creates the schema and the experiments with SqlAlchemyStore and
   COPYs the rows into its tables (named by MLflow's ORM models), then VACUUM ANALYZE, as
   nclab's fill does; about a minute, where logging them over REST takes many.
@@ -33,12 +36,18 @@ at the end; by default they are dropped.
 
 The load generator, the same for both servers: --loadgen-processes forked processes, each
 running its share of the clients over asyncio (uvloop) on raw kept-alive HTTP/1.1
-connections (TCP_NODELAY); a client sends one request, reads the whole response, sends the
-next. Each measurement warms up for 1 s, then counts --seconds seconds: req/s is completed
+connections (TCP_NODELAY), opened 10 ms apart (a burst of connects can all land on one
+server worker); a client sends one request, reads the whole response, sends the next.
+Each measurement warms up for 1 s, then counts --seconds seconds: req/s is completed
 requests (or operations) begun in that window over its length, p50/p99 their latencies (a
-client whose operation outlasts the window goes on until one begun in it has completed). Its own
-CPU use is printed with each measurement (cpu: client/server/postgres, % of one core, and
-the machine's busy %), to tell a saturated client from a saturated server.
+client whose operation outlasts the window goes on until one begun in it has completed).
+Each measurement prints the CPU that the generator (client), the server's processes (and
+its two busiest: its workers, which show how the connections were spread over them),
+PostgreSQL's and all other processes took, in % of one core, and the machine's busy %: to
+tell a saturated client from a saturated server, and a busy machine from a quiet one (rows
+during which other processes took over 20% of a core are named under the table: their
+figures are unreliable). Before the rows, each server gets 5 unrecorded seconds of 8
+clients, and one request of each kind checks that both hold the same data.
 
 Every row alternates nclab, MLflow, nclab, MLflow ... for --rounds rounds and reports the
 median of the rounds:
@@ -88,6 +97,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -114,6 +124,7 @@ HISTORY_RUNS = 1_000  # the runs MLflow gets a history for, and the history row'
 FILLED_TAG = "nclab.bench.filled"
 WORKERS = 2
 WARMUP = 1.0
+CONNECT_SPACING = 0.01  # seconds between the clients' connects
 OVERTIME = 300.0  # seconds past its window a client waits for its first counted operation
 OTHER_LOAD = 20  # % of one core: other processes above this make a row's figures unreliable
 NORMALIZATIONS = ("normalized", "regularized", "none")
@@ -130,11 +141,13 @@ def mlflow_python() -> Path:
     installed = MLFLOW_VENV / f".installed-mlflow-{MLFLOW_VERSION}"
     if not installed.exists():
         print(f"making {MLFLOW_VENV.relative_to(ROOT)} with mlflow=={MLFLOW_VERSION} (first use only)", flush=True)
+        start = time.perf_counter()
         if not python.exists():
             subprocess.run([sys.executable, "-m", "venv", str(MLFLOW_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+        subprocess.run([str(python), "-m", "pip", "install", "-qq", "--disable-pip-version-check",
                         f"mlflow=={MLFLOW_VERSION}", f"psycopg2-binary=={PSYCOPG2_VERSION}"], check=True)
         installed.touch()
+        print(f"made {MLFLOW_VENV.relative_to(ROOT)} in {time.perf_counter() - start:.0f} s", flush=True)
     return python
 
 
@@ -170,6 +183,11 @@ def started(argv: list[str], env: dict, cwd: Path, log: Path) -> Iterator[subpro
             process.wait()
         except ProcessLookupError:
             pass
+        errors = [line for line in log.read_text(errors="replace").splitlines()
+                  if "Traceback" in line or " ERROR" in line or line.startswith("ERROR")]
+        if errors:
+            print(f"{' '.join(argv[1:4])}: {len(errors)} error lines in its log, the first: {errors[0][:300]}",
+                  file=sys.stderr)
 
 
 @contextmanager
@@ -227,10 +245,6 @@ def mlflow_experiments(postgres: str) -> dict[str, str]:
         return {name: str(id_) for name, id_ in connection.execute("SELECT name, experiment_id FROM experiments")}
 
 
-def fingerprint(connection: psycopg.Connection, query: str) -> tuple:
-    return connection.execute(query).fetchone()
-
-
 NCLAB_IDS = """SELECT count(*), md5(string_agg(replace(id, '-', ''), ',' ORDER BY replace(id, '-', '') COLLATE "C"))
                FROM experiments"""
 MLFLOW_IDS = """SELECT count(*), md5(string_agg(run_uuid, ',' ORDER BY run_uuid COLLATE "C")) FROM runs
@@ -246,7 +260,7 @@ def mlflow_filled(postgres: str) -> bool:
     except psycopg.Error:
         return False
     with psycopg.connect(database_url(postgres, NCLAB_DB)) as connection:
-        return fingerprint(connection, NCLAB_IDS) == mlflow
+        return connection.execute(NCLAB_IDS).fetchone() == mlflow
 
 
 def document(value) -> dict | None:
@@ -426,13 +440,16 @@ class Tally:
         self.error = self.error or what[:300]
 
 
-async def client(port: int, ops: list[tuple[bytes, ...]], first: int, window: Window, tally: Tally) -> None:
-    """Operations (requests in sequence on one kept-alive connection) from ops[first] on, until the window ends."""
+async def client(port: int, ops: list[tuple[bytes, ...]], first: int, delay: float, window: Window,
+                 tally: Tally) -> None:
+    """Operations (requests in sequence on one kept-alive connection) from ops[first] on, until the window ends;
+    it connects ``delay`` seconds after the process started."""
     async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await asyncio.open_connection(HOST, port)
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return reader, writer
 
+    await asyncio.sleep(delay)
     reader, writer = await connect()
     await asyncio.sleep(window.begin - time.perf_counter())
     index, recorded = first, 0
@@ -464,7 +481,7 @@ async def client(port: int, ops: list[tuple[bytes, ...]], first: int, window: Wi
         writer.close()
 
 
-async def generate(port: int, ops: list, clients: int, first: int, window: Window) -> tuple[Tally, float]:
+async def generate(port: int, ops: list, delays: list[float], first: int, window: Window) -> tuple[Tally, float]:
     tally = Tally()
     cpu = []
 
@@ -474,27 +491,29 @@ async def generate(port: int, ops: list, clients: int, first: int, window: Windo
         await asyncio.sleep(window.end - time.perf_counter())
         cpu.append(time.process_time())
 
-    await asyncio.gather(meter(), *(client(port, ops, first + 7919 * i, window, tally) for i in range(clients)))
+    await asyncio.gather(meter(), *(client(port, ops, first + 7919 * i, delay, window, tally)
+                                    for i, delay in enumerate(delays)))
     return tally, cpu[1] - cpu[0]
 
 
-def generator_process(pipe, port: int, ops: list, clients: int, first: int, begin: float, warmup: float,
+def generator_process(pipe, port: int, ops: list, delays: list[float], first: int, begin: float, warmup: float,
                       seconds: float) -> None:
-    """One process of the generator: ``clients`` connections from wall-clock time ``begin`` on."""
+    """One process of the generator: a client per delay, each connecting that long after the start, all sending
+    from wall-clock time ``begin`` on."""
     offset = time.perf_counter() - time.time()
     window = Window(begin + offset, begin + offset + warmup, begin + offset + warmup + seconds)
     try:
         import uvloop
-        tally, cpu = uvloop.run(generate(port, ops, clients, first, window))
+        tally, cpu = uvloop.run(generate(port, ops, delays, first, window))
     except ImportError:
-        tally, cpu = asyncio.run(generate(port, ops, clients, first, window))
+        tally, cpu = asyncio.run(generate(port, ops, delays, first, window))
     pipe.send((tally.latencies.tobytes(), tally.errors, tally.error, tally.last, cpu))
     pipe.close()
 
 
-def cpu_ticks(server_group: int) -> tuple[float, float, float]:
-    """Seconds of CPU so far: the server's process group, every postgres process, and the whole machine (busy)."""
-    server = postgres = 0
+def cpu_ticks(*server_groups: int) -> tuple[dict[int, int], dict[int, int], int]:
+    """Clock ticks of CPU so far: per process of the servers' groups, per postgres process, the machine's busy ones."""
+    server, postgres = {}, {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -504,14 +523,23 @@ def cpu_ticks(server_group: int) -> tuple[float, float, float]:
             continue
         comm, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
         ticks = int(fields[11]) + int(fields[12])
-        if int(fields[2]) == server_group:
-            server += ticks
+        if int(fields[2]) in server_groups:
+            server[int(entry.name)] = ticks
         elif comm.startswith("postgres"):
-            postgres += ticks
+            postgres[int(entry.name)] = ticks
     total = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    busy = sum(total) - total[3] - total[4]
+    return server, postgres, sum(total) - total[3] - total[4]
+
+
+def cpu_spent(before: tuple, after: tuple, seconds: float) -> tuple[float, float, float]:
+    """% of one core over ``seconds``: the server, postgres (processes that lived through the end), the machine."""
+    server, postgres = (sum(per_process(b, a, seconds).values()) for b, a in zip(before[:2], after[:2]))
+    return server, postgres, (after[2] - before[2]) / os.sysconf("SC_CLK_TCK") / seconds * 100
+
+
+def per_process(before: dict[int, int], after: dict[int, int], seconds: float) -> dict[int, float]:
     hz = os.sysconf("SC_CLK_TCK")
-    return server / hz, postgres / hz, busy / hz
+    return {pid: (ticks - before.get(pid, 0)) / hz / seconds * 100 for pid, ticks in after.items()}
 
 
 @dataclass
@@ -530,14 +558,16 @@ def load(server: Server, ops: list[tuple[bytes, ...]], clients: int, seconds: fl
     """Run ``clients`` kept-alive clients over ``processes`` forked processes for WARMUP + seconds."""
     processes = min(processes, clients)
     context = multiprocessing.get_context("fork")
-    begin = time.time() + 0.3 + 0.05 * clients  # time to fork and connect
+    begin = time.time() + 0.3 + CONNECT_SPACING * clients  # time to fork and connect
     first = random.randrange(len(ops))
     workers = []
     for p in range(processes):
         parent, child = context.Pipe(duplex=False)
-        share = clients // processes + (p < clients % processes)
+        # Connections one at a time, CONNECT_SPACING apart over all processes, as independent clients would
+        # open them: a burst of connects can land on one server worker (the first to wake accepts them all).
+        delays = [c * CONNECT_SPACING for c in range(p, clients, processes)]
         process = context.Process(target=generator_process, daemon=True,
-                                  args=(child, server.port, ops, share, first + 104_729 * p, begin, WARMUP, seconds))
+                                  args=(child, server.port, ops, delays, first + 104_729 * p, begin, WARMUP, seconds))
         process.start()
         child.close()
         workers.append((process, parent))
@@ -562,10 +592,13 @@ def load(server: Server, ops: list[tuple[bytes, ...]], clients: int, seconds: fl
     def quantile(q: float) -> float:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else math.nan
 
-    server_cpu, postgres_cpu, busy = [(b - a) / seconds * 100 for a, b in zip(before, after)]
+    server_cpu, postgres_cpu, busy = cpu_spent(before, after, seconds)
     client_cpu = client_cpu / seconds * 100
     other = max(0.0, busy - server_cpu - postgres_cpu - client_cpu)
-    cpu = (f"cpu: client {client_cpu:.0f}%, server {server_cpu:.0f}%, postgres {postgres_cpu:.0f}%, "
+    # The server's busiest processes: its workers, which show how the kernel spread the connections.
+    split = "/".join(f"{cpu:.0f}" for cpu in sorted(per_process(before[0], after[0], seconds).values(),
+                                                    reverse=True)[:WORKERS])
+    cpu = (f"cpu: client {client_cpu:.0f}%, server {server_cpu:.0f}% (busiest {split}), postgres {postgres_cpu:.0f}%, "
            f"other {other:.0f}%; machine {busy / os.cpu_count():.0f}% busy")
     return Load(len(ordered) / elapsed, quantile(0.5), quantile(0.95), quantile(0.99), errors, cpu, other)
 
@@ -609,19 +642,23 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def alternate(context: Context, label: str, nclab: Callable[[], Load], mlflow: Callable[[], Load]
-              ) -> tuple[Load, Load]:
-    """Both measurements, nclab then MLflow, for --rounds rounds; each figure the median of the rounds."""
-    results: dict[str, list[Load]] = {"nclab": [], "MLflow": []}
+def alternate(context: Context, label: str, measures: dict[str, Callable[[], Load]]) -> dict[str, Load]:
+    """Each measurement in turn (nclab's first, then MLflow's), for --rounds rounds; each figure the rounds' median."""
+    results: dict[str, list[Load]] = {name: [] for name in measures}
     for round_ in range(context.args.rounds):
-        for name, measure in (("nclab", nclab), ("MLflow", mlflow)):
+        for name, measure in measures.items():
             result = measure()
             results[name].append(result)
-            print(f"  {label:<28} round {round_ + 1} {name:<6} {result.rate:9.1f}/s  p50 {result.p50:8.2f} ms  "
+            print(f"  {label:<36} round {round_ + 1} {name:<10} {result.rate:9.1f}/s  p50 {result.p50:8.2f} ms  "
                   f"p95 {result.p95:8.2f}  p99 {result.p99:8.2f}  errors {result.errors}  {result.cpu}", flush=True)
     context.other[label] = max([context.other.get(label, 0.0), *(r.other for rs in results.values() for r in rs)])
-    return tuple(Load(median([r.rate for r in rs]), median([r.p50 for r in rs]), median([r.p95 for r in rs]),
-                      median([r.p99 for r in rs]), sum(r.errors for r in rs)) for rs in results.values())
+    return {name: Load(median([r.rate for r in rs]), median([r.p50 for r in rs]), median([r.p95 for r in rs]),
+                       median([r.p99 for r in rs]), sum(r.errors for r in rs)) for name, rs in results.items()}
+
+
+def on(context: Context, server: Server, ops: list[tuple[bytes, ...]], clients: int) -> Callable[[], Load]:
+    """A measurement of ``clients`` clients sending ``ops`` to ``server`` for --seconds."""
+    return lambda: load(server, ops, clients, context.args.seconds, context.args.loadgen_processes)
 
 
 def warm_up(context: Context) -> None:
@@ -632,17 +669,42 @@ def warm_up(context: Context) -> None:
         ops = [(request(server, "GET", path.format(id_ if server is context.nclab else run_id(id_))),)
                for id_ in context.ids[:1000]]
         result = load(server, ops, 8, 5.0, args.loadgen_processes, required=False)
-        print(f"  warm-up {server.name:<6} {result.rate:9.1f}/s  p50 {result.p50:8.2f} ms  {result.cpu}", flush=True)
+        print(f"  {'warm-up':<36} {server.name:<18} {result.rate:9.1f}/s  p50 {result.p50:8.2f} ms  {result.cpu}",
+              flush=True)
+
+
+def check_data(context: Context) -> None:
+    """One request of each kind to each server: both hold the same experiment, its history, the filter's matches."""
+    id_ = next(iter(context.history))
+    keys = context.history[id_]
+    with httpx.Client(base_url=context.nclab.url, timeout=60) as ours, \
+            httpx.Client(base_url=context.mlflow.url, timeout=60) as theirs:
+        experiment = ours.get(f"/experiments/{id_}").raise_for_status().json()
+        steps = ours.get(f"/experiments/{id_}/metrics").raise_for_status().json()["items"]
+        run = theirs.get(f"{MLFLOW_API}/runs/get", params={"run_id": run_id(id_)}).raise_for_status().json()["run"]
+        points = theirs.get(f"{MLFLOW_API}/metrics/get-history", params={"run_id": run_id(id_), "metric_key": keys[0]}
+                            ).raise_for_status().json()["metrics"]
+        where = {"where": "spec.dataset = 'mnist' and spec.normalization = 'normalized'", "limit": 100}
+        matches = len(ours.get("/experiments", params=where).raise_for_status().json()["items"])
+        search = {"experiment_ids": [context.mlflow.experiment], "max_results": 100,
+                  "filter": "params.dataset = 'mnist' and params.normalization = 'normalized'"}
+        found = len(theirs.post(f"{MLFLOW_API}/runs/search", json=search).raise_for_status().json().get("runs", []))
+    data = run["data"]
+    print(f"data: nclab {experiment['status']}, {len(experiment['spec'])} spec fields, "
+          f"{len(experiment['result'] or {})} result keys, history {len(steps)} steps x {len(keys)} keys, "
+          f"filter top-100 {matches}; MLflow {run['info']['status']}, {len(data.get('params', []))} params, "
+          f"{len(data.get('metrics', []))} metrics, {len(data.get('tags', []))} tags, history of {keys[0]} "
+          f"{len(points)} steps, filter top-100 {found}", flush=True)
 
 
 def poll(context: Context, clients: int) -> None:
-    args, row = context.args, f"status poll, {clients} client{'s' if clients > 1 else ''}"
+    row = f"status poll, {clients} client{'s' if clients > 1 else ''}"
     nclab_ops = [(request(context.nclab, "GET", f"/experiments/{id_}"),) for id_ in context.ids]
     mlflow_ops = [(request(context.mlflow, "GET", f"{MLFLOW_API}/runs/get?run_id={run_id(id_)}"),)
                   for id_ in context.ids]
-    ours, theirs = alternate(context, row,
-                             lambda: load(context.nclab, nclab_ops, clients, args.seconds, args.loadgen_processes),
-                             lambda: load(context.mlflow, mlflow_ops, clients, args.seconds, args.loadgen_processes))
+    measured = alternate(context, row, {"nclab": on(context, context.nclab, nclab_ops, clients),
+                                        "MLflow": on(context, context.mlflow, mlflow_ops, clients)})
+    ours, theirs = measured["nclab"], measured["MLflow"]
     context.rates[row] = {"nclab": ours.rate, "MLflow": theirs.rate}
     targets = {8: (5.0, 25.0), 32: (None, 100.0)}
     ratio_target, p99_target = targets.get(clients, (None, None))
@@ -662,31 +724,32 @@ def poll(context: Context, clients: int) -> None:
 
 
 def filtered(context: Context) -> None:
-    args, row = context.args, "filtered top-100, 1 client"
+    row = "filtered top-100, 1 client"
     pairs = [(d, n) for d in DATASETS for n in NORMALIZATIONS]
     nclab_ops = [(request(context.nclab, "GET", "/experiments?" + str(httpx.QueryParams(
         {"where": f"spec.dataset = '{d}' and spec.normalization = '{n}'", "limit": 100}))),) for d, n in pairs]
     mlflow_ops = [(request(context.mlflow, "POST", f"{MLFLOW_API}/runs/search", {
         "experiment_ids": [context.mlflow.experiment], "max_results": 100,
         "filter": f"params.dataset = '{d}' and params.normalization = '{n}'"}),) for d, n in pairs]
-    ours, theirs = alternate(context, row, lambda: load(context.nclab, nclab_ops, 1, args.seconds, 1),
-                             lambda: load(context.mlflow, mlflow_ops, 1, args.seconds, 1))
+    measured = alternate(context, row, {"nclab": on(context, context.nclab, nclab_ops, 1),
+                                        "MLflow": on(context, context.mlflow, mlflow_ops, 1)})
+    ours, theirs = measured["nclab"], measured["MLflow"]
     context.lines += [Line(row, "p50 ms", ours.p50, theirs.p50), Line(row, "p95 ms", ours.p95, theirs.p95)]
 
 
 def history(context: Context) -> None:
-    args, row = context.args, "metric history, all keys x 100 steps"
+    row = "metric history, all keys x 100 steps"
     runs = list(context.history)
     random.Random(1).shuffle(runs)
     nclab_ops = [(request(context.nclab, "GET", f"/experiments/{id_}/metrics"),) for id_ in runs]
     mlflow_all = [tuple(request(context.mlflow, "GET", f"{MLFLOW_API}/metrics/get-history?run_id={run_id(id_)}"
-                                                       f"&metric_key={key}") for key in context.history[id_])
+                                                       f"&metric_key={quote(key)}") for key in context.history[id_])
                   for id_ in runs]
     mlflow_one = [(op[i % len(op)],) for i, op in enumerate(mlflow_all)]
-    ours, theirs = alternate(context, row, lambda: load(context.nclab, nclab_ops, 1, args.seconds, 1),
-                             lambda: load(context.mlflow, mlflow_all, 1, args.seconds, 1))
-    _, one = alternate(context, "metric history, one key", lambda: load(context.nclab, nclab_ops, 1, args.seconds, 1),
-                       lambda: load(context.mlflow, mlflow_one, 1, args.seconds, 1))
+    measured = alternate(context, row, {"nclab": on(context, context.nclab, nclab_ops, 1),
+                                        "MLflow": on(context, context.mlflow, mlflow_all, 1),
+                                        "MLflow 1 key": on(context, context.mlflow, mlflow_one, 1)})
+    ours, theirs, one = measured["nclab"], measured["MLflow"], measured["MLflow 1 key"]
     keys = median([len(keys) for keys in context.history.values()])
     context.lines += [
         Line(row, f"p50 ms (MLflow: {keys:g} requests)", ours.p50, theirs.p50, target="<= 2 ms", met=ours.p50 <= 2),
@@ -727,38 +790,52 @@ def scan_mlflow(client: httpx.Client, experiment: str) -> tuple[float, int]:
             return time.perf_counter() - start, rows
 
 
+@contextmanager
+def watched(context: Context, label: str) -> Iterator[None]:
+    """Records how much CPU other processes (not the servers, postgres or the bench) took during the block."""
+    before, own, start = cpu_ticks(context.nclab.pid, context.mlflow.pid), time.process_time(), time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    servers, postgres, busy = cpu_spent(before, cpu_ticks(context.nclab.pid, context.mlflow.pid), seconds)
+    mine = (time.process_time() - own) / seconds * 100
+    context.other[label] = max(0.0, busy - servers - postgres - mine)
+    print(f"  {label}: cpu: bench {mine:.0f}%, servers {servers:.0f}%, postgres {postgres:.0f}%, "
+          f"other {context.other[label]:.0f}%", flush=True)
+
+
 def scan(context: Context) -> None:
     row = "full scan of 10k"
     timings: dict[str, list[float]] = {"csv": [], "pages": [], "MLflow": []}
     with httpx.Client(base_url=context.nclab.url, timeout=600) as ours, \
-            httpx.Client(base_url=context.mlflow.url, timeout=600) as theirs:
+            httpx.Client(base_url=context.mlflow.url, timeout=600) as theirs, watched(context, row):
         for round_ in range(context.args.rounds):
             for name, scanning in (("csv", lambda: scan_csv(ours)), ("pages", lambda: scan_pages(ours)),
                                    ("MLflow", lambda: scan_mlflow(theirs, context.mlflow.experiment))):
                 seconds, rows = scanning()
                 timings[name].append(seconds)
                 warning = "" if rows == SIZE else f"  (expected {SIZE:,} rows!)"
-                print(f"  {row:<28} round {round_ + 1} {name:<6} {seconds:9.3f} s  {rows:,} rows{warning}", flush=True)
+                print(f"  {row:<36} round {round_ + 1} {name:<10} {seconds:9.3f} s  {rows:,} rows{warning}",
+                      flush=True)
     mlflow = median(timings["MLflow"])
-    for name, measure in (("csv", "s, nclab CSV (streamed) vs MLflow pages"),
-                          ("pages", "s, nclab JSON pages of 500 vs MLflow's of 1000")):
+    for name, measure in (("csv", "s, CSV (streamed) vs MLflow's pages"),
+                          ("pages", "s, JSON pages (500) vs MLflow's (1000)")):
         seconds = median(timings[name])
         context.lines.append(Line(row, measure, seconds, mlflow, target="<= 0.5 s", met=seconds <= 0.5))
 
 
 def submit(context: Context, postgres: str) -> None:
-    args, row = context.args, "submit, 4 clients"
+    row = "submit, 4 clients"
     with psycopg.connect(database_url(postgres, NCLAB_DB)) as connection:
         since = connection.execute("SELECT now()").fetchone()[0]
     nclab_ops = [(request(context.nclab, "POST", "/experiments", SUBMISSION),)]
     create = {"experiment_id": context.mlflow.submit_experiment, "start_time": int(time.time() * 1000)}
     mlflow_ops = [(request(context.mlflow, "POST", f"{MLFLOW_API}/runs/create", create),)]
     try:
-        ours, theirs = alternate(context, row, lambda: load(context.nclab, nclab_ops, 4, args.seconds,
-                                                            args.loadgen_processes),
-                                 lambda: load(context.mlflow, mlflow_ops, 4, args.seconds, args.loadgen_processes))
+        measured = alternate(context, row, {"nclab": on(context, context.nclab, nclab_ops, 4),
+                                            "MLflow": on(context, context.mlflow, mlflow_ops, 4)})
     finally:
         forget_submissions(postgres, since, context.mlflow.submit_experiment)
+    ours, theirs = measured["nclab"], measured["MLflow"]
     context.lines += [Line(row, "req/s (MLflow: create_run)", ours.rate, theirs.rate, "higher", ">= 3x MLflow",
                            ours.rate >= 3 * theirs.rate),
                       Line(row, "p50 ms", ours.p50, theirs.p50), Line(row, "p99 ms", ours.p99, theirs.p99)]
@@ -777,13 +854,13 @@ def forget_submissions(postgres: str, since, submit_experiment: str) -> None:
 
 def queries(context: Context) -> None:
     """bench/query.py's 10k cases against this bench's nclab API, with their own targets."""
-    with httpx.Client(base_url=context.nclab.url, timeout=120) as client:
+    with httpx.Client(base_url=context.nclab.url, timeout=120) as client, watched(context, "queries"):
         timings = [time_case(client, case, context.args.repeats) for case in cases("10k")]
     by_label = {t.case.label.split(":")[0]: t for t in timings}
     for t in timings:
         target, base = t.case.target, by_label.get(t.case.compare_with)
         label = t.case.label.split(":")[0]
-        print(f"  {'queries: ' + label:<28} p50 {t.p50:8.2f} ms  p95 {t.p95:8.2f}  matches {t.matches:,}", flush=True)
+        print(f"  {'queries: ' + label:<36} p50 {t.p50:8.2f} ms  p95 {t.p95:8.2f}  matches {t.matches:,}", flush=True)
         context.lines += [Line(f"query: {t.case.label}", "p50 ms", t.p50, target=str(target) if target else "-",
                                met=target.met(t.p50, t.p95) if target else None),
                           Line(f"query: {label}", "p95 ms", t.p95)]
@@ -803,12 +880,13 @@ def number(value: float | None, unit: str = "") -> str:
 
 
 def table(lines: list[Line]) -> None:
-    header = f"{'row':<50} {'measure':<40} {'nclab':>9} {'MLflow':>9} {'ratio':>8}  {'target':<22} met"
+    rows, measures = (min(64, max([len(getattr(line, name)) for line in lines] + [5])) for name in ("row", "measure"))
+    header = f"{'row':<{rows}}  {'measure':<{measures}} {'nclab':>9} {'MLflow':>9} {'ratio':>8}  {'target':<22} met"
     print(f"\n{header}\n{'-' * len(header)}")
     for line in lines:
         met = "-" if line.met is None else ("yes" if line.met else "NO")
         ratio = "-" if line.unit == "x" else line.ratio()
-        print(f"{line.row[:50]:<50} {line.measure[:40]:<40} {number(line.nclab, line.unit):>9} "
+        print(f"{line.row[:rows]:<{rows}}  {line.measure[:measures]:<{measures}} {number(line.nclab, line.unit):>9} "
               f"{number(line.mlflow, line.unit):>9} {ratio:>8}  {line.target:<22} {met}")
 
 
@@ -878,6 +956,7 @@ def main() -> int:
             ids, keys = ids_and_history(args.postgres)
             context = Context(args, nclab, mlflow, ids, keys, lines, other=other)
             print(f"nclab {nclab.url} (pid {nclab.pid}), MLflow {mlflow.url} (pid {mlflow.pid})", flush=True)
+            check_data(context)
             warm_up(context)
             for row in rows:
                 print(f"{row}:", flush=True)
@@ -898,7 +977,7 @@ def main() -> int:
         print(f"\nother processes took more than {OTHER_LOAD}% of a core during: {', '.join(busy)}; "
               "those figures are unreliable (a quiet machine gives the comparable ones)")
     missed = [line for line in lines if line.met is False]
-    print(f"\n{len(lines) and sum(line.met is True for line in lines)} targets met, {len(missed)} missed; "
+    print(f"\n{sum(line.met is True for line in lines)} targets met, {len(missed)} missed; "
           f"bench took {time.perf_counter() - started_at:.0f} s")
     return 1 if args.check and missed else 0
 
