@@ -24,7 +24,9 @@ import json
 from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import Boolean, ColumnElement, Float, String, and_, bindparam, false, literal, not_, or_, true
+from sqlalchemy import (
+    Boolean, ColumnElement, Float, String, and_, bindparam, false, literal, not_, or_, true, tuple_,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import InstrumentedAttribute
@@ -215,16 +217,25 @@ def after_cursor(keys: list[OrderKey], cursor: str) -> ColumnElement:
             raise
         raise FilterError("not a cursor returned by this API", "cursor") from None
 
-    id_after = Experiment.id < last_id if keys[-1].descending else Experiment.id > last_id
-    after = id_after
+    descending = keys[-1].descending
+    exprs = [expression(key.field) for key in keys]
+    if (all(key.descending == descending for key in keys) and None not in values
+            and not any(_nullable(expr) for expr in exprs)):
+        # One row comparison, (k0, k1, id) < (v0, v1, last id): an index on those columns
+        # starts the page's scan at the cursor instead of filtering every earlier row.
+        row = tuple_(*exprs, Experiment.id)
+        bound = tuple_(*(literal(value, expr.type) for expr, value in zip(exprs, values)), literal(last_id))
+        return row < bound if descending else row > bound
+    after = Experiment.id < last_id if descending else Experiment.id > last_id
     # Built from the last key outwards: (k0 after v0) or (k0 = v0 and ((k1 after v1) or ...)).
-    for key, value in reversed(list(zip(keys, values))):
-        expr = expression(key.field)
+    for key, expr, value in reversed(list(zip(keys, exprs, values))):
         if value is None:
             beyond, same = false(), expr.is_(None)
         else:
             bound = literal(value, expr.type)  # a bool too is compared, not tested with IS
-            beyond = or_(expr < bound if key.descending else expr > bound, expr.is_(None))
+            beyond = expr < bound if key.descending else expr > bound
+            if _nullable(expr):
+                beyond = or_(beyond, expr.is_(None))
             same = expr == bound
         after = or_(beyond, and_(same, after))
     return after
