@@ -24,7 +24,9 @@ from typing import Any
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL_STATUSES = ("succeeded", "failed", "canceled")
+# As the API names them (service.schemas), written out here: the client imports nothing of the server.
+STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+TERMINAL_STATUSES = STATUSES[2:]
 # Ids per search request while waiting on many experiments (the API's page limit is 500).
 WAIT_BATCH = 500
 

@@ -20,14 +20,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from service.client import TERMINAL_STATUSES, Client, NclabError, WaitTimeout
+from service.client import STATUSES, TERMINAL_STATUSES, Client, NclabError, WaitTimeout
 
 # Piped output keeps one row per line (rich would fold tables to 80 columns).
 out = Console() if sys.stdout.isatty() else Console(width=400)
 err = Console(stderr=True)
 
 SUCCEEDED, FAILED, USAGE_OR_HTTP, CANCELED = 0, 1, 2, 3
-STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 # The columns of `nclab ls` and `nclab status`: (heading, dotted path in an experiment).
 LIST_COLUMNS = [
     ("id", "id"), ("name", "name"), ("kind", "spec.kind"), ("normalization", "spec.normalization"),

@@ -84,25 +84,25 @@ def send(session: Session, experiment_id: str, enqueue: Callable[[str], None]) -
         session.execute(update(Experiment).where(Experiment.id == experiment_id).values(sent_at=None))
         session.commit()
         return False
-    _without_waiting_for_the_disk(session)
+    _mark_sent(session, [experiment_id])
+    return True
+
+
+def _mark_sent(session: Session, experiment_ids: list[str]) -> None:
+    """Record the send, in a commit that does not wait for PostgreSQL's disk flush.
+
+    ``sent_at`` is a hint for the reconciler: a crash may lose the commit, which costs
+    one message sent again, while waiting for the flush doubled the time of a submit.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
     session.execute(
         update(Experiment)
-        .where(Experiment.id == experiment_id)
+        .where(Experiment.id.in_(experiment_ids))
         .values(sent_at=utcnow(), send_count=Experiment.send_count + 1)
         .execution_options(synchronize_session=False)  # no object in the session needs these two columns
     )
     session.commit()
-    return True
-
-
-def _without_waiting_for_the_disk(session: Session) -> None:
-    """Let this transaction's commit return before PostgreSQL has flushed it to disk.
-
-    Only for hints such as ``sent_at``: a crash may lose the commit, which costs one
-    message sent again, while waiting for the flush doubled the time of a submit.
-    """
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
 
 
 def send_many(session: Session, experiment_ids: list[str], enqueue_many: Callable[[list[str]], None]) -> bool:
@@ -115,14 +115,7 @@ def send_many(session: Session, experiment_ids: list[str], enqueue_many: Callabl
         enqueue_many(experiment_ids)
     except Exception:
         return False
-    _without_waiting_for_the_disk(session)
-    session.execute(
-        update(Experiment)
-        .where(Experiment.id.in_(experiment_ids))
-        .values(sent_at=utcnow(), send_count=Experiment.send_count + 1)
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
+    _mark_sent(session, experiment_ids)
     return True
 
 

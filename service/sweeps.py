@@ -46,9 +46,9 @@ def size(request: SweepRequest) -> int:
 
 def members(request: SweepRequest) -> list[dict]:
     """Every member's validated spec (as stored), in order: variants outermost, then the grid."""
-    cap = get_settings().max_sweep
-    if size(request) > cap:
-        raise InvalidMember(-1, {}, "grid", f"{size(request)} members; a sweep has at most {cap} (NCLAB_MAX_SWEEP)")
+    cap, count = get_settings().max_sweep, size(request)
+    if count > cap:
+        raise InvalidMember(-1, {}, "grid", f"{count} members; a sweep has at most {cap} (NCLAB_MAX_SWEEP)")
     fields = list(request.grid)
     specs = []
     for variant in request.variants:

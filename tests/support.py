@@ -6,6 +6,9 @@ import time
 
 import httpx
 
+# A UFM that runs until canceled or killed: a tolerance no float64 gradient reaches.
+ENDLESS_UFM = {"kind": "ufm", "K": 30, "d": 64, "n_per_class": 50, "tol": 1e-300, "max_iters": 200_000}
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -7,13 +7,11 @@ import time
 
 import pytest
 
-from tests.support import wait_for_status
+from tests.support import ENDLESS_UFM, wait_for_status
 
 DONE_WHEN_SPEC = {"kind": "ufm", "K": 10, "d": 16, "n_per_class": 20, "normalization": "normalized",
                   "logit_scale": 10, "seed": 0}
-# Runs until canceled or killed: a tolerance no float64 gradient reaches.
-ENDLESS_SPEC = {"kind": "ufm", "K": 30, "d": 64, "n_per_class": 50, "max_iters": 200_000, "tol": 1e-300,
-                "checkpoint_every": 20}
+ENDLESS_SPEC = {**ENDLESS_UFM, "checkpoint_every": 20}
 PROBLEM_JSON = "application/problem+json"
 
 

@@ -1,9 +1,8 @@
 """Request dependencies: a database session, the caller's identity, strict query strings, and lookups."""
 
 import hmac
-from typing import Annotated
-
 from collections.abc import Callable
+from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer

@@ -21,11 +21,12 @@ class RequestGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        refusal = self._refusal_before_body(scope)
+        declared = dict(scope["headers"]).get(b"content-length")
+        length = int(declared) if declared is not None and declared.isdigit() else None
+        refusal = self._refusal_before_body(scope, length)
         if refusal is not None:
             return await refusal(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit():
+        if length is not None:
             return await self.app(scope, receive, send)
         # No length given (a chunked body): read it here, up to the cap, and hand it on.
         messages, received = [], 0
@@ -45,15 +46,14 @@ class RequestGuard:
 
         return await self.app(scope, replay, send)
 
-    def _refusal_before_body(self, scope):
-        """A NUL character in the path or the query, or a declared length over the cap."""
+    def _refusal_before_body(self, scope, length: int | None):
+        """A NUL character in the path or the query, or a declared ``length`` over the cap."""
         if "\x00" in scope["path"]:
             return _refusal(422, "the path contains a NUL character", "path")
         for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True):
             if "\x00" in name or "\x00" in value:
                 return _refusal(422, f"{name.strip(chr(0))}: contains a NUL character", name)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return _refusal(413, f"the body is {int(declared)} bytes; at most {self.max_body_bytes} are taken "
+        if length is not None and length > self.max_body_bytes:
+            return _refusal(413, f"the body is {length} bytes; at most {self.max_body_bytes} are taken "
                                  "(NCLAB_MAX_BODY_BYTES)")
         return None

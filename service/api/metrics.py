@@ -83,6 +83,8 @@ def _flatten_routes_once() -> None:
     tenth of a status poll's time under py-spy. The routes are fixed once the app serves.
     """
     flatten = routing._effective_routes
+    if getattr(flatten, "flattens_once", False):  # an earlier app already installed it
+        return
     flattened: dict[tuple[int, int], list] = {}
 
     def once(routes: list) -> list:
@@ -91,6 +93,7 @@ def _flatten_routes_once() -> None:
             flattened[key] = flatten(routes)
         return flattened[key]
 
+    once.flattens_once = True
     routing._effective_routes = once
 
 

@@ -169,12 +169,11 @@ def step_units(session: Session, tree: Filter | None) -> set[str]:
     return set(session.scalars(query))
 
 
-def history(connection: Connection | Session, experiment_id: str, after_step: int | None = None) -> list[dict]:
-    """The experiment's metric rows in step order; with ``after_step``, only the later ones (a live tail)."""
-    query = select(MetricRow.step, MetricRow.values).where(MetricRow.experiment_id == experiment_id)
-    if after_step is not None:
-        query = query.where(MetricRow.step > after_step)
-    return [{"step": step, **values} for step, values in connection.execute(query.order_by(MetricRow.step))]
+def history(connection: Connection | Session, experiment_id: str, after_step: int = -1) -> list[dict]:
+    """The experiment's metric rows after ``after_step`` (a live tail; by default all), in step order."""
+    query = (select(MetricRow.step, MetricRow.values)
+             .where(MetricRow.experiment_id == experiment_id, MetricRow.step > after_step).order_by(MetricRow.step))
+    return [{"step": step, **values} for step, values in connection.execute(query)]
 
 
 # Built once: a status poll should not pay for building and hashing its statement again.

@@ -93,8 +93,8 @@ async def metric_history(
     experiment_id: str,
     request: Request,
     format: Format = None,
-    after: Annotated[int | None, Query(ge=-1, le=2**31 - 1,
-                                       description="only the rows with a later step: a live tail")] = None,
+    after: Annotated[int, Query(ge=-1, le=2**31 - 1,
+                                description="only the rows with a later step: a live tail")] = -1,
 ):
     with get_read_engine().connect() as connection:  # in the event loop, as the status read
         if wants_csv(request, format):
@@ -102,7 +102,7 @@ async def metric_history(
                 raise not_found(Experiment, experiment_id)
             rows = queries.history(connection, experiment_id, after)
             return csv_response(export.history(rows), f"{experiment_id}-metrics")
-        found = queries.history_json(connection, experiment_id, -1 if after is None else after)
+        found = queries.history_json(connection, experiment_id, after)
     if found is None:
         raise not_found(Experiment, experiment_id)
     status, body = found

@@ -20,17 +20,30 @@ router = APIRouter(prefix="/sweeps", tags=["sweeps"], dependencies=[Depends(requ
 NOT_FOUND = problem_responses(404)
 
 
-def _resource(session, sweep: Sweep) -> SweepOut:
+def _resources(session, sweeps: list[Sweep]) -> list[SweepOut]:
+    """The sweeps with their members' ids, status counts and progress, read in one query."""
     rows = session.execute(
-        select(Experiment.id, Experiment.status, Experiment.progress)
-        .where(Experiment.sweep == sweep.id).order_by(Experiment.created_at, Experiment.id)
+        select(Experiment.sweep, Experiment.id, Experiment.status, Experiment.progress)
+        .where(Experiment.sweep.in_([sweep.id for sweep in sweeps])).order_by(Experiment.created_at, Experiment.id)
     ).all()
-    counts = dict.fromkeys(STATUSES, 0)
-    for _id, status, _progress in rows:
-        counts[status] += 1
-    progress = sum(1.0 if status in TERMINAL_STATUSES else p for _id, status, p in rows) / max(len(rows), 1)
-    return SweepOut(id=sweep.id, name=sweep.name, tags=sweep.tags, owner=sweep.owner, created_at=sweep.created_at,
-                    size=sweep.size, status_counts=counts, progress=progress, members=[row[0] for row in rows])
+    members: dict[str, list] = {sweep.id: [] for sweep in sweeps}
+    for sweep_id, *member in rows:
+        members[sweep_id].append(member)
+    resources = []
+    for sweep in sweeps:
+        counts = dict.fromkeys(STATUSES, 0)
+        for _id, status, _progress in members[sweep.id]:
+            counts[status] += 1
+        done = sum(1.0 if status in TERMINAL_STATUSES else p for _id, status, p in members[sweep.id])
+        resources.append(SweepOut(
+            id=sweep.id, name=sweep.name, tags=sweep.tags, owner=sweep.owner, created_at=sweep.created_at,
+            size=sweep.size, status_counts=counts, progress=done / max(len(members[sweep.id]), 1),
+            members=[member[0] for member in members[sweep.id]]))
+    return resources
+
+
+def _resource(session, sweep: Sweep) -> SweepOut:
+    return _resources(session, [sweep])[0]
 
 
 @router.post("", status_code=202, response_model=SweepOut, responses=problem_responses(400))
@@ -78,7 +91,7 @@ def list_sweeps(
         query = query.where((Sweep.created_at < last.created_at)
                             | ((Sweep.created_at == last.created_at) & (Sweep.id < last.id)))
     page = session.scalars(query.limit(limit + 1)).all()
-    return SweepList(items=[_resource(session, sweep) for sweep in page[:limit]],
+    return SweepList(items=_resources(session, page[:limit]),
                      next_cursor=page[limit - 1].id if len(page) > limit else None)
 
 
