@@ -4,6 +4,7 @@ SQLite (embedded mode) is shared by the API process and the worker process, so i
 in WAL mode with a generous busy timeout; PostgreSQL needs nothing special.
 """
 
+import json
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -16,11 +17,19 @@ from service.search import sqlite_functions
 from service.settings import get_settings
 
 
-def make_engine(url: str, reads: bool = False) -> Engine:
-    """The engine for ``url``; with ``reads``, one for the API's one-statement reads (see get_read_engine)."""
-    # orjson reads the JSON documents (specs, results, history rows) several times faster.
-    options: dict = {"json_deserializer": orjson.loads}
-    if reads:
+def _json_text(document) -> str:
+    # The worker's numbers may be numpy scalars, which json.dumps wrote as floats.
+    try:
+        return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    except TypeError:  # an integer beyond 64 bits (in a sweep's definition, say): JSON allows it
+        return json.dumps(document)
+
+
+def make_engine(url: str, autocommit: bool = False) -> Engine:
+    """The engine for ``url``; with ``autocommit``, the API's for one-statement requests (see get_autocommit_engine)."""
+    # orjson reads and writes the JSON documents (specs, results, history rows) several times faster.
+    options: dict = {"json_deserializer": orjson.loads, "json_serializer": _json_text}
+    if autocommit:
         options.update(isolation_level="AUTOCOMMIT", pool_size=2, max_overflow=2)
     elif not url.startswith("sqlite"):
         # A few more for the streams (CSV exports) that hold one after their route returns.
@@ -47,7 +56,7 @@ def make_engine(url: str, reads: bool = False) -> Engine:
     # costs more than it saves, and random reads cost little more than sequential ones.
     # An aggregate's medians sort its rows: in memory, not in temporary files.
     settings = "-c jit=off -c random_page_cost=1.1 -c work_mem=64MB"
-    if reads:
+    if autocommit:
         settings += " -c statement_timeout=5s"
     return create_engine(url, pool_pre_ping=True, connect_args={"options": settings, "connect_timeout": 5}, **options)
 
@@ -58,14 +67,15 @@ def get_engine() -> Engine:
 
 
 @lru_cache
-def get_read_engine() -> Engine:
-    """Autocommit connections for the one-statement reads the API makes in its event loop (status polls, histories).
+def get_autocommit_engine() -> Engine:
+    """Autocommit connections for the one-statement requests the API serves in its event loop
+    (status polls, histories, submits without an idempotency key).
 
-    Outside a transaction such a read is one round trip: no BEGIN before it, no ROLLBACK
-    when its connection goes back to the pool. The event loop holds one at a time; the
+    Outside a transaction such a statement is one round trip: no BEGIN before it, no
+    COMMIT or ROLLBACK after it. The event loop holds one connection at a time; the
     statement and connect timeouts bound how long a stuck database can hold the loop.
     """
-    return make_engine(get_settings().resolved_database_url, reads=True)
+    return make_engine(get_settings().resolved_database_url, autocommit=True)
 
 
 @lru_cache

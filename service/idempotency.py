@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable
 from datetime import timedelta
 
-from sqlalchemy import delete
+from sqlalchemy import Connection, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -29,14 +29,17 @@ def fingerprint(route: str, request: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _earlier(session: Session, owner: str, key: str, request_fingerprint: str) -> str | None:
+def _earlier(connection: Connection | Session, owner: str, key: str, request_fingerprint: str) -> str | None:
     """The id this key created, if it is still live; an expired key is forgotten here."""
-    record = session.get(IdempotencyKey, (owner, key))
+    record = connection.execute(
+        select(IdempotencyKey.fingerprint, IdempotencyKey.resource_id, IdempotencyKey.created_at)
+        .where(IdempotencyKey.owner == owner, IdempotencyKey.key == key)
+    ).one_or_none()
     if record is None:
         return None
     if utcnow() - record.created_at > KEY_LIFETIME:
-        session.delete(record)
-        session.commit()
+        connection.execute(delete(IdempotencyKey).where(IdempotencyKey.owner == owner, IdempotencyKey.key == key))
+        connection.commit()
         return None
     if record.fingerprint != request_fingerprint:
         raise KeyReused(f"Idempotency-Key {key!r} was used within the last 24 h for a different request; "
@@ -44,25 +47,23 @@ def _earlier(session: Session, owner: str, key: str, request_fingerprint: str) -
     return record.resource_id
 
 
-def create_once(session: Session, owner: str, key: str | None, request_fingerprint: str,
-                create: Callable[[IdempotencyKey | None], str]) -> tuple[str, bool]:
+def create_once(connection: Connection | Session, owner: str, key: str, request_fingerprint: str,
+                create: Callable[[dict], str]) -> tuple[str, bool]:
     """The id of what this request created, and whether it was created now.
 
-    ``create`` stores the resource and, when given one, the key's record in one commit,
-    and returns the resource's id.
+    ``create`` stores the resource and the key's record (its columns but the resource's
+    id) in one commit, and returns the resource's id.
     """
-    if key is None:
-        return create(None), True
-    earlier = _earlier(session, owner, key, request_fingerprint)
+    earlier = _earlier(connection, owner, key, request_fingerprint)
     if earlier is not None:
         return earlier, False
-    record = IdempotencyKey(owner=owner, key=key, fingerprint=request_fingerprint, created_at=utcnow())
+    record = dict(owner=owner, key=key, fingerprint=request_fingerprint, created_at=utcnow())
     try:
         return create(record), True
     except IntegrityError:
         # A concurrent request with this key committed first.
-        session.rollback()
-        earlier = _earlier(session, owner, key, request_fingerprint)
+        connection.rollback()
+        earlier = _earlier(connection, owner, key, request_fingerprint)
         if earlier is None:
             raise
         return earlier, False

@@ -14,13 +14,14 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import Connection, delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from service.models import (
     Experiment, IdempotencyKey, MetricRow, Sweep, history_copies, result_copies, spec_copies, utcnow,
 )
 from service.schemas import TERMINAL_STATUSES
+from service.search.queries import RESOURCE_COLUMNS, RESOURCE_KEYS
 from service.settings import ANONYMOUS, Settings
 
 
@@ -38,34 +39,44 @@ def json_safe(values: dict) -> dict:
 
 
 def _queued(spec: dict, owner: str, name: str | None, tags: dict[str, str] | None,
-            sweep: str | None = None) -> Experiment:
-    return Experiment(
+            sweep: str | None = None) -> dict:
+    """A new experiment's columns."""
+    return dict(
         id=str(uuid.uuid4()), status="queued", spec=spec, owner=owner, name=name, tags=tags or {}, sweep=sweep,
         **spec_copies(spec), progress=0.0, attempts=0, cancel_requested=False, send_count=0, created_at=utcnow(),
     )
 
 
-def _remember(session: Session, idempotency_key: IdempotencyKey | None, resource_id: str) -> None:
+def _remember(connection: Connection | Session, idempotency_key: dict | None, resource_id: str) -> None:
     if idempotency_key is not None:
-        idempotency_key.resource_id = resource_id
-        session.add(idempotency_key)
+        connection.execute(insert(IdempotencyKey).values(**idempotency_key, resource_id=resource_id))
 
 
-def create(session: Session, spec: dict, owner: str = ANONYMOUS, name: str | None = None,
-           tags: dict[str, str] | None = None, idempotency_key: IdempotencyKey | None = None) -> Experiment:
-    """A queued experiment, stored with the request's idempotency key (if any) in one commit."""
-    experiment = _queued(spec, owner, name, tags)
-    session.add(experiment)
-    _remember(session, idempotency_key, experiment.id)
-    session.commit()
-    log_transition(experiment.id, None, "queued", kind=spec["kind"], owner=owner)
-    return experiment
+# Built once: a statement made per call with .values() costs more to build and key than to run.
+# Its parameters are named by column (K, d), not by attribute (num_classes, dim).
+_INSERT = insert(Experiment.__table__).returning(*RESOURCE_COLUMNS)
+_COLUMN_OF = {prop.key: prop.columns[0].key for prop in Experiment.__mapper__.column_attrs}
+
+
+def create(connection: Connection | Session, spec: dict, owner: str = ANONYMOUS, name: str | None = None,
+           tags: dict[str, str] | None = None, idempotency_key: dict | None = None) -> dict:
+    """A queued experiment, stored with the request's idempotency key (if any) in one commit.
+
+    The experiment as stored, a dict of queries.RESOURCE_KEYS: one INSERT ... RETURNING,
+    with no ORM object to build, flush and read back.
+    """
+    values = _queued(spec, owner, name, tags)
+    row = connection.execute(_INSERT, {_COLUMN_OF[key]: value for key, value in values.items()}).one()
+    _remember(connection, idempotency_key, values["id"])
+    connection.commit()
+    log_transition(values["id"], None, "queued", kind=spec["kind"], owner=owner)
+    return dict(zip(RESOURCE_KEYS, row))
 
 
 def create_sweep(session: Session, sweep: Sweep, specs: list[dict],
-                 idempotency_key: IdempotencyKey | None = None) -> list[Experiment]:
+                 idempotency_key: dict | None = None) -> list[Experiment]:
     """The sweep and all its members in one transaction: all of them are stored, or none."""
-    members = [_queued(spec, sweep.owner, sweep.name, sweep.tags, sweep.id) for spec in specs]
+    members = [Experiment(**_queued(spec, sweep.owner, sweep.name, sweep.tags, sweep.id)) for spec in specs]
     session.add(sweep)
     _remember(session, idempotency_key, sweep.id)
     session.flush()  # the sweep's row first: the members' foreign key names it

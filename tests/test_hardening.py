@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import fresh_pg_database, fresh_redis_broker
 from service.lifetime import children
 from service.schemas import TrainSpec, UFMSpec
-from tests.support import free_port, wait_ready
+from tests.support import free_port, redis_server, wait_ready
 
 PROBLEM_JSON = "application/problem+json"
 SPEC = {"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2}
@@ -185,20 +185,10 @@ def test_train_jobs_over_the_caps_are_422_saying_the_cap(production):
     assert "by its estimate" in problem["detail"] and "NCLAB_MAX_JOB_BYTES" in problem["detail"]
 
 
-def _redis_server(port: int) -> subprocess.Popen:
-    server = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                               "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode != 0:
-        assert time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.1)
-    return server
-
-
 def test_a_redis_restart_that_loses_the_queue_costs_seconds_not_minutes(pg_database, processes):
     """The queue's messages die with a Redis that keeps nothing; the worker's reconnect has them re-sent."""
     port = free_port()
-    redis_server = _redis_server(port)
+    broker = redis_server(port)
     try:
         # The default re-send delay (300 s): recovery must not wait for it.
         processes.env.update(NCLAB_DATABASE_URL=pg_database, NCLAB_BROKER_URL=f"redis://127.0.0.1:{port}/0",
@@ -218,9 +208,9 @@ def test_a_redis_restart_that_loses_the_queue_costs_seconds_not_minutes(pg_datab
             waiting = [client.post("/experiments", json={**SPEC, "seed": seed}).json()["id"] for seed in range(3)]
             time.sleep(1)  # sent: the messages wait in Redis behind the busy worker
 
-            redis_server.kill()
-            redis_server.wait()
-            redis_server = _redis_server(port)  # empty: the three messages are gone
+            broker.kill()
+            broker.wait()
+            broker = redis_server(port)  # empty: the three messages are gone
             restarted = time.monotonic()
             client.post(f"/experiments/{busy['id']}/cancel")
             while True:
@@ -231,8 +221,8 @@ def test_a_redis_restart_that_loses_the_queue_costs_seconds_not_minutes(pg_datab
                 time.sleep(0.2)
             assert time.monotonic() - restarted <= 15
     finally:
-        redis_server.kill()
-        redis_server.wait()
+        broker.kill()
+        broker.wait()
 
 
 def test_the_openapi_document_declares_every_status_and_media_type():

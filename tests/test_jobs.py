@@ -27,12 +27,20 @@ def session(request, tmp_path):
     engine.dispose()
 
 
+def created(session, spec=SPEC, **labels) -> Experiment:
+    """A new queued experiment, as the ORM object the assertions below read and refresh."""
+    item = jobs.create(session, spec, **labels)
+    job = session.get(Experiment, item["id"])
+    assert (job.status, job.spec, job.attempts, job.sent_at) == (item["status"], spec, 0, None)
+    return job
+
+
 def settings(**overrides) -> Settings:
     return Settings(heartbeat_timeout=10, resend_after=60, max_attempts=2, **overrides)
 
 
 def test_a_job_is_claimed_once_and_only_its_attempt_may_write(session):
-    job = jobs.create(session, SPEC)
+    job = created(session)
     claimed = jobs.claim(session, job.id, worker="w1")
     assert claimed.status == "running" and claimed.attempts == 1
     assert jobs.claim(session, job.id, worker="w2") is None  # a redelivered message does nothing
@@ -51,11 +59,11 @@ def test_a_job_is_claimed_once_and_only_its_attempt_may_write(session):
 
 
 def test_cancel_is_immediate_when_queued_and_cooperative_when_running(session):
-    queued = jobs.create(session, SPEC)
+    queued = created(session)
     assert jobs.cancel(session, queued.id).status == "canceled"
     assert jobs.claim(session, queued.id, worker="w") is None
 
-    running = jobs.create(session, SPEC)
+    running = created(session)
     jobs.claim(session, running.id, worker="w")
     after = jobs.cancel(session, running.id)
     assert (after.status, after.cancel_requested) == ("running", True)
@@ -65,7 +73,7 @@ def test_cancel_is_immediate_when_queued_and_cooperative_when_running(session):
 
 def test_reconciler_requeues_stale_jobs_then_fails_them_at_the_attempt_cap(session):
     sent = []
-    job = jobs.create(session, SPEC)
+    job = created(session)
     jobs.reconcile(session, settings(), sent.append)  # never sent (e.g. broker was down): send it
     assert sent == [job.id]
 
@@ -84,7 +92,7 @@ def test_reconciler_requeues_stale_jobs_then_fails_them_at_the_attempt_cap(sessi
 
 
 def test_reconciler_resends_queued_jobs_with_backoff_and_tolerates_a_dead_broker(session):
-    job = jobs.create(session, SPEC)
+    job = created(session)
 
     def broker_down(_):
         raise ConnectionError("broker down")
@@ -106,7 +114,7 @@ def test_reconciler_resends_queued_jobs_with_backoff_and_tolerates_a_dead_broker
 
 def test_every_transition_is_one_json_log_line(session, caplog):
     caplog.set_level(logging.INFO, logger="nclab.jobs")
-    first, second, third = (jobs.create(session, SPEC, owner="alice") for _ in range(3))
+    first, second, third = (created(session, owner="alice") for _ in range(3))
     jobs.claim(session, first.id, worker="w1")
     jobs.finish(session, first.id, 1, "failed", error="diverged: loss became nan")
     jobs.finish(session, first.id, 1, "succeeded")  # not running any more: no transition, no line

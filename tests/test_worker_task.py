@@ -28,10 +28,10 @@ def session(tmp_path, monkeypatch):
 
 
 def run(session, spec=SPEC) -> Experiment:
-    job = jobs.create(session, spec)
-    tasks.run_experiment(job.id)
+    experiment_id = jobs.create(session, spec)["id"]
+    tasks.run_experiment(experiment_id)
     session.expire_all()
-    return session.get(Experiment, job.id)
+    return session.get(Experiment, experiment_id)
 
 
 def test_a_run_stores_result_and_history_and_a_second_message_does_nothing(session):

@@ -13,6 +13,7 @@ from service.api import metrics, problems
 from service.api.guards import RequestGuard
 from service.api.routes import docs, experiments, health, search, sweeps
 from service.db import get_sessionmaker
+from service.dispatch import get_dispatcher
 from service.lifetime import die_with_parent, is_spawned_child
 from service.queue import enqueue
 from service.settings import get_settings
@@ -45,6 +46,7 @@ async def lifespan(_app: FastAPI):
     reconciler = asyncio.create_task(reconcile_forever(get_settings().reconcile_interval))
     yield
     reconciler.cancel()
+    await run_in_threadpool(get_dispatcher().close)  # what was submitted is sent before the process ends
 
 
 def create_app() -> FastAPI:

@@ -1,11 +1,13 @@
 """Request dependencies: a database session, the caller's identity, strict query strings, and lookups."""
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request, Response
+from fastapi import Depends, Header, HTTPException, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from service import idempotency
@@ -60,19 +62,21 @@ IdempotencyKeyHeader = Annotated[str | None, Header(
 )]
 
 
-def create_once(session: Session, owner: str, key: str | None, route: str, request: dict,
-                create: Callable, response: Response) -> tuple[str, bool]:
+def create_once(connection: Connection | Session, owner: str, key: str | None, route: str, request: BaseModel,
+                create: Callable, headers: MutableMapping[str, str]) -> tuple[str, bool]:
     """Run ``create`` unless a request with this idempotency key already did (see service.idempotency).
 
     The id created, and whether it was created now; a replay is marked ``Idempotent-Replayed: true``.
     """
+    if key is None:
+        return create(None), True
+    request_fingerprint = idempotency.fingerprint(route, request.model_dump(mode="json"))
     try:
-        created_id, new = idempotency.create_once(session, owner, key, idempotency.fingerprint(route, request),
-                                                  create)
+        created_id, new = idempotency.create_once(connection, owner, key, request_fingerprint, create)
     except idempotency.KeyReused as exc:
         raise InvalidField("Idempotency-Key", str(exc)) from None
     if not new:
-        response.headers["Idempotent-Replayed"] = "true"
+        headers["Idempotent-Replayed"] = "true"
     return created_id, new
 
 

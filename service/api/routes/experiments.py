@@ -15,9 +15,9 @@ from service.api.formats import (
     CSV_RESPONSES, PNG_RESPONSES, Format, PlotHeight, PlotWidth, csv_response, json_bytes, revalidated_json, wants_csv,
     with_documents,
 )
-from service.db import get_read_engine
+from service.db import get_autocommit_engine, get_engine
+from service.dispatch import get_dispatcher
 from service.models import Experiment
-from service.queue import enqueue
 from service.schemas import (
     MAX_TAGS, TERMINAL_STATUSES, ExperimentOut, ExperimentPatch, LabelledSubmission, MetricHistory, Submission,
 )
@@ -35,26 +35,38 @@ def _get_or_404(session, experiment_id: str) -> Experiment:
 
 
 @router.post("", status_code=202, response_model=ExperimentOut, responses=problem_responses(400))
-def submit(submission: Annotated[Submission, Body()], session: SessionDep, owner: OwnerDep,
-           response: Response, idempotency_key: IdempotencyKeyHeader = None) -> Experiment:
-    """A spec, bare or as ``{"spec": ..., "name": ..., "tags": {...}}``; recorded with the key's owner."""
+async def submit(submission: Annotated[Submission, Body()], owner: OwnerDep,
+                 idempotency_key: IdempotencyKeyHeader = None) -> Response:
+    """A spec, bare or as ``{"spec": ..., "name": ..., "tags": {...}}``; recorded with the key's owner.
+
+    Run in the event loop, as the status read: storing it takes a fraction of a
+    millisecond. Without an idempotency key that is one INSERT, its own transaction; with
+    one, the key's lookup and the two INSERTs are one transaction. The job's message is
+    sent after the response, by the dispatcher.
+    """
     labelled = submission if isinstance(submission, LabelledSubmission) else LabelledSubmission(spec=submission)
     spec = labelled.spec.model_dump(mode="json")
+    headers: dict[str, str] = {}
+    created: list[dict] = []
+    engine = get_engine() if idempotency_key else get_autocommit_engine()
+    with engine.connect() as connection:
 
-    created: list[Experiment] = []
+        def create(key) -> str:
+            created.append(jobs.create(connection, spec, owner=owner, name=labelled.name, tags=labelled.tags,
+                                       idempotency_key=key))
+            return created[0]["id"]
 
-    def create(key) -> str:
-        created.append(jobs.create(session, spec, owner=owner, name=labelled.name, tags=labelled.tags,
-                                   idempotency_key=key))
-        return created[0].id
-
-    experiment_id, new = create_once(session, owner, idempotency_key, "/experiments",
-                                     labelled.model_dump(mode="json"), create, response)
+        experiment_id, new = create_once(connection, owner, idempotency_key, "/experiments", labelled, create,
+                                         headers)
+        # A new experiment is answered as it was stored; a replay as it is now.
+        item = created[0] if new else queries.resource(connection, experiment_id)
+    if item is None:
+        raise not_found(Experiment, experiment_id)
     if new:
-        jobs.send(session, experiment_id, enqueue)
-    response.headers["Location"] = f"/experiments/{experiment_id}"
-    # A new experiment is answered as it was stored; a replay as it is now.
-    return created[0] if new else _get_or_404(session, experiment_id)
+        get_dispatcher().send(experiment_id)
+    headers["Location"] = f"/experiments/{experiment_id}"
+    return Response(json_bytes(with_documents(item)), status_code=202, headers=headers,
+                    media_type="application/json")
 
 
 @router.get("/{experiment_id}", response_model=ExperimentOut, responses=NOT_FOUND)
@@ -65,7 +77,7 @@ async def read(experiment_id: str, request: Request) -> Response:
     Run in the event loop: a primary-key read takes a fraction of a millisecond, less than
     handing the request to a thread and back.
     """
-    with get_read_engine().connect() as connection:
+    with get_autocommit_engine().connect() as connection:
         item = queries.resource(connection, experiment_id)
     if item is None:
         raise not_found(Experiment, experiment_id)
@@ -96,7 +108,7 @@ async def metric_history(
     after: Annotated[int, Query(ge=-1, le=2**31 - 1,
                                 description="only the rows with a later step: a live tail")] = -1,
 ):
-    with get_read_engine().connect() as connection:  # in the event loop, as the status read
+    with get_autocommit_engine().connect() as connection:  # in the event loop, as the status read
         if wants_csv(request, format):
             if queries.status(connection, experiment_id) is None:
                 raise not_found(Experiment, experiment_id)

@@ -63,8 +63,8 @@ def submit(request: sweeps.SweepRequest, session: SessionDep, owner: OwnerDep, r
         members.extend(member.id for member in jobs.create_sweep(session, sweep, specs, idempotency_key=key))
         return sweep.id
 
-    sweep_id, new = create_once(session, owner, idempotency_key, "/sweeps", request.model_dump(mode="json"),
-                                create, response)
+    sweep_id, new = create_once(session, owner, idempotency_key, "/sweeps", request, create,
+                                response.headers)
     if new:
         jobs.send_many(session, members, enqueue_many)
     response.headers["Location"] = f"/sweeps/{sweep_id}"
