@@ -27,6 +27,11 @@ from service.settings import ANONYMOUS, Settings
 
 log = logging.getLogger("nclab.jobs")
 
+# How long the reconciler leaves a new, unsent job to the dispatcher that sends it after its
+# submit's response (in milliseconds, under load): a second message would be harmless, but
+# it is one more message per job for every reconcile round that falls in between.
+FIRST_SEND_GRACE = timedelta(seconds=5)
+
 
 def log_transition(experiment_id: str, old: str | None, new: str, **fields) -> None:
     """One JSON line per status change, for log pipelines: event, experiment, from, to, and the details."""
@@ -232,7 +237,8 @@ def reconcile(session: Session, settings: Settings, enqueue: Callable[[str], Non
 
     - running jobs with a stale heartbeat are re-queued, or failed once they have used
       up their attempts (or canceled, if a cancel was asked for);
-    - queued jobs whose message was never sent, or may have been lost, are (re-)sent.
+    - queued jobs whose message was never sent (a new one after FIRST_SEND_GRACE), or may
+      have been lost, are (re-)sent.
     """
     now = utcnow()
     stale_before = now - timedelta(seconds=settings.heartbeat_timeout)
@@ -265,7 +271,9 @@ def reconcile(session: Session, settings: Settings, enqueue: Callable[[str], Non
         log_transition(experiment_id, "running", status, attempt=attempt, reason=f"no heartbeat for {silent_for:.0f} s")
 
     # Only the jobs whose shortest possible delay has passed: a long queue is not read every round.
-    due = Experiment.sent_at.is_(None) | (Experiment.sent_at < now - _resend_delay(settings, 0))
+    # A new job's first send is the API's dispatcher's (service/dispatch.py) for a few seconds.
+    never_sent = Experiment.sent_at.is_(None) & (Experiment.created_at < now - FIRST_SEND_GRACE)
+    due = never_sent | (Experiment.sent_at < now - _resend_delay(settings, 0))
     queued = session.execute(
         select(Experiment.id, Experiment.sent_at, Experiment.send_count).where(Experiment.status == "queued", due)
     ).all()

@@ -71,10 +71,20 @@ def test_cancel_is_immediate_when_queued_and_cooperative_when_running(session):
     assert jobs.finish(session, running.id, 1, "canceled")
 
 
+def age(session, job: Experiment, seconds: float) -> None:
+    """Make the job as old as if it had been submitted ``seconds`` ago."""
+    session.execute(update(Experiment).where(Experiment.id == job.id)
+                    .values(created_at=utcnow() - timedelta(seconds=seconds)))
+    session.commit()
+
+
 def test_reconciler_requeues_stale_jobs_then_fails_them_at_the_attempt_cap(session):
     sent = []
     job = created(session)
-    jobs.reconcile(session, settings(), sent.append)  # never sent (e.g. broker was down): send it
+    jobs.reconcile(session, settings(), sent.append)
+    assert sent == []  # new and unsent: the API's dispatcher is about to send it
+    age(session, job, jobs.FIRST_SEND_GRACE.total_seconds() + 1)
+    jobs.reconcile(session, settings(), sent.append)  # still never sent (e.g. broker was down): send it
     assert sent == [job.id]
 
     for attempt in (1, 2):
@@ -98,6 +108,7 @@ def test_reconciler_resends_queued_jobs_with_backoff_and_tolerates_a_dead_broker
         raise ConnectionError("broker down")
 
     assert not jobs.send(session, job.id, broker_down)
+    age(session, job, jobs.FIRST_SEND_GRACE.total_seconds() + 1)
     sent = []
     jobs.reconcile(session, settings(), sent.append)
     jobs.reconcile(session, settings(), sent.append)  # sent just now: not again
