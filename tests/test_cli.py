@@ -151,31 +151,37 @@ def test_cancel_of_a_sweep_reaches_every_member(embedded, tmp_path):
             for m in members] == ["canceled"] * 3
 
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch):
-    """NCLAB_DATA_DIR with Debian's Fashion-MNIST in it, where installed."""
+    """NCLAB_DATA_DIR holding a file of every name the data sets need: a spec validates
+    against their presence, and these tests read no data."""
+    from service.datasets import DATASETS
     from service.settings import get_settings
 
-    if FASHION_MNIST.is_dir():
-        (tmp_path / "fashion_mnist").symlink_to(FASHION_MNIST)
+    for info in DATASETS.values():
+        for path in info.missing_files(tmp_path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
     monkeypatch.setenv("NCLAB_DATA_DIR", str(tmp_path))
     get_settings.cache_clear()
     yield tmp_path
     get_settings.cache_clear()
 
 
+def _arm(spec: dict) -> tuple:
+    """What tells the seed paper's arms apart (bench/paper.py groups by it)."""
+    return spec["normalization"], spec["logit_scale"], spec["weight_decay_scope"]
+
+
 @pytest.mark.parametrize(("name", "members"), [
-    ("ufm.json", 1), ("landscape-probe.json", 1), ("digits-three-modes.json", 9), ("paper-fashion-mnist.json", 18)])
+    ("ufm.json", 1), ("landscape-probe.json", 1), ("digits-three-modes.json", 9),
+    ("paper/fast-collapse-fashion-mnist-mlp.json", 21), ("paper/fast-collapse-mnist-resnet18.json", 21),
+    ("paper/paper-settings-cifar10-resnet18.json", 6), ("paper/paper-settings-cifar100-resnet18.json", 6)])
 def test_each_example_is_a_valid_request(data_dir, name, members):
     from service import sweeps
     from service.schemas import LabelledSubmission
 
     document = json.loads((EXAMPLES / name).read_text())
-    if "fashion" in name and not FASHION_MNIST.is_dir():
-        pytest.skip("dataset-fashion-mnist not installed (.ci/run installs it)")
     if "base" in document:
         specs = sweeps.members(sweeps.SweepRequest.model_validate(document))
         # Every member of a comparison differs from the others in what it varies.
@@ -183,3 +189,27 @@ def test_each_example_is_a_valid_request(data_dir, name, members):
     else:
         labelled = LabelledSubmission.model_validate(document if "spec" in document else {"spec": document})
         assert labelled.spec.kind == "ufm" and members == 1
+
+
+@pytest.mark.parametrize("name", ["fast-collapse-fashion-mnist-mlp.json", "fast-collapse-mnist-resnet18.json"])
+def test_the_fast_collapse_sweeps_hold_the_papers_arms_each_with_its_settings(data_dir, name):
+    from service import sweeps
+
+    specs = sweeps.members(sweeps.SweepRequest.model_validate_json((EXAMPLES / "paper" / name).read_text()))
+    arms: dict[tuple, list[dict]] = {}
+    for spec in specs:
+        arms.setdefault(_arm(spec), []).append(spec)
+    normalized = {arm: members for arm, members in arms.items() if arm[0] == "normalized"}
+    assert sorted(arm[1] for arm in normalized) == [1, 3, 5, 10, 30]
+    assert all(sorted(m["seed"] for m in members) == [0, 1, 2] for members in arms.values())
+    # Normalized as the paper trains it: nothing decayed.
+    assert all(m["weight_decay_scope"] == "none" for members in normalized.values() for m in members)
+    # Regularized with the paper's decays (lambda = 1e-4 on W and, summed, on the features) and with ours.
+    paper, ours = arms[("regularized", 10.0, "classifier")], arms[("regularized", 10.0, "all")]
+    assert {(m["weight_decay"], m["feature_decay"], m["feature_decay_reduction"]) for m in paper} == {
+        (1e-4, 1e-4, "sum")}
+    assert {(m["weight_decay"], m["feature_decay"], m["feature_decay_reduction"]) for m in ours} == {
+        (5e-4, 5e-4, "mean")}
+    # One budget for all: the same schedule, data and epochs in every arm.
+    shared = ("dataset", "architecture", "d", "n_per_class", "epochs", "lr", "lr_milestones", "batch_size")
+    assert len({tuple(json.dumps(spec[field]) for field in shared) for spec in specs}) == 1

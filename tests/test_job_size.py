@@ -15,6 +15,9 @@ from worker.nc.models import build_model
     ("resnet18", 3, 32, 10, 512, 0, 0),
     ("resnet18", 1, 28, 10, 64, 0, 0),
     ("resnet18", 1, 8, 5, 1024, 0, 0),
+    ("resnet50", 3, 32, 10, 2048, 0, 0),
+    ("resnet50", 3, 32, 10, 512, 0, 0),
+    ("resnet50", 1, 8, 5, 64, 0, 0),
     ("vgg11", 3, 32, 100, 512, 0, 0),
     ("vgg11", 1, 28, 10, 128, 0, 0),
     ("vgg11", 1, 8, 10, 64, 0, 0),
@@ -27,6 +30,23 @@ def test_parameter_counts_equal_the_models_the_worker_builds(architecture, chann
     else:
         estimate = getattr(job_size, architecture)(channels, side, d, K)
     assert estimate.parameters == sum(p.numel() for p in model.parameters())
+
+
+# d equal to the pooled width 8 x width (no projection) and different from it.
+@pytest.mark.parametrize(("width", "channels", "side", "d"), [
+    (16, 3, 32, 128), (16, 1, 28, 24), (64, 3, 32, 512), (64, 1, 8, 100), (8, 1, 28, 64),
+])
+def test_resnet18_parameter_counts_follow_the_width(width, channels, side, d):
+    model = build_model("resnet18", channels, side, 10, d, "normalized", 10.0, resnet18_width=width)
+    estimate = job_size.resnet18(channels, side, d, 10, width)
+    assert estimate.parameters == sum(p.numel() for p in model.parameters())
+
+
+def test_network_dispatches_on_the_architecture_and_defaults_the_resnet18_width():
+    spec = {"dataset": "cifar10", "gaussian_dim": 32, "K": 10, "d": 512, "architecture": "resnet18"}
+    assert job_size.network(spec) == job_size.resnet18(3, 32, 512, 10, 64)  # stored before the width was a field
+    assert job_size.network({**spec, "resnet18_width": 16}) == job_size.resnet18(3, 32, 512, 10, 16)
+    assert job_size.network({**spec, "architecture": "resnet50"}) == job_size.resnet50(3, 32, 512, 10)
 
 
 def _activation_elements(model, channels: int, side: int) -> int:
@@ -47,7 +67,9 @@ def _activation_elements(model, channels: int, side: int) -> int:
     return total
 
 
-@pytest.mark.parametrize(("architecture", "channels", "side"), [("resnet18", 3, 32), ("vgg11", 1, 28), ("mlp", 1, 8)])
+@pytest.mark.parametrize(("architecture", "channels", "side"), [
+    ("resnet18", 3, 32), ("resnet50", 1, 28), ("vgg11", 1, 28), ("mlp", 1, 8),
+])
 def test_activation_estimate_is_within_a_factor_of_two_of_the_layer_outputs(architecture, channels, side):
     model = build_model(architecture, channels, side, 10, 64, "normalized", 10.0)
     if architecture == "mlp":
@@ -70,3 +92,11 @@ def test_oversized_train_jobs_are_refused_with_the_estimate_and_the_cap():
         TrainSpec(kind="train", dataset="gaussian", K=10, gaussian_dim=100_000, mlp_width=16384)
     fine = TrainSpec(kind="train", dataset="digits")
     assert job_size.train_bytes(fine.model_dump(), (142,) * 10)["total"] < 2**30
+
+
+def test_the_test_subset_bounds_the_test_samples_counted():
+    counts = (6000,) * 10  # mnist-like: 10,000 test samples over 10 classes
+    spec = {"K": 4, "n_per_class": 30, "dataset": "mnist", "test_n_per_class": None}
+    assert job_size.samples(spec, counts) == (120, 4000)
+    assert job_size.samples({**spec, "test_n_per_class": 100}, counts) == (120, 400)
+    assert job_size.samples({**spec, "test_n_per_class": 5000}, counts) == (120, 4000)  # no more than there are

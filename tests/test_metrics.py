@@ -68,6 +68,7 @@ def reference_metrics(H, y, W=None, b=None, K=None, scale=1.0):
         nc2_equiangle_w=equiangle(W),
         nc2_etf_w=etf_distance(W @ W.T),
         nc3=np.linalg.norm(W / np.linalg.norm(W) - M / np.linalg.norm(M)) ** 2,
+        nc3_uncentred=np.linalg.norm(W / np.linalg.norm(W) - means / np.linalg.norm(means)) ** 2,
         nc3_etf=etf_distance(W @ M.T),
         nc4=np.mean(logits.argmax(axis=1) != nearest),
         accuracy=np.mean(logits.argmax(axis=1) == y),
@@ -189,12 +190,35 @@ def test_degenerate_inputs_give_nan_not_errors():
         "nc2_equiangle_w",
         "nc2_etf_w",
         "nc3",
+        "nc3_uncentred",
         "nc3_etf",
     ):
         assert math.isnan(got[key]), key
     assert got["nc1_cdnv"] == math.inf  # spread over zero distance
     assert got["loss"] == pytest.approx(math.log(3), rel=1e-15)
     assert got["accuracy"] == pytest.approx(1 / 3)
+
+
+def test_nc3_uncentred_equals_nc3_at_a_zero_global_mean_and_sees_a_shift_that_nc3_ignores():
+    K, d = 4, 6
+    rng = np.random.default_rng(3)
+    etf = np.sqrt(K / (K - 1)) * (np.eye(K) - np.ones((K, K)) / K)  # rows sum to zero
+    means = np.hstack([etf, np.zeros((K, d - K))])
+    y = np.repeat(np.arange(K), 5)
+    noise = 1e-3 * rng.standard_normal((len(y), d))
+    noise -= np.stack([noise[y == k].mean(axis=0) for k in range(K)])[y]  # class means exactly `means`
+    W = means + 0.1 * rng.standard_normal((K, d))
+
+    centred = collapse_metrics(means[y] + noise, y, W)
+    assert centred["nc3_uncentred"] == pytest.approx(centred["nc3"], rel=1e-12)
+
+    shift = np.full(d, 2.0)
+    shifted = collapse_metrics(means[y] + noise + shift, y, W)
+    assert shifted["nc3"] == pytest.approx(centred["nc3"], rel=1e-12)  # nc3 centres the means
+    uncentred = means + shift
+    expected = np.linalg.norm(W / np.linalg.norm(W) - uncentred / np.linalg.norm(uncentred)) ** 2
+    assert shifted["nc3_uncentred"] == pytest.approx(expected, rel=1e-12)
+    assert shifted["nc3_uncentred"] > centred["nc3_uncentred"] + 0.1
 
 
 # CollapseAccumulator: the same catalogue from batches, against the one-shot result.

@@ -34,8 +34,23 @@ def api_schema(pg_admin, tmp_path_factory):
         with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {KEY}"}) as client:
             for seed in range(3):
                 client.post("/experiments", json={"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2, "seed": seed})
-        schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json", headers={"Authorization": f"Bearer {KEY}"})
+        document = httpx.get(f"{base_url}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
+        schema = schemathesis.openapi.from_dict(without_cross_field_rules(document))
+        schema.location = f"{base_url}/openapi.json"  # requests go to this server
         yield schema
+
+
+def without_cross_field_rules(document: dict) -> dict:
+    """The document with the specs' if/then rules (which fields each setting uses) left out.
+
+    The generator expands every rule into its branches, and their product over a train
+    spec's eight rules is past what it takes. Without them it also sends specs that break
+    a rule: the API's 422 for those is a documented answer, and test_hardening checks the
+    rules themselves against the API.
+    """
+    for spec in ("UFMSpec", "TrainSpec"):
+        document["components"]["schemas"][spec].pop("allOf", None)
+    return document
 
 
 def test_no_server_error_and_nothing_undocumented(api_schema):

@@ -1,7 +1,10 @@
-"""Sweeps over real HTTP, PostgreSQL, Redis and a Celery worker."""
+"""Sweeps over real HTTP, PostgreSQL, Redis and a Celery worker; and how members are built."""
 
 import itertools
 
+import pytest
+
+from service import sweeps
 from tests.support import ENDLESS_UFM, wait_for_status
 
 BASE = {"kind": "ufm", "d": 6, "n_per_class": 2}
@@ -65,3 +68,25 @@ def test_cancel_reaches_every_member(production):
         assert final["status"] == "canceled"
     assert client.get(f"/sweeps/{sweep['id']}").json()["status_counts"]["canceled"] == 3
     assert client.get("/sweeps/nope").status_code == 404
+
+
+def test_a_base_may_hold_every_modes_fields_and_each_member_keeps_those_its_mode_uses():
+    """One base, "the same budget three ways": the paper's settings for each mode in one file."""
+    base = {"kind": "train", "dataset": "digits", "epochs": 3, "logit_scale": 3.0, "weight_decay": 1e-4,
+            "weight_decay_scope": "classifier", "feature_decay": 1e-4, "feature_decay_reduction": "sum",
+            "lr_schedule": "milestones", "lr_milestones": [2]}
+    request = sweeps.SweepRequest(base=base, variants=[{"normalization": n} for n in ("normalized", "regularized",
+                                                                                         "none")])
+    normalized, regularized, plain = sweeps.members(request)
+    assert (normalized["logit_scale"], normalized["weight_decay_scope"]) == (3.0, "classifier")
+    assert (normalized["feature_decay"], normalized["feature_decay_reduction"]) == (5e-4, "mean")  # defaults
+    assert (regularized["feature_decay"], regularized["feature_decay_reduction"]) == (1e-4, "sum")
+    assert (regularized["logit_scale"], regularized["weight_decay"]) == (10.0, 1e-4)
+    assert (plain["weight_decay"], plain["weight_decay_scope"], plain["logit_scale"]) == (5e-4, None, 10.0)
+    assert all(member["lr_milestones"] == [2] for member in (normalized, regularized, plain))  # used by all three
+
+    # Set by a variant, an unused field is the member's own mistake.
+    request = sweeps.SweepRequest(base=base, variants=[{"normalization": "normalized", "feature_decay": 0.1}])
+    with pytest.raises(sweeps.InvalidMember) as error:
+        sweeps.members(request)
+    assert error.value.field == "feature_decay" and "normalization 'regularized'" in error.value.message

@@ -16,7 +16,7 @@ from worker.nc.train import TrainConfig, learning_rate, make_optimizer, train
 from worker.nc.ufm import Diverged, Stopped
 
 CATALOGUE = ("nc1", "nc1_cdnv", "nc2_equinorm_m", "nc2_equinorm_w", "nc2_equiangle_m",
-             "nc2_equiangle_w", "nc2_etf_m", "nc2_etf_w", "nc3", "nc3_etf", "nc4",
+             "nc2_equiangle_w", "nc2_etf_m", "nc2_etf_w", "nc3", "nc3_uncentred", "nc3_etf", "nc4",
              "accuracy", "loss")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -65,6 +65,32 @@ def test_forward_shapes_and_feature_width(architecture, channels, size, dim, nor
         torch.testing.assert_close(model(x), scale * features @ weight.T + bias)
 
 
+# Each architecture on both input shapes, with d equal to the backbone's pooled width
+# (2048 for resnet50, 8 x 16 for the narrow resnet18: no projection) and different from it.
+@pytest.mark.parametrize("architecture,width,dim,channels,size", [
+    ("resnet50", 64, 2048, 1, 28), ("resnet50", 64, 24, 3, 32),
+    ("resnet18", 16, 128, 3, 32), ("resnet18", 16, 24, 1, 28),
+])
+@torch.no_grad()
+def test_resnet50_and_narrow_resnet18_forward_shapes(architecture, width, dim, channels, size):
+    model = build_model(architecture, channels, size, num_classes=5, dim=dim,
+                        normalization="normalized", logit_scale=10.0, resnet18_width=width)
+    x = torch.randn(2, channels, size, size)
+    features = model.features(x)
+    assert features.shape == (2, dim)
+    assert model.classify(features).shape == (2, 5)
+    pooled_width = 2048 if architecture == "resnet50" else 8 * width
+    assert isinstance(model.backbone[-1], torch.nn.Linear) == (dim != pooled_width)
+
+
+# Counted before resnet18_width existed: the default width must still build the standard model.
+@pytest.mark.parametrize("channels,size,num_classes,dim,parameters", [(3, 32, 10, 512, 11_173_962),
+                                                                      (1, 28, 5, 24, 11_180_117)])
+def test_default_resnet18_is_the_standard_one(channels, size, num_classes, dim, parameters):
+    model = build_model("resnet18", channels, size, num_classes, dim, "normalized", 10.0)
+    assert sum(p.numel() for p in model.parameters()) == parameters
+
+
 def test_normalized_mode_keeps_rows_and_features_on_the_sphere(monkeypatch):
     models = record_models(monkeypatch)
     train(small_config(normalization="normalized", lr=0.5), "/unused")
@@ -102,8 +128,9 @@ def test_digits_mlp_collapses_as_it_trains():
         on_progress=progress.append)
     assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
     for row in history:
-        assert set(CATALOGUE) | {"epoch", "lr", "train_loss", "train_accuracy", "test_loss",
-                                 "test_accuracy"} == set(row)
+        # The catalogue on the training set, and again on the test set.
+        assert set(CATALOGUE) | {f"test_{key}" for key in CATALOGUE} | {"epoch", "lr", "train_loss",
+                                                                          "train_accuracy"} == set(row)
     nc1 = [row["nc1"] for row in history]
     assert nc1[-1] < 0.6 * nc1[0]
     assert history[-1]["train_accuracy"] > history[0]["train_accuracy"]

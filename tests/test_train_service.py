@@ -60,7 +60,7 @@ def test_missing_data_files_are_a_422_naming_them_at_submit_time(production):
         ({"dataset": "digits", "epochs": 0}, "epochs"),
         ({"dataset": "digits", "lr": 0}, "lr"),
         ({"dataset": "imagenet"}, "dataset"),
-        ({"dataset": "digits", "architecture": "resnet50"}, "architecture"),
+        ({"dataset": "digits", "architecture": "resnet34"}, "architecture"),
         ({"dataset": "digits", "lr_schedule": "warmup"}, "lr_schedule"),
     ],
 )

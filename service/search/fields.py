@@ -26,12 +26,13 @@ KEY_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 CATALOGUE_METRICS = (
     "nc1", "nc1_cdnv", "nc2_equinorm_m", "nc2_equinorm_w", "nc2_equiangle_m", "nc2_equiangle_w",
-    "nc2_etf_m", "nc2_etf_w", "nc3", "nc3_etf", "nc4", "accuracy", "loss",
+    "nc2_etf_m", "nc2_etf_w", "nc3", "nc3_uncentred", "nc3_etf", "nc4", "accuracy", "loss",
 )
 # Keys of a history row, beside its step.
 HISTORY_KEYS = CATALOGUE_METRICS + (
     "cross_entropy", "grad_norm", "w_min_angle_deg",  # UFM checkpoints
-    "epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy",  # training epochs
+    "epoch", "lr", "train_loss", "train_accuracy",  # training epochs, with the catalogue on the test set:
+    *(f"test_{key}" for key in CATALOGUE_METRICS),
 )
 RESULT_TYPES: dict[str, FieldType] = {
     **{key: "number" for key in HISTORY_KEYS},

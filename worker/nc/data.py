@@ -72,7 +72,7 @@ class Dataset:
 def load_dataset(name: str, data_dir, num_classes: int, n_per_class: int | None = None,
                  seed: int = 0, random_labels: bool = False, gaussian_dim: int = 32,
                  gaussian_train_per_class: int = 100, gaussian_test_per_class: int = 50,
-                 gaussian_noise: float = 1.0) -> Dataset:
+                 gaussian_noise: float = 1.0, test_n_per_class: int | None = None) -> Dataset:
     """The first `num_classes` classes of data set `name`.
 
     `n_per_class` keeps the first n training samples of each class, in file order.
@@ -80,7 +80,8 @@ def load_dataset(name: str, data_dir, num_classes: int, n_per_class: int | None 
     "Understanding deep learning requires rethinking generalization"): a permutation
     rather than fresh draws keeps every class's count, so a balanced subset stays
     balanced and no class is left empty. The test set is all test samples of the
-    first K classes, with true labels.
+    first K classes, with true labels; `test_n_per_class` keeps the first n of each
+    (all of a class that has fewer).
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
@@ -101,6 +102,9 @@ def load_dataset(name: str, data_dir, num_classes: int, n_per_class: int | None 
 
     if n_per_class is not None:
         train_x, train_y = _first_per_class(train_x, train_y, num_classes, n_per_class)
+    if test_n_per_class is not None:
+        smallest = int(torch.bincount(test_y, minlength=num_classes).min())
+        test_x, test_y = _first_per_class(test_x, test_y, num_classes, min(test_n_per_class, smallest))
     if random_labels:
         generator = torch.Generator().manual_seed(seed)
         train_y = train_y[torch.randperm(len(train_y), generator=generator)]

@@ -5,6 +5,8 @@ terminal phase of deep learning training"; the ETF-distance forms (`nc2_etf_*`,
 `nc3_etf`) follow Zhu et al. (NeurIPS 2021), "A geometric analysis of neural collapse
 with unconstrained features", as used by Yaras et al. (NeurIPS 2022); `nc1_cdnv` is the
 class-distance normalized variance of Galanti, Gyorgy & Hutter (ICLR 2022).
+`nc3_uncentred` is `nc3` with the class means not centred on the global mean, the form
+of Yaras et al.'s released code: norm_F(W / norm_F(W) - U / norm_F(U))^2, U's rows mu_k.
 
 Two entry points give the same catalogue: `collapse_metrics` for features held in memory,
 and `CollapseAccumulator` for features that arrive in batches (an evaluation pass of a
@@ -49,6 +51,7 @@ CLASSIFIER_KEYS = (
     "nc2_equiangle_w",
     "nc2_etf_w",
     "nc3",
+    "nc3_uncentred",
     "nc3_etf",
     "nc4",
     "accuracy",
@@ -322,6 +325,7 @@ def _classifier_geometry_metrics(geometry: _ClassGeometry, classifier: torch.Ten
         "nc2_equiangle_w": _equiangle(classifier_gram),
         "nc2_etf_w": _distance_to_etf(classifier_gram),
         "nc3": _self_duality(classifier, geometry.centred_means),
+        "nc3_uncentred": _self_duality(classifier, geometry.class_means),
         "nc3_etf": _distance_to_etf(classifier @ geometry.centred_means.T),
     }
 
@@ -490,5 +494,5 @@ def _distance_to_etf(gram: torch.Tensor) -> torch.Tensor:
     return (gram / gram.norm() - etf).norm()
 
 
-def _self_duality(classifier: torch.Tensor, centred_means: torch.Tensor) -> torch.Tensor:
-    return (classifier / classifier.norm() - centred_means / centred_means.norm()).norm() ** 2
+def _self_duality(classifier: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    return (classifier / classifier.norm() - means / means.norm()).norm() ** 2

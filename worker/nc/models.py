@@ -8,7 +8,8 @@ fixed logit scale s. Otherwise the logits are the plain W h + b of Papyan et al.
 and Zhu et al. (NeurIPS 2021).
 
 The penultimate features are, as in those papers, what the last hidden layer emits: for
-`mlp`, and for `resnet18` / `vgg11` at d = 512, the output of a ReLU (then average
+`mlp`, and for the conv nets when d equals the backbone's output channels (`resnet18`:
+8 x `resnet18_width`, `resnet50`: 2048, `vgg11`: 512), the output of a ReLU (then average
 pooled), so they are nonnegative. The metrics centre them on the global mean, so a
 collapsed geometry still shows as a simplex ETF.
 """
@@ -19,10 +20,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-ARCHITECTURES = ("mlp", "resnet18", "vgg11")
+ARCHITECTURES = ("mlp", "resnet18", "resnet50", "vgg11")
 
-# Conv backbones end in this many channels; a linear map follows when d differs.
-CONV_WIDTH = 512
+# Residual blocks per stage; each stage after the first halves the resolution and
+# doubles the width.
+RESNET18_BLOCKS = (2, 2, 2, 2)
+RESNET50_BLOCKS = (3, 4, 6, 3)
 
 VGG11_LAYERS = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
@@ -74,13 +77,16 @@ class NCModel(nn.Module):
 
 def build_model(architecture: str, in_channels: int, image_size: int, num_classes: int,
                 dim: int, normalization: str, logit_scale: float, mlp_depth: int = 3,
-                mlp_width: int = 512) -> NCModel:
+                mlp_width: int = 512, resnet18_width: int = 64) -> NCModel:
     """An NCModel; inputs are N x in_channels x image_size x image_size (an MLP flattens
-    them, so vector inputs of width D are in_channels = D, image_size = 1)."""
+    them, so vector inputs of width D are in_channels = D, image_size = 1).
+    `resnet18_width` is the width of resnet18's stem and first stage (64 is the standard)."""
     if architecture == "mlp":
         backbone = mlp(in_channels * image_size**2, mlp_depth, mlp_width, dim)
     elif architecture == "resnet18":
-        backbone = resnet18(in_channels, dim)
+        backbone = resnet18(in_channels, dim, resnet18_width)
+    elif architecture == "resnet50":
+        backbone = resnet50(in_channels, dim)
     elif architecture == "vgg11":
         backbone = vgg11(in_channels, image_size, dim)
     else:
@@ -109,29 +115,38 @@ def conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
     ]
 
 
-def pooled_head(dim: int) -> list[nn.Module]:
-    """Global average pool to CONV_WIDTH features, and a linear map to d when d differs."""
+def pooled_head(channels: int, dim: int) -> list[nn.Module]:
+    """Global average pool of a backbone's `channels` feature maps, and a linear map to d
+    when d differs."""
     head: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    if dim != CONV_WIDTH:
-        head.append(nn.Linear(CONV_WIDTH, dim))
+    if dim != channels:
+        head.append(nn.Linear(channels, dim))
     return head
 
 
-class BasicBlock(nn.Module):
-    """He et al. (2016): two 3x3 convolutions and an identity (or 1x1 projection) shortcut."""
+def shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
+    """A residual block's skip path: the identity when the shapes match, else a 1x1
+    projection that matches both the channel count and the resolution."""
+    if stride == 1 and in_channels == out_channels:
+        return nn.Identity()
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+        nn.BatchNorm2d(out_channels),
+    )
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int):
+
+class BasicBlock(nn.Module):
+    """He et al. (2016): two 3x3 convolutions and a shortcut; emits `planes` channels."""
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, planes: int, stride: int):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
+        self.conv1 = nn.Conv2d(in_channels, planes, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = shortcut(in_channels, planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -139,15 +154,56 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-def resnet18(in_channels: int, dim: int) -> nn.Sequential:
-    """ResNet-18 with the CIFAR stem (3x3 conv, stride 1, no max-pool): small images keep
-    their resolution into the first stage. Three stride-2 stages take 8x8 inputs to 1x1."""
-    layers = conv_bn_relu(in_channels, 64)
-    channels = 64
-    for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-        layers += [BasicBlock(channels, width, stride), BasicBlock(width, width, 1)]
-        channels = width
-    return nn.Sequential(*layers, *pooled_head(dim))
+class Bottleneck(nn.Module):
+    """He et al. (2016): a 1x1 convolution down to `planes` channels, a 3x3 at that width,
+    and a 1x1 up to 4 x `planes`, plus a shortcut. The stride is on the 3x3 convolution,
+    as in the seed paper's code (and torchvision), not on the first 1x1."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, planes: int, stride: int):
+        super().__init__()
+        out_channels = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.shortcut = shortcut(in_channels, out_channels, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+def resnet(in_channels: int, width: int, blocks_per_stage: tuple[int, ...],
+           block: type[BasicBlock] | type[Bottleneck], dim: int) -> nn.Sequential:
+    """A ResNet with the CIFAR stem (3x3 conv, stride 1, no max-pool): small images keep
+    their resolution into the first stage. Three stride-2 stages take 8x8 inputs to 1x1.
+    Stage i's blocks work at width x 2^i planes and emit block.expansion times that."""
+    layers = conv_bn_relu(in_channels, width)
+    channels = width
+    for stage, blocks in enumerate(blocks_per_stage):
+        planes = width * 2**stage
+        for index in range(blocks):
+            stride = 2 if stage > 0 and index == 0 else 1
+            layers.append(block(channels, planes, stride))
+            channels = planes * block.expansion
+    return nn.Sequential(*layers, *pooled_head(channels, dim))
+
+
+def resnet18(in_channels: int, dim: int, width: int = 64) -> nn.Sequential:
+    """ResNet-18 with stages of width, 2 width, 4 width and 8 width channels (64 is the
+    standard), so the pooled features are 8 x width wide."""
+    return resnet(in_channels, width, RESNET18_BLOCKS, BasicBlock, dim)
+
+
+def resnet50(in_channels: int, dim: int) -> nn.Sequential:
+    """ResNet-50: bottleneck stages of 64 to 512 planes, so the pooled features are 2048 wide."""
+    return resnet(in_channels, 64, RESNET50_BLOCKS, Bottleneck, dim)
 
 
 def vgg11(in_channels: int, image_size: int, dim: int) -> nn.Sequential:
@@ -163,4 +219,4 @@ def vgg11(in_channels: int, image_size: int, dim: int) -> nn.Sequential:
         else:
             layers += conv_bn_relu(channels, layer)
             channels = layer
-    return nn.Sequential(*layers, *pooled_head(dim))
+    return nn.Sequential(*layers, *pooled_head(channels, dim))

@@ -5,19 +5,28 @@ Three modes (`normalization`), as in DESIGN.md:
 - "normalized" (Yaras et al., NeurIPS 2022): features h / ||h||, classifier rows on the
   unit sphere, logits s <w_k, h> + b_k. The rows are normalized in the forward pass (so
   their gradient is the Riemannian one) and renormalized in place after every optimizer
-  step (the retraction). Weight decay applies to the backbone only: on unit rows it
-  would only fight the retraction.
-- "regularized" (Zhu et al., NeurIPS 2021): weight decay on every parameter, classifier
-  included, plus feature decay: loss += feature_decay / 2 * batch mean of ||h||^2. The
-  classifier is left free (not renormalized).
+  step (the retraction). Weight decay applies to the backbone only by default: on unit
+  rows it would only fight the retraction.
+- "regularized" (Zhu et al., NeurIPS 2021): weight decay on every parameter by default,
+  classifier included, plus feature decay: loss += feature_decay / 2 * the batch mean of
+  ||h||^2 (or, with feature_decay_reduction "sum", its sum over the batch, as the seed
+  paper's code does: batch_size times as strong). The classifier is left free (not
+  renormalized).
 - "none": plain cross-entropy, no weight decay, no feature decay (Papyan et al. 2020).
 
-Every `metrics_every` epochs and after the last, the metric catalogue is measured on the
-whole training set in eval mode, without augmentation, from the features as fed to the
-classifier and the effective classifier (unit rows and scale s when normalized); the
-reported `loss` and `accuracy` are then that eval-mode cross-entropy and accuracy, while
-`train_loss` / `train_accuracy` are the running figures of the epoch's mini-batches (the
-cross-entropy alone, without the decay terms, so that the modes compare).
+`weight_decay_scope` moves the weight decay: "classifier" decays W and b only (the seed
+paper's regularized objective, lambda/2 ||W||^2, with no decay on the backbone), "none"
+decays nothing (its normalized runs).
+
+Every `metrics_every` epochs and after the last (and, with `metrics_at_start`, once
+before the first step, as epoch 0), the metric catalogue is measured in eval mode,
+without augmentation, from the features as fed to the classifier and the effective
+classifier (unit rows and scale s when normalized): on the training set, and on the test
+set as the same keys prefixed `test_` (`test_nc1`, ..., `test_loss`, `test_accuracy`).
+The reported `loss` and `accuracy` are the training set's eval-mode cross-entropy and
+accuracy, while `train_loss` / `train_accuracy` are the running figures of the epoch's
+mini-batches (the cross-entropy alone, without the decay terms, so that the modes
+compare).
 
     row = train(TrainConfig(dataset="digits", architecture="mlp",
                             normalization="normalized", num_classes=10, dim=64), data_dir)
@@ -31,13 +40,17 @@ import torch
 from torch.nn import functional as F
 
 from worker.nc.data import load_dataset
-from worker.nc.metrics import collapse_metrics, cross_entropy_per_sample
+from worker.nc.metrics import collapse_metrics
 from worker.nc.models import NCModel, build_model
 from worker.nc.ufm import Diverged, Stopped
 
 NORMALIZATIONS = ("normalized", "regularized", "none")
 OPTIMIZERS = ("sgd", "adam")
-LR_SCHEDULES = ("constant", "step", "cosine")
+LR_SCHEDULES = ("constant", "step", "cosine", "milestones")
+WEIGHT_DECAY_SCOPES = ("all", "backbone", "classifier", "none")
+# Where weight_decay_scope is not given: unit classifier rows are not decayed (decay would
+# only fight the retraction), the regularized objective decays every parameter.
+DEFAULT_DECAY_SCOPES = {"normalized": "backbone", "regularized": "all", "none": "none"}
 
 # The loss is checked for NaN/inf once per this many batches (and at the end of each
 # epoch): a check makes the host wait for the device, and the batch that failed is still
@@ -61,15 +74,22 @@ class TrainConfig:
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9  # sgd only
-    lr_schedule: str = "constant"  # constant | step | cosine
-    weight_decay: float = 5e-4  # backbone (normalized) or everything (regularized)
+    lr_schedule: str = "constant"  # constant | step | cosine | milestones
+    lr_milestones: tuple[int, ...] | None = None  # 1-based epochs at whose start lr *= lr_gamma
+    lr_gamma: float = 0.1
+    weight_decay: float = 5e-4
+    weight_decay_scope: str | None = None  # None: DEFAULT_DECAY_SCOPES[normalization]
     feature_decay: float = 5e-4  # regularized only
+    feature_decay_reduction: str = "mean"  # mean | sum over the batch
     n_per_class: int | None = None
+    test_n_per_class: int | None = None
     random_labels: bool = False
     metrics_every: int = 1
+    metrics_at_start: bool = False
     seed: int = 0
     mlp_depth: int = 3  # mlp: hidden layers; the last hidden width is `dim`
     mlp_width: int = 512
+    resnet18_width: int = 64
     gaussian_dim: int = 32
     gaussian_train_per_class: int = 100
     gaussian_test_per_class: int = 50
@@ -78,7 +98,9 @@ class TrainConfig:
     def __post_init__(self):
         for field, value, allowed in (("normalization", self.normalization, NORMALIZATIONS),
                                       ("optimizer", self.optimizer, OPTIMIZERS),
-                                      ("lr_schedule", self.lr_schedule, LR_SCHEDULES)):
+                                      ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
+                                      ("weight_decay_scope", self.weight_decay_scope, (None, *WEIGHT_DECAY_SCOPES)),
+                                      ("feature_decay_reduction", self.feature_decay_reduction, ("mean", "sum"))):
             if value not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
         if self.dataset == "gaussian" and self.architecture != "mlp":
@@ -88,10 +110,21 @@ class TrainConfig:
         if self.epochs < 1 or self.metrics_every < 1:
             raise ValueError("epochs and metrics_every must be at least 1")
 
+    @property
+    def decay_scope(self) -> str:
+        """The parameters weight_decay applies to: all, backbone, classifier or none."""
+        if self.normalization == "none":
+            return "none"
+        return self.weight_decay_scope or DEFAULT_DECAY_SCOPES[self.normalization]
+
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:
     """The rate for 0-based `epoch`: constant; step (x0.1 after 1/3 and after 2/3 of the
-    epochs, as in Papyan et al. 2020); or cosine annealing per epoch."""
+    epochs, as in Papyan et al. 2020); milestones (x lr_gamma at the start of each
+    1-based milestone epoch, as Yaras et al. 2022 do every 40 epochs); or cosine
+    annealing per epoch."""
+    if config.lr_schedule == "milestones":
+        return config.lr * config.lr_gamma ** sum(epoch + 1 >= m for m in config.lr_milestones or ())
     if config.lr_schedule == "step":
         milestones = [m for m in (config.epochs // 3, 2 * config.epochs // 3) if m > 0]
         return config.lr * 0.1 ** sum(epoch >= m for m in milestones)
@@ -102,9 +135,11 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
 
 def make_optimizer(config: TrainConfig, model: NCModel) -> torch.optim.Optimizer:
     """SGD with momentum or Adam; decay as an L2 term in the gradient, so that the
-    regularized mode minimizes the objective of Zhu et al. (2021) exactly."""
-    backbone_decay = 0.0 if config.normalization == "none" else config.weight_decay
-    classifier_decay = config.weight_decay if config.normalization == "regularized" else 0.0
+    regularized mode minimizes the objective of Zhu et al. (2021) exactly, on the
+    parameters that `decay_scope` names (the classifier's are W and b)."""
+    scope = config.decay_scope
+    backbone_decay = config.weight_decay if scope in ("all", "backbone") else 0.0
+    classifier_decay = config.weight_decay if scope in ("all", "classifier") else 0.0
     groups = [
         {"params": model.backbone.parameters(), "weight_decay": backbone_decay},
         {"params": model.classifier.parameters(), "weight_decay": classifier_decay},
@@ -112,6 +147,17 @@ def make_optimizer(config: TrainConfig, model: NCModel) -> torch.optim.Optimizer
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.lr)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+
+
+def feature_penalty(config: TrainConfig, features: torch.Tensor) -> torch.Tensor | float:
+    """The regularized mode's feature decay: feature_decay / 2 * ||h||^2, averaged over the
+    batch (ours: independent of the batch size) or summed (the seed paper's code); 0 in
+    the other modes."""
+    if config.normalization != "regularized" or not config.feature_decay:
+        return 0.0
+    squared_norms = features.pow(2).sum(dim=1)
+    per_batch = squared_norms.sum() if config.feature_decay_reduction == "sum" else squared_norms.mean()
+    return config.feature_decay / 2 * per_batch
 
 
 def batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -149,13 +195,13 @@ def train(
     data = load_dataset(
         config.dataset, data_dir, config.num_classes, config.n_per_class, config.seed,
         config.random_labels, config.gaussian_dim, config.gaussian_train_per_class,
-        config.gaussian_test_per_class, config.gaussian_noise)
+        config.gaussian_test_per_class, config.gaussian_noise, config.test_n_per_class)
     # Initialize from the seed without disturbing the caller's global random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = build_model(config.architecture, data.channels, data.image_size,
                             config.num_classes, config.dim, config.normalization,
-                            config.logit_scale, config.mlp_depth, config.mlp_width)
+                            config.logit_scale, config.mlp_depth, config.mlp_width, config.resnet18_width)
     model.to(device)
     optimizer = make_optimizer(config, model)
     # The whole data set lives on the device: a batch is one gather, not a DataLoader.
@@ -163,12 +209,16 @@ def train(
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
     generator = torch.Generator().manual_seed(config.seed)
     normalized = config.normalization == "normalized"
-    feature_decay = config.feature_decay if config.normalization == "regularized" else 0.0
 
     num_samples = len(train_y)
     batches_per_epoch = len(batches(torch.arange(num_samples), config.batch_size))
     total_batches = batches_per_epoch * config.epochs
     row: dict = {}
+    if compute_metrics and config.metrics_at_start:
+        row = {"epoch": 0, "lr": learning_rate(config, 0),
+               **evaluate(model, train_x, train_y, test_x, test_y, config.num_classes)}
+        if on_epoch is not None:
+            on_epoch(0, row)
     for epoch in range(1, config.epochs + 1):
         lr = learning_rate(config, epoch - 1)
         for group in optimizer.param_groups:
@@ -186,9 +236,7 @@ def train(
             features = model.features(x)
             logits = model.classify(features)
             loss = F.cross_entropy(logits, y)
-            objective = loss
-            if feature_decay:
-                objective = loss + feature_decay / 2 * features.pow(2).sum(dim=1).mean()
+            objective = loss + feature_penalty(config, features)
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
             optimizer.step()
@@ -241,17 +289,19 @@ def _check_finite(loss_sums: torch.Tensor, start: int, stop: int, epoch: int) ->
 
 @torch.no_grad()
 def evaluate(model: NCModel, train_x, train_y, test_x, test_y, num_classes: int) -> dict:
-    """The catalogue on the training set, plus test_loss and test_accuracy, in eval mode.
+    """The catalogue on the training set, and again on the test set with keys prefixed
+    `test_`, in eval mode.
 
-    The features of the whole training set are kept (N x d, as large as the data set's
-    inputs at most) and handed to collapse_metrics in one piece, which costs less than
-    the two passes over the network that CollapseAccumulator's nc4 would need.
+    The features of each whole set are kept (N x d, as large as the data set's inputs at
+    most) and handed to collapse_metrics in one piece, which costs less than the two
+    passes over the network that CollapseAccumulator's nc4 would need.
     """
     model.eval()
-    features = torch.cat([model.features(x) for x in train_x.split(EVAL_BATCH_SIZE)])
     weight, bias, scale = model.effective_classifier()
-    metrics = collapse_metrics(features, train_y, weight, bias, num_classes, scale)
-    logits = torch.cat([model(x) for x in test_x.split(EVAL_BATCH_SIZE)])
-    test_loss = cross_entropy_per_sample(logits.double(), test_y).mean().item()
-    test_accuracy = (logits.argmax(dim=1) == test_y).double().mean().item()
-    return {**metrics, "test_loss": test_loss, "test_accuracy": test_accuracy}
+
+    def catalogue(x, y) -> dict:
+        features = torch.cat([model.features(block) for block in x.split(EVAL_BATCH_SIZE)])
+        return collapse_metrics(features, y, weight, bias, num_classes, scale)
+
+    test = catalogue(test_x, test_y)
+    return {**catalogue(train_x, train_y), **{f"test_{key}": value for key, value in test.items()}}
