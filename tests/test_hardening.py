@@ -108,7 +108,10 @@ def test_api_keys_need_the_bearer_scheme_and_guard_the_docs_too(processes):
             _problem(client.get(path), 401)
             assert client.get(path, headers={"Authorization": "Bearer alice-key"}).status_code == 200
         schema = client.get("/openapi.json", headers={"X-API-Key": "alice-key"}).json()
-        assert set(schema["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
+        assert set(schema["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader", "APIKeyCookie"}
+        # The dashboard's cookie is a key like the others.
+        assert httpx.get(f"{base_url}/experiments", cookies={"nclab_api_key": "alice-key"}).status_code == 200
+        assert httpx.get(f"{base_url}/experiments", cookies={"nclab_api_key": "bob-key"}).status_code == 401
         assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code in (200, 503)
 
 

@@ -5,7 +5,7 @@ from collections.abc import Callable, MutableMapping
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyCookie, APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
@@ -31,21 +31,31 @@ def _owner_of(presented: str, key_owners: dict[str, str]) -> str | None:
 # Declared as security schemes, so that the OpenAPI document says how to authenticate.
 bearer = HTTPBearer(auto_error=False, description="an API key from NCLAB_API_KEYS")
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key from NCLAB_API_KEYS")
+# The dashboard's: set by its sign-in form, so that the browser's own requests (pages,
+# plots, CSV links) carry the key. SameSite=Strict: another site cannot make a browser send it.
+UI_KEY_COOKIE = "nclab_api_key"
+api_key_cookie = APIKeyCookie(name=UI_KEY_COOKIE, auto_error=False,
+                              description="an API key from NCLAB_API_KEYS, as the dashboard's sign-in sets it")
+
+
+def owner_of_key(presented: str) -> str | None:
+    """The owner of a presented key: 'anonymous' when no keys are set, None for an unknown key."""
+    key_owners = get_settings().key_owners
+    if not key_owners:
+        return ANONYMOUS
+    return _owner_of(presented, key_owners)
 
 
 async def require_api_key(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     x_api_key: Annotated[str | None, Depends(api_key_header)],
+    cookie: Annotated[str | None, Depends(api_key_cookie)],
 ) -> str:
     """The caller's owner name: the key's owner when keys are set, else 'anonymous'.
 
     ``Authorization`` must name the Bearer scheme (in any case); a bare key there is refused.
     """
-    key_owners = get_settings().key_owners
-    if not key_owners:
-        return ANONYMOUS
-    presented = x_api_key or (credentials.credentials if credentials else "")
-    owner = _owner_of(presented, key_owners)
+    owner = owner_of_key(x_api_key or (credentials.credentials if credentials else "") or cookie or "")
     if owner is None:
         raise HTTPException(401, "missing or unknown API key: send 'Authorization: Bearer <key>'",
                             headers={"WWW-Authenticate": "Bearer"})

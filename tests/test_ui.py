@@ -1,0 +1,236 @@
+"""The dashboard in a real browser: Debian's chromium driven by selenium, against `nclab serve`
+with real experiments. Screenshots of each page (1280x800) go to a temporary folder that
+the run prints."""
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import make_processes, running
+from tests.support import ENDLESS_UFM, free_port, wait_for_status, wait_ready
+
+pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[test]')")
+from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+if not (CHROMIUM and CHROMEDRIVER):
+    pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)",
+                allow_module_level=True)
+
+HOSTILE_NAME = "<script>alert('name')</script>"
+HOSTILE_TAG = "<img src=x onerror=alert('tag')>"
+
+
+def browser(width: int = 1280, height: int = 800) -> webdriver.Chrome:
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     f"--window-size={width},{height}"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def lab(embedded) -> dict:
+    """`nclab serve` holding 16 finished UFM solves (K = 3, 4, 5, 6; two with hostile labels),
+    a finished sweep, and one endless solve left running."""
+    client = embedded.client
+    ids = []
+    for i in range(16):
+        spec = {"kind": "ufm", "K": 3 + i % 4, "d": 6, "n_per_class": 2, "seed": i,
+                "normalization": "normalized" if i % 2 else "regularized"}
+        body = {"spec": spec, "name": HOSTILE_NAME if i < 2 else f"solve {i}",
+                "tags": {"probe": HOSTILE_TAG} if i < 2 else {"batch": "ui"}}
+        ids.append(client.post("/experiments", json=body).json()["id"])
+    sweep = client.post("/sweeps", json={
+        "name": "ui sweep", "base": {"kind": "ufm", "K": 4, "d": 6, "n_per_class": 2},
+        "variants": [{"normalization": "normalized", "logit_scale": 5}, {"normalization": "regularized"}],
+        "grid": {"seed": [0, 1]}}).json()
+    for experiment_id in ids + sweep["members"]:
+        wait_for_status(client, experiment_id, {"succeeded"}, timeout=120)
+    endless = client.post("/experiments", json={"spec": ENDLESS_UFM, "name": "endless"}).json()["id"]
+    wait_for_status(client, endless, {"running"}, timeout=60)
+    return {"url": embedded.base_url, "sweep": sweep["id"], "endless": endless, "first": ids[0]}
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ui-screenshots")
+    print(f"dashboard screenshots in {folder}")
+    return folder
+
+
+@pytest.fixture
+def driver():
+    driver = browser()
+    yield driver
+    driver.quit()
+
+
+def images_loaded(driver) -> list[str]:
+    """The sources of the page's images that did not load (naturalWidth 0), once every one is complete."""
+    WebDriverWait(driver, 60).until(lambda d: d.execute_script(
+        "return [...document.images].every(image => image.complete)"))
+    return driver.execute_script("return [...document.images].filter(i => i.naturalWidth === 0).map(i => i.src)")
+
+
+def column(driver, heading: str) -> list[str]:
+    index = [th.text.split(" ")[0] for th in driver.find_elements(By.CSS_SELECTOR, "#experiments thead th")].index(
+        heading)
+    return [row.find_elements(By.TAG_NAME, "td")[index].text
+            for row in driver.find_elements(By.CSS_SELECTOR, "#experiments tbody tr")]
+
+
+def no_alert(driver) -> bool:
+    try:
+        driver.switch_to.alert
+    except NoAlertPresentException:
+        return True
+    return False
+
+
+def test_experiments_filter_sort_page_and_hostile_text(lab, driver, screenshots):
+    driver.get(lab["url"] + "/")
+    assert driver.current_url.endswith("/ui")
+    rows = driver.find_elements(By.CSS_SELECTOR, "#experiments tbody tr")
+    assert len(rows) == 21  # 16 solves, 4 sweep members, the endless one: one page of 50
+    driver.save_screenshot(str(screenshots / "experiments.png"))
+
+    # User text is text: the name and the tag show as written, and nothing ran.
+    hostile = [row for row in rows if HOSTILE_NAME in row.text]
+    assert len(hostile) == 2 and all(f"probe={HOSTILE_TAG}" in row.text for row in hostile)
+    assert driver.execute_script("return document.querySelectorAll('#experiments script, #experiments img').length") \
+        == 0
+    assert no_alert(driver)
+
+    where = driver.find_element(By.ID, "where")
+    where.send_keys("spec.K = 5 and kind = 'ufm'")
+    where.submit()
+    WebDriverWait(driver, 30).until(lambda d: "where=" in d.current_url)
+    assert column(driver, "K") == ["5"] * 4
+    assert "where=spec.K" in driver.find_element(By.ID, "csv").get_attribute("href")
+
+    driver.get(lab["url"] + "/ui?where=" + "sweep%20is%20null%20and%20name%20!%3D%20'endless'")
+    driver.find_element(By.CSS_SELECTOR, "a.sort[data-field='spec.K']").click()
+    ascending = [int(k) for k in column(driver, "K")]
+    assert ascending == sorted(ascending) and len(ascending) == 16
+    driver.find_element(By.CSS_SELECTOR, "a.sort[data-field='spec.K']").click()
+    descending = [int(k) for k in column(driver, "K")]
+    assert descending == sorted(ascending, reverse=True) and "order_by=-spec.K" in driver.current_url
+
+    driver.get(lab["url"] + "/ui?limit=15&order_by=created_at")
+    first_page = [row.get_attribute("data-id") for row in driver.find_elements(By.CSS_SELECTOR, "tbody tr")]
+    driver.find_element(By.ID, "next-page").click()
+    second_page = [row.get_attribute("data-id") for row in driver.find_elements(By.CSS_SELECTOR, "tbody tr")]
+    assert len(first_page) == 15 and len(second_page) == 6 and not set(first_page) & set(second_page)
+    assert not driver.find_elements(By.ID, "next-page")
+
+    driver.get(lab["url"] + "/ui?where=spec.K%20%3D")
+    assert "incomplete" in driver.find_element(By.ID, "error").text
+
+
+def test_an_experiment_page_shows_its_documents_history_and_charts(lab, driver, screenshots):
+    driver.get(lab["url"] + "/ui")
+    driver.find_element(By.CSS_SELECTOR, f"tr[data-id='{lab['first']}'] a.id").click()
+    assert driver.find_element(By.ID, "experiment-id").text == lab["first"]
+    assert driver.find_element(By.TAG_NAME, "h1").text == HOSTILE_NAME
+    assert '"kind": "ufm"' in driver.find_element(By.ID, "spec").text
+    assert '"converged": true' in driver.find_element(By.ID, "result").text
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#history tbody tr")) >= 2
+    assert len(driver.find_elements(By.CSS_SELECTOR, ".charts img")) == 5
+    assert images_loaded(driver) == []
+    assert no_alert(driver)
+    driver.save_screenshot(str(screenshots / "experiment.png"))
+
+
+def test_cancel_stops_a_running_experiment(lab, driver, screenshots):
+    driver.get(f"{lab['url']}/ui/experiments/{lab['endless']}")
+    assert driver.find_element(By.ID, "status").text.startswith("running")
+    driver.save_screenshot(str(screenshots / "experiment-running.png"))
+    driver.find_element(By.ID, "cancel").click()
+    # The page follows the status and reloads once the worker has stopped.
+    WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "status").text == "canceled")
+    assert not driver.find_elements(By.ID, "cancel")
+
+
+def test_a_comparison_is_three_clicks_from_the_front_page(lab, driver, screenshots):
+    driver.get(lab["url"] + "/")
+    driver.find_element(By.ID, "nav-compare").click()  # one click: grouped by normalization, nc1
+    groups = [row.find_elements(By.TAG_NAME, "td")[0].text
+              for row in driver.find_elements(By.CSS_SELECTOR, "#aggregate tbody tr")]
+    assert groups == ["normalized", "regularized"]
+    assert images_loaded(driver) == []
+    assert driver.find_element(By.ID, "curves").get_attribute("naturalWidth") == "900"
+    driver.save_screenshot(str(screenshots / "compare.png"))
+
+    metric = driver.find_element(By.ID, "metric")
+    metric.clear()
+    metric.send_keys("no_such_metric")
+    metric.submit()
+    assert "unknown metric" in driver.find_element(By.ID, "error").text
+
+
+def test_sweeps_list_a_sweep_and_compare_its_arms(lab, driver, screenshots):
+    driver.get(lab["url"] + "/ui/sweeps")
+    driver.save_screenshot(str(screenshots / "sweeps.png"))
+    driver.find_element(By.CSS_SELECTOR, f"a[href='/ui/sweeps/{lab['sweep']}']").click()
+    assert "4 succeeded" in driver.find_element(By.ID, "counts").text
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#members tbody tr")) == 4
+    assert images_loaded(driver) == []
+    driver.save_screenshot(str(screenshots / "sweep.png"))
+    driver.find_element(By.ID, "compare-link").click()
+    assert driver.find_element(By.ID, "group-by").get_attribute("value") == "spec.normalization,spec.logit_scale"
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#aggregate tbody tr")) == 2
+    assert images_loaded(driver) == []
+
+
+def test_a_phone_width_window_scrolls_the_table_not_the_page(lab, screenshots):
+    driver = browser(390, 844)
+    try:
+        for page in ("/ui", f"/ui/experiments/{lab['first']}", "/ui/compare"):
+            driver.get(lab["url"] + page)
+            overflow = driver.execute_script(
+                "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
+            assert overflow <= 1, page
+        driver.save_screenshot(str(screenshots / "compare-phone.png"))
+    finally:
+        driver.quit()
+
+
+def test_with_keys_the_dashboard_asks_for_one_and_keeps_it_in_a_cookie(tmp_path):
+    with running(make_processes(tmp_path)) as processes:
+        processes.env["NCLAB_API_KEYS"] = "ada:secret-key"
+        port = free_port()
+        serve = processes.start("serve", "--port", str(port), name="serve")
+        base_url = f"http://127.0.0.1:{port}"
+        wait_ready(base_url, serve)
+        with httpx.Client(base_url=base_url, headers={"Authorization": "Bearer secret-key"}) as client:
+            experiment_id = client.post("/experiments", json={"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2}).json()[
+                "id"]
+            wait_for_status(client, experiment_id, {"succeeded"}, timeout=60)
+        driver = browser()
+        try:
+            driver.get(f"{base_url}/ui/experiments/{experiment_id}")
+            assert "/ui/login" in driver.current_url
+            key = driver.find_element(By.ID, "key")
+            key.send_keys("wrong")
+            key.submit()
+            assert driver.find_element(By.ID, "error").text == "unknown API key"
+            key = driver.find_element(By.ID, "key")
+            key.send_keys("secret-key")
+            key.submit()
+            assert driver.find_element(By.ID, "experiment-id").text == experiment_id  # back where it started
+            assert images_loaded(driver) == []  # the plots came with the cookie
+            cookie = driver.get_cookie("nclab_api_key")
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        finally:
+            driver.quit()
+
