@@ -2,13 +2,16 @@
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
 
-from worker.nc import ufm
+from worker.nc import objectives, ufm
+from worker.nc.descent import SUBLINEAR_FACTOR, SUBLINEAR_MIN_ITERS, SublinearProgress, minimize
 from worker.nc.manifolds import Euclidean, RowSphere, row_dots
 from worker.nc.metrics import CLASSIFIER_KEYS, MEAN_KEYS
+from worker.nc.preconditioner import Preconditioner, class_coupling, host_floats
 from worker.nc.ufm import Diverged, Stopped, UFMProblem, optimal_loss, solve
 
 COLLAPSE_KEYS = ("nc1", "nc2_etf_w", "nc3_etf")
@@ -38,6 +41,7 @@ def assert_reaches_collapsed_optimum(result):
     for key in COLLAPSE_KEYS:
         assert result[key] < 1e-6, key
     assert result["accuracy"] == 1.0 and result["nc4"] == 0.0
+    assert result["stop_reason"].startswith(f"converged: gradient norm {result['grad_norm']:.3g} <= tol ")
 
 
 @pytest.mark.parametrize(
@@ -159,6 +163,106 @@ def test_two_hundred_classes_in_128_dimensions_reach_a_critical_point():
     assert result["w_min_angle_deg"] < etf_angle_degrees(K)
 
 
+# Generalized neural collapse (K > d + 1, Jiang et al. 2024): no simplex ETF fits, the
+# landscape has strict saddles of tiny negative curvature, and a first-order descent can
+# crawl past them for tens of thousands of iterations (worker.nc.descent). K/d ~ 2.3 here.
+GNC_N, GNC_SCALE = 10, 10.0
+SUBLINEAR_REASON = re.compile(
+    r"gradient norm decreasing sublinearly: its smallest value fell only (\S+)-fold "
+    r"from iteration (\d+) to (\d+) \((\S+) to (\S+)\), less than the 3-fold of a k\^-1\.58 decay"
+)
+
+
+def assert_generalized_collapse(result, K, d):
+    """What holds at any point the solver reports for K > d + 1, converged or not."""
+    assert result["optimal_loss"] is None and result["has_closed_form"] is False
+    assert result["nc1"] < 1e-6  # the features sit on their class means
+    # No ETF fits: the loss stays above its value, nc2_etf_w above the rank-d bound...
+    assert result["loss"] > math.log1p((K - 1) * math.exp(-GNC_SCALE * K / (K - 1)))
+    assert result["nc2_etf_w"] >= math.sqrt((K - 1 - d) / (K - 1))
+    # ...and with K > 2d, some pair of classifier rows is at an acute angle (Rankin 1955:
+    # at most 2d vectors of R^d are pairwise at 90 degrees or more).
+    assert K > 2 * d and result["w_min_angle_deg"] < 90.0
+
+
+@pytest.mark.parametrize("K, d", [(30, 12), (60, 26), (100, 43)])
+def test_generalized_collapse_converges_or_says_why_it_stopped(K, d):
+    result = solve(UFMProblem(K, d, GNC_N, "normalized", logit_scale=GNC_SCALE))
+    assert_generalized_collapse(result, K, d)
+    assert result["iterations"] <= 2 * SUBLINEAR_MIN_ITERS  # 291, 307 and 1945 when measured
+    if result["converged"]:
+        assert result["grad_norm"] <= 1e-10
+        assert result["stop_reason"] == f"converged: gradient norm {result['grad_norm']:.3g} <= tol 1e-10"
+    else:
+        assert result["grad_norm"] > 1e-10 and SUBLINEAR_REASON.fullmatch(result["stop_reason"])
+
+
+def test_generalized_collapse_stops_early_once_progress_turns_sublinear():
+    # Without the rule this run needs 28,073 iterations (on one thread) to reach tol; it
+    # crawls from 6e-6 at iteration 1,000 on. It stops in the merged phase, and the full
+    # problem's certificate after it takes no step.
+    K, d = 300, 128
+    result = solve(UFMProblem(K, d, GNC_N, "normalized", logit_scale=GNC_SCALE))
+    assert_generalized_collapse(result, K, d)
+    assert result["converged"] is False and result["grad_norm"] > 1e-10
+    assert 0 < result["features_merged_at"] < SUBLINEAR_MIN_ITERS
+    fold, half, step, earlier, now = SUBLINEAR_REASON.fullmatch(result["stop_reason"]).groups()
+    assert int(step) == result["iterations"] and int(half) == int(step) // 2
+    assert SUBLINEAR_MIN_ITERS <= result["iterations"] <= 2 * SUBLINEAR_MIN_ITERS
+    assert float(fold) < SUBLINEAR_FACTOR
+    assert float(fold) == pytest.approx(float(earlier) / float(now), rel=2e-2)  # 3 digits each
+    assert float(now) <= result["grad_norm"] * 1.01  # the smallest so far (to 3 digits), not the last
+
+
+def first_firing(norms):
+    """The step at which a fresh SublinearProgress first gives a reason, and the reason."""
+    give_up = SublinearProgress()
+    for step, norm in enumerate(norms):
+        if (reason := give_up(step, norm)) is not None:
+            return step, reason
+    return None, None
+
+
+def test_sublinear_progress_fires_on_a_slow_power_law():
+    assert (SUBLINEAR_MIN_ITERS, SUBLINEAR_FACTOR) == (1500, 3.0)
+    # 1/(k + 1): twice smaller per doubling of k, so it fires at the first step allowed.
+    step, reason = first_firing(1 / (k + 1) for k in range(5000))
+    assert step == 1500
+    assert reason == (
+        f"gradient norm decreasing sublinearly: its smallest value fell only {1501 / 751:.3g}-fold "
+        f"from iteration 750 to 1500 ({1 / 751:.3g} to {1 / 1501:.3g}), less than the 3-fold of a "
+        f"k^-1.58 decay"
+    )
+    # Halving each step up to step 1000, flat after: it fires at k = 1998, the first k
+    # whose second half (from k/2 = 999) gained less than 3-fold (2-fold).
+    step, _ = first_firing(0.5 ** min(k, 1000) for k in range(5000))
+    assert step == 1998
+    # A linear rate too slow to gain 3-fold in 750 steps, a decade per 1,600, fires too.
+    step, reason = first_firing(0.999**k for k in range(5000))
+    assert step == 1500 and f"fell only {0.999**-750:.3g}-fold" in reason
+
+
+def test_sublinear_progress_spares_faster_decays_and_nonmonotone_spikes():
+    # (k + 1)^-2 gains 4-fold per doubling; a decade per 1,000 steps, 5.6-fold in 750
+    # steps and more later. Neither ever fires.
+    assert first_firing((k + 1) ** -2.0 for k in range(20_000)) == (None, None)
+    assert first_firing(0.1 ** (k / 1000) for k in range(20_000)) == (None, None)
+    # The smallest norm so far is what counts: a nonmonotone descent's spikes do not.
+    assert first_firing((1.0 if k % 7 == 0 else (k + 1) ** -2.0) for k in range(20_000)) == (None, None)
+
+
+def test_sublinear_progress_spans_phases_and_keeps_its_verdict():
+    give_up = SublinearProgress()
+    assert give_up(0, 1.0) is None
+    assert give_up(1, 0.5) is None
+    assert give_up(1, 0.25) is None  # a phase that goes on from step 1 reports it again
+    assert give_up.smallest == [1.0, 0.25]
+    for step in range(2, 1501):
+        reason = give_up(step, 0.25 if step <= 750 else 0.2)  # 1.25-fold from 750 to 1500
+    assert reason is not None and "fell only 1.25-fold from iteration 750 to 1500" in reason
+    assert give_up(1501, 1e-20) == reason  # a later phase stops at its start, for the same reason
+
+
 def test_closed_forms_by_hand():
     # Normalized, K = 4, s = 3: margin s K/(K-1) = 4, L* = ln(1 + 3 e^-4).
     assert optimal_loss(UFMProblem(4, 3, 7, "normalized", logit_scale=3.0)) == pytest.approx(
@@ -185,7 +289,7 @@ def test_cross_entropy_keeps_digits_of_saturated_losses():
     logits = torch.tensor([[0.0, -40.0, -45.0], [1.0, 3.0, 0.0]], dtype=torch.float64)
     labels = torch.tensor([0, 2])
     # It works in place (the logits become the gradient), so it gets a copy.
-    cross_entropy = ufm._CrossEntropy(logits.clone(), labels)
+    cross_entropy = objectives.CrossEntropy(logits.clone(), labels)
     losses, log_losses = cross_entropy.losses, cross_entropy.log_losses
     logit_grads = cross_entropy.weighted_gradient(0.0)
 
@@ -209,7 +313,7 @@ def test_cross_entropy_keeps_digits_below_the_float64_range():
     # sums, and the gradient divided by the loss, which that objective takes, keep every
     # digit.
     logits = torch.tensor([[0.0, -800.0, -900.0]], dtype=torch.float64)
-    cross_entropy = ufm._CrossEntropy(logits.clone(), torch.tensor([0]))
+    cross_entropy = objectives.CrossEntropy(logits.clone(), torch.tensor([0]))
     log_odds = -800 + math.log1p(math.exp(-100))
     assert cross_entropy.log_losses[0].item() == pytest.approx(log_odds, rel=1e-15, abs=0)
     grads = cross_entropy.weighted_gradient(-cross_entropy.log_losses)
@@ -227,9 +331,9 @@ def test_closed_form_gradients_match_autograd(normalization):
         for shape in [(5, 4), (15, 4), (5,)]
     ]
     if normalization == "normalized":
-        objective = ufm._normalized_objective(problem, labels)
+        objective = objectives.normalized_objective(problem, labels)
     else:
-        objective = ufm._regularized_objective(problem, labels)
+        objective = objectives.regularized_objective(problem, labels)
     value, grads = objective(point)
 
     leaves = [block.clone().requires_grad_() for block in point]
@@ -255,7 +359,7 @@ def test_preconditioner_matches_its_dense_matrix():
     # products with it; uneven classes exercise the n_k of its Woodbury inverse.
     K, d, labels = 3, 4, torch.tensor([0, 0, 1, 1, 1, 2])
     scales, coupling = [1.0, 2.5, 1.0], 0.7
-    preconditioner = ufm._Preconditioner(scales, [Euclidean()] * 3, labels, K, coupling)
+    preconditioner = Preconditioner(scales, [Euclidean()] * 3, labels, K, coupling)
     shapes = [(K, d), (len(labels), d), (K,)]
     sizes = [math.prod(shape) for shape in shapes]
     diagonal = torch.cat(
@@ -273,10 +377,10 @@ def test_preconditioner_matches_its_dense_matrix():
     vector = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
     flat = torch.cat([block.reshape(-1) for block in vector])
     quadratic_form = float(flat @ dense @ flat)
-    [norm_sq] = ufm._host_floats(preconditioner.norm_sq(vector))
+    [norm_sq] = host_floats(preconditioner.norm_sq(vector))
     assert norm_sq == pytest.approx(quadratic_form, rel=1e-13)
     inverse = float(flat @ torch.linalg.solve(dense, flat))
-    [inverse_norm_sq] = ufm._host_floats(preconditioner.inverse_norm_sq(vector))
+    [inverse_norm_sq] = host_floats(preconditioner.inverse_norm_sq(vector))
     assert inverse_norm_sq == pytest.approx(inverse, rel=1e-13)
 
     # Euclidean blocks, whose projection is the identity, give P g itself.
@@ -286,11 +390,11 @@ def test_preconditioner_matches_its_dense_matrix():
     torch.testing.assert_close(
         torch.cat([block.reshape(-1) for block in directions]), dense @ flat, rtol=1e-14, atol=0
     )
-    assert ufm._host_floats(slope)[0] == pytest.approx(quadratic_form, rel=1e-13)
+    assert host_floats(slope)[0] == pytest.approx(quadratic_form, rel=1e-13)
 
     # On spheres the direction is projected onto the tangent space; the slope stays.
     spheres = [RowSphere(), RowSphere(), Euclidean()]
-    preconditioner = ufm._Preconditioner(scales, spheres, labels, K, coupling)
+    preconditioner = Preconditioner(scales, spheres, labels, K, coupling)
     point = [spheres[b].random(shapes[b], generator) for b in range(2)] + [vector[2]]
     grads = [spheres[b].project(point[b], vector[b].clone()) for b in range(3)]
     dots = [torch.vdot(grad.reshape(-1), grad.reshape(-1)) for grad in grads]
@@ -298,7 +402,7 @@ def test_preconditioner_matches_its_dense_matrix():
     for block, direction in zip(point[:2], directions[:2]):
         assert row_dots(block, direction).abs().max() < 1e-14
     flat_grads = torch.cat([grad.reshape(-1) for grad in grads])
-    assert ufm._host_floats(slope)[0] == pytest.approx(
+    assert host_floats(slope)[0] == pytest.approx(
         float(flat_grads @ dense @ flat_grads), rel=1e-13
     )
 
@@ -343,6 +447,8 @@ def test_converged_only_when_collapsed():
     # Cut off early at a saturating scale: not converged, and the metrics agree.
     result = solve(UFMProblem(10, 32, 5, "normalized", logit_scale=30.0, max_iters=15))
     assert result["converged"] is False and result["nc2_etf_w"] > 1e-6
+    assert result["iterations"] == 15
+    assert result["stop_reason"] == f"iteration budget spent: gradient norm {result['grad_norm']:.3g} > tol 1e-10"
 
 
 def test_restarts_on_a_benign_landscape_all_find_the_optimum():
@@ -444,9 +550,9 @@ def test_class_coupling_changes_the_path_not_the_answer(monkeypatch):
     # without the coupling, in fewer iterations (44 against 57 when measured).
     counts = [1 + (7 * k) % 30 for k in range(40)]
     problem = UFMProblem(40, 64, counts, "normalized", logit_scale=10.0)
-    assert ufm._class_coupling(problem) == 0.5
+    assert class_coupling(problem) == 0.5
     coupled = solve(problem)
-    monkeypatch.setattr(ufm, "_class_coupling", lambda problem: 0.0)
+    monkeypatch.setattr(ufm, "class_coupling", lambda problem: 0.0)
     uncoupled = solve(problem)
     for result in (coupled, uncoupled):
         assert result["converged"] and result["grad_norm"] <= 1e-10 and result["nc1"] <= 1e-12
@@ -462,7 +568,7 @@ def test_merged_descent_takes_the_full_descents_steps_from_a_collapsed_point():
     # class) yields the full formulation's iterates, values and gradient norms.
     K, d, counts = 30, 12, [1 + (7 * k) % 5 for k in range(30)]
     problem = UFMProblem(K, d, counts, "normalized", logit_scale=10.0, bias=True)
-    assert ufm._class_coupling(problem) == 0.5
+    assert class_coupling(problem) == 0.5
     counts = torch.tensor(counts)
     classes = torch.arange(K)
     labels = classes.repeat_interleave(counts)
@@ -472,8 +578,8 @@ def test_merged_descent_takes_the_full_descents_steps_from_a_collapsed_point():
     classifier, rows = (RowSphere().random((K, d), generator) for _ in range(2))
     bias = 0.1 * torch.randn(K, generator=generator, dtype=torch.float64)
 
-    full_run = ufm._minimize(full, [classifier, rows[labels], bias], 1e-10, max_iters=12)
-    merged_run = ufm._minimize(merged, [classifier, rows, bias], 1e-10, max_iters=12)
+    full_run = minimize(full, [classifier, rows[labels], bias], 1e-10, max_iters=12)
+    merged_run = minimize(merged, [classifier, rows, bias], 1e-10, max_iters=12)
     steps = 0
     for ours, theirs in zip(full_run, merged_run, strict=True):
         assert ours.step == theirs.step
@@ -511,7 +617,7 @@ def test_full_descent_goes_on_where_the_merged_end_point_fails_its_certificate(m
     # Spread the features again as the merged end point is expanded (without checkpoints,
     # the only expansion of a merged point): the full problem's first evaluation then
     # refuses it, and the full descent carries on to the optimum.
-    expand, minimize = ufm._Formulation.expand, ufm._minimize
+    expand = ufm._Formulation.expand
 
     def spread_out(self, point):
         if self.sample_rows is None:
@@ -530,7 +636,7 @@ def test_full_descent_goes_on_where_the_merged_end_point_fails_its_certificate(m
             yield iterate
 
     monkeypatch.setattr(ufm._Formulation, "expand", spread_out)
-    monkeypatch.setattr(ufm, "_minimize", counting_minimize)
+    monkeypatch.setattr(ufm, "minimize", counting_minimize)
     result = solve(UFMProblem(50, 64, 20, "normalized", logit_scale=10.0))
     assert_reaches_collapsed_optimum(result)
     assert [merged for merged, _ in phases] == [False, True, False]
@@ -576,6 +682,7 @@ def test_default_checkpoint_schedule_and_row_keys():
     result = solve(problem, on_checkpoint=lambda step, row: rows.setdefault(step, row))
     assert list(rows) == [0, 1, 2, 5, 10, 20, 50, 100, 120]
     assert result["iterations"] == 120 and result["converged"] is False
+    assert result["stop_reason"].startswith("iteration budget spent: gradient norm ")
     expected = set(MEAN_KEYS) | set(CLASSIFIER_KEYS) | ROW_KEYS | {"cross_entropy"}
     assert all(set(row) == expected for row in rows.values())
     assert all(isinstance(value, float) for row in rows.values() for value in row.values())
@@ -603,7 +710,7 @@ def test_normalized_rows_have_no_regularization_keys():
 
 
 def test_non_finite_objective_raises_diverged(monkeypatch):
-    regularized_objective = ufm._regularized_objective
+    regularized_objective = objectives.regularized_objective
 
     def poisoned_after_three_calls(problem, labels):
         evaluate, calls = regularized_objective(problem, labels), []
@@ -615,7 +722,7 @@ def test_non_finite_objective_raises_diverged(monkeypatch):
 
         return poisoned
 
-    monkeypatch.setattr(ufm, "_regularized_objective", poisoned_after_three_calls)
+    monkeypatch.setattr(ufm, "regularized_objective", poisoned_after_three_calls)
     with pytest.raises(Diverged, match="iteration"):
         solve(UFMProblem(4, 3, 5, "regularized"))
 

@@ -43,6 +43,7 @@ RESULT_TYPES: dict[str, FieldType] = {
     )},
     "converged": "bool",
     "has_closed_form": "bool",
+    "stop_reason": "string",  # UFM: why the descent stopped
 }
 
 # The step of a history row counts iterations for a UFM solve and epochs for training.

@@ -1,0 +1,80 @@
+"""Generalized neural collapse: the normalized UFM with more classes than an ETF fits.
+
+    .venv/bin/python bench/gnc.py                          # the solver in worker/nc/ufm.py
+    .venv/bin/python bench/gnc.py --solver /tmp/ufm_orig.py   # a saved copy of an older one
+
+With K > d + 1 no simplex ETF exists (Jiang et al., ICML 2024, "Generalized neural
+collapse for a large number of classes"): the features still collapse onto their
+classifier rows, which spread out as far as d dimensions allow. These problems keep
+K / d near 2.3, n_per_class = 10, logit scale 10, seed 0, and the defaults max_iters
+10,000 and tol 1e-10, as a lab's spec `{"kind": "ufm", "normalization": "normalized",
+"K": K, "d": d, "n_per_class": 10}` would have them.
+
+Printed per problem: iterations, wall seconds of solve(), the final Riemannian gradient
+norm (of log L), `converged`, `stop_reason` (a dash where the solver reports none),
+the smallest angle between classifier rows (`w_min_angle_deg`; with nc1 ~ 0 the class
+means sit on those rows, so it is their smallest angle too), nc1, and the loss.
+
+`--solver FILE` imports solve and UFMProblem from that file instead, for a before/after
+comparison; it may import worker.nc's other modules, which it then shares with the
+current code.
+"""
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+PROBLEMS = [(30, 12), (60, 26), (100, 43), (300, 128)]
+N_PER_CLASS = 10
+
+
+def main(
+    solver: Annotated[Path | None, typer.Option(help="a ufm.py to measure instead")] = None,
+    largest: Annotated[int, typer.Option(help="skip problems with more classes")] = 300,
+) -> None:
+    module = load_solver(solver)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; solver "
+        f"{solver or 'worker/nc/ufm.py'}; n_per_class {N_PER_CLASS}, logit scale 10, seed 0"
+    )
+    header = (
+        f"{'K':>4} {'d':>4} {'K/d':>5} {'iters':>6} {'seconds':>8} {'grad_norm':>9} "
+        f"{'converged':>9} {'min angle':>9} {'nc1':>8} {'loss':>11}  stop_reason"
+    )
+    print(header)
+    print("-" * len(header))
+    for K, d in PROBLEMS:
+        if K > largest:
+            continue
+        problem = module.UFMProblem(K, d, N_PER_CLASS, "normalized")
+        start = time.perf_counter()
+        result = module.solve(problem)
+        seconds = time.perf_counter() - start
+        print(
+            f"{K:4d} {d:4d} {K / d:5.2f} {result['iterations']:6d} {seconds:8.2f} "
+            f"{result['grad_norm']:9.2e} {result['converged']!s:>9} "
+            f"{result['w_min_angle_deg']:9.4f} {result['nc1']:8.1e} {result['loss']:11.9f}  "
+            f"{result.get('stop_reason') or '-'}",
+            flush=True,
+        )
+
+
+def load_solver(path: Path | None):
+    if path is None:
+        from worker.nc import ufm
+
+        return ufm
+    spec = importlib.util.spec_from_file_location("ufm_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+if __name__ == "__main__":
+    typer.run(main)

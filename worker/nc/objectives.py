@@ -1,0 +1,144 @@
+"""The UFM objectives: value and closed-form gradient, in float64.
+
+Each objective is a function of the point [W, H] or [W, H, b] that returns the value
+and the Euclidean gradient of every block; `value_and_riemannian_grad` turns the latter
+into the gradient on the blocks' manifolds. Computing the gradient in closed form takes
+three matrix products of the N x d features with the K x d classifier per evaluation,
+and one reused N x K buffer holds the logits and then their gradient.
+"""
+
+import math
+
+import torch
+
+from worker.nc.ufm_problem import UFMProblem
+
+# Below this log-odds, e^a (and with it CE = softplus(a)) would leave the normal range of
+# float64; the losses are floored there and their logs continued as a.
+_SMALLEST_LOG_ODDS = -700.0
+
+
+class CrossEntropy:
+    """Per-sample losses, their logs, and weighted dCE_i/dz_i = p_i - e_{y_i}, all without
+    cancellation.
+
+    With a_i = logsumexp_{k != y_i}(z_k - z_{y_i}): CE_i = softplus(a_i), and for k != y_i
+    p_k = exp(z_k - z_{y_i} - CE_i). The label's entry is -(sum_{k != y} p_k) =
+    -exp(a_i - CE_i), never 1 - p_y, which would round to zero long before the loss does.
+    log CE_i = log softplus(a_i) keeps its digits down to a = -700, and is a_i below, where
+    CE_i = e^{a_i} to all digits.
+
+    Works in place: the logits buffer is overwritten, and in the end holds the gradient,
+    so that an evaluation allocates no N x K array beyond the one its objective keeps.
+    """
+
+    def __init__(self, logits: torch.Tensor, labels: torch.Tensor):
+        self.label_index = labels[:, None]
+        margins = logits.sub_(logits.gather(1, self.label_index))  # z_k - z_y
+        margins.scatter_(1, self.label_index, -math.inf)  # leaves the wrong classes only
+        self.top = margins.amax(dim=1)  # finite: K >= 2 leaves a wrong class
+        # exp(z_k - z_y - top), 0 in the label's entry
+        self.shifted_exps = margins.sub_(self.top[:, None]).exp_()
+        self.log_odds = self.top + torch.log(self.shifted_exps.sum(dim=1))
+        floored = self.log_odds.clamp(min=_SMALLEST_LOG_ODDS)
+        self.losses = torch.nn.functional.softplus(floored, threshold=30.0)
+        self.log_losses = torch.log(self.losses).add_(self.log_odds - floored)
+
+    def weighted_gradient(self, log_weight) -> torch.Tensor:
+        """e^log_weight dCE_i/dz_i for every sample (log_weight: one number, or one per
+        sample), in the logits buffer.
+
+        The weight goes into the exponents, sparing a pass over the N x K array.
+        """
+        shift = log_weight - self.losses
+        grads = self.shifted_exps.mul_(torch.exp(self.top + shift)[:, None])
+        label_entries = torch.exp(self.log_odds + shift).neg_()
+        return grads.scatter_(1, self.label_index, label_entries[:, None])
+
+
+def normalized_objective(problem: UFMProblem, labels: torch.Tensor, row_weights=None):
+    """f = log L with L the mean cross-entropy of logits s W h_i (+ b), and its gradient.
+
+    With `row_weights`, feature row j stands for m_j samples: it counts m_j times in L.
+
+    log L has the critical points of L, but its gradient grad L / L stays O(1) while L
+    itself saturates towards ~exp(-s K/(K-1)) at large logit scales, and its Hessian at
+    the optimum is well scaled. This is what keeps the solver going at logit scale 30,
+    where the loss is ~1e-13 and the gradient of L itself falls below any sensible
+    tolerance long before the classifier is an ETF.
+    """
+    scale, log_scale = problem.logit_scale, math.log(problem.logit_scale)
+    log_num_samples = math.log(problem.num_samples)
+    log_weights = None if row_weights is None else torch.log(row_weights)
+    logits = _logits_buffer(problem, labels)
+
+    def evaluate(point):
+        classifier, features = point[0], point[1]
+        # The scale goes on the smaller operand, here and in the gradient below, sparing
+        # passes over the N x K and N x d arrays.
+        torch.mm(features, (scale * classifier).T, out=logits)
+        if problem.bias:
+            logits.add_(point[2])
+        cross_entropy = CrossEntropy(logits, labels)
+        log_losses = cross_entropy.log_losses  # of each row's share of N L
+        if log_weights is not None:
+            log_losses = log_losses + log_weights
+        log_total = torch.logsumexp(log_losses, dim=0)  # log(N L)
+        log_grad_weights = log_scale - log_total
+        if log_weights is not None:
+            log_grad_weights = log_grad_weights + log_weights
+        scaled_grads = cross_entropy.weighted_gradient(log_grad_weights)  # s d log L / dz
+        grads = [scaled_grads.T @ features, scaled_grads @ classifier]
+        if problem.bias:
+            grads.append(scaled_grads.sum(dim=0) / scale)
+        return log_total - log_num_samples, grads
+
+    return evaluate
+
+
+def regularized_objective(problem: UFMProblem, labels: torch.Tensor):
+    """The weight-decayed objective of Zhu et al. (2021) and its gradient."""
+    decays = [problem.lambda_w, problem.lambda_h] + [problem.lambda_b] * problem.bias
+    log_num_samples = math.log(problem.num_samples)
+    logits = _logits_buffer(problem, labels)
+
+    def evaluate(point):
+        classifier, features = point[0], point[1]
+        torch.mm(features, classifier.T, out=logits)
+        if problem.bias:
+            logits.add_(point[2])
+        cross_entropy = CrossEntropy(logits, labels)
+        losses = cross_entropy.losses
+        logit_grads = cross_entropy.weighted_gradient(-log_num_samples)  # d(mean CE)/dz
+        grads = [logit_grads.T @ features, logit_grads @ classifier]
+        if problem.bias:
+            grads.append(logit_grads.sum(dim=0))
+        value = losses.mean()
+        for decay, block, grad in zip(decays, point, grads):
+            value = value + decay / 2 * torch.vdot(block.reshape(-1), block.reshape(-1))
+            grad.add_(block, alpha=decay)
+        return value, grads
+
+    return evaluate
+
+
+def _logits_buffer(problem: UFMProblem, labels: torch.Tensor) -> torch.Tensor:
+    """The rows x K array that every evaluation overwrites with the logits and their
+    gradient.
+
+    Allocated once: on the CPU a fresh array of this size per evaluation costs page
+    faults comparable to the matrix products themselves at K = 1000.
+    """
+    shape = (labels.shape[0], problem.num_classes)
+    return torch.empty(shape, dtype=torch.float64, device=labels.device)
+
+
+def value_and_riemannian_grad(evaluate, manifolds, point) -> tuple[float, list[torch.Tensor]]:
+    """The objective at `point` as a host float, and its gradient in the manifolds' metric."""
+    value, euclidean_grads = evaluate(point)  # fresh arrays, which may be overwritten
+    grads = [
+        manifold.euclidean_to_riemannian_gradient(block, grad)
+        for manifold, block, grad in zip(manifolds, point, euclidean_grads)
+    ]
+    return float(value), grads
+

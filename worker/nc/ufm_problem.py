@@ -1,0 +1,146 @@
+"""A UFM instance as a lab poses it, and the closed-form optima it is checked against.
+
+The unconstrained feature model treats the last-layer features H (N x d) as free
+variables next to the classifier W (K x d) and bias b, with n_k samples of class k (N in
+all), and minimizes the mean cross-entropy of the logits; DESIGN.md gives the two
+variants ("normalized" and "regularized") and their closed forms.
+"""
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+NORMALIZATIONS = ("normalized", "regularized")
+
+
+@dataclass(frozen=True)
+class UFMProblem:
+    """One UFM instance; labels are class k repeated n_k times, k = 0..K-1.
+
+    `n_per_class` is one count for every class, or a sequence of K counts (imbalanced
+    classes). A sequence of equal counts is the balanced problem and is stored as that
+    one int, so it compares, hashes and solves exactly like it.
+
+    `tol` bounds the norm of the Riemannian gradient at the returned point: of log L for
+    "normalized" (whose gradient, unlike that of L, does not vanish as the loss
+    saturates at large logit scales) and of the full objective for "regularized". A
+    normalized problem with a closed form must also be collapsed to count as converged
+    (see worker.nc.ufm.solve). With the default 1e-10, every closed-form case we ran (K
+    up to 1000, logit scales 0.5 to 30, decays 1e-4 to 1e-1) ended with nc1, nc2_etf_w
+    and nc3_etf below 1e-6 and the loss within 1e-8 of its closed form; rounding puts
+    the floor of the gradient norm near 1e-15, so much smaller values are not
+    reachable. A run that cannot reach tol, at that floor or where the gradient norm
+    decreases sublinearly (K > d + 1), ends unconverged and says why in `stop_reason`
+    (see worker.nc.ufm).
+
+    `restarts` solves from that many seeded random starts (the first from `seed` itself)
+    and keeps the run with the lowest final loss; see worker.nc.ufm.solve.
+    """
+
+    num_classes: int
+    dim: int
+    n_per_class: int | tuple[int, ...]
+    normalization: str
+    logit_scale: float = 10.0
+    bias: bool = False
+    lambda_w: float = 5e-4
+    lambda_h: float = 5e-4
+    lambda_b: float = 5e-4
+    max_iters: int = 10_000
+    tol: float = 1e-10
+    seed: int = 0
+    checkpoint_every: int | None = None
+    restarts: int = 1
+
+    def __post_init__(self):
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"
+            )
+        if self.dim < 1:
+            raise ValueError(f"dim must be >= 1, got {self.dim}")
+        if self.normalization == "normalized" and self.dim < 2:
+            # The unit "sphere" of R^1 is the two points +-1: there is nothing to descend on.
+            raise ValueError("normalized UFM needs dim >= 2")
+        object.__setattr__(self, "n_per_class", self._validated_counts())
+        if not 0 < self.logit_scale < math.inf:
+            raise ValueError(f"logit_scale must be positive and finite, got {self.logit_scale}")
+        if self.normalization == "regularized" and not (
+            0 < self.lambda_w < math.inf
+            and 0 < self.lambda_h < math.inf
+            and 0 <= self.lambda_b < math.inf
+        ):
+            # Without decay on W and H the regularized objective has no minimizer.
+            raise ValueError("lambda_w and lambda_h must be positive and lambda_b >= 0, all finite")
+        if self.max_iters < 0:
+            raise ValueError(f"max_iters must be >= 0, got {self.max_iters}")
+        if not self.tol > 0:
+            raise ValueError(f"tol must be > 0, got {self.tol}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 or None, got {self.checkpoint_every}")
+        if self.restarts < 1:
+            raise ValueError(f"restarts must be >= 1, got {self.restarts}")
+
+    def _validated_counts(self) -> int | tuple[int, ...]:
+        if not isinstance(self.n_per_class, Sequence):
+            counts = (operator.index(self.n_per_class),)
+        else:
+            counts = tuple(operator.index(count) for count in self.n_per_class)
+            if len(counts) != self.num_classes:
+                raise ValueError(
+                    f"n_per_class needs one count per class: {len(counts)} given, "
+                    f"num_classes = {self.num_classes}"
+                )
+        if min(counts) < 1:
+            raise ValueError(f"n_per_class counts must be >= 1, got {self.n_per_class}")
+        return counts[0] if len(set(counts)) == 1 else counts
+
+    @property
+    def balanced(self) -> bool:
+        return isinstance(self.n_per_class, int)
+
+    @property
+    def class_counts(self) -> tuple[int, ...]:
+        """n_k for k = 0..K-1."""
+        if self.balanced:
+            return (self.n_per_class,) * self.num_classes
+        return self.n_per_class
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.class_counts)
+
+
+
+def optimal_loss(problem: UFMProblem) -> float | None:
+    """The global minimum from DESIGN.md's closed forms, or None where none applies.
+
+    Both closed forms assume balanced classes: with unequal counts there is none.
+    Normalized (Yaras et al. 2022): L* = ln(1 + (K-1) exp(-s K/(K-1))) when a simplex ETF
+    fits, K <= d + 1; a free bias does not lower it. Regularized (Zhu et al. 2021): with
+    c = sqrt(lambda_w / (n lambda_h)) and s = sqrt(n lambda_w lambda_h), the optimum is
+    W = H = 0 with f* = ln K when K s >= 1; otherwise, when d >= K - 1, it is an ETF with
+    ||w_k||^2 = t = ((K-1)/(K c)) ln(1/s - (K-1)), h = c w_y, b = 0.
+    """
+    if not problem.balanced:
+        return None
+    K, d, n = problem.num_classes, problem.dim, problem.n_per_class
+    if problem.normalization == "normalized":
+        if K > d + 1:
+            return None
+        return math.log1p((K - 1) * math.exp(-problem.logit_scale * K / (K - 1)))
+    balance = math.sqrt(problem.lambda_w / (n * problem.lambda_h))
+    strength = math.sqrt(n * problem.lambda_w * problem.lambda_h)
+    if K * strength >= 1:
+        return math.log(K)
+    if d < K - 1:
+        return None
+    squared_norm = (K - 1) / (K * balance) * math.log(1 / strength - (K - 1))
+    margin = balance * squared_norm * K / (K - 1)
+    return math.log1p((K - 1) * math.exp(-margin)) + problem.lambda_w * K * squared_norm
+
