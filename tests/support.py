@@ -6,8 +6,11 @@ import time
 
 import httpx
 
-# A UFM that runs until canceled or killed: a tolerance no float64 gradient reaches.
-ENDLESS_UFM = {"kind": "ufm", "K": 30, "d": 64, "n_per_class": 50, "tol": 1e-300, "max_iters": 200_000}
+# A job that runs for minutes, for the tests that cancel or kill one: 1,000 epochs over
+# 10,000 samples. (A UFM solve no longer will: one whose tol is out of reach stops once
+# its gradient norm stops falling, worker/nc/descent.py.)
+ENDLESS = {"kind": "train", "dataset": "gaussian", "K": 10, "d": 64, "epochs": 1000,
+           "gaussian_train_per_class": 1000, "lr_schedule": "constant"}
 
 
 def free_port() -> int:

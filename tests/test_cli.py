@@ -12,7 +12,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from tests.support import ENDLESS_UFM, wait_for_status
+from tests.support import ENDLESS, wait_for_status
 
 NCLAB = str(Path(sys.executable).parent / "nclab")
 UFM = {"kind": "ufm", "K": 4, "d": 6, "n_per_class": 3}
@@ -56,7 +56,7 @@ def test_a_failed_run_exits_1_and_a_canceled_one_3(stack, tmp_path):
     assert "diverged: loss became" in failed.stdout
     assert nclab(stack, "status", failed.stdout.split()[0]).returncode == 1
 
-    endless = nclab(stack, "submit", write_json(tmp_path, "endless.json", ENDLESS_UFM))
+    endless = nclab(stack, "submit", write_json(tmp_path, "endless.json", ENDLESS))
     endless_id = endless.stdout.strip()
     quick_id = nclab(stack, "submit", write_json(tmp_path, "quick.json", UFM)).stdout.strip()
     canceled = nclab(stack, "cancel", endless_id)
@@ -88,7 +88,7 @@ def test_usage_and_http_errors_exit_2_with_the_reason_on_stderr(embedded, tmp_pa
 
 
 def test_a_wait_past_its_timeout_exits_2(embedded, tmp_path):
-    endless_id = nclab(embedded, "submit", write_json(tmp_path, "endless.json", ENDLESS_UFM)).stdout.strip()
+    endless_id = nclab(embedded, "submit", write_json(tmp_path, "endless.json", ENDLESS)).stdout.strip()
     try:
         done = nclab(embedded, "wait", endless_id, "--timeout", "0.5")
         assert done.returncode == 2 and "1 of 1 experiments unfinished after 0.5 s" in done.stderr
@@ -141,7 +141,7 @@ def test_sweep_wait_ls_history_and_compare_write_tables_csv_and_png(stack, tmp_p
 
 
 def test_cancel_of_a_sweep_reaches_every_member(embedded, tmp_path):
-    sweep_file = write_json(tmp_path, "endless.json", {"base": ENDLESS_UFM, "grid": {"seed": [0, 1, 2]}})
+    sweep_file = write_json(tmp_path, "endless.json", {"base": ENDLESS, "grid": {"seed": [0, 1, 2]}})
     created = nclab(embedded, "sweep", sweep_file)
     sweep_id = created.stdout.split()[1].rstrip(":")
     canceled = nclab(embedded, "cancel", sweep_id)

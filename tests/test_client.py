@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from service.client import Client, Conflict, InvalidRequest, NotFound, Unavailable, WaitTimeout, to_pandas
-from tests.support import ENDLESS_UFM, free_port
+from tests.support import ENDLESS, free_port
 
 UFM = {"kind": "ufm", "K": 4, "d": 6, "n_per_class": 3, "normalization": "normalized", "logit_scale": 10}
 
@@ -39,7 +39,7 @@ def test_submit_and_wait_follow_a_job_to_succeeded_with_its_closed_form(client):
 
 
 def test_wait_follows_a_job_to_canceled_and_many_ids_in_one_loop(client):
-    endless = client.submit(ENDLESS_UFM)
+    endless = client.submit(ENDLESS)
     quick = [client.submit({**UFM, "seed": seed}) for seed in range(3)]
     with pytest.raises(WaitTimeout) as timed_out:
         client.wait(endless["id"], timeout=0.5)
@@ -102,7 +102,7 @@ def test_sweep_search_aggregate_and_curves_agree_with_the_members(client):
     assert client.curves_png(where=where, group_by="spec.normalization", metric="loss").startswith(b"\x89PNG")
     assert sweep["id"] in [s["id"] for s in client.sweeps()]
 
-    canceled = client.sweep(base=ENDLESS_UFM, grid={"seed": [0, 1]})
+    canceled = client.sweep(base=ENDLESS, grid={"seed": [0, 1]})
     counts = client.cancel_sweep(canceled["id"])["status_counts"]
     assert counts["queued"] + counts["running"] + counts["canceled"] == 2
     assert client.wait_sweep(canceled["id"], timeout=60)["status_counts"]["canceled"] == 2

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from service.models import Experiment, MetricRow
 from service.schemas import ExperimentOut
-from tests.support import ENDLESS_UFM, wait_for_status
+from tests.support import ENDLESS, wait_for_status
 
 UFM = {"kind": "ufm", "K": 4, "d": 6, "n_per_class": 3, "normalization": "normalized", "logit_scale": 10,
        "tol": 1e-12}
@@ -69,7 +69,7 @@ def test_status_history_submit_and_pages_write_what_the_models_would(stack, fini
     page = client.get("/experiments", params={"where": f"id = '{finished}'"}).json()
     assert same(page["items"], [experiment])
 
-    submitted = client.post("/experiments", json={"spec": ENDLESS_UFM, "name": "submitted"}).json()
+    submitted = client.post("/experiments", json={"spec": ENDLESS, "name": "submitted"}).json()
     client.post(f"/experiments/{submitted['id']}/cancel")
     submitted_reference, _ = reference(stack.database_url, submitted["id"])
     assert submitted.keys() == submitted_reference.keys() and submitted["status"] == "queued"
@@ -102,7 +102,7 @@ def test_etags_give_304s_until_the_experiment_changes(stack, finished):
 
 def test_a_running_experiments_history_must_be_revalidated_and_its_etag_moves(stack):
     client = stack.client
-    running = client.post("/experiments", json=ENDLESS_UFM).json()["id"]
+    running = client.post("/experiments", json=ENDLESS).json()["id"]
     try:
         wait_for_status(client, running, {"running"}, timeout=60)
         first = client.get(f"/experiments/{running}/metrics")

@@ -7,11 +7,13 @@ import time
 
 import pytest
 
-from tests.support import ENDLESS_UFM, wait_for_status
+from tests.support import ENDLESS, wait_for_status
 
 DONE_WHEN_SPEC = {"kind": "ufm", "K": 10, "d": 16, "n_per_class": 20, "normalization": "normalized",
                   "logit_scale": 10, "seed": 0}
-ENDLESS_SPEC = {**ENDLESS_UFM, "checkpoint_every": 20}
+# A UFM of some 400 iterations, with a history row every 20.
+LONG_UFM = {"kind": "ufm", "K": 30, "d": 64, "n_per_class": 50, "tol": 1e-300, "max_iters": 400,
+            "checkpoint_every": 20}
 PROBLEM_JSON = "application/problem+json"
 
 
@@ -58,7 +60,7 @@ def test_submit_poll_and_read_result_and_history(production):
 
 def test_cancel_stops_a_running_job_within_seconds_and_keeps_its_history(production):
     client = production.client
-    created = submit(client, ENDLESS_SPEC)
+    created = submit(client, ENDLESS)
     wait_until_running_with_history(client, created["id"])
 
     response = client.post(f"/experiments/{created['id']}/cancel")
@@ -162,7 +164,7 @@ def test_readiness_reports_database_and_broker(production):
 
 def test_a_job_whose_worker_dies_is_requeued_and_finished_by_another_worker(own_production):
     stack = own_production
-    created = submit(stack.client, {**ENDLESS_SPEC, "max_iters": 400})
+    created = submit(stack.client, LONG_UFM)
     wait_until_running_with_history(stack.client, created["id"])
 
     stack.processes.stop(stack.worker, signal.SIGKILL)  # the whole worker, no warm shutdown

@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from service import sweeps
-from tests.support import ENDLESS_UFM, wait_for_status
+from tests.support import ENDLESS, wait_for_status
 
 BASE = {"kind": "ufm", "d": 6, "n_per_class": 2}
 VARIANTS = [{"normalization": "normalized", "logit_scale": 5}, {"normalization": "regularized", "lambda_w": 1e-3}]
@@ -59,7 +59,7 @@ def test_an_invalid_member_is_a_422_naming_it_and_nothing_is_stored(production):
 
 def test_cancel_reaches_every_member(production):
     client = production.client
-    sweep = client.post("/sweeps", json={"base": ENDLESS_UFM, "grid": {"seed": [0, 1, 2]}}).json()
+    sweep = client.post("/sweeps", json={"base": ENDLESS, "grid": {"seed": [0, 1, 2]}}).json()
     wait_for_status(client, sweep["members"][0], {"running"}, timeout=60)
     canceled = client.post(f"/sweeps/{sweep['id']}/cancel")
     assert canceled.status_code == 200

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.conftest import make_processes, running
-from tests.support import ENDLESS_UFM, free_port, wait_for_status, wait_ready
+from tests.support import ENDLESS, free_port, wait_for_status, wait_ready
 
 pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[test]')")
 from selenium import webdriver  # noqa: E402
@@ -56,7 +56,7 @@ def lab(embedded) -> dict:
         "grid": {"seed": [0, 1]}}).json()
     for experiment_id in ids + sweep["members"]:
         wait_for_status(client, experiment_id, {"succeeded"}, timeout=120)
-    endless = client.post("/experiments", json={"spec": ENDLESS_UFM, "name": "endless"}).json()["id"]
+    endless = client.post("/experiments", json={"spec": ENDLESS, "name": "endless"}).json()["id"]
     wait_for_status(client, endless, {"running"}, timeout=60)
     return {"url": embedded.base_url, "sweep": sweep["id"], "endless": endless, "first": ids[0]}
 
