@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
 
-from service.search.fields import Field, UnknownField, lookup
+from service.search.fields import Field, UnknownField, lookup, names
 
 GRAMMAR = r"""
 ?start: disjunction
@@ -256,6 +256,24 @@ def parse_order_by(text: str, parameter: str = "order_by") -> list[OrderKey]:
     if "\x00" in text:
         raise FilterError("contains a NUL character", parameter)
     return _parse(text, "order_by", parameter)
+
+
+def parse_optional_filter(text: str | None, parameter: str = "where") -> Filter | None:
+    """parse_filter, or None (every experiment) for no text or only blanks."""
+    return parse_filter(text, parameter) if text and text.strip() else None
+
+
+def parse_optional_order_by(text: str | None, parameter: str = "order_by") -> list[OrderKey] | None:
+    """parse_order_by, or None (the default order) for no text or only blanks."""
+    return parse_order_by(text, parameter) if text and text.strip() else None
+
+
+def parse_fields(text: str | None, parameter: str) -> list[Field]:
+    """Comma-separated field names (a group_by), each looked up; FilterError naming the unknown one."""
+    try:
+        return [lookup(name) for name in names(text)]
+    except UnknownField as exc:
+        raise FilterError(str(exc), parameter, field=exc.name) from None
 
 
 def conjunction(filters: list[Filter]) -> Filter | None:

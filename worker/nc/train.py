@@ -50,7 +50,7 @@ LR_SCHEDULES = ("constant", "step", "cosine", "milestones")
 WEIGHT_DECAY_SCOPES = ("all", "backbone", "classifier", "none")
 # Where weight_decay_scope is not given: unit classifier rows are not decayed (decay would
 # only fight the retraction), the regularized objective decays every parameter.
-DEFAULT_DECAY_SCOPES = {"normalized": "backbone", "regularized": "all", "none": "none"}
+DEFAULT_DECAY_SCOPES = {"normalized": "backbone", "regularized": "all"}
 
 # The loss is checked for NaN/inf once per this many batches (and at the end of each
 # epoch): a check makes the host wait for the device, and the batch that failed is still

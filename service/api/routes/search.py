@@ -21,8 +21,10 @@ from service.api.problems import InvalidField, problem_responses
 from service.db import get_sessionmaker
 from service.schemas import ExperimentList, SearchRequest, Status
 from service.search import export, queries
-from service.search.fields import STEP_UNITS, Field, UnknownField, history_key, lookup, names, numeric_result_key
-from service.search.language import Compare, Filter, FilterError, OrderKey, conjunction, parse_filter, parse_order_by
+from service.search.fields import STEP_UNITS, history_key, lookup, numeric_result_key
+from service.search.language import (
+    Compare, Filter, OrderKey, conjunction, parse_fields, parse_optional_filter, parse_optional_order_by,
+)
 
 router = APIRouter(prefix="/experiments", tags=["comparison"],
                    dependencies=[Depends(require_api_key), Depends(strict_query)],
@@ -37,21 +39,12 @@ Metrics = Annotated[str | None, Query(max_length=2000,
 
 
 def _filter(where: str | None, legacy: list[Filter] = ()) -> Filter | None:
-    parsed = [parse_filter(where)] if where and where.strip() else []
-    return conjunction([*legacy, *parsed])
+    parsed = parse_optional_filter(where)
+    return conjunction([*legacy, *([parsed] if parsed else [])])
 
 
 def _order(order_by: str | list[str] | None) -> list[OrderKey] | None:
-    if isinstance(order_by, list):
-        order_by = ",".join(order_by)
-    return parse_order_by(order_by) if order_by and order_by.strip() else None
-
-
-def _fields(text: str | None, parameter: str) -> list[Field]:
-    try:
-        return [lookup(name) for name in names(text)]
-    except UnknownField as exc:
-        raise FilterError(str(exc), parameter, field=exc.name) from None
+    return parse_optional_order_by(",".join(order_by) if isinstance(order_by, list) else order_by)
 
 
 def _export(tree: Filter | None, order: list[OrderKey] | None) -> StreamingResponse:
@@ -114,7 +107,7 @@ def aggregate(
     format: Format = None,
 ):
     """Per group: ``count``, and per metric n, mean, std (sample), min, max, median; computed in the database."""
-    tree, groups = _filter(where), _fields(group_by, "group_by")
+    tree, groups = _filter(where), parse_fields(group_by, "group_by")
     keys = metric_names(metrics, "metrics", numeric_result_key)
     items = queries.aggregate(session, tree, groups, keys)
     if wants_csv(request, format):
@@ -123,7 +116,7 @@ def aggregate(
 
 
 def _curves(session, where: str | None, group_by: str | None, metric: str):
-    tree, groups = _filter(where), _fields(group_by, "group_by")
+    tree, groups = _filter(where), parse_fields(group_by, "group_by")
     (key,) = metric_names(metric, "metric", history_key) or [None]
     if key is None:
         raise InvalidField("metric", "name one history metric, e.g. nc1")

@@ -14,6 +14,7 @@ accepts as it accepts the Authorization header.
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlencode
@@ -31,8 +32,8 @@ from service.db import get_autocommit_engine
 from service.models import Experiment, Sweep
 from service.schemas import STATUSES, TERMINAL_STATUSES
 from service.search import queries
-from service.search.fields import SPEC_FIELDS, STEP_UNITS, UnknownField, lookup, names, numeric_result_key
-from service.search.language import FilterError, parse_filter, parse_order_by
+from service.search.fields import SPEC_FIELDS, STEP_UNITS, UnknownField, numeric_result_key
+from service.search.language import FilterError, parse_fields, parse_optional_filter, parse_optional_order_by
 
 HERE = Path(__file__).resolve().parent.parent.parent
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -135,9 +136,7 @@ def experiments(
     error = None
     page = queries.Page([], None)
     try:
-        tree = parse_filter(where) if where.strip() else None
-        order = parse_order_by(order_by) if order_by.strip() else None
-        page = queries.search(session, tree, order, limit, cursor)
+        page = queries.search(session, parse_optional_filter(where), parse_optional_order_by(order_by), limit, cursor)
     except FilterError as exc:
         error = str(exc)
     rows = [_documents(item) for item in page.items]
@@ -186,9 +185,8 @@ def compare(
     """The aggregate table of the metric's final values per group, and its curves over the steps."""
     error, items = None, []
     try:
-        tree = parse_filter(where) if where.strip() else None
-        groups = [lookup(name) for name in names(group_by)]
-        items = queries.aggregate(session, tree, groups, [numeric_result_key(metric)])
+        groups = parse_fields(group_by, "group_by")
+        items = queries.aggregate(session, parse_optional_filter(where), groups, [numeric_result_key(metric)])
     except (FilterError, UnknownField) as exc:
         error = str(exc)
     curves = link("/experiments/curves.png", where=where, group_by=group_by, metric=metric, width=900, height=500)
@@ -211,7 +209,8 @@ def sweep(request: Request, session: SessionDep, sweep_id: str) -> HTMLResponse:
         select(Experiment.id, Experiment.status, Experiment.progress, Experiment.spec, Experiment.result_nc1)
         .where(Experiment.sweep == sweep_id).order_by(Experiment.created_at, Experiment.id)
     ).all()
-    counts = {status: sum(1 for m in members if m.status == status) for status in STATUSES}
+    tally = Counter(member.status for member in members)
+    counts = {status: tally[status] for status in STATUSES}
     varied = _varied_fields(found.definition)
     where = f"sweep = '{sweep_id}'"
     return render(request, "sweep.html", sweep=found, members=members, counts=counts, varied=varied,
