@@ -16,13 +16,14 @@ rounds of:
 - postgres: stop PostgreSQL for --outage seconds while a client submits and polls;
 - api: kill -9 `nclab api --workers 2` while a client submits, and start it again.
 
-For each it prints: jobs tried, jobs that reached a terminal state, jobs lost (not
-terminal within the time limit, or acknowledged and then gone), jobs whose history was
-duplicated or does not end at the result, responses that were neither 2xx-4xx JSON nor
-a problem+json, and the recovery time (from the fault to the end of the last job, or to
-the first success after the outage) at p50 and max. It exits 1 when a target is missed:
-0 lost, 0 duplicated, 0 bare errors, Redis recovery <= 15 s, worker recovery <=
-HEARTBEAT_TIMEOUT + 10 s.
+For each it prints: jobs tried, jobs that succeeded, failed and were canceled, jobs lost
+(not finished within the time limit, or acknowledged and then gone), jobs whose history
+was duplicated or does not end at the result, responses that were neither 2xx-4xx JSON
+nor a problem+json, and the recovery time (from the fault to the end of the last job, or
+to the first success after the outage) at p50 and max. A fault costs attempts, never
+jobs: it exits 1 when a target is missed: every job that was not canceled succeeded
+(none failed, none lost), 0 duplicated, 0 bare errors, Redis recovery <= 15 s, worker
+recovery <= HEARTBEAT_TIMEOUT + 10 s.
 """
 
 import argparse
@@ -162,7 +163,9 @@ def _ok(url: str) -> bool:
 class Tally:
     scenario: str
     tried: int = 0
-    terminal: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    canceled: int = 0
     lost: int = 0
     duplicated: int = 0
     bare: int = 0
@@ -171,8 +174,12 @@ class Tally:
     def row(self) -> str:
         p50 = f"{statistics.median(self.recoveries):.1f}" if self.recoveries else "-"
         worst = f"{max(self.recoveries):.1f}" if self.recoveries else "-"
-        return (f"{self.scenario:<10} {self.tried:>6} {self.terminal:>9} {self.lost:>5} {self.duplicated:>11} "
-                f"{self.bare:>12} {p50:>13} {worst:>13}")
+        return (f"{self.scenario:<10} {self.tried:>6} {self.succeeded:>9} {self.failed:>6} {self.canceled:>8} "
+                f"{self.lost:>5} {self.duplicated:>11} {self.bare:>12} {p50:>13} {worst:>13}")
+
+    @property
+    def missed(self) -> bool:
+        return bool(self.failed or self.lost or self.duplicated or self.bare)
 
 
 class Client:
@@ -213,7 +220,9 @@ def settle(client: Client, tally: Tally, ids: list[str], since: float, timeout: 
             if body is not None and body["status"] in ("succeeded", "failed", "canceled"):
                 pending.discard(experiment_id)
                 finished_at = time.monotonic()
-                tally.terminal += 1
+                setattr(tally, body["status"], getattr(tally, body["status"]) + 1)
+                if body["status"] == "failed":
+                    print(f"{tally.scenario}: {experiment_id} failed: {body['error']}", file=sys.stderr)
                 _check_history(client, tally, body)
         time.sleep(0.2)
     tally.lost += len(pending)
@@ -373,15 +382,15 @@ def main() -> int:
             redis.kill()
             postgres.stop()
             for log in sorted(scratch.glob("*.log")):
-                if any(t.lost or t.duplicated or t.bare for t in tallies):
+                if any(t.missed for t in tallies):
                     print(f"--- {log.name}\n{log.read_text()[-3000:]}", file=sys.stderr)
 
-    print(f"{'scenario':<10} {'tried':>6} {'terminal':>9} {'lost':>5} {'duplicated':>11} {'non-problem':>12} "
-          f"{'recovery p50':>13} {'recovery max':>13}")
+    print(f"{'scenario':<10} {'tried':>6} {'succeeded':>9} {'failed':>6} {'canceled':>8} {'lost':>5} "
+          f"{'duplicated':>11} {'non-problem':>12} {'recovery p50':>13} {'recovery max':>13}")
     for tally in tallies:
         print(tally.row())
     limits = {"redis": 15.0, "worker": HEARTBEAT_TIMEOUT + 10.0, "pool": HEARTBEAT_TIMEOUT + 10.0}
-    missed = [t.scenario for t in tallies if t.lost or t.duplicated or t.bare
+    missed = [t.scenario for t in tallies if t.missed
               or any(r > limits.get(t.scenario, float("inf")) for r in t.recoveries)]
     print("targets met" if not missed else f"targets missed: {', '.join(missed)}")
     return 1 if missed else 0

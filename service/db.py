@@ -2,9 +2,16 @@
 
 SQLite (embedded mode) is shared by the API process and the worker process, so it runs
 in WAL mode with a generous busy timeout; PostgreSQL needs nothing special.
+
+A forked process (Celery's pool processes, a pool process that replaces a crashed one)
+starts with connections of its own: it inherits its parent's engines, whose pooled
+connections are sockets the parent goes on using. Two processes talking over one socket
+interleave their messages and collide on the connection's prepared statements.
 """
 
 import json
+import os
+import weakref
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -25,8 +32,30 @@ def _json_text(document) -> str:
         return json.dumps(document)
 
 
+_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+def _forget_inherited_connections() -> None:
+    """In a forked child: new pools for every engine, leaving the parent's connections to the parent.
+
+    ``dispose(close=False)`` drops the inherited pool without closing its connections, which
+    would end the parent's sessions on the server (SQLAlchemy's advice for os.fork()).
+    """
+    for engine in list(_engines):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_inherited_connections)
+
+
 def make_engine(url: str, autocommit: bool = False) -> Engine:
     """The engine for ``url``; with ``autocommit``, the API's for one-statement requests (see get_autocommit_engine)."""
+    engine = _make_engine(url, autocommit)
+    _engines.add(engine)
+    return engine
+
+
+def _make_engine(url: str, autocommit: bool) -> Engine:
     # orjson reads and writes the JSON documents (specs, results, history rows) several times faster.
     options: dict = {"json_deserializer": orjson.loads, "json_serializer": _json_text}
     if autocommit:

@@ -200,6 +200,36 @@ def finish(
     return bool(finished)
 
 
+def _after_lost_attempt(job: Experiment, settings: Settings, reason: str, now: datetime) -> dict:
+    """Where a running job goes when its attempt ended without an outcome: canceled if a cancel
+    was asked for, failed once it has used up its attempts, else queued for a new attempt
+    (sent by the reconciler's next round)."""
+    if job.cancel_requested:
+        return dict(status="canceled", finished_at=now)
+    if job.attempts >= settings.max_attempts:
+        return dict(status="failed", finished_at=now,
+                    error=f"{reason} during attempt {job.attempts} of {settings.max_attempts}; giving up")
+    return dict(status="queued", heartbeat_at=None, worker=None, sent_at=None)
+
+
+def give_back(session: Session, experiment_id: str, attempt: int, settings: Settings, reason: str) -> str | None:
+    """End an attempt that the infrastructure failed (a database error), not the experiment.
+
+    The job goes where a job whose worker was lost goes (_after_lost_attempt); the new
+    status, or None when the attempt no longer owns the job.
+    """
+    job = session.scalar(select(Experiment).where(*_owned(experiment_id, attempt)))
+    if job is None:
+        return None
+    values = _after_lost_attempt(job, settings, reason, utcnow())
+    moved = session.execute(update(Experiment).where(*_owned(experiment_id, attempt)).values(**values)).rowcount
+    session.commit()
+    if not moved:
+        return None
+    log_transition(experiment_id, "running", values["status"], attempt=attempt, reason=reason)
+    return values["status"]
+
+
 def cancel(session: Session, experiment_id: str) -> Experiment | None:
     """Cancel a queued job at once; ask a running one to stop. None if no such job."""
     canceled = session.execute(
@@ -248,16 +278,7 @@ def reconcile(session: Session, settings: Settings, enqueue: Callable[[str], Non
     moves = []
     for job in stale:
         silent_for = (now - job.heartbeat_at).total_seconds()
-        if job.cancel_requested:
-            values = dict(status="canceled", finished_at=now)
-        elif job.attempts >= settings.max_attempts:
-            values = dict(
-                status="failed", finished_at=now,
-                error=f"worker lost: no heartbeat for {silent_for:.0f} s during attempt {job.attempts} "
-                      f"of {settings.max_attempts}; giving up",
-            )
-        else:
-            values = dict(status="queued", heartbeat_at=None, worker=None, sent_at=None)
+        values = _after_lost_attempt(job, settings, f"worker lost: no heartbeat for {silent_for:.0f} s", now)
         moved = session.execute(
             update(Experiment)
             .where(Experiment.id == job.id, Experiment.status == "running",

@@ -131,6 +131,10 @@ class Experiment(Base):
     __table_args__ = (Index("ix_experiments_created_at_id", "created_at", "id"),)
 
 
+# What an Integer column holds on PostgreSQL (32-bit signed; SQLite's hold 64 bits), and so
+# the range of every integer the API takes for one (a spec's: schemas.SpecBase).
+INTEGER_MIN, INTEGER_MAX = -(2**31), 2**31 - 1
+
 # spec field -> attribute of its typed copy; result key -> attribute of its typed copy.
 SPEC_COLUMNS = {"kind": "kind", "normalization": "normalization", "K": "num_classes", "d": "dim",
                 "dataset": "dataset", "architecture": "architecture", "logit_scale": "logit_scale",

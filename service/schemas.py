@@ -6,12 +6,14 @@ from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
-    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StringConstraints, Tag,
-    ValidationInfo, field_validator, model_validator,
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, GetJsonSchemaHandler,
+    StringConstraints, Tag, ValidationError, ValidationInfo, field_validator, model_validator,
 )
+from pydantic_core import PydanticCustomError, PydanticKnownError
 
 from service import job_size
 from service.datasets import DATASETS
+from service.models import INTEGER_MAX, INTEGER_MIN
 from service.settings import get_settings
 
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
@@ -30,9 +32,45 @@ def _positive_counts(value: Any) -> Any:
 ClassCounts = Annotated[int | list[int], BeforeValidator(_positive_counts)]
 
 
+def _state_int_range(schema: dict) -> None:
+    """Write INTEGER_MIN..INTEGER_MAX into a field's JSON Schema: its integers, also in unions and arrays."""
+    if schema.get("type") == "integer":
+        schema["minimum"] = max(schema.get("minimum", INTEGER_MIN), INTEGER_MIN)
+        schema["maximum"] = min(schema.get("maximum", INTEGER_MAX), INTEGER_MAX)
+    for member in (*schema.get("anyOf", ()), *([schema["items"]] if "items" in schema else ())):
+        _state_int_range(member)
+
+
 class SpecBase(BaseModel):
     # Infinity and NaN are no sizes, rates or tolerances: a 422 naming the field, at the edge.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    # Every integer of a spec lies in the range of PostgreSQL's integer columns: seed, K, d and
+    # epochs have typed copies in such columns (models.SPEC_COLUMNS), and one range for all
+    # keeps a field's limit from depending on whether it is copied. SQLite's columns and both
+    # databases' JSON hold that range too.
+    # A rule on every field, not a bound on each field's type: a field added later is covered,
+    # and a field's own ge/le stay (pydantic lets a bound on the type replace the field's).
+    @field_validator("*")
+    @classmethod
+    def _integers_in_range(cls, value: Any) -> Any:
+        """Every integer, alone or in a list, within INTEGER_MIN..INTEGER_MAX."""
+        for number in value if isinstance(value, list) else (value,):
+            if isinstance(number, bool) or not isinstance(number, int):
+                continue
+            if number > INTEGER_MAX:
+                raise PydanticKnownError("less_than_equal", {"le": INTEGER_MAX})
+            if number < INTEGER_MIN:
+                raise PydanticKnownError("greater_than_equal", {"ge": INTEGER_MIN})
+        return value
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler: GetJsonSchemaHandler) -> dict:
+        """The JSON Schema states the range too, so that clients (and the fuzzer) see what is taken."""
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        for field_schema in schema["properties"].values():
+            _state_int_range(field_schema)
+        return schema
 
 
 def _at_most_setting(value: int, setting: str) -> int:
@@ -333,11 +371,59 @@ def _gib(size: int) -> str:
 
 ExperimentSpec = Annotated[Union[UFMSpec, TrainSpec], Field(discriminator="kind")]
 
-# The user's labels. Tag keys become filter fields (tags.<key>), hence the identifier rule.
+
+def _storable_text(text: str) -> str:
+    """Text both databases can store: PostgreSQL's text and JSONB hold no NUL character, and a
+    lone surrogate (which JSON's \\ud800 escapes can carry) has no UTF-8 form, in either database."""
+    if "\x00" in text:
+        raise PydanticCustomError("unstorable_text", "contains a NUL character (\\u0000), which cannot be stored")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError("unstorable_text", "contains a lone surrogate ({character}), which cannot be stored",
+                                  {"character": ascii(text[exc.start])}) from None
+    return text
+
+
+# The character rule of every string the user gives. It goes after a string's own
+# constraints, so that theirs keep the messages of a string ("at most 200 characters").
+StorableText = AfterValidator(_storable_text)
+
+
+def _storable_json(document: Any) -> Any:
+    """Every key and string of a free-form JSON document (a sweep's base, variants, grid) is
+    StorableText; each refusal is named by its place (``base.lambda_w``, ``grid.seed.1``)."""
+    refusals = []
+
+    def visit(value: Any, place: tuple) -> None:
+        if isinstance(value, str):
+            try:
+                _storable_text(value)
+            except PydanticCustomError as refusal:
+                refusals.append({"type": refusal, "loc": place, "input": value})
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                visit(key, (*place, key, "[key]"))
+                visit(item, (*place, key))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                visit(item, (*place, index))
+
+    visit(document, ())
+    if refusals:
+        # pydantic-core places the errors of a ValidationError raised in a validator under the field's own location.
+        raise ValidationError.from_exception_data("JSON document", refusals)
+    return document
+
+
+StorableJSON = AfterValidator(_storable_json)
+
+# The user's labels. Tag keys become filter fields (tags.<key>), hence the identifier rule
+# (which admits no NUL or surrogate either).
 MAX_TAGS = 32
-Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200), StorableText]
 TagKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
-TagValue = Annotated[str, StringConstraints(max_length=256)]
+TagValue = Annotated[str, StringConstraints(max_length=256), StorableText]
 
 
 def _at_most_max_tags(tags: dict) -> dict:

@@ -12,11 +12,11 @@ the member's own choice, and still a 422.
 """
 
 import itertools
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from service.schemas import ExperimentSpec, Name, Tags, TrainSpec, UFMSpec
+from service.schemas import ExperimentSpec, Name, StorableJSON, Tags, TrainSpec, UFMSpec
 from service.settings import get_settings
 
 SPECS = TypeAdapter(ExperimentSpec)
@@ -30,10 +30,15 @@ class SweepRequest(BaseModel):
 
     name: Name | None = None
     tags: Tags = {}
-    base: dict[str, Any] = Field(description="the fields every member shares, e.g. kind and dataset")
-    variants: list[dict[str, Any]] = Field(default_factory=lambda: [{}], min_length=1,
-                                           description="partial specs laid over the base, one member set each")
-    grid: dict[str, list[Any]] = Field(default_factory=dict, description="field -> values; every combination")
+    # base, variants and grid are stored as given (Sweep.definition): every key and string in them must be
+    # storable, even in a base field that no member uses. An empty list, of variants or of a grid field's
+    # values, would make a sweep of no members.
+    base: Annotated[dict[str, Any], StorableJSON] = Field(
+        description="the fields every member shares, e.g. kind and dataset")
+    variants: Annotated[list[dict[str, Any]], StorableJSON] = Field(
+        default_factory=lambda: [{}], min_length=1, description="partial specs laid over the base, one member set each")
+    grid: Annotated[dict[str, Annotated[list[Any], Field(min_length=1)]], StorableJSON] = Field(
+        default_factory=dict, description="field -> values; every combination")
 
 
 class InvalidMember(ValueError):

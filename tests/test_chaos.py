@@ -29,4 +29,5 @@ def test_a_short_chaos_round_loses_nothing():
     table = result.stdout.splitlines()
     assert table[-1] == "targets met"
     rows = {line.split()[0]: line.split()[1:] for line in table[1:-1]}
-    assert rows["worker"][:3] == ["1", "1", "0"] and rows["redis"][:3] == ["20", "20", "0"]
+    # tried, succeeded, failed, canceled, lost
+    assert rows["worker"][:5] == ["1", "1", "0", "0", "0"] and rows["redis"][:5] == ["20", "20", "0", "0", "0"]

@@ -13,7 +13,7 @@ import logging
 from celery import bootsteps
 
 from service import jobs
-from service.db import get_sessionmaker
+from service.db import get_engine, get_sessionmaker
 
 log = logging.getLogger("nclab.worker")
 
@@ -31,5 +31,9 @@ class ResendQueuedOnConnect(bootsteps.StartStopStep):
             # The reconciler's own re-send delay still covers these jobs.
             log.exception("could not mark the queued jobs for re-sending")
             return
+        finally:
+            # This is the worker's main process, which forks the pool's processes: it keeps no
+            # connection open for a new pool process to inherit (service/db.py).
+            get_engine().dispose()
         if count:
             log.info("connected to the broker: %d queued jobs will be sent again", count)

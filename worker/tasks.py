@@ -1,20 +1,26 @@
 """The one Celery task: run an experiment whose row says it is queued.
 
 The row, not the message, decides: a message for a job that is not queued (a duplicate,
-a redelivery, a canceled job) does nothing. Failures end the job ``failed`` with a
-readable error; a worker that dies mid-run leaves a stale heartbeat, which the
-reconciler turns into a re-queue (or a failure once the attempts are used up).
+a redelivery, a canceled job) does nothing. The experiment's own failures end the job
+``failed`` with a readable error. The infrastructure's do not: a database error while
+claiming is retried, one while recording or finishing is retried in place and then
+gives the attempt back to the queue, and a worker that dies mid-run leaves a stale
+heartbeat, which the reconciler turns into a re-queue. Either way, the attempt cap
+(MAX_ATTEMPTS) ends a job that never gets through as failed, saying why.
 """
 
 import logging
 import os
 import signal
 import socket
+import time
 import traceback
+from collections.abc import Callable
 
 from celery.signals import worker_process_init
 from pydantic import TypeAdapter
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from service import jobs
 from service.db import get_sessionmaker
@@ -42,16 +48,37 @@ def prepare_pool_process(**_) -> None:
 # While the database is unreachable a message cannot be claimed: it goes back to the
 # queue this many seconds later, as often as it takes (the row still says queued).
 CLAIM_RETRY_SECONDS = 2.0
+# A write of a running attempt's (a history row, the outcome) that the database refuses is
+# tried again after each of these pauses: a cut connection is replaced, a restart is ridden
+# out. After the last, the attempt is given back to the queue (jobs.give_back).
+WRITE_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
+
+
+class InfrastructureError(Exception):
+    """The database kept refusing a write of the attempt's: the attempt failed, not the experiment."""
+
+
+def _write(what: str, write: Callable[[Session], object]) -> object:
+    pauses = iter(WRITE_RETRY_DELAYS)
+    while True:
+        try:
+            with get_sessionmaker()() as session:
+                return write(session)
+        except SQLAlchemyError as exc:
+            pause = next(pauses, None)
+            if pause is None:
+                raise InfrastructureError(f"database error while {what}: {exc.__class__.__name__}: {exc}") from exc
+            log.warning("database error while %s (%s); trying again in %g s", what, exc.__class__.__name__, pause)
+            time.sleep(pause)
 
 
 @celery_app.task(name=RUN_EXPERIMENT, bind=True, max_retries=None)
 def run_experiment(self, experiment_id: str) -> None:
-    sessions = get_sessionmaker()
     try:
-        with sessions() as session:
+        with get_sessionmaker()() as session:
             job = jobs.claim(session, experiment_id, worker=f"{socket.gethostname()} pid {os.getpid()}")
-    except (OperationalError, InterfaceError) as exc:
-        log.warning("experiment %s: the database is unreachable (%s); retrying in %g s",
+    except SQLAlchemyError as exc:
+        log.warning("experiment %s: the database failed the claim (%s); retrying in %g s",
                     experiment_id, exc.__class__.__name__, CLAIM_RETRY_SECONDS)
         raise self.retry(countdown=CLAIM_RETRY_SECONDS) from exc
     if job is None:
@@ -61,26 +88,48 @@ def run_experiment(self, experiment_id: str) -> None:
     log.info("experiment %s: attempt %d starts", experiment_id, attempt)
 
     def record(step: int, row: dict) -> None:
-        with sessions() as session:
-            jobs.record_metrics(session, experiment_id, attempt, step, row)
+        _write(f"recording step {step}", lambda session: jobs.record_metrics(session, experiment_id, attempt, step, row))
 
     with Heartbeat(experiment_id, attempt, get_settings().heartbeat_interval) as heartbeat:
         def set_progress(fraction: float) -> None:
             heartbeat.progress = min(max(fraction, 0.0), 1.0)
 
         try:
-            # Re-validated so that rows stored by an older version get today's defaults.
-            spec = SPECS.validate_python(job.spec).model_dump(mode="json")
-            result = runners.RUNNERS[spec["kind"]](spec, record, set_progress, heartbeat.stop_requested.is_set)
-        except Stopped:
-            outcome = dict(status="canceled")
-        except Diverged as exc:
-            outcome = dict(status="failed", error=f"diverged: {exc}")
-        except Exception as exc:
-            log.exception("experiment %s failed", experiment_id)
-            outcome = dict(status="failed", error=f"{exc.__class__.__name__}: {exc}\n{traceback.format_exc(limit=3)}")
-        else:
-            outcome = dict(status="succeeded", result=result)
-    with sessions() as session:
-        if not jobs.finish(session, experiment_id, attempt, **outcome):
-            log.warning("experiment %s: attempt %d no longer owns the job; outcome dropped", experiment_id, attempt)
+            outcome = _run(experiment_id, job.spec, record, set_progress, heartbeat.stop_requested.is_set)
+            owned = _write("storing the outcome", lambda session: jobs.finish(session, experiment_id, attempt, **outcome))
+        except InfrastructureError as exc:
+            _give_back(experiment_id, attempt, str(exc))
+            return
+    if not owned:
+        log.warning("experiment %s: attempt %d no longer owns the job; outcome dropped", experiment_id, attempt)
+
+
+def _run(experiment_id: str, spec: dict, record, set_progress, should_stop) -> dict:
+    """The experiment's outcome: the columns jobs.finish sets. Its own errors fail it; the
+    database's (InfrastructureError) go through to the caller."""
+    try:
+        # Re-validated so that rows stored by an older version get today's defaults.
+        spec = SPECS.validate_python(spec).model_dump(mode="json")
+        result = runners.RUNNERS[spec["kind"]](spec, record, set_progress, should_stop)
+    except InfrastructureError:
+        raise
+    except Stopped:
+        return dict(status="canceled")
+    except Diverged as exc:
+        return dict(status="failed", error=f"diverged: {exc}")
+    except Exception as exc:
+        log.exception("experiment %s failed", experiment_id)
+        return dict(status="failed", error=f"{exc.__class__.__name__}: {exc}\n{traceback.format_exc(limit=3)}")
+    return dict(status="succeeded", result=result)
+
+
+def _give_back(experiment_id: str, attempt: int, reason: str) -> None:
+    """The attempt ends without an outcome; the job is queued for a new one (or failed, once its
+    attempts are used up). If even that write fails, the job's heartbeat has stopped, and the
+    reconciler does the same once it is stale."""
+    log.warning("experiment %s: attempt %d given back: %s", experiment_id, attempt, reason)
+    try:
+        _write("giving the attempt back",
+               lambda session: jobs.give_back(session, experiment_id, attempt, get_settings(), reason))
+    except InfrastructureError:
+        log.exception("experiment %s: could not give attempt %d back; the reconciler will", experiment_id, attempt)

@@ -1,5 +1,6 @@
 """Errors as ``application/problem+json`` (RFC 9457)."""
 
+import json
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -47,9 +48,19 @@ def problem_responses(*statuses: int) -> dict:
             for status in statuses}
 
 
+class ProblemResponse(JSONResponse):
+    media_type = PROBLEM_JSON
+
+    def render(self, content) -> bytes:
+        # A field's name may be a key the client sent with a lone surrogate in it (JSON's
+        # \ud800 escape), which has no UTF-8 form: it goes back escaped, as it came.
+        return json.dumps(content, ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":")).encode("utf-8", "backslashreplace")
+
+
 def problem(status: int, detail: str, **extra) -> JSONResponse:
     body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail, **extra}
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+    return ProblemResponse(body, status_code=status)
 
 
 def _field_name(loc: tuple, error_type: str) -> str:
@@ -124,14 +135,25 @@ def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
     return response
 
 
-def _value_out_of_range(_request: Request, exc: DataError) -> JSONResponse:
-    """A value that passed validation but not the database (a last line of defence, never a 500)."""
-    reason = str(exc.orig).splitlines()[0] if exc.orig is not None else exc.__class__.__name__
+# A value that passed validation but not the database: refused by the database (DataError:
+# out of range, NUL in text), or by the driver as it encodes the value (sqlite3's integers
+# beyond 64 bits, text with a lone surrogate), which SQLAlchemy passes on unwrapped.
+UNSTORABLE = (DataError, OverflowError, UnicodeEncodeError)
+
+
+def _unstorable_value(_request: Request, exc: Exception) -> JSONResponse:
+    """A 422, never a 500: the last line of defence behind validation, which names the field.
+
+    This one cannot: neither database says which column refused the value.
+    """
+    cause = exc.orig if isinstance(exc, DataError) and exc.orig is not None else exc
+    reason = str(cause).partition("\n")[0] or cause.__class__.__name__
     return problem(422, f"a value the database cannot take: {reason}")
 
 
 def install(app: FastAPI) -> None:
-    app.add_exception_handler(DataError, _value_out_of_range)
+    for unstorable in UNSTORABLE:
+        app.add_exception_handler(unstorable, _unstorable_value)
     for outage in (OperationalError, InterfaceError, PoolTimeout):
         app.add_exception_handler(outage, _database_unavailable)
     app.add_exception_handler(RequestValidationError, _validation_problem)

@@ -3,7 +3,8 @@
 An experiment is one row: its columns, ``tags`` as JSON, then ``spec.<field>`` for every
 spec field of every kind and ``result.<key>`` for every result key, in catalogue order
 (blank where a kind has no such field). Booleans are ``true``/``false``, nulls blank,
-lists and objects JSON, floats in Python's shortest round-trip form.
+lists and objects JSON, floats in Python's shortest round-trip form, and text that a
+spreadsheet would run as a formula is quoted (cell()).
 """
 
 import csv
@@ -13,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime
 
 from service.models import Experiment
-from service.search.fields import RESULT_TYPES, SPEC_FIELDS
+from service.search.fields import RESULT_FIELDS, RESULT_TYPES, SPEC_FIELDS
 from service.search.sql import JSONValue
 from service.search.queries import STATISTICS
 
@@ -24,7 +25,21 @@ RESULT_KEYS = list(RESULT_TYPES)
 EXPERIMENT_HEADER = EXPERIMENT_COLUMNS + [f"spec.{k}" for k in SPEC_KEYS] + [f"result.{k}" for k in RESULT_KEYS]
 
 
+# The first characters that make a spreadsheet (Excel, LibreOffice, Google Sheets) read a cell
+# as a formula, after OWASP's "CSV Injection" page: a name or tag such as =HYPERLINK(...) would
+# otherwise run on the machine of whoever opens the export.
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def cell(value) -> str:
+    """A value as its CSV cell.
+
+    Text that starts with a formula trigger gets a leading single quote, as OWASP's "CSV
+    Injection" page recommends: a spreadsheet then shows it as text. The decision is by
+    type, not by the characters: a number (-0.5) stays a number, while text that merely
+    looks like one (a name "-5") is quoted. Lists and objects are JSON, which starts with
+    [ or { and so is never a formula.
+    """
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -35,6 +50,8 @@ def cell(value) -> str:
         return value.isoformat()
     if isinstance(value, list | dict):
         return json.dumps(value, separators=(",", ":"))
+    if isinstance(value, str) and value.startswith(FORMULA_TRIGGERS):
+        return "'" + value
     return str(value)
 
 
@@ -43,9 +60,13 @@ def cell(value) -> str:
 EXPORT_COLUMNS = ([getattr(Experiment, column) for column in EXPERIMENT_COLUMNS]
                   + [JSONValue(Experiment.spec, key, "json") for key in SPEC_KEYS]
                   + [JSONValue(Experiment.result, key, "json") for key in RESULT_KEYS])
-# csv writes None, str, int and float (repr) as this module wants them: only the
-# datetimes and the tags go through cell().
-_FORMATTED = [EXPERIMENT_COLUMNS.index(name) for name in ("tags", "created_at", "started_at", "finished_at")]
+# The cells that go through cell(): the experiment's own columns, which the database gives
+# typed (text such as the name and the error, the tags, datetimes), and the spec and result
+# fields of type string (spec.dataset, result.stop_reason, ...). The other spec and result
+# values, numbers and booleans, are written as the database formats them: that is text on
+# PostgreSQL, where cell() would take a number "-0.5" for text and quote it.
+_TEXT_FIELDS = {name for name, field in (SPEC_FIELDS | RESULT_FIELDS).items() if field.type == "string"}
+_FORMATTED = [i for i, name in enumerate(EXPERIMENT_HEADER) if name in EXPERIMENT_COLUMNS or name in _TEXT_FIELDS]
 
 
 def experiment_row(row: tuple) -> list:

@@ -17,7 +17,7 @@ from service.api.formats import (
 )
 from service.db import get_autocommit_engine, get_engine
 from service.dispatch import get_dispatcher
-from service.models import Experiment
+from service.models import INTEGER_MAX, Experiment
 from service.schemas import (
     MAX_TAGS, TERMINAL_STATUSES, ExperimentOut, ExperimentPatch, LabelledSubmission, MetricHistory, Submission,
 )
@@ -105,7 +105,7 @@ async def metric_history(
     experiment_id: str,
     request: Request,
     format: Format = None,
-    after: Annotated[int, Query(ge=-1, le=2**31 - 1,
+    after: Annotated[int, Query(ge=-1, le=INTEGER_MAX,
                                 description="only the rows with a later step: a live tail")] = -1,
 ):
     with get_autocommit_engine().connect() as connection:  # in the event loop, as the status read
