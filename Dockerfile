@@ -1,12 +1,12 @@
-# One image for the API and the worker. The API never imports torch; the worker target
-# adds it (a CUDA build from PyPI, for the GPU workers).
+# One image for the API and the worker. The API installs the server extra and never imports
+# torch; the worker target adds the worker extra (torch, a CUDA build from PyPI, for the GPU workers).
 FROM python:3.11-slim AS api
 WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY service service
 COPY worker worker
 COPY migrations migrations
-RUN pip install --no-cache-dir -e .
+RUN pip install --no-cache-dir -e '.[server]'
 ENV NCLAB_DATA_DIR=/data
 EXPOSE 8000
 CMD ["nclab", "api", "--host", "0.0.0.0", "--port", "8000"]

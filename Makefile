@@ -1,9 +1,11 @@
 # The README's two commands: `make serve` and `make test`. Both create .venv on first use.
+# `make test` runs the whole suite (CI runs it); `make test-fast` the inner loop: no servers,
+# subprocesses, PostgreSQL or Redis, nothing slow, no browser (the markers: pyproject.toml).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 INSTALLED := $(VENV)/.installed
 
-.PHONY: serve test
+.PHONY: serve test test-fast test-stack lint
 
 $(INSTALLED): pyproject.toml
 	@echo "nclab: creating $(VENV) with $(PYTHON) (first run only)"
@@ -23,4 +25,17 @@ serve: $(INSTALLED)
 	$(VENV)/bin/nclab serve --host $(HOST) --port $(PORT)
 
 test: $(INSTALLED)
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-fast: $(INSTALLED)
+	$(VENV)/bin/pytest -m "not stack and not slow and not browser" $(PYTEST_ARGS)
+
+# What test-fast leaves out.
+test-stack: $(INSTALLED)
+	$(VENV)/bin/pytest -m "stack or slow or browser" $(PYTEST_ARGS)
+
+# Lint, format and type check (pyproject.toml's [tool.ruff] and [tool.mypy]); .ci/run runs it first.
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check service worker
+	$(VENV)/bin/ruff format --check service worker
+	$(VENV)/bin/mypy service worker

@@ -41,7 +41,7 @@ from worker.nc.train import TrainConfig, batches, make_optimizer, train
 def bench_config(epochs: int, width: int) -> TrainConfig:
     return TrainConfig(dataset="digits", architecture="mlp", normalization="normalized",
                        num_classes=10, dim=128, mlp_depth=3, mlp_width=width, epochs=epochs,
-                       batch_size=128, lr=0.05)
+                       batch_size=128, lr=0.05, lr_schedule="constant")
 
 
 def plain_loop(config: TrainConfig) -> torch.nn.Module:

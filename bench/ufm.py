@@ -21,8 +21,8 @@ nc2_etf_w <= 1e-6. Three parts:
    iterate that met both targets, read from its per-iteration log: the time pymanopt
    would need with a perfect stopping rule. Where the problem is large enough, our
    solver merges each class's features once they have collapsed (`features_merged_at`
-   in its result; worker/nc/ufm.py, `_descent`), and pymanopt descends on all N
-   features to the end: the line "ours, never merging" shows our solver without it.
+   in its result; worker/nc/merging.py), and pymanopt descends on all N features to
+   the end: the line "ours, never merging" shows our solver without it.
 2. Saturation, at logit scale 30: the loss is ~1e-13 there and the gradient of L
    vanishes long before the classifier is an ETF. pymanopt runs twice: with
    min_gradient_norm = tol (the same number as ours), where it stops early and
@@ -56,7 +56,7 @@ from pymanopt.manifolds import Oblique, Product
 from pymanopt.optimizers import ConjugateGradient, SteepestDescent
 
 from worker.memory import retain_freed_memory
-from worker.nc import ufm
+from worker.nc import merging, ufm
 from worker.nc.metrics import collapse_metrics, cross_entropy_per_sample
 from worker.nc.ufm import UFMProblem, optimal_loss, solve
 
@@ -162,15 +162,15 @@ def warm_up(device: str) -> None:
 def run_ours(problem: UFMProblem, device: str, merge: bool = True) -> dict:
     """One solve(); with merge=False, without merging collapsed features (as if every
     problem were too small for it to pay)."""
-    threshold = ufm._SMALL_WORK
+    threshold = merging.SMALL_WORK
     if not merge:
-        ufm._SMALL_WORK = math.inf
+        merging.SMALL_WORK = math.inf
     try:
         start = time.perf_counter()
         result = solve(problem, device=device)
         seconds = time.perf_counter() - start
     finally:
-        ufm._SMALL_WORK = threshold
+        merging.SMALL_WORK = threshold
     target_seconds = seconds if meets_targets(result) else None
     return {**result, "seconds": seconds, "target_seconds": target_seconds}
 
@@ -187,7 +187,7 @@ def run_pymanopt(
     K, d, N, scale = problem.num_classes, problem.dim, problem.num_samples, problem.logit_scale
     labels = torch.arange(K).repeat_interleave(problem.n_per_class)
     # ufm's own seeded start, as the Oblique manifold's column-normalized transposes.
-    classifier, features = ufm._initial_point(problem, problem.seed, "cpu")
+    classifier, features = ufm.initial_point(problem, problem.seed, "cpu")
     manifold = Product([Oblique(d, K), Oblique(d, N)])
 
     @pymanopt.function.pytorch(manifold)

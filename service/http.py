@@ -13,8 +13,10 @@ import socket
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 
+# AutoHTTPProtocol is a variable (httptools' protocol or h11's, whichever is installed), which mypy
+# does not take as a base class.
 class NoDelayHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

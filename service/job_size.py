@@ -13,13 +13,13 @@ It is an estimate (allocator slack, cuDNN workspaces and the like are not in it)
 to refuse at submit time a job that cannot fit, not to plan to the last megabyte.
 """
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 # Input shape (channels, side) per data set; the gaussian mixture is vectors (dim, 1).
-IMAGE_SHAPES = {"mnist": (1, 28), "fashion_mnist": (1, 28), "cifar10": (3, 32), "cifar100": (3, 32),
-                "digits": (1, 8)}
+IMAGE_SHAPES = {"mnist": (1, 28), "fashion_mnist": (1, 28), "cifar10": (3, 32), "cifar100": (3, 32), "digits": (1, 8)}
 TEST_SAMPLES = {"mnist": 10_000, "fashion_mnist": 10_000, "cifar10": 10_000, "cifar100": 10_000, "digits": 364}
 VGG11_LAYERS = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 RESNET18_BLOCKS = (2, 2, 2, 2)
@@ -71,14 +71,23 @@ def _bottleneck(c_in: int, planes: int, stride: int, side: int) -> tuple[Network
     c_out = BOTTLENECK_EXPANSION * planes
     out_side = (side - 1) // stride + 1
     parameters = _conv_bn(c_in, planes, kernel=1) + _conv_bn(planes, planes) + _conv_bn(planes, c_out, kernel=1)
-    activations = (3 * planes * side * side  # conv, BN, ReLU before the stride
-                   + 3 * planes * out_side * out_side  # conv, BN, ReLU
-                   + 4 * c_out * out_side * out_side)  # conv, BN, sum, ReLU
+    activations = (
+        3 * planes * side * side  # conv, BN, ReLU before the stride
+        + 3 * planes * out_side * out_side  # conv, BN, ReLU
+        + 4 * c_out * out_side * out_side
+    )  # conv, BN, sum, ReLU
     return _add(Network(parameters, activations), _shortcut(c_in, c_out, stride, out_side)), c_out, out_side
 
 
-def _resnet(channels: int, side: int, width: int, blocks_per_stage: tuple[int, ...],
-            block: Callable[[int, int, int, int], tuple[Network, int, int]], dim: int, num_classes: int) -> Network:
+def _resnet(
+    channels: int,
+    side: int,
+    width: int,
+    blocks_per_stage: tuple[int, ...],
+    block: Callable[[int, int, int, int], tuple[Network, int, int]],
+    dim: int,
+    num_classes: int,
+) -> Network:
     """The CIFAR-stem ResNet of worker/nc/models.py: a 3x3 stem of `width` channels, then
     stages of width x 2^i planes, each after the first starting with a stride-2 block."""
     net = Network(_conv_bn(channels, width), 3 * width * side * side)  # conv, BN, ReLU
@@ -93,7 +102,7 @@ def _resnet(channels: int, side: int, width: int, blocks_per_stage: tuple[int, .
 
 def mlp(in_features: int, depth: int, width: int, dim: int, num_classes: int) -> Network:
     widths = [in_features] + [width] * (depth - 1) + [dim]
-    parameters = sum(fan_in * fan_out + 2 * fan_out for fan_in, fan_out in zip(widths, widths[1:]))
+    parameters = sum(fan_in * fan_out + 2 * fan_out for fan_in, fan_out in itertools.pairwise(widths))
     activations = in_features + 3 * sum(widths[1:]) + num_classes  # Linear, BatchNorm, ReLU outputs
     return Network(parameters + dim * num_classes + num_classes, activations)
 
@@ -109,7 +118,7 @@ def resnet50(channels: int, side: int, dim: int, num_classes: int) -> Network:
 def vgg11(channels: int, side: int, dim: int, num_classes: int) -> Network:
     parameters, activations = 0, 0
     for layer in VGG11_LAYERS:
-        if layer == "M":
+        if isinstance(layer, str):  # "M": a 2x2 max-pool
             if side > 1:
                 side //= 2
                 activations += channels * side * side

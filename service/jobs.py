@@ -12,18 +12,30 @@ import logging
 import math
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, text, update
+from sqlalchemy import Connection, case, delete, func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service import idempotency
+from service.db import rowcount
+from service.idempotency import Keyed
 from service.models import (
-    Experiment, IdempotencyKey, MetricRow, Sweep, history_copies, result_copies, spec_copies, utcnow,
+    Experiment,
+    IdempotencyKey,
+    MetricRow,
+    Sweep,
+    history_copies,
+    result_copies,
+    spec_copies,
+    utcnow,
 )
 from service.schemas import TERMINAL_STATUSES
 from service.search.queries import RESOURCE_COLUMNS, RESOURCE_KEYS
 from service.settings import ANONYMOUS, Settings
-
 
 log = logging.getLogger("nclab.jobs")
 
@@ -43,53 +55,109 @@ def json_safe(values: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
 
 
-def _queued(spec: dict, owner: str, name: str | None, tags: dict[str, str] | None,
-            sweep: str | None = None) -> dict:
+def _queued(spec: dict, owner: str, name: str | None, tags: dict[str, str] | None, sweep: str | None = None) -> dict:
     """A new experiment's columns."""
     return dict(
-        id=str(uuid.uuid4()), status="queued", spec=spec, owner=owner, name=name, tags=tags or {}, sweep=sweep,
-        **spec_copies(spec), progress=0.0, attempts=0, cancel_requested=False, send_count=0, created_at=utcnow(),
+        id=str(uuid.uuid4()),
+        status="queued",
+        spec=spec,
+        owner=owner,
+        name=name,
+        tags=tags or {},
+        sweep=sweep,
+        **spec_copies(spec),
+        progress=0.0,
+        attempts=0,
+        cancel_requested=False,
+        send_count=0,
+        created_at=utcnow(),
     )
 
 
-def _remember(connection: Connection | Session, idempotency_key: dict | None, resource_id: str) -> None:
-    if idempotency_key is not None:
-        connection.execute(insert(IdempotencyKey).values(**idempotency_key, resource_id=resource_id))
+@dataclass(frozen=True)
+class Submitted:
+    """What a submit created, or, for a replayed Idempotency-Key, what the key's first request did."""
+
+    id: str  # the experiment's or the sweep's
+    new: bool
+    # The new experiments, for the dispatcher to send (none for a replay).
+    experiments: list[str] = field(default_factory=list)
+    # A new experiment as stored (queries.RESOURCE_KEYS): its response needs no second read.
+    stored: dict | None = None
 
 
 # Built once: a statement made per call with .values() costs more to build and key than to run.
 # Its parameters are named by column (K, d), not by attribute (num_classes, dim).
 _INSERT = insert(Experiment.__table__).returning(*RESOURCE_COLUMNS)
+_INSERT_KEY = insert(IdempotencyKey.__table__)
 _COLUMN_OF = {prop.key: prop.columns[0].key for prop in Experiment.__mapper__.column_attrs}
 
 
-def create(connection: Connection | Session, spec: dict, owner: str = ANONYMOUS, name: str | None = None,
-           tags: dict[str, str] | None = None, idempotency_key: dict | None = None) -> dict:
+def submit(
+    connection: Connection | Session,
+    spec: dict,
+    owner: str = ANONYMOUS,
+    name: str | None = None,
+    tags: dict[str, str] | None = None,
+    keyed: Keyed | None = None,
+) -> Submitted:
     """A queued experiment, stored with the request's idempotency key (if any) in one commit.
 
-    The experiment as stored, a dict of queries.RESOURCE_KEYS: one INSERT ... RETURNING,
-    with no ORM object to build, flush and read back.
+    One INSERT ... RETURNING, with no ORM object to build, flush and read back; with a key,
+    the key's INSERT first, in the same transaction.
     """
     values = _queued(spec, owner, name, tags)
-    row = connection.execute(_INSERT, {_COLUMN_OF[key]: value for key, value in values.items()}).one()
-    _remember(connection, idempotency_key, values["id"])
-    connection.commit()
-    log_transition(values["id"], None, "queued", kind=spec["kind"], owner=owner)
-    return dict(zip(RESOURCE_KEYS, row))
+
+    def create() -> Submitted:
+        if keyed is not None:
+            connection.execute(_INSERT_KEY, keyed.record(values["id"]))
+        row = connection.execute(_INSERT, {_COLUMN_OF[key]: value for key, value in values.items()}).one()
+        connection.commit()
+        return Submitted(values["id"], new=True, experiments=[values["id"]], stored=dict(zip(RESOURCE_KEYS, row)))
+
+    submitted = _once(connection, keyed, create)
+    if submitted.new:
+        log_transition(submitted.id, None, "queued", kind=spec["kind"], owner=owner)
+    return submitted
 
 
-def create_sweep(session: Session, sweep: Sweep, specs: list[dict],
-                 idempotency_key: dict | None = None) -> list[Experiment]:
+def submit_sweep(session: Session, sweep: Sweep, specs: list[dict], keyed: Keyed | None = None) -> Submitted:
     """The sweep and all its members in one transaction: all of them are stored, or none."""
-    members = [Experiment(**_queued(spec, sweep.owner, sweep.name, sweep.tags, sweep.id)) for spec in specs]
-    session.add(sweep)
-    _remember(session, idempotency_key, sweep.id)
-    session.flush()  # the sweep's row first: the members' foreign key names it
-    session.add_all(members)
-    session.commit()
-    for member in members:
-        log_transition(member.id, None, "queued", kind=member.kind, owner=member.owner, sweep=sweep.id)
-    return members
+    members = [_queued(spec, sweep.owner, sweep.name, sweep.tags, sweep.id) for spec in specs]
+
+    def create() -> Submitted:
+        if keyed is not None:
+            session.execute(_INSERT_KEY, keyed.record(sweep.id))
+        session.add(sweep)
+        session.flush()  # the sweep's row first: the members' foreign key names it
+        session.execute(insert(Experiment), members)
+        session.commit()
+        return Submitted(sweep.id, new=True, experiments=[member["id"] for member in members])
+
+    submitted = _once(session, keyed, create)
+    if submitted.new:
+        for member in members:
+            log_transition(member["id"], None, "queued", kind=member["kind"], owner=sweep.owner, sweep=sweep.id)
+    return submitted
+
+
+def _once(connection: Connection | Session, keyed: Keyed | None, create: Callable[[], Submitted]) -> Submitted:
+    """``create()``, unless the request's key already created something: then that, not new.
+
+    The key's INSERT is tried first, without a read before it: a first request (nearly
+    all of them) costs one statement more than an unkeyed one. A key that is taken, by an
+    earlier request or a concurrent one that committed first, fails that INSERT.
+    """
+    if keyed is None:
+        return create()
+    try:
+        return create()
+    except IntegrityError:
+        connection.rollback()
+    found = idempotency.earlier(connection, keyed)  # an expired key is forgotten here
+    if found is not None:
+        return Submitted(found, new=False)
+    return create()  # the key had expired
 
 
 def send(session: Session, experiment_id: str, enqueue: Callable[[str], None]) -> bool:
@@ -138,14 +206,23 @@ def send_many(session: Session, experiment_ids: list[str], enqueue_many: Callabl
 def claim(session: Session, experiment_id: str, worker: str) -> Experiment | None:
     """Move a queued job to running for a new attempt; None if it is not queued."""
     now = utcnow()
-    claimed = session.execute(
-        update(Experiment)
-        .where(Experiment.id == experiment_id, Experiment.status == "queued")
-        .values(
-            status="running", attempts=Experiment.attempts + 1, started_at=now, heartbeat_at=now,
-            worker=worker, progress=0.0, error=None, result=None, **result_copies(None),
+    claimed = rowcount(
+        session.execute(
+            update(Experiment)
+            .where(Experiment.id == experiment_id, Experiment.status == "queued")
+            .values(
+                status="running",
+                attempts=Experiment.attempts + 1,
+                started_at=now,
+                heartbeat_at=now,
+                worker=worker,
+                progress=0.0,
+                error=None,
+                result=None,
+                **result_copies(None),
+            )
         )
-    ).rowcount
+    )
     if not claimed:
         session.rollback()
         return None
@@ -153,6 +230,7 @@ def claim(session: Session, experiment_id: str, worker: str) -> Experiment | Non
     session.execute(delete(MetricRow).where(MetricRow.experiment_id == experiment_id))
     session.commit()
     job = session.get(Experiment, experiment_id, populate_existing=True)
+    assert job is not None  # claimed above, and experiments are never deleted
     log_transition(experiment_id, "queued", "running", attempt=job.attempts, worker=worker)
     return job
 
@@ -163,11 +241,13 @@ def _owned(experiment_id: str, attempt: int):
 
 def heartbeat(session: Session, experiment_id: str, attempt: int, progress: float) -> bool:
     """Record liveness and progress; False when the attempt should stop (cancel, or job lost)."""
-    updated = session.execute(
-        update(Experiment)
-        .where(*_owned(experiment_id, attempt), Experiment.cancel_requested.is_(False))
-        .values(heartbeat_at=utcnow(), progress=progress)
-    ).rowcount
+    updated = rowcount(
+        session.execute(
+            update(Experiment)
+            .where(*_owned(experiment_id, attempt), Experiment.cancel_requested.is_(False))
+            .values(heartbeat_at=utcnow(), progress=progress)
+        )
+    )
     session.commit()
     return bool(updated)
 
@@ -177,23 +257,28 @@ def record_metrics(session: Session, experiment_id: str, attempt: int, step: int
     if owner is None:
         return
     values = json_safe(values)
-    session.merge(MetricRow(experiment_id=experiment_id, step=step, values=values, recorded_at=utcnow(),
-                            **history_copies(values)))
+    session.merge(
+        MetricRow(experiment_id=experiment_id, step=step, values=values, recorded_at=utcnow(), **history_copies(values))
+    )
     session.commit()
 
 
 def finish(
-    session: Session, experiment_id: str, attempt: int, status: str,
-    result: dict | None = None, error: str | None = None,
+    session: Session,
+    experiment_id: str,
+    attempt: int,
+    status: str,
+    result: dict | None = None,
+    error: str | None = None,
 ) -> bool:
     assert status in TERMINAL_STATUSES
-    values = dict(status=status, finished_at=utcnow(), error=error)
+    values: dict[str, Any] = dict(status=status, finished_at=utcnow(), error=error)
     if result is not None:
         values["result"] = json_safe(result)
         values.update(result_copies(values["result"]))
     if status == "succeeded":
         values["progress"] = 1.0
-    finished = session.execute(update(Experiment).where(*_owned(experiment_id, attempt)).values(**values)).rowcount
+    finished = rowcount(session.execute(update(Experiment).where(*_owned(experiment_id, attempt)).values(**values)))
     session.commit()
     if finished:
         log_transition(experiment_id, "running", status, attempt=attempt, **({"error": error} if error else {}))
@@ -207,8 +292,11 @@ def _after_lost_attempt(job: Experiment, settings: Settings, reason: str, now: d
     if job.cancel_requested:
         return dict(status="canceled", finished_at=now)
     if job.attempts >= settings.max_attempts:
-        return dict(status="failed", finished_at=now,
-                    error=f"{reason} during attempt {job.attempts} of {settings.max_attempts}; giving up")
+        return dict(
+            status="failed",
+            finished_at=now,
+            error=f"{reason} during attempt {job.attempts} of {settings.max_attempts}; giving up",
+        )
     return dict(status="queued", heartbeat_at=None, worker=None, sent_at=None)
 
 
@@ -222,7 +310,7 @@ def give_back(session: Session, experiment_id: str, attempt: int, settings: Sett
     if job is None:
         return None
     values = _after_lost_attempt(job, settings, reason, utcnow())
-    moved = session.execute(update(Experiment).where(*_owned(experiment_id, attempt)).values(**values)).rowcount
+    moved = rowcount(session.execute(update(Experiment).where(*_owned(experiment_id, attempt)).values(**values)))
     session.commit()
     if not moved:
         return None
@@ -232,32 +320,50 @@ def give_back(session: Session, experiment_id: str, attempt: int, settings: Sett
 
 def cancel(session: Session, experiment_id: str) -> Experiment | None:
     """Cancel a queued job at once; ask a running one to stop. None if no such job."""
-    canceled = session.execute(
-        update(Experiment)
-        .where(Experiment.id == experiment_id, Experiment.status == "queued")
-        .values(status="canceled", cancel_requested=True, finished_at=utcnow())
-    ).rowcount
-    if canceled:
-        log_transition(experiment_id, "queued", "canceled")
-    session.execute(
-        update(Experiment)
-        .where(Experiment.id == experiment_id, Experiment.status == "running")
-        .values(cancel_requested=True)
-    )
-    session.commit()
+    _cancel_where(session, Experiment.id == experiment_id)
     return session.get(Experiment, experiment_id, populate_existing=True)
 
 
+def cancel_sweep(session: Session, sweep_id: str) -> None:
+    """Cancel every unfinished member of a sweep, as ``cancel`` does one job: one UPDATE for all."""
+    _cancel_where(session, Experiment.sweep == sweep_id)
+
+
+def _cancel_where(session: Session, which) -> None:
+    """One UPDATE: the queued jobs among ``which`` become canceled, the running ones are asked to stop."""
+    was_queued = Experiment.status == "queued"
+    changed = session.execute(
+        update(Experiment)
+        .where(which, Experiment.status.in_(("queued", "running")))
+        .values(
+            cancel_requested=True,
+            status=case((was_queued, "canceled"), else_=Experiment.status),
+            finished_at=case((was_queued, utcnow()), else_=Experiment.finished_at),
+        )
+        .returning(Experiment.id, Experiment.status)
+        .execution_options(synchronize_session=False)
+    ).all()
+    session.commit()
+    for experiment_id, status in changed:
+        if status == "canceled":
+            log_transition(experiment_id, "queued", "canceled")
+
+
 def running_count(session: Session) -> int:
-    return session.scalar(select(func.count()).select_from(Experiment).where(Experiment.status == "running"))
+    return session.execute(
+        select(func.count()).select_from(Experiment).where(Experiment.status == "running")
+    ).scalar_one()
 
 
 def forget_sends(session: Session) -> int:
     """Mark every queued job as never sent, so that the reconciler sends it on its next round."""
-    count = session.execute(
-        update(Experiment).where(Experiment.status == "queued", Experiment.sent_at.is_not(None))
-        .values(sent_at=None)
-    ).rowcount
+    count = rowcount(
+        session.execute(
+            update(Experiment)
+            .where(Experiment.status == "queued", Experiment.sent_at.is_not(None))
+            .values(sent_at=None)
+        )
+    )
     session.commit()
     return count
 
@@ -277,14 +383,18 @@ def reconcile(session: Session, settings: Settings, enqueue: Callable[[str], Non
     ).all()
     moves = []
     for job in stale:
+        assert job.heartbeat_at is not None  # selected by heartbeat_at < stale_before
         silent_for = (now - job.heartbeat_at).total_seconds()
         values = _after_lost_attempt(job, settings, f"worker lost: no heartbeat for {silent_for:.0f} s", now)
-        moved = session.execute(
-            update(Experiment)
-            .where(Experiment.id == job.id, Experiment.status == "running",
-                   Experiment.heartbeat_at == job.heartbeat_at)
-            .values(**values)
-        ).rowcount
+        moved = rowcount(
+            session.execute(
+                update(Experiment)
+                .where(
+                    Experiment.id == job.id, Experiment.status == "running", Experiment.heartbeat_at == job.heartbeat_at
+                )
+                .values(**values)
+            )
+        )
         if moved:
             moves.append((job.id, values["status"], job.attempts, silent_for))
     session.commit()
@@ -298,18 +408,20 @@ def reconcile(session: Session, settings: Settings, enqueue: Callable[[str], Non
     queued = session.execute(
         select(Experiment.id, Experiment.sent_at, Experiment.send_count).where(Experiment.status == "queued", due)
     ).all()
-    for job in queued:
-        if job.sent_at is not None and now - job.sent_at < _resend_delay(settings, job.send_count):
+    for row in queued:
+        if row.sent_at is not None and now - row.sent_at < _resend_delay(settings, row.send_count):
             continue
         # Take the re-send with a conditional update so two reconcilers do not both send.
-        taken = session.execute(
-            update(Experiment)
-            .where(Experiment.id == job.id, Experiment.status == "queued", _same_sent_at(job.sent_at))
-            .values(sent_at=now)
-        ).rowcount
+        taken = rowcount(
+            session.execute(
+                update(Experiment)
+                .where(Experiment.id == row.id, Experiment.status == "queued", _same_sent_at(row.sent_at))
+                .values(sent_at=now)
+            )
+        )
         session.commit()
         if taken:
-            send(session, job.id, enqueue)
+            send(session, row.id, enqueue)
 
 
 def _resend_delay(settings: Settings, send_count: int) -> timedelta:

@@ -1,8 +1,9 @@
 """ORM models. The schema changes only through Alembic migrations (migrations/)."""
 
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, ClassVar
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Table, Text, TypeDecorator
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -31,7 +32,9 @@ def utcnow() -> datetime:
 
 
 class Base(DeclarativeBase):
-    pass
+    if TYPE_CHECKING:
+        # Every model maps one Table; DeclarativeBase types __table__ as any FromClause (a join, a subquery).
+        __table__: ClassVar[Table]
 
 
 class Sweep(Base):
@@ -136,11 +139,23 @@ class Experiment(Base):
 INTEGER_MIN, INTEGER_MAX = -(2**31), 2**31 - 1
 
 # spec field -> attribute of its typed copy; result key -> attribute of its typed copy.
-SPEC_COLUMNS = {"kind": "kind", "normalization": "normalization", "K": "num_classes", "d": "dim",
-                "dataset": "dataset", "architecture": "architecture", "logit_scale": "logit_scale",
-                "seed": "seed", "epochs": "epochs", "lr": "lr"}
-RESULT_COLUMNS = {column.key.removeprefix("result_"): column.key
-                  for column in Experiment.__table__.columns if column.key.startswith("result_")}
+SPEC_COLUMNS = {
+    "kind": "kind",
+    "normalization": "normalization",
+    "K": "num_classes",
+    "d": "dim",
+    "dataset": "dataset",
+    "architecture": "architecture",
+    "logit_scale": "logit_scale",
+    "seed": "seed",
+    "epochs": "epochs",
+    "lr": "lr",
+}
+RESULT_COLUMNS = {
+    column.key.removeprefix("result_"): column.key
+    for column in Experiment.__table__.columns
+    if column.key.startswith("result_")
+}
 
 
 def spec_copies(spec: dict) -> dict:
@@ -187,8 +202,11 @@ class MetricRow(Base):
     test_accuracy: Mapped[float | None] = mapped_column(Float)
 
 
-HISTORY_COLUMNS = tuple(column.key for column in MetricRow.__table__.columns
-                        if column.key not in ("experiment_id", "step", "values", "recorded_at"))
+HISTORY_COLUMNS = tuple(
+    column.key
+    for column in MetricRow.__table__.columns
+    if column.key not in ("experiment_id", "step", "values", "recorded_at")
+)
 
 
 def history_copies(values: dict) -> dict:

@@ -9,8 +9,8 @@ import io
 import matplotlib
 
 matplotlib.use("Agg")
-from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.figure import Figure  # after choosing the backend
+from matplotlib.ticker import MaxNLocator
 
 DPI = 100
 
@@ -38,8 +38,9 @@ def _axes(width: int, height: int, title: str, step_unit: str, metric_label: str
     return figure, axes
 
 
-def history_png(rows: list[dict], metrics: list[str], title: str, step_unit: str,
-                width: int = 800, height: int = 500) -> bytes:
+def history_png(
+    rows: list[dict], metrics: list[str], title: str, step_unit: str, width: int = 800, height: int = 500
+) -> bytes:
     """One line per metric over the experiment's steps."""
     logarithmic = all(log_scale(m) for m in metrics)
     figure, axes = _axes(width, height, title, step_unit, ", ".join(metrics), logarithmic)

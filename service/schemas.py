@@ -3,13 +3,24 @@
 import itertools
 import typing
 from datetime import datetime
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
-    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, GetJsonSchemaHandler,
-    StringConstraints, Tag, ValidationError, ValidationInfo, field_validator, model_validator,
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    GetJsonSchemaHandler,
+    StringConstraints,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
 )
-from pydantic_core import PydanticCustomError, PydanticKnownError
+from pydantic_core import InitErrorDetails, PydanticCustomError, PydanticKnownError
 
 from service import job_size
 from service.datasets import DATASETS
@@ -41,9 +52,21 @@ def _state_int_range(schema: dict) -> None:
         _state_int_range(member)
 
 
+# A field that only some values of a setting use: field -> (the setting, the values that use it).
+FieldOwners = dict[str, tuple[str, tuple[str, ...]]]
+
+
+def _field_name(info: ValidationInfo) -> str:
+    """The name of the field a field validator is validating."""
+    assert info.field_name is not None, "pydantic sets field_name for every field validator"
+    return info.field_name
+
+
 class SpecBase(BaseModel):
     # Infinity and NaN are no sizes, rates or tolerances: a 422 naming the field, at the edge.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # The spec's fields that only some settings use (see _only_for); none unless a spec says so.
+    FIELD_OWNERS: ClassVar[FieldOwners] = {}
 
     # Every integer of a spec lies in the range of PostgreSQL's integer columns: seed, K, d and
     # epochs have typed copies in such columns (models.SPEC_COLUMNS), and one range for all
@@ -87,14 +110,14 @@ def _only_for(model: type[BaseModel], value: Any, info: ValidationInfo, owner: s
     Defaults are accepted, so that a stored spec, which has every field filled in,
     validates again in the worker.
     """
-    if value == model.model_fields[info.field_name].default:
+    if value == model.model_fields[_field_name(info)].default:
         return
     if info.data.get(owner) not in allowed:
         choices = " or ".join(f"'{a}'" for a in allowed)
         raise ValueError(f"applies only to {owner} {choices}")
 
 
-def _declare_cross_field_rules(schema: dict, model: type[BaseModel]) -> None:
+def _declare_cross_field_rules(schema: dict, model: type[SpecBase]) -> None:
     """Write the model's cross-field rules into its JSON Schema, as ``allOf`` of if/then.
 
     - ``SCHEMA_RULES`` as they are (UFMSpec: ``d >= 2`` when normalized);
@@ -110,7 +133,7 @@ def _declare_cross_field_rules(schema: dict, model: type[BaseModel]) -> None:
         governed.setdefault(owner_and_allowed, []).append(field)
     for (owner, allowed), fields in governed.items():
         others = [value for value in typing.get_args(model.model_fields[owner].annotation) if value not in allowed]
-        unused = {"properties": {owner: {"enum": others}}}
+        unused: dict[str, Any] = {"properties": {owner: {"enum": others}}}
         if model.model_fields[owner].default in allowed:
             unused["required"] = [owner]
         defaults = {field: {"const": model.model_fields[field].default} for field in fields}
@@ -127,13 +150,17 @@ class UFMSpec(SpecBase):
     """
 
     # Fields that only one normalization uses: field -> (the setting, the values that use it).
-    FIELD_OWNERS: ClassVar[dict] = {
+    FIELD_OWNERS: ClassVar[FieldOwners] = {
         "logit_scale": ("normalization", ("normalized",)),
         **{field: ("normalization", ("regularized",)) for field in ("lambda_w", "lambda_h", "lambda_b")},
     }
     # Normalized (the default) needs d >= 2: a rule the JSON Schema states too.
-    SCHEMA_RULES: ClassVar[list] = [{"if": {"properties": {"normalization": {"const": "normalized"}}},
-                                     "then": {"properties": {"d": {"minimum": 2}}}}]
+    SCHEMA_RULES: ClassVar[list] = [
+        {
+            "if": {"properties": {"normalization": {"const": "normalized"}}},
+            "then": {"properties": {"d": {"minimum": 2}}},
+        }
+    ]
     model_config = ConfigDict(json_schema_extra=_declare_cross_field_rules)
 
     kind: Literal["ufm"]
@@ -146,11 +173,12 @@ class UFMSpec(SpecBase):
     bias: bool = False
     # Without decay on W and H the regularized objective has no minimizer (it decreases
     # forever as the features grow), so these two must be positive.
-    # Below 1e-12 the product n lambda_w lambda_h of the closed form underflows; no
-    # weight decay in use comes near it.
-    lambda_w: float = Field(5e-4, ge=1e-12, description="regularized only")
-    lambda_h: float = Field(5e-4, ge=1e-12, description="regularized only")
-    lambda_b: float = Field(5e-4, ge=0, description="regularized only")
+    # Below 1e-12 the product n lambda_w lambda_h of the closed form underflows; above 1e6
+    # the decay dwarfs the loss so far that the objective at a random start can overflow
+    # float64 (1e308 does). No weight decay in use comes near either.
+    lambda_w: float = Field(5e-4, ge=1e-12, le=1e6, description="regularized only")
+    lambda_h: float = Field(5e-4, ge=1e-12, le=1e6, description="regularized only")
+    lambda_b: float = Field(5e-4, ge=0, le=1e6, description="regularized only")
     max_iters: int = Field(10_000, ge=1)
     tol: float = Field(1e-10, gt=0, description="stop when the Riemannian gradient norm is below this")
     seed: int = Field(0, ge=0)
@@ -175,25 +203,26 @@ class UFMSpec(SpecBase):
         samples = sum(n_per_class) if isinstance(n_per_class, list) else num_classes * n_per_class
         cap = get_settings().max_ufm_elements
         if samples * info.data.get("d", 1) > cap:
-            raise ValueError(f"samples * d = {samples * info.data.get('d', 1)} exceeds the cap {cap} "
-                             "(NCLAB_MAX_UFM_ELEMENTS)")
+            raise ValueError(
+                f"samples * d = {samples * info.data.get('d', 1)} exceeds the cap {cap} (NCLAB_MAX_UFM_ELEMENTS)"
+            )
         return n_per_class
 
     @field_validator("max_iters", "restarts")
     @classmethod
     def _work_capped(cls, value: int, info: ValidationInfo) -> int:
-        return _at_most_setting(value, {"max_iters": "max_iters", "restarts": "max_restarts"}[info.field_name])
+        return _at_most_setting(value, {"max_iters": "max_iters", "restarts": "max_restarts"}[_field_name(info)])
 
     @field_validator(*FIELD_OWNERS)
     @classmethod
     def _fields_match_normalization(cls, value: float, info: ValidationInfo) -> float:
-        owner, allowed = cls.FIELD_OWNERS[info.field_name]
+        owner, allowed = cls.FIELD_OWNERS[_field_name(info)]
         _only_for(cls, value, info, owner, allowed)
         return value
 
 
 # Fields that only some settings use: field -> (the setting, the values that use it).
-_TRAIN_FIELD_OWNERS = {
+_TRAIN_FIELD_OWNERS: FieldOwners = {
     "logit_scale": ("normalization", ("normalized",)),
     "weight_decay": ("normalization", ("normalized", "regularized")),
     "weight_decay_scope": ("normalization", ("normalized", "regularized")),
@@ -205,8 +234,10 @@ _TRAIN_FIELD_OWNERS = {
     "mlp_depth": ("architecture", ("mlp",)),
     "mlp_width": ("architecture", ("mlp",)),
     "resnet18_width": ("architecture", ("resnet18",)),
-    **{field: ("dataset", ("gaussian",)) for field in
-       ("gaussian_dim", "gaussian_train_per_class", "gaussian_test_per_class", "gaussian_noise")},
+    **{
+        field: ("dataset", ("gaussian",))
+        for field in ("gaussian_dim", "gaussian_train_per_class", "gaussian_test_per_class", "gaussian_noise")
+    },
 }
 
 
@@ -219,7 +250,7 @@ class TrainSpec(SpecBase):
     cross-entropy. Defaults follow the seed paper's code (SGD, lr 0.05, momentum 0.9, batch 128).
     """
 
-    FIELD_OWNERS: ClassVar[dict] = _TRAIN_FIELD_OWNERS
+    FIELD_OWNERS: ClassVar[FieldOwners] = _TRAIN_FIELD_OWNERS
     model_config = ConfigDict(json_schema_extra=_declare_cross_field_rules)
 
     kind: Literal["train"]
@@ -229,8 +260,9 @@ class TrainSpec(SpecBase):
     architecture: Literal["mlp", "resnet18", "resnet50", "vgg11"] = "mlp"
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr_schedule: Literal["constant", "step", "cosine", "milestones"] = "step"
-    K: int | None = Field(None, ge=2, validate_default=True,
-                          description="classes used (the first K); default all of the data set's")
+    K: int | None = Field(
+        None, ge=2, validate_default=True, description="classes used (the first K); default all of the data set's"
+    )
     d: int = Field(512, ge=1, description="penultimate feature width")
     n_per_class: int | None = Field(None, ge=1, description="first n training samples of each class; default all")
     test_n_per_class: int | None = Field(None, ge=1, description="first n test samples of each class; default all")
@@ -240,26 +272,37 @@ class TrainSpec(SpecBase):
     lr: float = Field(0.05, gt=0, le=100)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     lr_milestones: list[int] | None = Field(
-        None, min_length=1, max_length=100,
+        None,
+        min_length=1,
+        max_length=100,
         description="milestones only: increasing 1-based epochs; at the start of each the lr is multiplied by "
-                    "lr_gamma (none: the lr stays constant)")
+        "lr_gamma (none: the lr stays constant)",
+    )
     lr_gamma: float = Field(0.1, gt=0, le=1, description="milestones only")
     weight_decay: float = Field(5e-4, ge=0, description="normalized and regularized, on weight_decay_scope")
     weight_decay_scope: Literal["all", "backbone", "classifier", "none"] | None = Field(
-        None, description="normalized and regularized: the parameters weight_decay applies to (the classifier's are "
-                          "W and b); default backbone when normalized, all when regularized")
+        None,
+        description="normalized and regularized: the parameters weight_decay applies to (the classifier's are "
+        "W and b); default backbone when normalized, all when regularized",
+    )
     feature_decay: float = Field(5e-4, ge=0, description="regularized only: lambda_H/2 * ||h||^2 over the batch")
     feature_decay_reduction: Literal["mean", "sum"] = Field(
-        "mean", description="regularized only: feature_decay/2 times the batch's mean of ||h||^2, or its sum (the "
-                            "seed paper's code: batch_size times as strong)")
+        "mean",
+        description="regularized only: feature_decay/2 times the batch's mean of ||h||^2, or its sum (the "
+        "seed paper's code: batch_size times as strong)",
+    )
     random_labels: bool = False
     metrics_every: int = Field(1, ge=1, description="epochs between metric evaluations")
     metrics_at_start: bool = Field(False, description="also measure the untouched model: a history row at epoch 0")
     seed: int = Field(0, ge=0)
     mlp_depth: int = Field(3, ge=1, le=32, description="mlp only: hidden layers")
     mlp_width: int = Field(512, ge=1, le=16384, description="mlp only: width of the hidden layers but the last (d)")
-    resnet18_width: int = Field(64, ge=1, le=512, description="resnet18 only: channels of the first stage (64 in He "
-                                                              "et al.); the stages have w, 2w, 4w, 8w")
+    resnet18_width: int = Field(
+        64,
+        ge=1,
+        le=512,
+        description="resnet18 only: channels of the first stage (64 in He et al.); the stages have w, 2w, 4w, 8w",
+    )
     gaussian_dim: int = Field(32, ge=1, le=100_000, description="gaussian only: input dimension")
     gaussian_train_per_class: int = Field(100, ge=1, description="gaussian only")
     gaussian_test_per_class: int = Field(50, ge=1, description="gaussian only")
@@ -272,9 +315,11 @@ class TrainSpec(SpecBase):
         data_dir = get_settings().data_dir.resolve()
         missing = info.missing_files(data_dir)
         if missing:
-            raise ValueError(f"files missing in NCLAB_DATA_DIR ({data_dir}): "
-                             f"{', '.join(str(path.relative_to(data_dir)) for path in missing)}; "
-                             f"get {info.how_to_get}")
+            raise ValueError(
+                f"files missing in NCLAB_DATA_DIR ({data_dir}): "
+                f"{', '.join(str(path.relative_to(data_dir)) for path in missing)}; "
+                f"get {info.how_to_get}"
+            )
         return dataset
 
     @field_validator("architecture")
@@ -307,8 +352,10 @@ class TrainSpec(SpecBase):
         if n_per_class is not None and counts is not None and num_classes is not None:
             smallest = min(counts[:num_classes])
             if n_per_class > smallest:
-                raise ValueError(f"{dataset} has only {smallest} training samples in its smallest of the first "
-                                 f"{num_classes} classes; n_per_class = {n_per_class} is more")
+                raise ValueError(
+                    f"{dataset} has only {smallest} training samples in its smallest of the first "
+                    f"{num_classes} classes; n_per_class = {n_per_class} is more"
+                )
         if n_per_class is not None and dataset == "gaussian":
             raise ValueError("the gaussian data set sets its size with gaussian_train_per_class")
         return n_per_class
@@ -340,7 +387,7 @@ class TrainSpec(SpecBase):
     @field_validator(*_TRAIN_FIELD_OWNERS)
     @classmethod
     def _field_applies(cls, value, info: ValidationInfo):
-        owner, allowed = _TRAIN_FIELD_OWNERS[info.field_name]
+        owner, allowed = _TRAIN_FIELD_OWNERS[_field_name(info)]
         _only_for(cls, value, info, owner, allowed)
         return value
 
@@ -351,17 +398,38 @@ class TrainSpec(SpecBase):
 
     @model_validator(mode="after")
     def _fits_in_memory(self) -> "TrainSpec":
-        """The gaussian mixture's size, then the whole job's memory estimate, against their caps."""
+        """The gaussian mixture's size, then the whole job's memory estimate, against their caps.
+
+        The size is refused at gaussian_train_per_class, the count that sets it most (the
+        message names the other two). The estimate depends on nearly every field: it is
+        the spec's own error, which the API names ``spec`` (service/api/problems.py).
+        """
+        assert self.K is not None, "_classes_exist replaces a K of None (the default) with the data set's"
         samples = self.K * (self.gaussian_train_per_class + self.gaussian_test_per_class)
         if self.dataset == "gaussian" and samples > get_settings().max_train_samples:
-            raise ValueError(f"K * (gaussian_train_per_class + gaussian_test_per_class) = {samples} samples "
-                             f"exceeds the cap {get_settings().max_train_samples} (NCLAB_MAX_TRAIN_SAMPLES)")
+            message = (
+                f"K * (gaussian_train_per_class + gaussian_test_per_class) = {samples} samples "
+                f"exceeds the cap {get_settings().max_train_samples} (NCLAB_MAX_TRAIN_SAMPLES)"
+            )
+            # A ValidationError, so that the error is located at the field (a ValueError's is the model's).
+            raise ValidationError.from_exception_data(
+                "TrainSpec",
+                [
+                    {
+                        "type": PydanticCustomError("value_error", "{message}", {"message": message}),
+                        "loc": ("gaussian_train_per_class",),
+                        "input": self.gaussian_train_per_class,
+                    }
+                ],
+            )
         estimate = job_size.train_bytes(self.model_dump(), DATASETS[self.dataset].class_counts)
         cap = get_settings().max_job_bytes
         if estimate["total"] > cap:
             parts = ", ".join(f"{name} {_gib(size)}" for name, size in estimate.items() if name != "total")
-            raise ValueError(f"the job needs about {_gib(estimate['total'])} by its estimate ({parts}); "
-                             f"the cap is {_gib(cap)} (NCLAB_MAX_JOB_BYTES)")
+            raise ValueError(
+                f"the job needs about {_gib(estimate['total'])} by its estimate ({parts}); "
+                f"the cap is {_gib(cap)} (NCLAB_MAX_JOB_BYTES)"
+            )
         return self
 
 
@@ -369,7 +437,7 @@ def _gib(size: int) -> str:
     return f"{size / 2**30:.3g} GiB"
 
 
-ExperimentSpec = Annotated[Union[UFMSpec, TrainSpec], Field(discriminator="kind")]
+ExperimentSpec = Annotated[UFMSpec | TrainSpec, Field(discriminator="kind")]
 
 
 def _storable_text(text: str) -> str:
@@ -380,8 +448,11 @@ def _storable_text(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise PydanticCustomError("unstorable_text", "contains a lone surrogate ({character}), which cannot be stored",
-                                  {"character": ascii(text[exc.start])}) from None
+        raise PydanticCustomError(
+            "unstorable_text",
+            "contains a lone surrogate ({character}), which cannot be stored",
+            {"character": ascii(text[exc.start])},
+        ) from None
     return text
 
 
@@ -393,7 +464,7 @@ StorableText = AfterValidator(_storable_text)
 def _storable_json(document: Any) -> Any:
     """Every key and string of a free-form JSON document (a sweep's base, variants, grid) is
     StorableText; each refusal is named by its place (``base.lambda_w``, ``grid.seed.1``)."""
-    refusals = []
+    refusals: list[InitErrorDetails] = []
 
     def visit(value: Any, place: tuple) -> None:
         if isinstance(value, str):
@@ -451,7 +522,7 @@ def _submission_form(body: Any) -> str:
 
 # POST /experiments takes a bare spec (as in v1) or {"spec": ..., "name": ..., "tags": ...}.
 Submission = Annotated[
-    Union[Annotated[LabelledSubmission, Tag("labelled")], Annotated[ExperimentSpec, Tag("bare")]],
+    Annotated[LabelledSubmission, Tag("labelled")] | Annotated[ExperimentSpec, Tag("bare")],
     Discriminator(_submission_form),
 ]
 
@@ -470,7 +541,7 @@ class SearchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    where: str | None = Field(None, max_length=20_000, description="a filter, e.g. \"result.nc1 < 0.1\"")
+    where: str | None = Field(None, max_length=20_000, description='a filter, e.g. "result.nc1 < 0.1"')
     order_by: str | list[str] | None = Field(None, description="fields, '-' for descending; default -created_at")
     limit: int = Field(50, ge=1, le=500)
     cursor: str | None = None

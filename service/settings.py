@@ -10,7 +10,6 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 ANONYMOUS = "anonymous"
 
 

@@ -20,7 +20,12 @@ from service.schemas import ExperimentSpec, Name, StorableJSON, Tags, TrainSpec,
 from service.settings import get_settings
 
 SPECS = TypeAdapter(ExperimentSpec)
-SPEC_MODELS = {"ufm": UFMSpec, "train": TrainSpec}
+SPEC_MODELS: dict[str, type[UFMSpec] | type[TrainSpec]] = {"ufm": UFMSpec, "train": TrainSpec}
+
+
+def _no_variants() -> list[dict[str, Any]]:
+    """One empty variant: the base alone, times the grid."""
+    return [{}]
 
 
 class SweepRequest(BaseModel):
@@ -34,11 +39,14 @@ class SweepRequest(BaseModel):
     # storable, even in a base field that no member uses. An empty list, of variants or of a grid field's
     # values, would make a sweep of no members.
     base: Annotated[dict[str, Any], StorableJSON] = Field(
-        description="the fields every member shares, e.g. kind and dataset")
+        description="the fields every member shares, e.g. kind and dataset"
+    )
     variants: Annotated[list[dict[str, Any]], StorableJSON] = Field(
-        default_factory=lambda: [{}], min_length=1, description="partial specs laid over the base, one member set each")
+        default_factory=_no_variants, min_length=1, description="partial specs laid over the base, one member set each"
+    )
     grid: Annotated[dict[str, Annotated[list[Any], Field(min_length=1)]], StorableJSON] = Field(
-        default_factory=dict, description="field -> values; every combination")
+        default_factory=dict, description="field -> values; every combination"
+    )
 
 
 class InvalidMember(ValueError):
@@ -62,7 +70,7 @@ def members(request: SweepRequest) -> list[dict]:
     if count > cap:
         raise InvalidMember(-1, {}, "grid", f"{count} members; a sweep has at most {cap} (NCLAB_MAX_SWEEP)")
     fields = list(request.grid)
-    specs = []
+    specs: list[dict] = []
     for variant in request.variants:
         for combination in itertools.product(*(request.grid[field] for field in fields)):
             varied = {**variant, **dict(zip(fields, combination))}
@@ -70,7 +78,9 @@ def members(request: SweepRequest) -> list[dict]:
                 spec = SPECS.validate_python(_member(request.base, varied))
             except ValidationError as exc:
                 error = exc.errors()[0]
-                field = ".".join(str(part) for part in error["loc"][1:]) or "kind"
+                # No place: the kind itself (a missing or unknown one), or a rule of the whole spec.
+                place = "kind" if error["type"].startswith("union_tag") else "spec"
+                field = ".".join(str(part) for part in error["loc"][1:]) or place
                 raise InvalidMember(len(specs), varied, field, error["msg"].removeprefix("Value error, ")) from None
             specs.append(spec.model_dump(mode="json"))
     return specs
@@ -80,9 +90,11 @@ def _member(base: dict, varied: dict) -> dict:
     """The base with the member's own values laid over it, less the base's fields that the member's settings do not
     use."""
     member = {**base, **varied}
-    model = SPEC_MODELS.get(member.get("kind"))
+    kind = member.get("kind")
+    # Only a str names a model (a list or an object is unhashable): for anything else validation names the kind.
+    model = SPEC_MODELS.get(kind) if isinstance(kind, str) else None
     if model is None:
-        return member  # validation names the kind
+        return member
     for field, (owner, allowed) in model.FIELD_OWNERS.items():
         setting = member.get(owner, model.model_fields[owner].default)
         if field in base and field not in varied and setting not in allowed:

@@ -1,19 +1,26 @@
-"""Shared fixtures: real PostgreSQL, Redis, Celery workers and HTTP servers in subprocesses.
+"""Shared fixtures: the API in-process (TestClient, no server), and real PostgreSQL, Redis,
+Celery workers and HTTP servers in subprocesses.
 
 Tests that need PostgreSQL or Redis skip with the reason when those are unreachable, and
 fail instead when NCLAB_REQUIRE_SERVICES=1 (CI sets it).
+
+Markers (pyproject.toml): a test that uses a subprocess stack or PostgreSQL is marked
+``stack`` here, at collection; ``slow`` and ``browser`` are marked where the tests are.
+``make test-fast`` runs what is none of the three.
 """
 
+import contextlib
 import itertools
 import os
 import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import psycopg
@@ -21,6 +28,10 @@ import pytest
 import redis
 
 from tests.support import free_port, wait_ready
+
+if TYPE_CHECKING:
+    from fastapi.testclient import TestClient  # imported where an app is made: it warns at import
+    from sqlalchemy import Engine
 
 PG_ADMIN_URL = os.environ.get("NCLAB_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("NCLAB_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -71,12 +82,31 @@ def pg_database(pg_admin) -> Iterator[str]:
         yield url
 
 
-_redis_databases = itertools.count(1)
+@contextmanager
+def migrated_engine(request: pytest.FixtureRequest, directory: Path) -> Iterator["Engine"]:
+    """An engine on a new, migrated database of the kind ``request.param`` names ("sqlite" in
+    ``directory``, or "postgresql"), for a module's in-process tests on both databases."""
+    from service import migrate
+    from service.db import make_engine
+
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite:///{directory / 'nclab.sqlite'}"
+        else:
+            url = stack.enter_context(fresh_pg_database(request.getfixturevalue("pg_admin")))
+        migrate.upgrade(url)
+        engine = make_engine(url)
+        stack.callback(engine.dispose)
+        yield engine
 
 
-def fresh_redis_broker() -> str:
+# Database 0 is the session's shared production stack's; the others go round.
+_redis_databases = itertools.cycle(range(1, 16))
+
+
+def fresh_redis_broker(database: int | None = None) -> str:
     """An emptied Redis database of its own, so that concurrent stacks never share a queue."""
-    url = f"{REDIS_URL.rstrip('/')}/{next(_redis_databases) % 16}"
+    url = f"{REDIS_URL.rstrip('/')}/{next(_redis_databases) if database is None else database}"
     try:
         redis.Redis.from_url(url, socket_connect_timeout=3).flushdb()
     except Exception as exc:
@@ -110,9 +140,19 @@ class Processes:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
 
-    def stop_all(self) -> None:
-        for process in reversed(self.running):
-            self.stop(process)
+    def stop_all(self, timeout: float = 20) -> None:
+        """SIGTERM to every group at once, then each waited for (killed after ``timeout``): the
+        shutdowns overlap instead of adding up."""
+        signaled = [process for process in self.running if process.poll() is None]
+        for process in signaled:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in signaled:  # once: a second signal cuts uvicorn's shutdown short
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.log_dir.glob("*.log")))
@@ -170,15 +210,29 @@ def production_stack(processes: Processes, database_url: str, broker_url: str) -
         yield Stack(client, processes, api, worker)
 
 
-@pytest.fixture(scope="module")
-def production(pg_admin, tmp_path_factory) -> Iterator[Stack]:
-    """One production stack shared by a module's tests, on a fresh database."""
+def _cancel_unfinished(stack: Stack) -> None:
+    """Cancel what is queued or running: the next module finds the worker free."""
+    unfinished = stack.client.get("/experiments", params={"where": "status in ('queued', 'running')", "limit": 500})
+    for item in unfinished.raise_for_status().json()["items"]:
+        stack.client.post(f"/experiments/{item['id']}/cancel")
+
+
+@pytest.fixture(scope="session")
+def shared_production(pg_admin, tmp_path_factory) -> Iterator[Stack]:
     with (
         fresh_pg_database(pg_admin) as database_url,
         running(make_processes(tmp_path_factory.mktemp("production"))) as procs,
-        production_stack(procs, database_url, fresh_redis_broker()) as stack,
+        production_stack(procs, database_url, fresh_redis_broker(database=0)) as stack,
     ):
         yield stack
+
+
+@pytest.fixture(scope="module")
+def production(shared_production) -> Iterator[Stack]:
+    """nclab api + nclab worker on PostgreSQL and Redis, started once and shared by the session's
+    modules (each filters by what it made); what a module leaves queued or running is canceled after it."""
+    yield shared_production
+    _cancel_unfinished(shared_production)
 
 
 @pytest.fixture
@@ -188,10 +242,10 @@ def own_production(pg_database, processes) -> Iterator[Stack]:
         yield stack
 
 
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory) -> Iterator[Stack]:
-    """`nclab serve` (SQLite, SQLite-backed queue, its own worker) shared by a module's tests."""
-    with running(make_processes(tmp_path_factory.mktemp("embedded"))) as processes:
+@contextmanager
+def embedded_stack(directory: Path) -> Iterator[Stack]:
+    """`nclab serve` (SQLite, SQLite-backed queue, its own worker) in ``directory``."""
+    with running(make_processes(directory)) as processes:
         port = free_port()
         serve = processes.start("serve", "--port", str(port), name="serve")
         base_url = f"http://127.0.0.1:{port}"
@@ -200,7 +254,148 @@ def embedded(tmp_path_factory) -> Iterator[Stack]:
             yield Stack(client, processes, serve, serve)
 
 
+@pytest.fixture(scope="session")
+def shared_embedded(tmp_path_factory) -> Iterator[Stack]:
+    with embedded_stack(tmp_path_factory.mktemp("embedded")) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def embedded(shared_embedded) -> Iterator[Stack]:
+    """`nclab serve`, started once and shared by the session's modules (each filters by what it
+    made); what a module leaves queued or running is canceled after it."""
+    yield shared_embedded
+    _cancel_unfinished(shared_embedded)
+
+
+@pytest.fixture(scope="module")
+def own_embedded(tmp_path_factory) -> Iterator[Stack]:
+    """`nclab serve` on an empty database, for a module that counts what the service holds."""
+    with embedded_stack(tmp_path_factory.mktemp("embedded")) as stack:
+        yield stack
+
+
 @pytest.fixture(params=["embedded", "production"])
 def stack(request) -> Stack:
     """Each test twice: on the embedded service, and on PostgreSQL + Redis + a worker."""
     return request.getfixturevalue(request.param)
+
+
+# Markers, applied at collection.
+
+# Fixtures that start servers or processes, or need PostgreSQL or Redis.
+STACK_FIXTURES = {"embedded", "production", "stack", "own_production", "own_embedded", "shared_embedded",
+                  "shared_production", "processes", "pg_admin", "pg_database"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        params = getattr(item, "callspec", None)
+        on_postgresql = params is not None and "postgresql" in params.params.values()
+        if on_postgresql or STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.stack)
+
+
+# The API in-process: FastAPI's TestClient (runs the lifespan: reconciler, dispatcher) on
+# a database of its own, no server, no worker. A job runs when the test says so, by the
+# worker's own task body (InProcessApi.run).
+
+@dataclass
+class InProcessApi:
+    client: "TestClient"
+    database_url: str
+    data_dir: Path
+
+    @property
+    def base_url(self) -> str:
+        return str(self.client.base_url)
+
+    def run(self, experiment_id: str) -> dict:
+        """The job run to its end here, by the worker's task body (worker/tasks.py): the experiment
+        as the API then shows it."""
+        from worker import tasks
+
+        tasks.run_experiment(experiment_id)
+        return self.client.get(f"/experiments/{experiment_id}").raise_for_status().json()
+
+
+_in_process: list[InProcessApi] = []
+
+
+def _clear_cached_settings() -> None:
+    from service import db, dispatch, settings
+
+    for cached in (settings.get_settings, db.get_engine, db.get_autocommit_engine, db.get_sessionmaker,
+                   dispatch.get_dispatcher):
+        cached.cache_clear()
+
+
+@contextmanager
+def in_process_api(data_dir: Path, database_url: str | None = None, **env: str) -> Iterator[InProcessApi]:
+    """The app from create_app() on a migrated database: SQLite in ``data_dir``, or ``database_url``;
+    ``env``: more NCLAB_* settings. Its broker is Celery's in-memory one, which nothing consumes.
+
+    Settings, engines and the dispatcher are process-wide (lru_cache), so one at a time.
+    """
+    from fastapi.testclient import TestClient
+
+    from service import migrate, queue
+    from service.api.routes import health
+    from service.db import get_autocommit_engine, get_engine
+    from service.settings import get_settings
+
+    assert not _in_process, "one in-process API at a time: settings and engines are process-wide"
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [name for name in os.environ if name.startswith("NCLAB_")]:
+            patch.delenv(name)
+        patch.setenv("NCLAB_DATA_DIR", str(data_dir))
+        patch.setenv("NCLAB_BROKER_URL", "memory://")
+        if database_url is not None:
+            patch.setenv("NCLAB_DATABASE_URL", database_url)
+        for name, value in env.items():
+            patch.setenv(name, value)
+        _clear_cached_settings()
+        # The API sends through service.queue.celery_app, made at import from the settings of then.
+        celery_app = queue.make_celery_app()
+        patch.setattr(queue, "celery_app", celery_app)
+        patch.setattr(health, "celery_app", celery_app)
+        try:
+            migrate.upgrade()
+            from service.api.app import create_app
+
+            with TestClient(create_app()) as client:
+                api = InProcessApi(client, get_settings().resolved_database_url, data_dir)
+                _in_process.append(api)
+                yield api
+        finally:
+            _in_process.clear()
+            get_autocommit_engine().dispose()
+            get_engine().dispose()
+            _clear_cached_settings()
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory) -> Iterator[InProcessApi]:
+    """The API in-process on SQLite, shared by a module's tests."""
+    with in_process_api(tmp_path_factory.mktemp("api")) as app:
+        yield app
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def api_each_db(request, tmp_path_factory) -> Iterator[InProcessApi]:
+    """The API in-process, shared by a module's tests: once on SQLite, once on a fresh PostgreSQL database."""
+    data_dir = tmp_path_factory.mktemp("api")
+    if request.param == "sqlite":
+        with in_process_api(data_dir) as app:
+            yield app
+        return
+    with fresh_pg_database(request.getfixturevalue("pg_admin")) as database_url, \
+            in_process_api(data_dir, database_url) as app:
+        yield app
+
+
+@pytest.fixture
+def api_with(tmp_path) -> Callable[..., InProcessApi]:
+    """make(**env): an in-process API on SQLite with these NCLAB_* settings, for this test only."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **env: stack.enter_context(in_process_api(tmp_path / "data", **env))

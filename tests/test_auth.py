@@ -1,41 +1,32 @@
 """NCLAB_API_KEYS: named keys record who submitted; bare keys are 'anonymous'; health stays open."""
 
-import httpx
-
-from tests.support import free_port, wait_ready
-
 SPEC = {"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2}
 
 
-def test_named_keys_record_the_owner_bare_keys_are_anonymous_and_no_key_is_401(processes):
-    processes.env["NCLAB_API_KEYS"] = "alice:alice-key, bob:bob-key,lab-bare-key"
-    port = free_port()
-    api = processes.start("api", "--host", "127.0.0.1", "--port", str(port), name="api")
-    base_url = f"http://127.0.0.1:{port}"
-    wait_ready(base_url, api)
-    with httpx.Client(base_url=base_url) as client:
-        refused = client.get("/experiments")
-        assert refused.status_code == 401
-        assert refused.headers["content-type"] == "application/problem+json"
-        assert refused.headers["www-authenticate"] == "Bearer"
-        assert client.get("/experiments", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        assert client.get("/experiments", headers={"Authorization": "Bearer alice"}).status_code == 401
-        assert client.get("/experiments/aggregate").status_code == 401
-        assert client.get("/healthz").status_code == 200
+def test_named_keys_record_the_owner_bare_keys_are_anonymous_and_no_key_is_401(api_with):
+    client = api_with(NCLAB_API_KEYS="alice:alice-key, bob:bob-key,lab-bare-key").client
+    refused = client.get("/experiments")
+    assert refused.status_code == 401
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.headers["www-authenticate"] == "Bearer"
+    assert client.get("/experiments", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/experiments", headers={"Authorization": "Bearer alice"}).status_code == 401
+    assert client.get("/experiments/aggregate").status_code == 401
+    assert client.get("/healthz").status_code == 200
 
-        def submit(headers: dict) -> dict:
-            response = client.post("/experiments", json=SPEC, headers=headers)
-            assert response.status_code == 202, response.text
-            return response.json()
+    def submit(headers: dict) -> dict:
+        response = client.post("/experiments", json=SPEC, headers=headers)
+        assert response.status_code == 202, response.text
+        return response.json()
 
-        by_alice = submit({"Authorization": "Bearer alice-key"})
-        by_bob = submit({"X-API-Key": "bob-key"})
-        by_bare = submit({"Authorization": "Bearer lab-bare-key"})
-        assert (by_alice["owner"], by_bob["owner"], by_bare["owner"]) == ("alice", "bob", "anonymous")
+    by_alice = submit({"Authorization": "Bearer alice-key"})
+    by_bob = submit({"X-API-Key": "bob-key"})
+    by_bare = submit({"Authorization": "Bearer lab-bare-key"})
+    assert (by_alice["owner"], by_bob["owner"], by_bare["owner"]) == ("alice", "bob", "anonymous")
 
-        listed = client.get("/experiments", params={"where": "owner = 'alice'"},
-                            headers={"Authorization": "Bearer bob-key"})
-        assert [item["id"] for item in listed.json()["items"]] == [by_alice["id"]]
-        counts = client.get("/experiments/aggregate", params={"group_by": "owner"},
-                            headers={"Authorization": "Bearer lab-bare-key"}).json()["items"]
-        assert {item["group"]["owner"]: item["count"] for item in counts} == {"alice": 1, "anonymous": 1, "bob": 1}
+    listed = client.get("/experiments", params={"where": "owner = 'alice'"},
+                        headers={"Authorization": "Bearer bob-key"})
+    assert [item["id"] for item in listed.json()["items"]] == [by_alice["id"]]
+    counts = client.get("/experiments/aggregate", params={"group_by": "owner"},
+                        headers={"Authorization": "Bearer lab-bare-key"}).json()["items"]
+    assert {item["group"]["owner"]: item["count"] for item in counts} == {"alice": 1, "anonymous": 1, "bob": 1}

@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import REQUIRE_SERVICES
 
 ROOT = Path(__file__).resolve().parent.parent
+# Its own PostgreSQL cluster, Redis and processes, for minutes.
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
 def test_a_short_chaos_round_loses_nothing():

@@ -26,7 +26,7 @@ def test_submit_and_wait_follow_a_job_to_succeeded_with_its_closed_form(client):
     done = client.wait(created["id"], timeout=120, on_progress=lambda states: seen.append(states[0]["status"]))
     assert done["status"] == "succeeded" and seen[-1] == "succeeded"
     assert done["name"] == "client" and done["tags"] == {"t": "1"}
-    # The normalized UFM optimum (DESIGN.md): L* = ln(1 + (K-1) exp(-s K/(K-1))).
+    # The normalized UFM optimum (docs/closed-forms.md): L* = ln(1 + (K-1) exp(-s K/(K-1))).
     assert done["result"]["optimality_gap"] < 1e-8
     history = client.history(created["id"])
     assert [row["step"] for row in history] == sorted(row["step"] for row in history) and len(history) > 2

@@ -1,7 +1,8 @@
-"""Lab-wide comparison over real HTTP, PostgreSQL, Redis and a Celery worker.
+"""Lab-wide comparison through the API (in-process), on SQLite and on PostgreSQL.
 
-Real UFM solves (small ones) make the history; every figure the API returns is checked
-against the experiments' own results and histories, read one by one and reduced with numpy.
+Real UFM solves (small ones, run here by the worker's task body) make the history; every
+figure the API returns is checked against the experiments' own results and histories,
+read one by one and reduced with numpy.
 """
 
 import csv
@@ -13,15 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support import wait_for_status
-
 PROBLEM_JSON = "application/problem+json"
 
 
 @pytest.fixture(scope="module")
-def lab(production):
+def lab(api_each_db):
     """Nine finished solves labelled with a batch tag of their own: 2 logit scales x 3 seeds, and 3 regularized."""
-    client = production.client
+    client = api_each_db.client
     batch = uuid.uuid4().hex[:12]
     specs = [{"kind": "ufm", "K": 4, "d": 6, "n_per_class": 3, "logit_scale": scale, "seed": seed}
              for scale in (2, 5) for seed in range(3)]
@@ -34,7 +33,7 @@ def lab(production):
         assert response.status_code == 202, response.text
         assert response.json()["tags"] == tags and response.json()["name"] == f"run {i}"
         ids.append(response.json()["id"])
-    done = [wait_for_status(client, i, {"succeeded", "failed"}, timeout=120) for i in ids]
+    done = [api_each_db.run(i) for i in ids]
     assert all(e["status"] == "succeeded" for e in done), [e["error"] for e in done]
     histories = {i: client.get(f"/experiments/{i}/metrics").json()["items"] for i in ids}
     return client, batch, done, histories

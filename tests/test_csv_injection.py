@@ -2,8 +2,9 @@
 
 A text cell that starts with =, +, -, @, tab or carriage return gets a leading single quote;
 numbers stay numbers. Checked on export.cell() itself, on the experiment export read from
-SQLite and from PostgreSQL (which gives spec and result numbers as text), and over real HTTP:
-the list, search, aggregate and curves CSV, the dashboard's CSV links and ``nclab ... --csv``.
+SQLite and from PostgreSQL (which gives spec and result numbers as text), through the API
+(in-process): the list, search, aggregate and curves CSV and the dashboard's CSV links; and
+over real HTTP, from ``nclab ... --csv`` against ``nclab serve``.
 """
 
 import csv
@@ -112,12 +113,11 @@ def test_the_experiment_export_quotes_text_columns_and_leaves_negative_numbers(d
     _assert_numbers_unquoted([row])
 
 
-# Over real HTTP, on the embedded service.
+# Through the API: in-process (the routes), and the CLI against `nclab serve`.
 
-@pytest.fixture(scope="module")
-def labelled(embedded):
-    """Two finished solves whose name and tags are formulas, in a batch of their own."""
-    client, batch = embedded.client, uuid.uuid4().hex[:12]
+def _label(client, finish) -> tuple[str, dict]:
+    """Two finished solves whose name and tags are formulas, in a batch of their own: the filter, and them by id."""
+    batch = uuid.uuid4().hex[:12]
     labels = [(HYPERLINK, {"batch": batch, "fig": "@SUM(1)", "note": "-2+3"}),
               ("-5", {"batch": batch, "fig": "+1", "note": "\tx"})]
     ids = []
@@ -125,9 +125,22 @@ def labelled(embedded):
         response = client.post("/experiments", json={"spec": {**UFM, "seed": seed}, "name": name, "tags": tags})
         assert response.status_code == 202, response.text
         ids.append(response.json()["id"])
-    done = [wait_for_status(client, i, {"succeeded", "failed"}, timeout=120) for i in ids]
+    done = [finish(i) for i in ids]
     assert [e["status"] for e in done] == ["succeeded", "succeeded"], [e["error"] for e in done]
-    return embedded, f"tags.batch = '{batch}'", {e["id"]: e for e in done}
+    return f"tags.batch = '{batch}'", {e["id"]: e for e in done}
+
+
+@pytest.fixture(scope="module")
+def labelled(api):
+    return api, *_label(api.client, api.run)
+
+
+@pytest.fixture(scope="module")
+def labelled_on_serve(embedded):
+    def finish(experiment_id: str) -> dict:
+        return wait_for_status(embedded.client, experiment_id, {"succeeded", "failed"}, timeout=120)
+
+    return embedded, *_label(embedded.client, finish)
 
 
 def _csv(response) -> list[dict]:
@@ -189,8 +202,8 @@ def test_the_dashboard_csv_links_are_neutralised(labelled):
     assert sorted(r["tags.fig"] for r in _csv(client.get(link))) == ["'+1", "'@SUM(1)"]
 
 
-def test_the_cli_csv_keeps_the_quotes(labelled):
-    stack, where, done = labelled
+def test_the_cli_csv_keeps_the_quotes(labelled_on_serve):
+    stack, where, done = labelled_on_serve
     for limit in ("0", "2"):  # the server's text as it is, and the rows the CLI writes itself
         listed = nclab(stack, "ls", "--where", where, "--csv", "--limit", limit)
         assert listed.returncode == 0, listed.stderr

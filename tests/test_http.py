@@ -1,14 +1,18 @@
-"""Kept-alive connections must not pay Nagle's 40 ms (DESIGN.md, uvicorn issue #3149)."""
+"""Kept-alive connections must not pay Nagle's 40 ms (docs/operations.md, "TCP_NODELAY"; uvicorn issue #3149)."""
 
+import ctypes
+import os
 import socket
-import statistics
-import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from service.http import NoDelayHTTPProtocol
+from service.lifetime import children
 from tests.support import free_port, wait_ready
+
+SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture
 
 
 class _FakeTransport:
@@ -41,19 +45,49 @@ def test_protocol_turns_nodelay_on_for_sockets_created_without_tcp_proto():
             sock.close()
 
 
+def _server_end_nodelay(pids: set[int], server_port: int, client_port: int) -> int:
+    """TCP_NODELAY of the server's end of the connection from ``client_port``, read from the
+    socket itself: a copy of the file descriptor of the process that holds it (pidfd_getfd)."""
+    inodes = {fields[9] for fields in (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:])
+              if int(fields[1].rsplit(":", 1)[1], 16) == server_port
+              and int(fields[2].rsplit(":", 1)[1], 16) == client_port}
+    assert len(inodes) == 1, inodes
+    link = f"socket:[{inodes.pop()}]"
+    libc = ctypes.CDLL(None, use_errno=True)
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) != link:
+                    continue
+            except OSError:
+                continue
+            pidfd = os.pidfd_open(pid)
+            try:
+                copy = libc.syscall(SYS_PIDFD_GETFD, pidfd, int(fd.name), 0)
+                if copy < 0:
+                    pytest.skip(f"pidfd_getfd refused here: {os.strerror(ctypes.get_errno())}")
+            finally:
+                os.close(pidfd)
+            with socket.socket(fileno=copy) as server_end:
+                return server_end.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    raise AssertionError(f"no process of {pids} holds {link}")
+
+
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-def test_multi_worker_api_answers_kept_alive_requests_without_delayed_ack_stall(processes, loop):
+def test_multi_worker_api_turns_nodelay_on_for_kept_alive_connections(processes, loop):
+    """The option on the server's end of a real connection to `nclab api --workers 2`: with it off,
+    every request after the first on that connection would take a delayed ACK, ~40 ms (measured:
+    44 ms median with plain uvicorn --workers 2 --loop asyncio; ~1-2 ms with it on). How long
+    requests take on this machine is for bench/, not for an assertion."""
     port = free_port()
     api = processes.start("api", "--host", "127.0.0.1", "--port", str(port), "--workers", "2", "--loop", loop,
                           name=f"api-{loop}")
     base_url = f"http://127.0.0.1:{port}"
     wait_ready(base_url, api)
     with httpx.Client(base_url=base_url) as client:
-        latencies = []
-        for _ in range(30):
-            start = time.perf_counter()
-            client.get("/experiments").raise_for_status()
-            latencies.append(time.perf_counter() - start)
-    # With TCP_NODELAY off every request after the first takes ~40 ms (measured: 44 ms
-    # median with plain uvicorn --workers 2 --loop asyncio); with it on, ~1-2 ms.
-    assert statistics.median(latencies) < 0.020, latencies
+        ports = set()
+        for _ in range(3):
+            response = client.get("/experiments").raise_for_status()
+            ports.add(response.extensions["network_stream"].get_extra_info("socket").getsockname()[1])
+        assert len(ports) == 1  # one kept-alive connection
+        assert _server_end_nodelay({api.pid} | children(api.pid), port, ports.pop()) != 0

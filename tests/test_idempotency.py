@@ -1,4 +1,4 @@
-"""Idempotency-Key on POST /experiments and POST /sweeps, embedded and on PostgreSQL + Redis."""
+"""Idempotency-Key on POST /experiments and POST /sweeps, on SQLite and on PostgreSQL (the API in-process)."""
 
 import json
 import threading
@@ -6,7 +6,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
-import httpx
 import pytest
 from sqlalchemy import create_engine, update
 
@@ -20,8 +19,8 @@ def _count(client, path: str, where: str) -> int:
     return len(client.get(path, params={"where": where, "limit": 100}).json()["items"])
 
 
-def test_a_retry_with_the_same_key_and_body_returns_the_first_experiment(stack):
-    client = stack.client
+def test_a_retry_with_the_same_key_and_body_returns_the_first_experiment(api_each_db):
+    client = api_each_db.client
     key = str(uuid.uuid4())
     name = f"once-{key}"
     first = client.post("/experiments", json={"spec": SPEC, "name": name}, headers={"Idempotency-Key": key})
@@ -46,18 +45,16 @@ def test_a_retry_with_the_same_key_and_body_returns_the_first_experiment(stack):
     assert client.post("/experiments", json={"spec": SPEC, "name": name}).json()["id"] != first.json()["id"]
 
 
-def test_eight_concurrent_retries_with_one_key_create_one_sweep(stack):
-    client = stack.client
+def test_eight_concurrent_retries_with_one_key_create_one_sweep(api_each_db):
+    client = api_each_db.client
     key = str(uuid.uuid4())
     # Big enough that the first transaction is still open when the others arrive.
     body = {**SWEEP, "name": f"concurrent-{key}", "grid": {"seed": list(range(200))}}
-    connected = threading.Barrier(8)
+    ready = threading.Barrier(8)
 
     def post(_):
-        with httpx.Client(base_url=str(client.base_url), timeout=60) as own:
-            own.get("/readyz")
-            connected.wait()
-            return own.post("/sweeps", json=body, headers={"Idempotency-Key": key})
+        ready.wait()  # the app serves each in a thread of its own: eight transactions at once
+        return client.post("/sweeps", json=body, headers={"Idempotency-Key": key})
 
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(post, range(8)))
@@ -72,8 +69,8 @@ def test_eight_concurrent_retries_with_one_key_create_one_sweep(stack):
     client.post(f"/sweeps/{responses[0].json()['id']}/cancel").raise_for_status()
 
 
-def test_a_key_expires_after_24_hours(stack):
-    client, database_url = stack.client, stack.database_url
+def test_a_key_expires_after_24_hours(api_each_db):
+    client, database_url = api_each_db.client, api_each_db.database_url
     key = str(uuid.uuid4())
     first = client.post("/experiments", json=SPEC, headers={"Idempotency-Key": key}).json()
     engine = create_engine(database_url)
@@ -87,8 +84,8 @@ def test_a_key_expires_after_24_hours(stack):
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "has space", "caf\u00e9"])
-def test_a_malformed_key_is_a_422_naming_the_header(embedded, key):
-    client = embedded.client
+def test_a_malformed_key_is_a_422_naming_the_header(api_each_db, key):
+    client = api_each_db.client
     response = client.post("/experiments", json=SPEC, headers={"Idempotency-Key": key.encode("utf-8")})
     assert response.status_code == 422, response.text
     assert "Idempotency-Key" in response.json()["detail"]

@@ -2,18 +2,20 @@
 
 Every integer of a spec lies in PostgreSQL's integer range (-2^31..2^31-1), and no string
 the user gives holds a NUL character or a lone surrogate: each is a 422 naming the field,
-on SQLite as on PostgreSQL, and nothing is stored.
+on SQLite as on PostgreSQL, and nothing is stored. The API runs in-process, on each database.
 """
 
 import asyncio
 import json
 
 import httpx
+import pydantic
 import pytest
 from fastapi import FastAPI
 from sqlalchemy.exc import DataError
 
 from service.api import problems
+from service.schemas import UFMSpec
 
 PROBLEM_JSON = "application/problem+json"
 SPEC = {"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2}
@@ -38,9 +40,9 @@ def _ids(client: httpx.Client, path: str) -> set[str]:
 
 
 @pytest.fixture
-def unchanged(stack):
-    """The stack's client; afterwards, no experiment or sweep was stored in between."""
-    client = stack.client
+def unchanged(api_each_db):
+    """The API's client; afterwards, no experiment or sweep was stored in between."""
+    client = api_each_db.client
     experiments, sweeps = _ids(client, "/experiments"), _ids(client, "/sweeps")
     yield client
     assert _ids(client, "/experiments") == experiments and _ids(client, "/sweeps") == sweeps
@@ -115,8 +117,8 @@ def test_text_the_databases_cannot_store_is_422_naming_the_field(unchanged, path
 
 
 @pytest.mark.parametrize("character", [NUL, SURROGATE])
-def test_a_patch_with_text_the_databases_cannot_store_is_422_and_changes_nothing(stack, character):
-    client = stack.client
+def test_a_patch_with_text_the_databases_cannot_store_is_422_and_changes_nothing(api_each_db, character):
+    client = api_each_db.client
     created = client.post("/experiments", json={**LABELLED, "name": "kept", "tags": {"paper": "fig1"}}).json()
     for patch, field in (({"name": f"new{character}"}, "name"), ({"tags": {"paper": f"fig{character}"}}, "tags.paper"),
                          ({"tags": {"ok": "yes", "paper": character}}, "tags.paper")):
@@ -175,3 +177,12 @@ def test_a_value_only_the_database_refuses_is_a_422_problem_not_a_500(error):
 
     problem = _refused(asyncio.run(post()))
     assert problem["detail"].startswith("a value the database cannot take: ")
+
+
+@pytest.mark.parametrize("field", ["lambda_w", "lambda_h", "lambda_b"])
+def test_a_decay_beyond_1e6_is_a_422_naming_it(field):
+    """1e308 used to be accepted and then crash the solver (the objective overflows at the start)."""
+    with pytest.raises(pydantic.ValidationError) as refused:
+        UFMSpec(kind="ufm", K=2, d=2, n_per_class=1, normalization="regularized", **{field: 1e308})
+    assert [error["loc"] for error in refused.value.errors()] == [(field,)]
+    assert "less than or equal to 1000000" in str(refused.value)

@@ -2,15 +2,16 @@
 
 import json
 import logging
+import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import sessionmaker
 
-from service import jobs, migrate
+from service import idempotency, jobs, migrate
 from service.db import make_engine
-from service.models import Experiment, MetricRow, utcnow
+from service.models import Experiment, IdempotencyKey, MetricRow, Sweep, utcnow
 from service.settings import Settings
 
 SPEC = {"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2, "normalization": "normalized"}
@@ -29,7 +30,7 @@ def session(request, tmp_path):
 
 def created(session, spec=SPEC, **labels) -> Experiment:
     """A new queued experiment, as the ORM object the assertions below read and refresh."""
-    item = jobs.create(session, spec, **labels)
+    item = jobs.submit(session, spec, **labels).stored
     job = session.get(Experiment, item["id"])
     assert (job.status, job.spec, job.attempts, job.sent_at) == (item["status"], spec, 0, None)
     return job
@@ -148,3 +149,61 @@ def test_every_transition_is_one_json_log_line(session, caplog):
     assert lines[0]["owner"] == "alice" and lines[0]["kind"] == "ufm"
     assert lines[4]["error"] == "diverged: loss became nan" and lines[4]["attempt"] == 1
     assert lines[7]["reason"].startswith("no heartbeat for")
+
+
+def test_a_keyed_submit_creates_once_and_its_replays_say_so(session):
+    keyed = idempotency.keyed("alice", "key-1", "/experiments", {"spec": SPEC})
+    first = jobs.submit(session, SPEC, owner="alice", keyed=keyed)
+    assert first.new and first.experiments == [first.id] and first.stored["id"] == first.id
+    replay = jobs.submit(session, SPEC, owner="alice", keyed=keyed)
+    assert (replay.id, replay.new, replay.experiments, replay.stored) == (first.id, False, [], None)
+    assert session.scalar(select(func.count()).select_from(Experiment)) == 1
+
+    other_request = idempotency.keyed("alice", "key-1", "/experiments", {"spec": {**SPEC, "K": 4}})
+    with pytest.raises(idempotency.KeyReused):
+        jobs.submit(session, {**SPEC, "K": 4}, owner="alice", keyed=other_request)
+    bob = jobs.submit(session, SPEC, owner="bob", keyed=idempotency.keyed("bob", "key-1", "/experiments",
+                                                                          {"spec": SPEC}))
+    assert bob.new  # keys are the owner's own
+
+    session.execute(update(IdempotencyKey).values(created_at=utcnow() - idempotency.KEY_LIFETIME
+                                                  - timedelta(seconds=1)))
+    session.commit()
+    after_expiry = jobs.submit(session, SPEC, owner="alice", keyed=keyed)
+    assert after_expiry.new and after_expiry.id != first.id
+
+
+def test_a_sweep_is_stored_whole_and_its_members_are_left_to_the_dispatcher(session):
+    sweep = Sweep(id=str(uuid.uuid4()), owner="alice", name="s", tags={}, definition={}, size=3,
+                  created_at=utcnow())
+    submitted = jobs.submit_sweep(session, sweep, [{**SPEC, "seed": seed} for seed in range(3)])
+    members = session.scalars(select(Experiment).where(Experiment.sweep == sweep.id)
+                              .order_by(Experiment.created_at, Experiment.id)).all()
+    assert submitted.new and sorted(submitted.experiments) == sorted(member.id for member in members)
+    assert [(m.status, m.sent_at, m.owner, m.spec["seed"]) for m in members] == [
+        ("queued", None, "alice", seed) for seed in range(3)]
+
+
+def test_a_sweep_is_canceled_in_one_update(session):
+    sweep = Sweep(id=str(uuid.uuid4()), owner="alice", name=None, tags={}, definition={}, size=4,
+                  created_at=utcnow())
+    queued, running, done, also_queued = (jobs.submit_sweep(session, sweep, [SPEC] * 4)).experiments
+    jobs.claim(session, running, worker="w")
+    jobs.claim(session, done, worker="w")
+    jobs.finish(session, done, 1, "succeeded", result={"loss": 0.1})
+
+    statements = []
+    listen = lambda *args: statements.append(args[2])  # noqa: E731 (the statement's text)
+    event.listen(session.get_bind(), "before_cursor_execute", listen)
+    try:
+        jobs.cancel_sweep(session, sweep.id)
+    finally:
+        event.remove(session.get_bind(), "before_cursor_execute", listen)
+    assert [text.split()[0] for text in statements if not text.startswith(("BEGIN", "COMMIT", "SET"))] == ["UPDATE"]
+
+    session.expire_all()
+    state = {i: (job.status, job.cancel_requested) for i in (queued, running, done, also_queued)
+             for job in [session.get(Experiment, i)]}
+    assert state == {queued: ("canceled", True), running: ("running", True), done: ("succeeded", False),
+                     also_queued: ("canceled", True)}
+    assert session.get(Experiment, queued).finished_at is not None

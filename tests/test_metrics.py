@@ -1,4 +1,4 @@
-"""collapse_metrics against a deliberately plain float64 numpy reference (DESIGN.md)."""
+"""collapse_metrics against a deliberately plain float64 numpy reference (docs/metrics.md)."""
 
 import math
 

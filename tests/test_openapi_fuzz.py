@@ -1,43 +1,45 @@
-"""Schemathesis against the running API: no 5xx, and only status codes and media types the
+"""Schemathesis against the API: no 5xx, and only status codes and media types the
 OpenAPI document declares, for inputs generated from that same document.
 
-The API runs on PostgreSQL and Redis without a worker: generated specs are stored and
-queued, never run. Examples are bounded per operation so the run takes seconds.
+The API runs in-process (schemathesis calls the ASGI app), on SQLite and on PostgreSQL,
+with no worker: generated specs are stored and queued, never run. Examples are bounded
+per operation so the run takes seconds.
 """
 
-import httpx
+import contextlib
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
+from schemathesis.python.asgi import shutdown_lifespans
 from schemathesis.specs.openapi.checks import content_type_conformance, status_code_conformance
 
-from tests.conftest import fresh_pg_database, fresh_redis_broker, make_processes, running
-from tests.support import free_port, wait_ready
+from tests.conftest import fresh_pg_database, in_process_api
 
 KEY = "fuzz-key"
 
 
-@pytest.fixture(scope="module")
-def api_schema(pg_admin, tmp_path_factory):
-    with (
-        fresh_pg_database(pg_admin) as database_url,
-        running(make_processes(tmp_path_factory.mktemp("fuzz"))) as processes,
-    ):
-        processes.env.update(NCLAB_DATABASE_URL=database_url, NCLAB_BROKER_URL=fresh_redis_broker(),
-                             NCLAB_API_KEYS=f"fuzzer:{KEY}")
-        port = free_port()
-        api = processes.start("api", "--port", str(port), name="api")
-        base_url = f"http://127.0.0.1:{port}"
-        wait_ready(base_url, api)
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def api_schema(request, tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("fuzz")
+    with contextlib.ExitStack() as stack:
+        database_url = None
+        if request.param == "postgresql":
+            database_url = stack.enter_context(fresh_pg_database(request.getfixturevalue("pg_admin")))
+        api = stack.enter_context(in_process_api(data_dir, database_url, NCLAB_API_KEYS=f"fuzzer:{KEY}"))
+        headers = {"Authorization": f"Bearer {KEY}"}
         # A few experiments, so that reads by id can find one.
-        with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {KEY}"}) as client:
-            for seed in range(3):
-                client.post("/experiments", json={"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2, "seed": seed})
-        document = httpx.get(f"{base_url}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
+        for seed in range(3):
+            api.client.post("/experiments", json={"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2, "seed": seed},
+                            headers=headers).raise_for_status()
+        document = api.client.get("/openapi.json", headers=headers).json()
         schema = schemathesis.openapi.from_dict(without_cross_field_rules(document))
-        schema.location = f"{base_url}/openapi.json"  # requests go to this server
-        yield schema
+        schema.app = api.client.app  # requests go to the app, in this process
+        try:
+            yield schema
+        finally:
+            shutdown_lifespans()  # schemathesis keeps the app's lifespan running until asked
 
 
 def without_cross_field_rules(document: dict) -> dict:

@@ -1,19 +1,21 @@
 """The fast read paths (plain rows written by orjson, history JSON spliced from the database's text)
 answer exactly what the response models would write from the ORM objects; ETags and 304s.
 
-Run against the embedded service and against PostgreSQL + Redis + a worker.
+Run through the API in-process, on SQLite and on PostgreSQL; the jobs run here, by the
+worker's task body, or by its steps (claim, history rows) one at a time.
 """
 
 import math
-import time
 
 import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
+from service import jobs
+from service.db import get_sessionmaker
 from service.models import Experiment, MetricRow
 from service.schemas import ExperimentOut
-from tests.support import ENDLESS, wait_for_status
+from tests.support import ENDLESS
 
 UFM = {"kind": "ufm", "K": 4, "d": 6, "n_per_class": 3, "normalization": "normalized", "logit_scale": 10,
        "tol": 1e-12}
@@ -45,17 +47,17 @@ def reference(database_url: str, experiment_id: str) -> tuple[dict, list[dict]]:
 
 
 @pytest.fixture
-def finished(stack) -> str:
-    client = stack.client
+def finished(api_each_db) -> str:
+    client = api_each_db.client
     created = client.post("/experiments", json={"spec": UFM, "name": "quote ' \" \\ and ü ✓",
                                                 "tags": {"paper": "fig<1>", "note": "a\nb"}}).json()
-    wait_for_status(client, created["id"], {"succeeded"}, timeout=120)
+    assert api_each_db.run(created["id"])["status"] == "succeeded"
     return created["id"]
 
 
-def test_status_history_submit_and_pages_write_what_the_models_would(stack, finished):
-    client = stack.client
-    experiment, history = reference(stack.database_url, finished)
+def test_status_history_submit_and_pages_write_what_the_models_would(api_each_db, finished):
+    client = api_each_db.client
+    experiment, history = reference(api_each_db.database_url, finished)
     assert experiment["result"]["optimality_gap"] < 1e-8 and len(history) > 3
 
     read = client.get(f"/experiments/{finished}")
@@ -71,7 +73,7 @@ def test_status_history_submit_and_pages_write_what_the_models_would(stack, fini
 
     submitted = client.post("/experiments", json={"spec": ENDLESS, "name": "submitted"}).json()
     client.post(f"/experiments/{submitted['id']}/cancel")
-    submitted_reference, _ = reference(stack.database_url, submitted["id"])
+    submitted_reference, _ = reference(api_each_db.database_url, submitted["id"])
     assert submitted.keys() == submitted_reference.keys() and submitted["status"] == "queued"
     for key in ("id", "owner", "name", "tags", "sweep", "spec", "created_at", "result", "error"):
         assert same(submitted[key], submitted_reference[key]), key
@@ -79,8 +81,8 @@ def test_status_history_submit_and_pages_write_what_the_models_would(stack, fini
     assert missing.status_code == 404 and "no experiment with id" in missing.json()["detail"]
 
 
-def test_etags_give_304s_until_the_experiment_changes(stack, finished):
-    client = stack.client
+def test_etags_give_304s_until_the_experiment_changes(api_each_db, finished):
+    client = api_each_db.client
     first = client.get(f"/experiments/{finished}")
     etag = first.headers["etag"]
     assert first.headers["cache-control"] == "no-cache" and etag.startswith('"')
@@ -100,19 +102,21 @@ def test_etags_give_304s_until_the_experiment_changes(stack, finished):
                       headers={"If-None-Match": history.headers["etag"]}).status_code == 304
 
 
-def test_a_running_experiments_history_must_be_revalidated_and_its_etag_moves(stack):
-    client = stack.client
+def test_a_running_experiments_history_must_be_revalidated_and_its_etag_moves(api_each_db):
+    client = api_each_db.client
     running = client.post("/experiments", json=ENDLESS).json()["id"]
+    with get_sessionmaker()() as session:  # a worker's first steps: claim, one epoch's row
+        attempt = jobs.claim(session, running, worker="test").attempts
+        jobs.record_metrics(session, running, attempt, 1, {"loss": 2.0, "nc1": 1.0})
     try:
-        wait_for_status(client, running, {"running"}, timeout=60)
+        assert client.get(f"/experiments/{running}").json()["status"] == "running"
         first = client.get(f"/experiments/{running}/metrics")
         assert first.headers["cache-control"] == "no-cache"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            later = client.get(f"/experiments/{running}/metrics", headers={"If-None-Match": first.headers["etag"]})
-            if later.status_code == 200:
-                break
-            time.sleep(0.05)
+        assert client.get(f"/experiments/{running}/metrics",
+                          headers={"If-None-Match": first.headers["etag"]}).status_code == 304
+        with get_sessionmaker()() as session:  # the next epoch's
+            jobs.record_metrics(session, running, attempt, 2, {"loss": 1.5, "nc1": 0.5})
+        later = client.get(f"/experiments/{running}/metrics", headers={"If-None-Match": first.headers["etag"]})
         assert later.status_code == 200 and len(later.json()["items"]) > len(first.json()["items"])
     finally:
         client.post(f"/experiments/{running}/cancel")

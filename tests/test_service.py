@@ -1,13 +1,12 @@
-"""The service end to end against real PostgreSQL, Redis, Celery worker and HTTP."""
+"""The service end to end against real PostgreSQL, Redis, Celery worker and HTTP; what the API
+answers by itself (validation, lists), in-process on SQLite and on PostgreSQL."""
 
 import math
-import os
 import signal
-import time
 
 import pytest
 
-from tests.support import ENDLESS, wait_for_status
+from tests.support import ENDLESS, eventually, wait_for_status
 
 DONE_WHEN_SPEC = {"kind": "ufm", "K": 10, "d": 16, "n_per_class": 20, "normalization": "normalized",
                   "logit_scale": 10, "seed": 0}
@@ -26,12 +25,11 @@ def submit(client, spec: dict) -> dict:
     return body
 
 
-def wait_until_running_with_history(client, experiment_id: str, timeout: float = 60) -> None:
+def wait_until_running_with_history(client, experiment_id: str, timeout: float = 60) -> list[dict]:
+    """The history so far, once the job runs and has one."""
     wait_for_status(client, experiment_id, {"running"}, timeout)
-    deadline = time.monotonic() + timeout
-    while not client.get(f"/experiments/{experiment_id}/metrics").json()["items"]:
-        assert time.monotonic() < deadline, "no history row appeared"
-        time.sleep(0.1)
+    return eventually(lambda: client.get(f"/experiments/{experiment_id}/metrics").json()["items"], timeout=timeout,
+                      interval=0.1, message="no history row appeared")
 
 
 def test_submit_poll_and_read_result_and_history(production):
@@ -65,10 +63,11 @@ def test_cancel_stops_a_running_job_within_seconds_and_keeps_its_history(product
 
     response = client.post(f"/experiments/{created['id']}/cancel")
     assert response.status_code == 202 and response.json()["cancel_requested"] is True
-    start = time.monotonic()
-    done = wait_for_status(client, created["id"], {"canceled", "failed", "succeeded"}, timeout=15)
-    assert done["status"] == "canceled" and time.monotonic() - start < 10
-    assert client.get(f"/experiments/{created['id']}/metrics").json()["items"]
+    # Within seconds: a run of minutes (1,000 epochs) ends canceled, far short of its end.
+    done = wait_for_status(client, created["id"], {"canceled", "failed", "succeeded"}, timeout=60)
+    assert done["status"] == "canceled" and done["progress"] < 0.5
+    history = client.get(f"/experiments/{created['id']}/metrics").json()["items"]
+    assert history and history[-1]["step"] < ENDLESS["epochs"] / 2
 
     again = client.post(f"/experiments/{created['id']}/cancel")
     assert again.status_code == 409 and again.headers["content-type"] == PROBLEM_JSON
@@ -104,8 +103,8 @@ def test_cancel_stops_a_running_job_within_seconds_and_keeps_its_history(product
         ({"kind": "gan"}, "kind"),
     ],
 )
-def test_invalid_specs_are_422_problems_naming_the_field_and_store_nothing(production, spec, field):
-    client = production.client
+def test_invalid_specs_are_422_problems_naming_the_field_and_store_nothing(api_each_db, spec, field):
+    client = api_each_db.client
     before = len(client.get("/experiments", params={"limit": 500}).json()["items"])
     response = client.post("/experiments", json={"kind": "ufm", "K": 4, "d": 4, "n_per_class": 2, **spec})
     assert response.status_code == 422
@@ -116,15 +115,15 @@ def test_invalid_specs_are_422_problems_naming_the_field_and_store_nothing(produ
     assert len(client.get("/experiments", params={"limit": 500}).json()["items"]) == before
 
 
-def test_unknown_experiment_is_a_404_problem(production):
-    response = production.client.get("/experiments/does-not-exist")
+def test_unknown_experiment_is_a_404_problem(api_each_db):
+    response = api_each_db.client.get("/experiments/does-not-exist")
     assert response.status_code == 404 and response.headers["content-type"] == PROBLEM_JSON
-    assert production.client.get("/experiments/does-not-exist/metrics").status_code == 404
+    assert api_each_db.client.get("/experiments/does-not-exist/metrics").status_code == 404
 
 
-def test_list_filters_and_paginates_newest_first_with_a_cursor(production):
-    client = production.client
-    tag = 700 + os.getpid() % 100  # a d no other test in the module uses
+def test_list_filters_and_paginates_newest_first_with_a_cursor(api_each_db):
+    client = api_each_db.client
+    tag = 700  # a d no other test in the module uses
     ids = []
     for K, normalization in [(3, "normalized"), (4, "regularized"), (3, "regularized"), (5, "normalized"),
                              (3, "normalized")]:
@@ -149,7 +148,7 @@ def test_list_filters_and_paginates_newest_first_with_a_cursor(production):
     assert listed(K=3, normalization="regularized") == [ids[2]]
     assert listed(kind="ufm", normalization="normalized") == [ids[4], ids[3], ids[0]]
     for experiment_id in ids:
-        wait_for_status(client, experiment_id, {"succeeded"}, timeout=60)
+        assert api_each_db.run(experiment_id)["status"] == "succeeded"
     assert set(listed(status="succeeded")) == set(ids) and listed(status="queued") == []
 
     bad = client.get("/experiments", params={"cursor": "not-a-cursor"})

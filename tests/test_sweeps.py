@@ -1,4 +1,5 @@
-"""Sweeps over real HTTP, PostgreSQL, Redis and a Celery worker; and how members are built."""
+"""Sweeps over real HTTP, PostgreSQL, Redis and a Celery worker; their validation in-process,
+on SQLite and on PostgreSQL; and how members are built."""
 
 import itertools
 
@@ -44,8 +45,8 @@ def test_a_sweep_creates_base_x_variants_x_grid_and_each_member_runs(production)
     assert sweep["id"] in [item["id"] for item in client.get("/sweeps").json()["items"]]
 
 
-def test_an_invalid_member_is_a_422_naming_it_and_nothing_is_stored(production):
-    client = production.client
+def test_an_invalid_member_is_a_422_naming_it_and_nothing_is_stored(api_each_db):
+    client = api_each_db.client
     experiments_before, sweeps_before = _count(client, "/experiments"), _count(client, "/sweeps")
     response = client.post("/sweeps", json={"base": {**BASE, "K": 3}, "grid": {"d": [4, 1, 8]}})
     assert response.status_code == 422 and response.headers["content-type"] == "application/problem+json"

@@ -191,7 +191,7 @@ def test_a_run_that_learned_nothing_fails_instead_of_succeeding():
     epochs = []
     learned_nothing = r"^the last epoch's training loss is .*, above 2 x ln K = 2\.77 .*learned nothing"
     with pytest.raises(Diverged, match=learned_nothing):
-        train(small_config(optimizer="adam", lr=100, epochs=3), "/unused",
+        train(small_config(optimizer="adam", lr=100, epochs=3, lr_schedule="constant"), "/unused",
               on_epoch=lambda epoch, row: epochs.append(row["train_loss"]))
     assert len(epochs) == 3 and all(math.isfinite(loss) and loss > 2 * math.log(4) for loss in epochs)
 
@@ -225,7 +225,8 @@ def test_invalid_configs_are_rejected():
 def test_gaussian_mixture_trains_an_mlp():
     config = TrainConfig(dataset="gaussian", architecture="mlp", normalization="regularized",
                          num_classes=3, dim=8, mlp_width=32, epochs=3, batch_size=50,
-                         gaussian_dim=6, gaussian_train_per_class=40, gaussian_test_per_class=10)
+                         gaussian_dim=6, gaussian_train_per_class=40, gaussian_test_per_class=10,
+                         lr_schedule="constant")
     data = load_dataset("gaussian", "/unused", 3, gaussian_dim=6, gaussian_train_per_class=40,
                         gaussian_test_per_class=10)
     assert data.train_x.shape == (120, 6) and data.test_x.shape == (30, 6)

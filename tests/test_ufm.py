@@ -1,4 +1,4 @@
-"""UFM solvers reach the closed-form optima of DESIGN.md and collapse onto a simplex ETF."""
+"""UFM solvers reach the closed forms of docs/closed-forms.md and collapse onto a simplex ETF."""
 
 import dataclasses
 import math
@@ -7,11 +7,19 @@ import re
 import pytest
 import torch
 
-from worker.nc import objectives, ufm
-from worker.nc.descent import SUBLINEAR_FACTOR, SUBLINEAR_MIN_ITERS, SublinearProgress, minimize
+from worker.nc import merging, objectives, ufm
+from worker.nc import formulation as formulation_module
+from worker.nc.descent import minimize
+from worker.nc.formulation import Formulation, formulate
 from worker.nc.manifolds import Euclidean, RowSphere, row_dots
 from worker.nc.metrics import CLASSIFIER_KEYS, MEAN_KEYS
 from worker.nc.preconditioner import Preconditioner, class_coupling, host_floats
+from worker.nc.stopping import (
+    SUBLINEAR_FACTOR,
+    SUBLINEAR_MIN_ITERS,
+    StoppingRules,
+    SublinearProgress,
+)
 from worker.nc.ufm import Diverged, Stopped, UFMProblem, optimal_loss, solve
 
 COLLAPSE_KEYS = ("nc1", "nc2_etf_w", "nc3_etf")
@@ -165,7 +173,7 @@ def test_two_hundred_classes_in_128_dimensions_reach_a_critical_point():
 
 # Generalized neural collapse (K > d + 1, Jiang et al. 2024): no simplex ETF fits, the
 # landscape has strict saddles of tiny negative curvature, and a first-order descent can
-# crawl past them for tens of thousands of iterations (worker.nc.descent). K/d ~ 2.3 here.
+# crawl past them for tens of thousands of iterations (docs/solver.md). K/d ~ 2.3 here.
 GNC_N, GNC_SCALE = 10, 10.0
 SUBLINEAR_REASON = re.compile(
     r"gradient norm decreasing sublinearly: its smallest value fell only (\S+)-fold "
@@ -476,7 +484,7 @@ SPURIOUS = UFMProblem(3, 2, 5, "normalized", logit_scale=20.0, restarts=8, max_i
 
 def test_restarts_find_spurious_minima_on_the_circle():
     # K = 3 on the circle at a large logit scale: some starts end in a spurious local
-    # minimum (module docstring); the probe reports how many, and keeps the best run.
+    # minimum (docs/solver.md); the probe reports how many, and keeps the best run.
     result = solve(SPURIOUS)
     assert 0 < result["global_optimum_fraction"] < 1
     assert result["final_loss_max"] - result["final_loss_min"] > 0.1
@@ -538,7 +546,7 @@ def test_imbalanced_classes_use_the_mean_of_class_means(monkeypatch, normalizati
         gram = (means - centre) @ (means - centre).T
         return float((gram / gram.norm() - etf).norm())
 
-    # DESIGN.md: mu_G is the mean of the class means, not of the samples, which the
+    # docs/metrics.md: mu_G is the mean of the class means, not of the samples, which the
     # majority class would pull towards itself.
     assert result["nc2_etf_m"] == pytest.approx(etf_distance(means.mean(dim=0)), rel=1e-9)
     assert abs(result["nc2_etf_m"] - etf_distance(features.mean(dim=0))) > 1e-2
@@ -552,7 +560,7 @@ def test_class_coupling_changes_the_path_not_the_answer(monkeypatch):
     problem = UFMProblem(40, 64, counts, "normalized", logit_scale=10.0)
     assert class_coupling(problem) == 0.5
     coupled = solve(problem)
-    monkeypatch.setattr(ufm, "class_coupling", lambda problem: 0.0)
+    monkeypatch.setattr(formulation_module, "class_coupling", lambda problem: 0.0)
     uncoupled = solve(problem)
     for result in (coupled, uncoupled):
         assert result["converged"] and result["grad_norm"] <= 1e-10 and result["nc1"] <= 1e-12
@@ -560,6 +568,13 @@ def test_class_coupling_changes_the_path_not_the_answer(monkeypatch):
     assert coupled["features_merged_at"] is not None  # N d K = 1.6e6: the merged path too
     assert coupled["loss"] == pytest.approx(uncoupled["loss"], rel=1e-12, abs=0)
     assert coupled["w_min_angle_deg"] == pytest.approx(uncoupled["w_min_angle_deg"], abs=1e-6)
+
+
+def iterates(formulation, start, stopping):
+    """Every iterate of a descent, the last one included."""
+    reported = []
+    result = minimize(formulation, start, stopping, on_iterate=reported.append)
+    return [*reported, result.last]
 
 
 def test_merged_descent_takes_the_full_descents_steps_from_a_collapsed_point():
@@ -572,14 +587,14 @@ def test_merged_descent_takes_the_full_descents_steps_from_a_collapsed_point():
     counts = torch.tensor(counts)
     classes = torch.arange(K)
     labels = classes.repeat_interleave(counts)
-    full = ufm._formulation(problem, labels)
-    merged = ufm._formulation(problem, classes, row_weights=counts.double(), sample_rows=labels)
+    full = formulate(problem, labels)
+    merged = formulate(problem, classes, row_weights=counts.double(), sample_rows=labels)
     generator = torch.Generator().manual_seed(0)
     classifier, rows = (RowSphere().random((K, d), generator) for _ in range(2))
     bias = 0.1 * torch.randn(K, generator=generator, dtype=torch.float64)
 
-    full_run = minimize(full, [classifier, rows[labels], bias], 1e-10, max_iters=12)
-    merged_run = minimize(merged, [classifier, rows, bias], 1e-10, max_iters=12)
+    full_run = iterates(full, [classifier, rows[labels], bias], StoppingRules(1e-10, max_iters=12))
+    merged_run = iterates(merged, [classifier, rows, bias], StoppingRules(1e-10, max_iters=12))
     steps = 0
     for ours, theirs in zip(full_run, merged_run, strict=True):
         assert ours.step == theirs.step
@@ -606,7 +621,7 @@ def test_features_merge_once_collapsed_and_the_answer_is_certified_on_the_full_p
     assert rows[step - 1]["nc1"] > 1e-20
     assert all(rows[later]["nc1"] < 1e-28 for later in range(step, merged["iterations"] + 1))
 
-    monkeypatch.setattr(ufm, "_SMALL_WORK", math.inf)  # never merge
+    monkeypatch.setattr(merging, "SMALL_WORK", math.inf)  # never merge
     plain = solve(problem)
     assert plain["features_merged_at"] is None
     assert_reaches_collapsed_optimum(plain)
@@ -617,7 +632,7 @@ def test_full_descent_goes_on_where_the_merged_end_point_fails_its_certificate(m
     # Spread the features again as the merged end point is expanded (without checkpoints,
     # the only expansion of a merged point): the full problem's first evaluation then
     # refuses it, and the full descent carries on to the optimum.
-    expand = ufm._Formulation.expand
+    expand = Formulation.expand
 
     def spread_out(self, point):
         if self.sample_rows is None:
@@ -629,14 +644,19 @@ def test_full_descent_goes_on_where_the_merged_end_point_fails_its_certificate(m
 
     phases = []
 
-    def counting_minimize(formulation, *args, **kwargs):
+    def counting_minimize(formulation, *args, on_iterate, **kwargs):
         phases.append([formulation.sample_rows is not None, 0])
-        for iterate in minimize(formulation, *args, **kwargs):
-            phases[-1][1] += 1
-            yield iterate
 
-    monkeypatch.setattr(ufm._Formulation, "expand", spread_out)
-    monkeypatch.setattr(ufm, "minimize", counting_minimize)
+        def count(iterate):
+            phases[-1][1] += 1
+            on_iterate(iterate)
+
+        result = minimize(formulation, *args, on_iterate=count, **kwargs)
+        phases[-1][1] += 1  # the last iterate
+        return result
+
+    monkeypatch.setattr(Formulation, "expand", spread_out)
+    monkeypatch.setattr(merging, "minimize", counting_minimize)
     result = solve(UFMProblem(50, 64, 20, "normalized", logit_scale=10.0))
     assert_reaches_collapsed_optimum(result)
     assert [merged for merged, _ in phases] == [False, True, False]
@@ -722,7 +742,7 @@ def test_non_finite_objective_raises_diverged(monkeypatch):
 
         return poisoned
 
-    monkeypatch.setattr(ufm, "regularized_objective", poisoned_after_three_calls)
+    monkeypatch.setattr(formulation_module, "regularized_objective", poisoned_after_three_calls)
     with pytest.raises(Diverged, match="iteration"):
         solve(UFMProblem(4, 3, 5, "regularized"))
 
@@ -756,3 +776,13 @@ def test_cuda_matches_cpu(K, d, n):
     assert_reaches_collapsed_optimum(on_gpu)
     assert on_gpu["loss"] == pytest.approx(on_cpu["loss"], rel=1e-9, abs=0)
     assert (on_gpu["features_merged_at"] is None) == (on_cpu["features_merged_at"] is None)
+
+
+def test_a_decay_beyond_float_range_fails_as_diverged_not_as_a_crash():
+    """A start slope so steep that 1/sqrt(slope) is below every step the line search tries
+    (lambda_w = 1e308, more than the API takes): the search still tries its smallest step,
+    and the run fails saying why."""
+    problem = UFMProblem(num_classes=2, dim=2, n_per_class=1, max_iters=5, normalization="regularized",
+                         lambda_w=1e308)
+    with pytest.raises(Diverged, match="objective is not finite at any step size at iteration 1"):
+        ufm.solve(problem)

@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import make_processes, running
 from tests.support import ENDLESS, free_port, wait_for_status, wait_ready
 
+pytestmark = pytest.mark.browser
+
 pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[test]')")
 from selenium import webdriver  # noqa: E402
 from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
@@ -39,10 +41,11 @@ def browser(width: int = 1280, height: int = 800) -> webdriver.Chrome:
 
 
 @pytest.fixture(scope="module")
-def lab(embedded) -> dict:
+def lab(own_embedded) -> dict:
     """`nclab serve` holding 16 finished UFM solves (K = 3, 4, 5, 6; two with hostile labels),
-    a finished sweep, and one endless solve left running."""
-    client = embedded.client
+    a finished sweep, and one endless solve left running: alone on a database of their own,
+    so that what the pages count is what this made."""
+    client = own_embedded.client
     ids = []
     for i in range(16):
         spec = {"kind": "ufm", "K": 3 + i % 4, "d": 6, "n_per_class": 2, "seed": i,
@@ -58,7 +61,7 @@ def lab(embedded) -> dict:
         wait_for_status(client, experiment_id, {"succeeded"}, timeout=120)
     endless = client.post("/experiments", json={"spec": ENDLESS, "name": "endless"}).json()["id"]
     wait_for_status(client, endless, {"running"}, timeout=60)
-    return {"url": embedded.base_url, "sweep": sweep["id"], "endless": endless, "first": ids[0]}
+    return {"url": own_embedded.base_url, "sweep": sweep["id"], "endless": endless, "first": ids[0]}
 
 
 @pytest.fixture(scope="module")

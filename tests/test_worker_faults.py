@@ -4,20 +4,34 @@ share a database connection."""
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import psycopg
+import pytest
 from sqlalchemy import text
 
 from service.db import make_engine
 from service.lifetime import children
-from tests.support import wait_for_status
+from tests.conftest import fresh_pg_database, fresh_redis_broker, make_processes, production_stack, running
+from tests.support import eventually, wait_for_status
 
-# About 0.2 s an epoch here: long enough to be killed mid-way, short enough to finish twice.
-TRAINING = {"kind": "train", "dataset": "gaussian", "K": 10, "d": 64, "epochs": 20,
+# About 0.2 s an epoch here: long enough to be killed mid-way (after its first epoch, seven
+# to go), short enough to finish twice.
+TRAINING = {"kind": "train", "dataset": "gaussian", "K": 10, "d": 64, "epochs": 8,
             "gaussian_train_per_class": 1000, "lr_schedule": "constant"}
 QUICK = {"kind": "ufm", "K": 4, "d": 6, "n_per_class": 3}
+
+
+@pytest.fixture(scope="module")
+def faulty_production(pg_admin, tmp_path_factory):
+    """A production stack of this module's own, for both tests: they kill pool processes and cut
+    database connections, never the worker itself, and each waits for every job it submitted."""
+    with (
+        fresh_pg_database(pg_admin) as database_url,
+        running(make_processes(tmp_path_factory.mktemp("faults"))) as processes,
+        production_stack(processes, database_url, fresh_redis_broker()) as stack,
+    ):
+        yield stack
 
 
 def _admin_url(database_url: str) -> str:
@@ -69,14 +83,13 @@ def _assert_no_connection_is_shared(database_url: str, worker_pid: int) -> None:
 
 def _running_with_history(client, experiment_id: str, timeout: float = 60) -> None:
     """Wait until the job runs and has recorded an epoch: killed now, it dies mid-way."""
-    deadline = time.monotonic() + timeout
-    while not client.get(f"/experiments/{experiment_id}/metrics").json()["items"]:
-        assert time.monotonic() < deadline, client.get(f"/experiments/{experiment_id}").json()
-        time.sleep(0.1)
+    eventually(lambda: client.get(f"/experiments/{experiment_id}/metrics").json()["items"], timeout=timeout,
+               interval=0.1, message=lambda: str(client.get(f"/experiments/{experiment_id}").json()))
 
 
-def test_killing_the_pool_process_again_and_again_fails_no_job(own_production):
-    client, worker = own_production.client, own_production.worker
+@pytest.mark.slow  # trainings killed and run again, one after another
+def test_killing_the_pool_process_again_and_again_fails_no_job(faulty_production):
+    client, worker = faulty_production.client, faulty_production.worker
     killed = []
     for _ in range(3):
         experiment_id = client.post("/experiments", json=TRAINING).json()["id"]
@@ -85,7 +98,7 @@ def test_killing_the_pool_process_again_and_again_fails_no_job(own_production):
         os.kill(pool, signal.SIGKILL)
         killed.append(experiment_id)
         # The replacement pool process runs the next job, and this one once its heartbeat is stale.
-        time.sleep(0.5)
+        eventually(lambda pool=pool: pool not in children(worker.pid), message=f"pool process {pool} still there")
     later = [client.post("/experiments", json={**QUICK, "seed": seed}).json()["id"] for seed in range(6)]
 
     finished = {i: wait_for_status(client, i, {"succeeded", "failed", "canceled"}, timeout=180)
@@ -97,39 +110,40 @@ def test_killing_the_pool_process_again_and_again_fails_no_job(own_production):
     for experiment_id in killed:
         steps = [row["step"] for row in client.get(f"/experiments/{experiment_id}/metrics").json()["items"]]
         assert steps == list(range(1, TRAINING["epochs"] + 1))
-    _assert_no_connection_is_shared(own_production.database_url, worker.pid)
+    _assert_no_connection_is_shared(faulty_production.database_url, worker.pid)
 
 
 def _cut_a_waiting_write(admin, database_url: str, worker_pid: int, timeout: float = 30) -> bool:
     """Hold the history table locked until a worker's write waits for it, then end that write's
     connection from the server's side: the worker sees its connection cut mid-statement."""
-    deadline = time.monotonic() + timeout
+    def a_waiting_write() -> int | None:
+        worker_processes = {worker_pid} | children(worker_pid)
+        for backend, pids in _connections_by_process(database_url, waiting_for_a_lock=True).items():
+            if pids & worker_processes:
+                return backend
+        return None
+
     with admin.transaction():
         admin.execute("LOCK TABLE metrics IN ACCESS EXCLUSIVE MODE")
-        while time.monotonic() < deadline:
-            worker_processes = {worker_pid} | children(worker_pid)
-            for backend, pids in _connections_by_process(database_url, waiting_for_a_lock=True).items():
-                if pids & worker_processes:
-                    return admin.execute("SELECT pg_terminate_backend(%s)", [backend]).fetchone()[0]
-            time.sleep(0.05)
-    return False
+        backend = eventually(a_waiting_write, timeout=timeout, message="no write of the worker's waited for the lock")
+        return admin.execute("SELECT pg_terminate_backend(%s)", [backend]).fetchone()[0]
 
 
-def test_connections_cut_mid_write_cost_no_job(own_production):
+@pytest.mark.slow
+def test_connections_cut_mid_write_cost_no_job(faulty_production):
     """The server ends the worker's connection while it records an epoch, three times: the write
     is tried again on a new connection, and every job succeeds with its whole history."""
-    client, worker = own_production.client, own_production.worker
-    ids = [client.post("/experiments", json={**TRAINING, "epochs": 12, "seed": seed}).json()["id"]
-           for seed in range(2)]
+    client, worker = faulty_production.client, faulty_production.worker
+    ids = [client.post("/experiments", json={**TRAINING, "seed": seed}).json()["id"] for seed in range(2)]
     _running_with_history(client, ids[0])
-    with psycopg.connect(_admin_url(own_production.database_url), autocommit=True) as admin:
-        cuts = sum(_cut_a_waiting_write(admin, own_production.database_url, worker.pid) for _ in range(3))
+    with psycopg.connect(_admin_url(faulty_production.database_url), autocommit=True) as admin:
+        cuts = sum(_cut_a_waiting_write(admin, faulty_production.database_url, worker.pid) for _ in range(3))
     assert cuts == 3
     finished = [wait_for_status(client, i, {"succeeded", "failed", "canceled"}, timeout=120) for i in ids]
     assert [job["status"] for job in finished] == ["succeeded"] * 2, [job["error"] for job in finished]
     for job in finished:
         steps = [row["step"] for row in client.get(f"/experiments/{job['id']}/metrics").json()["items"]]
-        assert steps == list(range(1, 13))
+        assert steps == list(range(1, TRAINING["epochs"] + 1))
 
 
 def test_a_forked_child_opens_connections_of_its_own(pg_database):

@@ -29,7 +29,7 @@ def session(tmp_path, monkeypatch):
 
 
 def run(session, spec=SPEC) -> Experiment:
-    experiment_id = jobs.create(session, spec)["id"]
+    experiment_id = jobs.submit(session, spec).id
     tasks.run_experiment(experiment_id)
     session.expire_all()
     return session.get(Experiment, experiment_id)

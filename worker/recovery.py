@@ -9,6 +9,7 @@ did survive becomes a duplicate, which the conditional claim makes harmless.
 """
 
 import logging
+from typing import ClassVar
 
 from celery import bootsteps
 
@@ -21,7 +22,7 @@ log = logging.getLogger("nclab.worker")
 class ResendQueuedOnConnect(bootsteps.StartStopStep):
     """A consumer step: Celery starts it on every connection to the broker, the first and each after a loss."""
 
-    requires = {"celery.worker.consumer.connection:Connection"}
+    requires: ClassVar[set[str]] = {"celery.worker.consumer.connection:Connection"}
 
     def start(self, consumer) -> None:
         try:

@@ -78,8 +78,12 @@ def run_experiment(self, experiment_id: str) -> None:
         with get_sessionmaker()() as session:
             job = jobs.claim(session, experiment_id, worker=f"{socket.gethostname()} pid {os.getpid()}")
     except SQLAlchemyError as exc:
-        log.warning("experiment %s: the database failed the claim (%s); retrying in %g s",
-                    experiment_id, exc.__class__.__name__, CLAIM_RETRY_SECONDS)
+        log.warning(
+            "experiment %s: the database failed the claim (%s); retrying in %g s",
+            experiment_id,
+            exc.__class__.__name__,
+            CLAIM_RETRY_SECONDS,
+        )
         raise self.retry(countdown=CLAIM_RETRY_SECONDS) from exc
     if job is None:
         log.info("experiment %s is not queued; nothing to do", experiment_id)
@@ -88,15 +92,20 @@ def run_experiment(self, experiment_id: str) -> None:
     log.info("experiment %s: attempt %d starts", experiment_id, attempt)
 
     def record(step: int, row: dict) -> None:
-        _write(f"recording step {step}", lambda session: jobs.record_metrics(session, experiment_id, attempt, step, row))
+        _write(
+            f"recording step {step}", lambda session: jobs.record_metrics(session, experiment_id, attempt, step, row)
+        )
 
     with Heartbeat(experiment_id, attempt, get_settings().heartbeat_interval) as heartbeat:
+
         def set_progress(fraction: float) -> None:
             heartbeat.progress = min(max(fraction, 0.0), 1.0)
 
         try:
             outcome = _run(experiment_id, job.spec, record, set_progress, heartbeat.stop_requested.is_set)
-            owned = _write("storing the outcome", lambda session: jobs.finish(session, experiment_id, attempt, **outcome))
+            owned = _write(
+                "storing the outcome", lambda session: jobs.finish(session, experiment_id, attempt, **outcome)
+            )
         except InfrastructureError as exc:
             _give_back(experiment_id, attempt, str(exc))
             return
@@ -129,7 +138,9 @@ def _give_back(experiment_id: str, attempt: int, reason: str) -> None:
     reconciler does the same once it is stale."""
     log.warning("experiment %s: attempt %d given back: %s", experiment_id, attempt, reason)
     try:
-        _write("giving the attempt back",
-               lambda session: jobs.give_back(session, experiment_id, attempt, get_settings(), reason))
+        _write(
+            "giving the attempt back",
+            lambda session: jobs.give_back(session, experiment_id, attempt, get_settings(), reason),
+        )
     except InfrastructureError:
         log.exception("experiment %s: could not give attempt %d back; the reconciler will", experiment_id, attempt)

@@ -56,7 +56,9 @@ def create_app() -> FastAPI:
         summary="Neural-collapse experiments on demand",
         lifespan=lifespan,
         # Served by routes/docs.py instead, behind the API key.
-        openapi_url=None, docs_url=None, redoc_url=None,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     problems.install(app)
     app.add_middleware(RequestGuard, max_body_bytes=get_settings().max_body_bytes)

@@ -1,19 +1,17 @@
 """Request dependencies: a database session, the caller's identity, strict query strings, and lookups."""
 
 import hmac
-from collections.abc import Callable, MutableMapping
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Header, HTTPException, Request
 from fastapi.security import APIKeyCookie, APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
-from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
-from service import idempotency
 from service.api.problems import InvalidField
-from service.search.fields import UnknownField, names
 from service.db import get_session
+from service.jobs import Submitted
+from service.models import Base
+from service.search.fields import UnknownField, names
 from service.settings import ANONYMOUS, get_settings
 
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -34,8 +32,11 @@ api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="a
 # The dashboard's: set by its sign-in form, so that the browser's own requests (pages,
 # plots, CSV links) carry the key. SameSite=Strict: another site cannot make a browser send it.
 UI_KEY_COOKIE = "nclab_api_key"
-api_key_cookie = APIKeyCookie(name=UI_KEY_COOKIE, auto_error=False,
-                              description="an API key from NCLAB_API_KEYS, as the dashboard's sign-in sets it")
+api_key_cookie = APIKeyCookie(
+    name=UI_KEY_COOKIE,
+    auto_error=False,
+    description="an API key from NCLAB_API_KEYS, as the dashboard's sign-in sets it",
+)
 
 
 def owner_of_key(presented: str) -> str | None:
@@ -57,45 +58,47 @@ async def require_api_key(
     """
     owner = owner_of_key(x_api_key or (credentials.credentials if credentials else "") or cookie or "")
     if owner is None:
-        raise HTTPException(401, "missing or unknown API key: send 'Authorization: Bearer <key>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            401,
+            "missing or unknown API key: send 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return owner
 
 
 OwnerDep = Annotated[str, Depends(require_api_key)]
 
 
-IdempotencyKeyHeader = Annotated[str | None, Header(
-    alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[!-~]+$",
-    description="any unique string (a UUID): a retry with the same key and body within 24 h returns "
-                "what the first request created instead of creating it again",
-)]
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[!-~]+$",
+        description="any unique string (a UUID): a retry with the same key and body within 24 h returns "
+        "what the first request created instead of creating it again",
+    ),
+]
 
 
-def create_once(connection: Connection | Session, owner: str, key: str | None, route: str, request: BaseModel,
-                create: Callable, headers: MutableMapping[str, str]) -> tuple[str, bool]:
-    """Run ``create`` unless a request with this idempotency key already did (see service.idempotency).
-
-    The id created, and whether it was created now; a replay is marked ``Idempotent-Replayed: true``.
-    """
-    if key is None:
-        return create(None), True
-    request_fingerprint = idempotency.fingerprint(route, request.model_dump(mode="json"))
-    try:
-        created_id, new = idempotency.create_once(connection, owner, key, request_fingerprint, create)
-    except idempotency.KeyReused as exc:
-        raise InvalidField("Idempotency-Key", str(exc)) from None
-    if not new:
+def submitted_headers(submitted: Submitted, collection: str) -> dict[str, str]:
+    """Where the created resource lives; a replayed Idempotency-Key is marked ``Idempotent-Replayed: true``."""
+    headers = {"Location": f"{collection}/{submitted.id}"}
+    if not submitted.new:
         headers["Idempotent-Replayed"] = "true"
-    return created_id, new
+    return headers
 
 
-def not_found(model: type, resource_id: str) -> HTTPException:
+Model = TypeVar("Model", bound=Base)
+
+
+def not_found(model: type[Base], resource_id: str) -> HTTPException:
     """A 404 naming what was asked for."""
     return HTTPException(404, f"no {model.__tablename__.removesuffix('s')} with id {resource_id!r}")
 
 
-def get_or_404(session: Session, model: type, resource_id: str):
+def get_or_404(session: Session, model: type[Model], resource_id: str) -> Model:
     """The row of ``model`` with this id, or a 404."""
     row = session.get(model, resource_id)
     if row is None:

@@ -1,7 +1,7 @@
 """Response formats beside JSON: CSV (``Accept: text/csv`` or ``format=csv``), streamed, and PNG."""
 
 import hashlib
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import Query, Request
@@ -12,8 +12,8 @@ Format = Annotated[Literal["json", "csv"] | None, Query(description="csv: the sa
 PlotWidth = Annotated[int, Query(ge=200, le=4000, description="pixels")]
 PlotHeight = Annotated[int, Query(ge=150, le=4000, description="pixels")]
 # For the OpenAPI document: what these routes answer besides JSON.
-CSV_RESPONSES = {200: {"content": {"text/csv": {}}}}
-PNG_RESPONSES = {200: {"content": {"image/png": {}}}}
+CSV_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {"text/csv": {}}}}
+PNG_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}}}
 
 
 def wants_csv(request: Request, format: str | None) -> bool:
@@ -23,8 +23,9 @@ def wants_csv(request: Request, format: str | None) -> bool:
 
 
 def csv_response(chunks, filename: str) -> StreamingResponse:
-    return StreamingResponse(chunks, media_type=CSV_MEDIA_TYPE,
-                             headers={"Content-Disposition": f'attachment; filename="{filename}.csv"'})
+    return StreamingResponse(
+        chunks, media_type=CSV_MEDIA_TYPE, headers={"Content-Disposition": f'attachment; filename="{filename}.csv"'}
+    )
 
 
 def json_fragment(text: str | None):

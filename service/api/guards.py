@@ -35,8 +35,9 @@ class RequestGuard:
             messages.append(message)
             received += len(message.get("body", b""))
             if received > self.max_body_bytes:
-                refusal = _refusal(413, f"the body passed {self.max_body_bytes} bytes, the most taken "
-                                        "(NCLAB_MAX_BODY_BYTES)")
+                refusal = _refusal(
+                    413, f"the body passed {self.max_body_bytes} bytes, the most taken (NCLAB_MAX_BODY_BYTES)"
+                )
                 return await refusal(scope, receive, send)
             if message["type"] != "http.request" or not message.get("more_body"):
                 break
@@ -54,6 +55,7 @@ class RequestGuard:
             if "\x00" in name or "\x00" in value:
                 return _refusal(422, f"{name.strip(chr(0))}: contains a NUL character", name)
         if length is not None and length > self.max_body_bytes:
-            return _refusal(413, f"the body is {length} bytes; at most {self.max_body_bytes} are taken "
-                                 "(NCLAB_MAX_BODY_BYTES)")
+            return _refusal(
+                413, f"the body is {length} bytes; at most {self.max_body_bytes} are taken (NCLAB_MAX_BODY_BYTES)"
+            )
         return None

@@ -51,27 +51,35 @@ class JobCollector(Collector):
             jobs.add_metric([status], counts.get(status, 0))
         yield jobs
         yield GaugeMetricFamily("nclab_queue_depth", "experiments waiting for a worker", value=counts.get("queued", 0))
-        histogram = HistogramMetricFamily("nclab_job_duration_seconds", "run time of finished jobs",
-                                          labels=["kind"])
+        histogram = HistogramMetricFamily("nclab_job_duration_seconds", "run time of finished jobs", labels=["kind"])
         for kind, total, seconds, cumulative in durations:
             buckets = [(str(float(bound)), count) for bound, count in zip(DURATION_BUCKETS, cumulative)]
-            histogram.add_metric([kind], buckets + [("+Inf", total)], sum_value=seconds or 0.0)
+            histogram.add_metric([kind], [*buckets, ("+Inf", total)], sum_value=seconds or 0.0)
         yield histogram
 
     def _read(self):
         with get_sessionmaker()() as session:
             counts = dict(session.execute(select(Experiment.status, func.count()).group_by(Experiment.status)).all())
-            duration = cast(_seconds_between(session.get_bind().dialect.name, Experiment.started_at,
-                                             Experiment.finished_at), Float)
+            duration = cast(
+                _seconds_between(session.get_bind().dialect.name, Experiment.started_at, Experiment.finished_at), Float
+            )
             query = (
-                select(Experiment.kind, func.count(), func.sum(duration),
-                       *(func.sum(case((duration <= bound, 1), else_=0)) for bound in DURATION_BUCKETS))
-                .where(Experiment.status.in_(TERMINAL_STATUSES), Experiment.started_at.is_not(None),
-                       Experiment.finished_at.is_not(None))
+                select(
+                    Experiment.kind,
+                    func.count(),
+                    func.sum(duration),
+                    *(func.sum(case((duration <= bound, 1), else_=0)) for bound in DURATION_BUCKETS),
+                )
+                .where(
+                    Experiment.status.in_(TERMINAL_STATUSES),
+                    Experiment.started_at.is_not(None),
+                    Experiment.finished_at.is_not(None),
+                )
                 .group_by(Experiment.kind)
             )
-            durations = [(kind, total, seconds, list(buckets)) for kind, total, seconds, *buckets
-                         in session.execute(query)]
+            durations = [
+                (kind, total, seconds, list(buckets)) for kind, total, seconds, *buckets in session.execute(query)
+            ]
         return counts, durations
 
 
@@ -93,7 +101,8 @@ def _flatten_routes_once() -> None:
             flattened[key] = flatten(routes)
         return flattened[key]
 
-    once.flattens_once = True
+    # A marker for the check above; mypy knows no attributes of a function but its own.
+    once.flattens_once = True  # type: ignore[attr-defined]
     routing._effective_routes = once
 
 

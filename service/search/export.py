@@ -4,7 +4,8 @@ An experiment is one row: its columns, ``tags`` as JSON, then ``spec.<field>`` f
 spec field of every kind and ``result.<key>`` for every result key, in catalogue order
 (blank where a kind has no such field). Booleans are ``true``/``false``, nulls blank,
 lists and objects JSON, floats in Python's shortest round-trip form, and text that a
-spreadsheet would run as a formula is quoted (cell()).
+spreadsheet would run as a formula is quoted (cell()). Rows end in CRLF, as RFC 4180 says
+(lines()).
 """
 
 import csv
@@ -15,11 +16,24 @@ from datetime import datetime
 
 from service.models import Experiment
 from service.search.fields import RESULT_FIELDS, RESULT_TYPES, SPEC_FIELDS
-from service.search.sql import JSONValue
 from service.search.queries import STATISTICS
+from service.search.sql import JSONValue
 
-EXPERIMENT_COLUMNS = ["id", "status", "kind", "owner", "name", "sweep", "tags", "progress", "error", "attempts",
-                      "created_at", "started_at", "finished_at"]
+EXPERIMENT_COLUMNS = [
+    "id",
+    "status",
+    "kind",
+    "owner",
+    "name",
+    "sweep",
+    "tags",
+    "progress",
+    "error",
+    "attempts",
+    "created_at",
+    "started_at",
+    "finished_at",
+]
 SPEC_KEYS = [name.removeprefix("spec.") for name in SPEC_FIELDS]
 RESULT_KEYS = list(RESULT_TYPES)
 EXPERIMENT_HEADER = EXPERIMENT_COLUMNS + [f"spec.{k}" for k in SPEC_KEYS] + [f"result.{k}" for k in RESULT_KEYS]
@@ -57,9 +71,11 @@ def cell(value) -> str:
 
 # What an export reads of each experiment: its columns, then every spec and result value
 # as JSON writes it (true/false, exact numbers, lists), which the database formats itself.
-EXPORT_COLUMNS = ([getattr(Experiment, column) for column in EXPERIMENT_COLUMNS]
-                  + [JSONValue(Experiment.spec, key, "json") for key in SPEC_KEYS]
-                  + [JSONValue(Experiment.result, key, "json") for key in RESULT_KEYS])
+EXPORT_COLUMNS = (
+    [getattr(Experiment, column) for column in EXPERIMENT_COLUMNS]
+    + [JSONValue(Experiment.spec, key, "json") for key in SPEC_KEYS]
+    + [JSONValue(Experiment.result, key, "json") for key in RESULT_KEYS]
+)
 # The cells that go through cell(): the experiment's own columns, which the database gives
 # typed (text such as the name and the error, the tags, datetimes), and the spec and result
 # fields of type string (spec.dataset, result.stop_reason, ...). The other spec and result
@@ -78,9 +94,15 @@ def experiment_row(row: tuple) -> list:
 
 
 def lines(header: list[str], rows: Iterable[list], chunk: int = 500, formatted: bool = False) -> Iterator[str]:
-    """The CSV text in pieces of ``chunk`` rows; ``formatted``: the rows need no cell()."""
+    """The CSV text in pieces of ``chunk`` rows; ``formatted``: the rows need no cell().
+
+    The rows end in RFC 4180's CRLF. Python 3.11's writer quotes a field that holds the
+    delimiter, the quote or a character of the line terminator, and no other: with a bare
+    "\\n" it would write a carriage return inside a name unquoted, a reader would end the
+    row there, and a name "x\\r=SUM(2+2)" would start the next row with a formula.
+    """
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(header)
     for count, row in enumerate(rows, start=1):
         writer.writerow(row if formatted else [cell(value) for value in row])
@@ -98,15 +120,22 @@ def experiments(rows: Iterable[tuple]) -> Iterator[str]:
 
 def aggregate(items: list[dict], group_by: list[str], metrics: list[str]) -> Iterator[str]:
     header = group_by + ["count"] + [f"{m}.{s}" for m in metrics for s in STATISTICS]
-    rows = ([item["group"][g] for g in group_by] + [item["count"]]
-            + [item["metrics"][m][s] for m in metrics for s in STATISTICS] for item in items)
+    rows = (
+        [item["group"][g] for g in group_by]
+        + [item["count"]]
+        + [item["metrics"][m][s] for m in metrics for s in STATISTICS]
+        for item in items
+    )
     return lines(header, rows)
 
 
 def curves(items: list[dict], group_by: list[str]) -> Iterator[str]:
-    header = group_by + ["step", "n", "mean", "std", "min", "max"]
-    rows = ([item["group"][g] for g in group_by] + [p["step"], p["n"], p["mean"], p["std"], p["min"], p["max"]]
-            for item in items for p in item["points"])
+    header = [*group_by, "step", "n", "mean", "std", "min", "max"]
+    rows = (
+        [item["group"][g] for g in group_by] + [p["step"], p["n"], p["mean"], p["std"], p["min"], p["max"]]
+        for item in items
+        for p in item["points"]
+    )
     return lines(header, rows)
 
 

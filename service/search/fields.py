@@ -3,7 +3,7 @@
 A field is a name of the filter language: a column of the experiment (``status``,
 ``owner``, ``created_at``, ...), ``tags.<key>``, ``spec.<field>`` (every field of every
 spec kind, read from the pydantic models) or ``result.<key>`` (the result keys the
-engine writes: the metric catalogue of DESIGN.md and each kind's own figures). History
+engine writes: the metric catalogue of docs/metrics.md and each kind's own figures). History
 keys (``metric=`` of curves and plots) are the catalogue plus the training rows' keys.
 
 Types are those a comparison needs: ``number`` (int or float), ``string``, ``bool``,
@@ -25,22 +25,51 @@ FieldType = Literal["number", "string", "bool", "datetime"]
 KEY_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 CATALOGUE_METRICS = (
-    "nc1", "nc1_cdnv", "nc2_equinorm_m", "nc2_equinorm_w", "nc2_equiangle_m", "nc2_equiangle_w",
-    "nc2_etf_m", "nc2_etf_w", "nc3", "nc3_uncentred", "nc3_etf", "nc4", "accuracy", "loss",
+    "nc1",
+    "nc1_cdnv",
+    "nc2_equinorm_m",
+    "nc2_equinorm_w",
+    "nc2_equiangle_m",
+    "nc2_equiangle_w",
+    "nc2_etf_m",
+    "nc2_etf_w",
+    "nc3",
+    "nc3_uncentred",
+    "nc3_etf",
+    "nc4",
+    "accuracy",
+    "loss",
 )
 # Keys of a history row, beside its step.
-HISTORY_KEYS = CATALOGUE_METRICS + (
-    "cross_entropy", "grad_norm", "w_min_angle_deg",  # UFM checkpoints
-    "epoch", "lr", "train_loss", "train_accuracy",  # training epochs, with the catalogue on the test set:
+HISTORY_KEYS = (
+    *CATALOGUE_METRICS,
+    "cross_entropy",
+    "grad_norm",
+    "w_min_angle_deg",  # UFM checkpoints
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_accuracy",  # training epochs, with the catalogue on the test set:
     *(f"test_{key}" for key in CATALOGUE_METRICS),
 )
 RESULT_TYPES: dict[str, FieldType] = {
     **{key: "number" for key in HISTORY_KEYS},
-    **{key: "number" for key in (
-        "optimal_loss", "optimality_gap", "iterations", "features_merged_at", "restarts",
-        "global_optimum_fraction", "final_loss_min", "final_loss_max", "final_loss_std",  # UFM
-        "epochs", "parameters",  # training
-    )},
+    **{
+        key: "number"
+        for key in (
+            "optimal_loss",
+            "optimality_gap",
+            "iterations",
+            "features_merged_at",
+            "restarts",
+            "global_optimum_fraction",
+            "final_loss_min",
+            "final_loss_max",
+            "final_loss_std",  # UFM
+            "epochs",
+            "parameters",  # training
+        )
+    },
     "converged": "bool",
     "has_closed_form": "bool",
     "stop_reason": "string",  # UFM: why the descent stopped
@@ -68,7 +97,8 @@ class Field:
 
 
 COLUMN_FIELDS = {
-    field.name: field for field in (
+    field.name: field
+    for field in (
         Field("id", "string"),
         Field("status", "string", STATUSES),
         Field("kind", "string", ("ufm", "train")),
@@ -137,8 +167,9 @@ def lookup(name: str) -> Field:
         raise UnknownField(name, f"unknown field '{name}': spec fields are {', '.join(k[5:] for k in SPEC_FIELDS)}")
     if scope == "result":
         raise UnknownField(name, f"unknown field '{name}': result keys are {', '.join(RESULT_TYPES)}")
-    raise UnknownField(name, f"unknown field '{name}': use one of {', '.join(COLUMN_FIELDS)}, "
-                       "tags.<key>, spec.<field> or result.<key>")
+    raise UnknownField(
+        name, f"unknown field '{name}': use one of {', '.join(COLUMN_FIELDS)}, tags.<key>, spec.<field> or result.<key>"
+    )
 
 
 def names(text: str | None) -> list[str]:

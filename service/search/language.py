@@ -5,15 +5,25 @@
 
 Comparisons ``= != < <= > >=``, ``in (...)``, ``not in (...)``, ``is null``,
 ``is not null``; ``and``, ``or``, ``not`` and parentheses (keywords in any case). Values
-are numbers, strings in single quotes (a quote inside doubled: ``'it''s'``), ``true`` and
-``false``. Fields are those of service/search/fields.py, checked with their types here,
-so that every error is a FilterError naming the position and the field before any SQL is
-made. ``order_by`` lists fields, each with ``-`` for descending.
+are numbers (within a double's range), strings in single quotes (a quote inside doubled:
+``'it''s'``), ``true`` and ``false``. Fields are those of service/search/fields.py,
+checked with their types here, so that every error is a FilterError naming the position
+and the field before any SQL is made. ``order_by`` lists fields, each with ``-`` for
+descending, at most MAX_ORDER_KEYS.
+
+Parentheses and ``not`` nest at most MAX_FILTER_DEPTH levels deep, counted as the parser
+reads the tokens: every stage after it (the transformer, the compiler to SQL, SQLAlchemy's
+compiler, the databases' own parsers) takes stack for each level. A parenthesis (a value
+list's too) is a level until it closes, a ``not`` until its operand ends; the ``not`` of
+``not in`` and ``is not null`` is part of a comparison, and no level.
 
 A comparison with a missing value (null) is neither true nor false, as in SQL: ``not``
 of it is not true either, and the row is not selected.
 """
 
+import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -63,6 +73,13 @@ _NULL.2: /null\b/i
 
 _PARSER = Lark(GRAMMAR, start=["start", "order_by"], parser="lalr", propagate_positions=True)
 
+MAX_FILTER_DEPTH = 64
+MAX_ORDER_KEYS = 16
+
+# Characters no text of the databases can hold: NUL (PostgreSQL refuses it in text) and
+# the UTF-16 surrogates (a JSON body's lone \ud800), which have no UTF-8 form.
+UNSTORABLE_CHARACTERS = re.compile("[\x00\ud800-\udfff]")
+
 
 class FilterError(ValueError):
     """A filter or order_by that cannot be run: where it is, which field, and why."""
@@ -96,17 +113,17 @@ class IsNull:
 
 @dataclass(frozen=True)
 class AllOf:
-    items: tuple
+    items: tuple["Filter", ...]
 
 
 @dataclass(frozen=True)
 class AnyOf:
-    items: tuple
+    items: tuple["Filter", ...]
 
 
 @dataclass(frozen=True)
 class Not:
-    item: object
+    item: "Filter"
 
 
 Filter = Compare | Member | IsNull | AllOf | AnyOf | Not
@@ -156,14 +173,40 @@ def _typed(field: Field, literal: _Literal, parameter: str, op: str = "=") -> ob
         try:
             moment = datetime.fromisoformat(value)
         except ValueError:
-            raise FilterError(f"{field.name} is a datetime: {value!r} is not ISO 8601 "
-                              "(e.g. '2026-12-01' or '2026-12-01T08:00:00+00:00')",
-                              parameter, column, field.name) from None
+            raise FilterError(
+                f"{field.name} is a datetime: {value!r} is not ISO 8601 "
+                "(e.g. '2026-12-01' or '2026-12-01T08:00:00+00:00')",
+                parameter,
+                column,
+                field.name,
+            ) from None
         return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
     if field.choices and op in ("=", "!=") and value not in field.choices:
-        raise FilterError(f"{field.name} is one of {', '.join(field.choices)}; {value!r} is none of them",
-                          parameter, column, field.name)
+        raise FilterError(
+            f"{field.name} is one of {', '.join(field.choices)}; {value!r} is none of them",
+            parameter,
+            column,
+            field.name,
+        )
     return value
+
+
+def _number(text: str, parameter: str, column: int) -> int | float:
+    """A NUMBER token's value, or a FilterError for one beyond a double's range.
+
+    Numbers are compared as doubles (service/search/sql.py), so an integer is taken as far
+    as a double reaches, and a float that overflows to infinity is no more a value than
+    the integer of as many digits (which Python will not even read past 4,300 digits).
+    """
+    try:
+        number = float(text) if any(c in text for c in ".eE") else int(text)
+        finite = math.isfinite(number)  # OverflowError: an integer beyond the largest double
+    except (ValueError, OverflowError):  # ValueError: an integer of over 4,300 digits
+        finite = False
+    if not finite:
+        shown = text if len(text) <= 24 else f"{text[:20]}... ({len(text)} characters)"
+        raise FilterError(f"the number {shown} is beyond the range of a double (±1.8e308)", parameter, column)
+    return number
 
 
 class _ToTree(Transformer):
@@ -174,9 +217,7 @@ class _ToTree(Transformer):
     def value(self, children):
         (token,) = children
         if token.type == "NUMBER":
-            text = str(token)
-            number = float(text) if any(c in text for c in ".eE") else int(text)
-            return _Literal(number, token.column)
+            return _Literal(_number(str(token), self.parameter, token.column), token.column)
         if token.type == "STRING":
             return _Literal(str(token)[1:-1].replace("''", "'"), token.column)
         return _Literal(token.type == "TRUE", token.column)
@@ -224,9 +265,44 @@ class _ToTree(Transformer):
         return children
 
 
+def _refuse_unstorable(text: str, parameter: str) -> None:
+    found = UNSTORABLE_CHARACTERS.search(text)
+    if found is None:
+        return
+    what = "a NUL character (\\u0000)" if found.group() == "\x00" else f"a lone surrogate ({found.group()!a})"
+    raise FilterError(f"contains {what}, which cannot be stored", parameter, found.start() + 1)
+
+
+def _refuse_deep_nesting(tokens: Iterable[Token], parameter: str) -> None:
+    """Read the tokens, refusing the one that nests deeper than MAX_FILTER_DEPTH."""
+    negations = [0]  # per open parenthesis (the first: outside all), the `not`s before the operand being read
+    previous = None
+    for token in tokens:
+        if token.type == "LPAR":
+            negations.append(0)
+        elif token.type == "RPAR" and len(negations) > 1:  # an unmatched one is the parser's to refuse
+            negations.pop()
+        elif token.type in ("_AND", "_OR"):
+            negations[-1] = 0
+        elif token.type == "_NOT" and previous not in ("FIELD", "_IS"):
+            negations[-1] += 1
+        if len(negations) - 1 + sum(negations) > MAX_FILTER_DEPTH:
+            raise FilterError(
+                f"nesting deeper than {MAX_FILTER_DEPTH} levels (parentheses and not)", parameter, token.column
+            )
+        previous = token.type
+
+
 def _parse(text: str, start: str, parameter: str):
+    _refuse_unstorable(text, parameter)
     try:
-        tree = _PARSER.parse(text, start=start)
+        parser = _PARSER.parse_interactive(text, start=start)
+        # iter_parse hands each token to the parser once the check has seen it: the depth is
+        # counted on exactly the tokens the parser reads (a parenthesis or `not` inside a
+        # string is part of a STRING), and the parser, which keeps its stack in a list,
+        # stops at the first token too deep, before the transformer recurses over the tree.
+        _refuse_deep_nesting(parser.iter_parse(), parameter)
+        tree = parser.resume_parse()  # the end of the text
         return _ToTree(parameter).transform(tree)
     except VisitError as exc:
         if isinstance(exc.orig_exc, FilterError):
@@ -235,7 +311,7 @@ def _parse(text: str, start: str, parameter: str):
     except UnexpectedEOF:
         raise FilterError("unexpected end: the expression is incomplete", parameter, len(text) + 1) from None
     except UnexpectedCharacters as exc:
-        raise FilterError(f"unexpected character {text[exc.pos_in_stream]!r}", parameter, exc.column) from None
+        raise FilterError(f"unexpected character {exc.char!r}", parameter, exc.column) from None
     except UnexpectedInput as exc:
         token = getattr(exc, "token", None)
         if token is not None and token.type == "$END":
@@ -246,16 +322,18 @@ def _parse(text: str, start: str, parameter: str):
 
 def parse_filter(text: str, parameter: str = "where") -> Filter:
     """The tree of a filter, type-checked; FilterError says where and why it is not one."""
-    if "\x00" in text:
-        raise FilterError("contains a NUL character", parameter)
     return _parse(text, "start", parameter)
 
 
 def parse_order_by(text: str, parameter: str = "order_by") -> list[OrderKey]:
-    """'result.nc1,-created_at' as order keys; FilterError for a bad field or syntax."""
-    if "\x00" in text:
-        raise FilterError("contains a NUL character", parameter)
-    return _parse(text, "order_by", parameter)
+    """'result.nc1,-created_at' as order keys; FilterError for a bad field or syntax, or too many keys.
+
+    A cursor compares a row with its page's last row key by key, one nested level each.
+    """
+    keys = _parse(text, "order_by", parameter)
+    if len(keys) > MAX_ORDER_KEYS:
+        raise FilterError(f"{len(keys)} keys; at most {MAX_ORDER_KEYS} are taken", parameter)
+    return keys
 
 
 def parse_optional_filter(text: str | None, parameter: str = "where") -> Filter | None:
@@ -284,7 +362,11 @@ def conjunction(filters: list[Filter]) -> Filter | None:
 
 
 def render(tree: Filter) -> str:
-    """The filter as text that parses back into the same tree (for tests and clients)."""
+    """The filter as text that parses back into the same tree (for tests and clients).
+
+    Parenthesised only where the grammar needs it, so that the text nests no deeper than
+    the one the tree was parsed from.
+    """
 
     def literal(value) -> str:
         if isinstance(value, bool):
@@ -295,6 +377,12 @@ def render(tree: Filter) -> str:
             return "'" + value.replace("'", "''") + "'"
         return repr(value)
 
+    def operand(item: Filter, within: type) -> str:
+        # not binds tighter than and, and tighter than or; a list within one of its own
+        # kind keeps its parentheses, or it would parse as one longer list.
+        bare = isinstance(item, Compare | Member | IsNull | Not) or (isinstance(item, AllOf) and within is AnyOf)
+        return render(item) if bare else f"({render(item)})"
+
     match tree:
         case Compare(field, op, value):
             return f"{field.name} {op} {literal(value)}"
@@ -303,9 +391,9 @@ def render(tree: Filter) -> str:
         case IsNull(field, negated):
             return f"{field.name} is {'not null' if negated else 'null'}"
         case AllOf(items):
-            return " and ".join(f"({render(item)})" for item in items)
+            return " and ".join(operand(item, AllOf) for item in items)
         case AnyOf(items):
-            return " or ".join(f"({render(item)})" for item in items)
+            return " or ".join(operand(item, AnyOf) for item in items)
         case Not(item):
-            return f"not ({render(item)})"
+            return f"not {operand(item, Not)}"
     raise TypeError(tree)

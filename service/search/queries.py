@@ -8,9 +8,10 @@ aggregate functions of its own (service/search/sqlite_functions.py).
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Select, Text, bindparam, cast, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Label, Select, Text, bindparam, cast, func, select
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from service.models import HISTORY_COLUMNS, Experiment, MetricRow
 from service.search import sql
@@ -19,17 +20,30 @@ from service.search.language import Filter, OrderKey
 from service.search.sql import JSONValue
 
 
-def _json_text(document) -> ColumnElement:
+def _json_text(document) -> Label[Any]:
     return cast(document, Text).label(document.key)
 
 
 # An experiment as the API shows it (schemas.ExperimentOut), read as plain columns, with
 # its tags, spec and result as the database's JSON text: a page of these is passed on
 # without parsing its documents, building ORM objects or validating them again.
-RESOURCE_COLUMNS = [Experiment.id, Experiment.status, Experiment.owner, Experiment.name,
-                    _json_text(Experiment.tags), Experiment.sweep, _json_text(Experiment.spec), Experiment.progress,
-                    _json_text(Experiment.result), Experiment.error, Experiment.cancel_requested, Experiment.attempts,
-                    Experiment.created_at, Experiment.started_at, Experiment.finished_at]
+RESOURCE_COLUMNS: list[InstrumentedAttribute[Any] | Label[Any]] = [
+    Experiment.id,
+    Experiment.status,
+    Experiment.owner,
+    Experiment.name,
+    _json_text(Experiment.tags),
+    Experiment.sweep,
+    _json_text(Experiment.spec),
+    Experiment.progress,
+    _json_text(Experiment.result),
+    Experiment.error,
+    Experiment.cancel_requested,
+    Experiment.attempts,
+    Experiment.created_at,
+    Experiment.started_at,
+    Experiment.finished_at,
+]
 RESOURCE_KEYS = [column.key for column in RESOURCE_COLUMNS]
 
 
@@ -50,8 +64,9 @@ def matching(session: Session, tree: Filter | None) -> Select:
     return select(Experiment).where(sql.compile_filter(tree, _dialect(session)))
 
 
-def search(session: Session, tree: Filter | None, order: list[OrderKey] | None, limit: int,
-           cursor: str | None = None) -> Page:
+def search(
+    session: Session, tree: Filter | None, order: list[OrderKey] | None, limit: int, cursor: str | None = None
+) -> Page:
     """One page in the given order (newest first by default); its cursor leads to the next."""
     keys = order or sql.DEFAULT_ORDER
     width = len(RESOURCE_COLUMNS)
@@ -67,8 +82,9 @@ def search(session: Session, tree: Filter | None, order: list[OrderKey] | None, 
     return Page([dict(zip(RESOURCE_KEYS, row)) for row in rows[:limit]], next_cursor)
 
 
-def stream(session: Session, tree: Filter | None, order: list[OrderKey] | None, columns: list,
-           batch: int = 1000) -> Iterator[tuple]:
+def stream(
+    session: Session, tree: Filter | None, order: list[OrderKey] | None, columns: list, batch: int = 1000
+) -> Iterator[tuple]:
     """``columns`` of every match in order, fetched ``batch`` rows at a time (a server-side cursor on PostgreSQL)."""
     keys = order or sql.DEFAULT_ORDER
     query = select(*columns).where(sql.compile_filter(tree, _dialect(session))).order_by(*sql.order_clauses(keys))
@@ -86,8 +102,14 @@ STATISTICS = ("n", "mean", "std", "min", "max", "median")
 
 
 def _statistics(dialect: str, value) -> list:
-    return [func.count(value), func.avg(value), func.stddev_samp(value), func.min(value), func.max(value),
-            _median(dialect, value)]
+    return [
+        func.count(value),
+        func.avg(value),
+        func.stddev_samp(value),
+        func.min(value),
+        func.max(value),
+        _median(dialect, value),
+    ]
 
 
 def _group_value(value):
@@ -105,19 +127,26 @@ def aggregate(session: Session, tree: Filter | None, group_by: list[Field], metr
     columns = [func.count()]
     for key in metrics:
         columns += _statistics(dialect, sql.expression(lookup(f"result.{key}")))
-    query = (select(*groups, *columns).select_from(Experiment).where(sql.compile_filter(tree, dialect))
-             .group_by(*groups).order_by(*(group.asc().nulls_last() for group in groups)))
+    query = (
+        select(*groups, *columns)
+        .select_from(Experiment)
+        .where(sql.compile_filter(tree, dialect))
+        .group_by(*groups)
+        .order_by(*(group.asc().nulls_last() for group in groups))
+    )
     items = []
     for row in session.execute(query):
-        group, count, figures = row[:len(groups)], row[len(groups)], row[len(groups) + 1:]
-        items.append({
-            "group": {field.name: _group_value(value) for field, value in zip(group_by, group)},
-            "count": count,
-            "metrics": {
-                key: dict(zip(STATISTICS, _floats(figures[i * len(STATISTICS):(i + 1) * len(STATISTICS)])))
-                for i, key in enumerate(metrics)
-            },
-        })
+        group, count, figures = row[: len(groups)], row[len(groups)], row[len(groups) + 1 :]
+        items.append(
+            {
+                "group": {field.name: _group_value(value) for field, value in zip(group_by, group)},
+                "count": count,
+                "metrics": {
+                    key: dict(zip(STATISTICS, _floats(figures[i * len(STATISTICS) : (i + 1) * len(STATISTICS)])))
+                    for i, key in enumerate(metrics)
+                },
+            }
+        )
     return items
 
 
@@ -139,24 +168,34 @@ def curves(session: Session, tree: Filter | None, group_by: list[Field], metric:
     typed = metric in HISTORY_COLUMNS
     value = getattr(MetricRow, metric) if typed else JSONValue(MetricRow.values, metric, "number")
     rows = (
-        select(*(sql.expression(field).label(f"group_{i}") for i, field in enumerate(group_by)),
-               MetricRow.step.label("step"), value.label("value"))
+        select(
+            *(sql.expression(field).label(f"group_{i}") for i, field in enumerate(group_by)),
+            MetricRow.step.label("step"),
+            value.label("value"),
+        )
         .select_from(Experiment)
         .join(MetricRow, MetricRow.experiment_id == Experiment.id)
         .where(sql.compile_filter(tree, dialect), value.is_not(None))
     )
-    rows = rows.subquery("history") if typed else rows.cte("history").prefix_with("MATERIALIZED")
-    groups = [rows.c[f"group_{i}"] for i in range(len(group_by))]
+    history_rows = rows.subquery("history") if typed else rows.cte("history").prefix_with("MATERIALIZED")
+    groups = [history_rows.c[f"group_{i}"] for i in range(len(group_by))]
     query = (
-        select(*groups, rows.c.step, func.count(rows.c.value), func.avg(rows.c.value),
-               func.stddev_samp(rows.c.value), func.min(rows.c.value), func.max(rows.c.value))
-        .group_by(*groups, rows.c.step)
-        .order_by(*(group.asc().nulls_last() for group in groups), rows.c.step)
+        select(
+            *groups,
+            history_rows.c.step,
+            func.count(history_rows.c.value),
+            func.avg(history_rows.c.value),
+            func.stddev_samp(history_rows.c.value),
+            func.min(history_rows.c.value),
+            func.max(history_rows.c.value),
+        )
+        .group_by(*groups, history_rows.c.step)
+        .order_by(*(group.asc().nulls_last() for group in groups), history_rows.c.step)
     )
     items: list[dict] = []
     for row in session.execute(query):
-        group = {field.name: _group_value(v) for field, v in zip(group_by, row[:len(groups)])}
-        step, *figures = row[len(groups):]
+        group = {field.name: _group_value(v) for field, v in zip(group_by, row[: len(groups)])}
+        step, *figures = row[len(groups) :]
         if not items or items[-1]["group"] != group:
             items.append({"group": group, "points": []})
         items[-1]["points"].append({"step": step, **dict(zip(("n", "mean", "std", "min", "max"), _floats(figures)))})
@@ -171,8 +210,11 @@ def step_units(session: Session, tree: Filter | None) -> set[str]:
 
 def history(connection: Connection | Session, experiment_id: str, after_step: int = -1) -> list[dict]:
     """The experiment's metric rows after ``after_step`` (a live tail; by default all), in step order."""
-    query = (select(MetricRow.step, MetricRow.values)
-             .where(MetricRow.experiment_id == experiment_id, MetricRow.step > after_step).order_by(MetricRow.step))
+    query = (
+        select(MetricRow.step, MetricRow.values)
+        .where(MetricRow.experiment_id == experiment_id, MetricRow.step > after_step)
+        .order_by(MetricRow.step)
+    )
     return [{"step": step, **values} for step, values in connection.execute(query)]
 
 
@@ -219,4 +261,3 @@ def resource(connection: Connection, experiment_id: str) -> dict | None:
     """One experiment as RESOURCE_KEYS (its documents as JSON text), or None: one indexed SELECT."""
     row = connection.execute(_RESOURCE, {"experiment_id": experiment_id}).first()
     return None if row is None else dict(zip(RESOURCE_KEYS, row))
-

@@ -21,30 +21,56 @@ field), and ``not`` would turn that into true.
 import base64
 import binascii
 import json
+import math
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import (
-    Boolean, ColumnElement, Float, String, and_, bindparam, false, literal, not_, or_, true, tuple_,
+    Boolean,
+    ColumnElement,
+    Float,
+    Integer,
+    String,
+    and_,
+    bindparam,
+    false,
+    literal,
+    not_,
+    or_,
+    true,
+    tuple_,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import InstrumentedAttribute
 from sqlalchemy.sql.visitors import InternalTraversal
+from sqlalchemy.types import TypeEngine
 
-from service.models import RESULT_COLUMNS, SPEC_COLUMNS, Experiment
+from service.models import INTEGER_MAX, INTEGER_MIN, RESULT_COLUMNS, SPEC_COLUMNS, Experiment
 from service.search.fields import KEY_PATTERN, Field, FieldType, lookup
-from service.search.language import AllOf, AnyOf, Compare, Filter, FilterError, IsNull, Member, Not, OrderKey
+from service.search.language import (
+    UNSTORABLE_CHARACTERS,
+    AllOf,
+    AnyOf,
+    Compare,
+    Filter,
+    FilterError,
+    IsNull,
+    Member,
+    Not,
+    OrderKey,
+)
 
 # "json": the value as JSON writes it (true, 0.5, [2, 3]), for exports; the others compare.
-_SQL_TYPES = {"number": Float(), "string": String(), "bool": Boolean(), "json": String()}
+_SQL_TYPES: dict[str, TypeEngine[Any]] = {"number": Float(), "string": String(), "bool": Boolean(), "json": String()}
 
 
 class JSONValue(ColumnElement):
     """The value at ``key`` of a JSON document column, as a SQL value of ``field_type``."""
 
     inherit_cache = True
-    _traverse_internals = [
+    # Not a ClassVar: SQLAlchemy's HasTraverseInternals declares it an instance attribute, and mypy forbids the change.
+    _traverse_internals: list[tuple[str, InternalTraversal]] = [  # noqa: RUF012
         ("document", InternalTraversal.dp_clauseelement),
         ("key", InternalTraversal.dp_string),
         ("field_type", InternalTraversal.dp_string),
@@ -89,34 +115,55 @@ def _json_value_sqlite(element: JSONValue, compiler, **kw) -> str:
 
 
 _DOCUMENTS = {"spec": Experiment.spec, "result": Experiment.result, "tags": Experiment.tags}
-_COLUMNS = {"id": Experiment.id, "status": Experiment.status, "kind": Experiment.kind, "owner": Experiment.owner,
-            "name": Experiment.name, "sweep": Experiment.sweep, "progress": Experiment.progress,
-            "created_at": Experiment.created_at, "started_at": Experiment.started_at,
-            "finished_at": Experiment.finished_at}
+_COLUMNS = {
+    "id": Experiment.id,
+    "status": Experiment.status,
+    "kind": Experiment.kind,
+    "owner": Experiment.owner,
+    "name": Experiment.name,
+    "sweep": Experiment.sweep,
+    "progress": Experiment.progress,
+    "created_at": Experiment.created_at,
+    "started_at": Experiment.started_at,
+    "finished_at": Experiment.finished_at,
+}
 # Typed copies of spec fields and result keys (service/models.py), read instead of the documents.
 _COPIES = {f"spec.{field}": getattr(Experiment, attribute) for field, attribute in SPEC_COLUMNS.items()}
 _COPIES |= {f"result.{key}": getattr(Experiment, attribute) for key, attribute in RESULT_COLUMNS.items()}
 
 
-def expression(field: Field) -> ColumnElement:
+# What a field reads from: a column of the experiment (its ORM attribute) or an SQL expression.
+Readable = ColumnElement[Any] | InstrumentedAttribute[Any]
+
+
+def expression(field: Field) -> Readable:
     """How the database reads a field of an experiment."""
     if field.scope == "column":
         return _COLUMNS[field.name]
     if field.name in _COPIES:
         return _COPIES[field.name]
-    return JSONValue(_DOCUMENTS[field.scope], field.key, field.type,
-                     numbers_only=field.scope == "spec" and field.type == "number")
+    return JSONValue(
+        _DOCUMENTS[field.scope], field.key, field.type, numbers_only=field.scope == "spec" and field.type == "number"
+    )
 
 
-def _nullable(expr: ColumnElement) -> bool:
+def _nullable(expr: Readable) -> bool:
     return not isinstance(expr, InstrumentedAttribute) or expr.property.columns[0].nullable
 
 
-def _contains(field: Field, value, dialect: str, negated: bool) -> ColumnElement | None:
-    """Containment for equality on a JSON field, where it is both right and indexed."""
-    if (dialect != "postgresql" or negated or field.scope not in ("spec", "tags") or field.type == "number"
-            or field.name in _COPIES):
-        return None
+def _containable(field: Field, dialect: str, negated: bool) -> bool:
+    """Whether equality on the field compiles to containment (_containment): right and indexed for a JSON field."""
+    return not (
+        dialect != "postgresql"
+        or negated
+        or field.scope not in ("spec", "tags")
+        or field.type == "number"
+        or field.name in _COPIES
+    )
+
+
+def _containment(field: Field, value) -> ColumnElement:
+    """Containment for equality on a JSON field (where _containable)."""
     return _DOCUMENTS[field.scope].op("@>", is_comparison=True)(bindparam(None, {field.key: value}, type_=JSONB))
 
 
@@ -125,7 +172,7 @@ def _bound(field: Field, value):
     return bindparam(None, value, type_=Float()) if field.type == "number" else value
 
 
-def _compare(expr: ColumnElement, op: str, value) -> ColumnElement:
+def _compare(expr: Readable, op: str, value) -> ColumnElement:
     match op:
         case "=":
             return expr == value
@@ -142,30 +189,94 @@ def _compare(expr: ColumnElement, op: str, value) -> ColumnElement:
     raise ValueError(op)
 
 
-def compile_filter(tree: Filter | None, dialect: str, negated: bool = False) -> ColumnElement:
-    """The tree as a WHERE clause for ``dialect`` ('postgresql' or 'sqlite')."""
+def _comparison(tree: Compare | Member | IsNull, dialect: str, negated: bool) -> ColumnElement:
+    """A comparison as SQL, without the ``not`` that ``negated`` says is over it (and rules out containment)."""
     match tree:
-        case None:
-            return true()
-        case Compare(field, "=", value) if (contained := _contains(field, value, dialect, negated)) is not None:
-            return contained
+        case Compare(field, "=", value) if _containable(field, dialect, negated):
+            return _containment(field, value)
         case Compare(field, op, value):
             return _compare(expression(field), op, _bound(field, value))
-        case Member(field, values, False) if _contains(field, None, dialect, negated) is not None:
-            return or_(*(_contains(field, value, dialect, negated) for value in values))
+        case Member(field, values, False) if _containable(field, dialect, negated):
+            return or_(*(_containment(field, value) for value in values))
         case Member(field, values, negated_member):
             expr, bound = expression(field), [_bound(field, value) for value in values]
             return expr.not_in(bound) if negated_member else expr.in_(bound)
         case IsNull(field, is_not):
             expr = expression(field)
             return expr.is_not(None) if is_not else expr.is_(None)
-        case AllOf(items):
-            return and_(*(compile_filter(item, dialect, negated) for item in items))
-        case AnyOf(items):
-            return or_(*(compile_filter(item, dialect, negated) for item in items))
-        case Not(item):
-            return not_(compile_filter(item, dialect, not negated))
     raise TypeError(tree)
+
+
+def _depth(tree: Filter) -> int:
+    """How deep and and or nest in the tree (a ``not`` compiles into its comparisons)."""
+    match tree:
+        case AllOf(items) | AnyOf(items):
+            return 1 + max(map(_depth, items))
+        case Not(item):
+            return _depth(item)
+    return 0
+
+
+class _Parenthesised(ColumnElement):
+    """A condition in parentheses of its own, which SQLAlchemy keeps.
+
+    SQLAlchemy merges an and (or) within another into one chain, even from inside a Grouping.
+    """
+
+    inherit_cache = True
+    # Not a ClassVar: SQLAlchemy's HasTraverseInternals declares it an instance attribute, and mypy forbids the change.
+    _traverse_internals: list[tuple[str, InternalTraversal]] = [("condition", InternalTraversal.dp_clauseelement)]  # noqa: RUF012
+    type = Boolean()
+
+    def __init__(self, condition: ColumnElement):
+        self.condition = condition
+
+    def self_group(self, against=None):
+        return self  # already in parentheses
+
+    @property
+    def _from_objects(self):
+        return self.condition._from_objects
+
+
+@compiles(_Parenthesised)
+def _parenthesised(element: _Parenthesised, compiler, **kw) -> str:
+    return f"({compiler.process(element.condition, **kw)})"
+
+
+# SQLite parses a chain ``a AND b AND c ...`` into a tree as tall as the chain is long and
+# refuses one taller than 1,000; and its parser's stack, of 100 entries, holds every open
+# parenthesis together with what came before it inside the enclosing one. So each and/or
+# puts its deepest operand first, where nothing comes before its parenthesis, and the
+# others after it in parenthesised runs of at most _RUN. (PostgreSQL flattens either form.)
+_RUN = 32
+
+
+def _chain(combine, clauses: list[ColumnElement]) -> ColumnElement:
+    if len(clauses) <= _RUN:
+        return combine(*clauses)
+    first, rest = clauses[0], clauses[1:]
+    return combine(first, *(_Parenthesised(combine(*rest[i : i + _RUN])) for i in range(0, len(rest), _RUN)))
+
+
+def compile_filter(tree: Filter | None, dialect: str, negated: bool = False) -> ColumnElement:
+    """The tree as a WHERE clause for ``dialect`` ('postgresql' or 'sqlite'); ``negated``: under an odd number of nots.
+
+    A ``not`` goes down to the comparisons, all of them becoming any of their negations and
+    vice versa (De Morgan's laws, and not not x = x, hold in SQL's three-valued logic): the
+    SQL nests only where and and or alternate.
+    """
+    match tree:
+        case None:
+            return true()
+        case Not(item):
+            return compile_filter(item, dialect, not negated)
+        case AllOf(items) | AnyOf(items):
+            combine = and_ if isinstance(tree, AllOf) != negated else or_
+            deepest_first = sorted(items, key=_depth, reverse=True)
+            return _chain(combine, [compile_filter(item, dialect, negated) for item in deepest_first])
+    comparison = _comparison(tree, dialect, negated)
+    return not_(comparison) if negated else comparison
 
 
 # Ordering and keyset pagination.
@@ -203,32 +314,65 @@ def encode_cursor(keys: list[OrderKey], values: list, experiment_id: str) -> str
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def _cursor_value(field: Field, expr: Readable, value):
+    """A value of a cursor's ``after`` as the bound to compare ``expr`` with; ValueError for one this API never writes.
+
+    A cursor is anyone's text. The one a page gives holds its last row's values of the order
+    keys: null where the row has none, else a value of the key's type that its column can
+    hold (a datetime as ISO 8601 with its offset). Anything else would reach the database
+    as a value of another type, and fail there.
+    """
+    if value is None:
+        return None
+    match field.type:
+        case "number":
+            valid = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            if isinstance(expr.type, Integer):  # a typed copy in an integer column
+                valid = valid and isinstance(value, int) and INTEGER_MIN <= value <= INTEGER_MAX
+        case "bool":
+            valid = isinstance(value, bool)
+        case "string":
+            valid = isinstance(value, str) and not UNSTORABLE_CHARACTERS.search(value)
+        case "datetime":
+            value = datetime.fromisoformat(value)  # TypeError for anything but text
+            valid = value.tzinfo is not None
+    if not valid:
+        raise ValueError(f"not a value of {field.name}")
+    return value
+
+
 def after_cursor(keys: list[OrderKey], cursor: str) -> ColumnElement:
     """Rows strictly after the cursor's row in the order of ``keys`` (nulls last)."""
+    exprs = [expression(key.field) for key in keys]
     try:
         state = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        order, values, last_id = state["order"], state["after"], str(state["id"])
-        if order != _canonical(keys) or len(values) != len(keys):
+        order, after, last_id = state["order"], state["after"], state["id"]
+        if not isinstance(after, list) or not isinstance(last_id, str) or UNSTORABLE_CHARACTERS.search(last_id):
+            raise ValueError("not a cursor's values or id")
+        if order != _canonical(keys) or len(after) != len(keys):
             raise FilterError("this cursor belongs to another order_by; start again without it", "cursor")
-        values = [datetime.fromisoformat(v) if k.field.type == "datetime" and v is not None else v
-                  for k, v in zip(keys, values)]
-    except (binascii.Error, ValueError, TypeError, KeyError, AttributeError) as exc:
+        values = [_cursor_value(key.field, expr, value) for key, expr, value in zip(keys, exprs, after)]
+    # json.loads recurses once per nested array or object; math.isfinite overflows on an integer beyond a double.
+    except (binascii.Error, ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError) as exc:
         if isinstance(exc, FilterError):
             raise
         raise FilterError("not a cursor returned by this API", "cursor") from None
 
     descending = keys[-1].descending
-    exprs = [expression(key.field) for key in keys]
-    if (all(key.descending == descending for key in keys) and None not in values
-            and not any(_nullable(expr) for expr in exprs)):
+    if (
+        all(key.descending == descending for key in keys)
+        and None not in values
+        and not any(_nullable(expr) for expr in exprs)
+    ):
         # One row comparison, (k0, k1, id) < (v0, v1, last id): an index on those columns
         # starts the page's scan at the cursor instead of filtering every earlier row.
         row = tuple_(*exprs, Experiment.id)
-        bound = tuple_(*(literal(value, expr.type) for expr, value in zip(exprs, values)), literal(last_id))
-        return row < bound if descending else row > bound
+        row_bound = tuple_(*(literal(value, expr.type) for expr, value in zip(exprs, values)), literal(last_id))
+        return row < row_bound if descending else row > row_bound
     after = Experiment.id < last_id if descending else Experiment.id > last_id
     # Built from the last key outwards: (k0 after v0) or (k0 = v0 and ((k1 after v1) or ...)).
     for key, expr, value in reversed(list(zip(keys, exprs, values))):
+        beyond: ColumnElement[bool]
         if value is None:
             beyond, same = false(), expr.is_(None)
         else:

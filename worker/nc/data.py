@@ -1,5 +1,5 @@
 """Data sets for `kind: "train"` experiments, read from standard files; nothing is
-downloaded (DESIGN.md, "Data").
+downloaded (docs/data.md).
 
 `load_dataset` returns whole tensors: float32 inputs normalized with fixed per-data-set
 mean/std constants, int64 labels 0..K-1 of the first K classes. No augmentation: the
@@ -35,8 +35,7 @@ IDX_FILES = {
 }
 # name: (folder, train files, test files, key of the labels in each pickled dict)
 CIFAR_FILES = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                b"labels"),
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
     "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
 }
 
@@ -69,10 +68,19 @@ class Dataset:
     test_y: torch.Tensor
 
 
-def load_dataset(name: str, data_dir, num_classes: int, n_per_class: int | None = None,
-                 seed: int = 0, random_labels: bool = False, gaussian_dim: int = 32,
-                 gaussian_train_per_class: int = 100, gaussian_test_per_class: int = 50,
-                 gaussian_noise: float = 1.0, test_n_per_class: int | None = None) -> Dataset:
+def load_dataset(
+    name: str,
+    data_dir,
+    num_classes: int,
+    n_per_class: int | None = None,
+    seed: int = 0,
+    random_labels: bool = False,
+    gaussian_dim: int = 32,
+    gaussian_train_per_class: int = 100,
+    gaussian_test_per_class: int = 50,
+    gaussian_noise: float = 1.0,
+    test_n_per_class: int | None = None,
+) -> Dataset:
     """The first `num_classes` classes of data set `name`.
 
     `n_per_class` keeps the first n training samples of each class, in file order.
@@ -87,8 +95,8 @@ def load_dataset(name: str, data_dir, num_classes: int, n_per_class: int | None 
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     if name == "gaussian":
         train_x, train_y, test_x, test_y = gaussian_mixture(
-            num_classes, gaussian_dim, gaussian_train_per_class, gaussian_test_per_class,
-            gaussian_noise, seed)
+            num_classes, gaussian_dim, gaussian_train_per_class, gaussian_test_per_class, gaussian_noise, seed
+        )
     elif name in STATISTICS:
         available = STATISTICS[name][0]
         if num_classes > available:
@@ -109,12 +117,10 @@ def load_dataset(name: str, data_dir, num_classes: int, n_per_class: int | None 
         generator = torch.Generator().manual_seed(seed)
         train_y = train_y[torch.randperm(len(train_y), generator=generator)]
     image_size = 1 if name == "gaussian" else train_x.shape[-1]
-    return Dataset(name, num_classes, train_x.shape[1], image_size, train_x, train_y, test_x,
-                   test_y)
+    return Dataset(name, num_classes, train_x.shape[1], image_size, train_x, train_y, test_x, test_y)
 
 
-def gaussian_mixture(num_classes: int, dim: int, train_per_class: int, test_per_class: int,
-                     noise: float, seed: int):
+def gaussian_mixture(num_classes: int, dim: int, train_per_class: int, test_per_class: int, noise: float, seed: int):
     """Class means: random directions at norm 3; samples: mean + noise * N(0, I).
     Samples are ordered by class; train and test share the means."""
     generator = torch.Generator().manual_seed(seed)
@@ -123,8 +129,7 @@ def gaussian_mixture(num_classes: int, dim: int, train_per_class: int, test_per_
 
     def sample(per_class):
         labels = torch.arange(num_classes).repeat_interleave(per_class)
-        x = means[labels] + noise * torch.randn(len(labels), dim, generator=generator,
-                                                dtype=torch.float64)
+        x = means[labels] + noise * torch.randn(len(labels), dim, generator=generator, dtype=torch.float64)
         return x.float(), labels
 
     return *sample(train_per_class), *sample(test_per_class)
@@ -209,8 +214,8 @@ def _first_classes(images: np.ndarray, labels: np.ndarray, num_classes: int):
 
 def _normalize(images: np.ndarray, name: str) -> torch.Tensor:
     _, mean, std = STATISTICS[name]
-    images = torch.from_numpy(images).float().div_(DIGITS_MAX if name == "digits" else 255)
-    return images.sub_(torch.tensor(mean).view(-1, 1, 1)).div_(torch.tensor(std).view(-1, 1, 1))
+    scaled = torch.from_numpy(images).float().div_(DIGITS_MAX if name == "digits" else 255)
+    return scaled.sub_(torch.tensor(mean).view(-1, 1, 1)).div_(torch.tensor(std).view(-1, 1, 1))
 
 
 def _first_per_class(x: torch.Tensor, y: torch.Tensor, num_classes: int, n: int):
@@ -220,8 +225,9 @@ def _first_per_class(x: torch.Tensor, y: torch.Tensor, num_classes: int, n: int)
     counts = torch.bincount(y, minlength=num_classes)
     short = [k for k in range(num_classes) if counts[k] < n]
     if short:
-        raise ValueError(f"n_per_class={n} but classes {short} have only "
-                         f"{[int(counts[k]) for k in short]} training samples")
+        raise ValueError(
+            f"n_per_class={n} but classes {short} have only {[int(counts[k]) for k in short]} training samples"
+        )
     # Rank of each sample within its class: its position among the samples of that class.
     order = torch.argsort(y, stable=True)
     rank = torch.empty_like(y)

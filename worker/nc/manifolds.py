@@ -1,21 +1,48 @@
-"""Small manifold objects for the UFM solvers, in the style of pymanopt.
+"""The manifolds that the blocks of a UFM point live on: small objects, as in pymanopt.
 
 Yaras et al. (NeurIPS 2022) pose the normalized unconstrained feature model on a product
 of spheres: every classifier row w_k and every feature h_i has unit norm. A matrix whose
-rows each lie on the unit sphere is a `RowSphere` point; the free bias is `Euclidean`.
-Tangent vectors are represented in the ambient space (same shape as the point), so the
-solver can difference iterates and gradients directly for its Barzilai-Borwein steps.
+rows each lie on the unit sphere is a `RowSphere` point; the regularized model's blocks
+(Zhu et al., NeurIPS 2021) and the free bias are `Euclidean`. Tangent vectors are
+represented in the ambient space (same shape as the point), so the descent can difference
+iterates and gradients directly for its Barzilai-Borwein steps.
 
 Each manifold carries its metric (`inner`). A `RowSphere` may give its rows weights:
 row j then stands for m_j identical rows of a larger point, and the metric counts it
-m_j times, so that a solver run on the small point takes exactly the steps it would
-take on the large one (the UFM solver merges a class's collapsed features this way).
+m_j times, so that a descent on the small point takes exactly the steps it would take on
+the large one (worker.nc.merging merges a class's collapsed features this way).
 
 The feature block is the largest array the solver touches (N x d), so these operations
 make one pass over it and allocate at most their result: `project` works in place.
 """
 
+from typing import Protocol
+
 import torch
+
+# A point of a product of manifolds: one block per manifold, [W, H] or [W, H, b].
+Point = list[torch.Tensor]
+
+
+class Manifold(Protocol):
+    """What the descent asks of the manifold of one block of the point."""
+
+    def inner(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """The metric <first, second> of two tangent vectors, as a 0-dim tensor on their device."""
+
+    def euclidean_to_riemannian_gradient(self, point: torch.Tensor, euclidean_gradient: torch.Tensor) -> torch.Tensor:
+        """The gradient in this metric at `point`; may overwrite `euclidean_gradient`."""
+
+    def project(self, point: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        """An ambient vector's projection onto the tangent space at `point`; may overwrite
+        `vector`."""
+
+    def retract(self, point: torch.Tensor, tangent: torch.Tensor, step_size: float = 1.0) -> torch.Tensor:
+        """A new point on the manifold, close to point + step_size * tangent."""
+
+    def random(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        """A random point, in float64 on the generator's device, so that a seed gives the
+        same point whichever device the solver later moves it to."""
 
 
 class RowSphere:
@@ -29,39 +56,28 @@ class RowSphere:
         self.row_weights = None if row_weights is None else row_weights.to(torch.float64)
 
     def inner(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-        """The metric, as a 0-dim tensor on the points' device."""
         if self.row_weights is None:
             return flat_dot(first, second)
         return torch.dot(row_dots(first, second), self.row_weights)
 
-    def euclidean_to_riemannian_gradient(self, point, euclidean_gradient) -> torch.Tensor:
-        """The gradient in this metric: the Euclidean one divided by the row weights, and
-        projected. In place, like `project`."""
+    def euclidean_to_riemannian_gradient(self, point: torch.Tensor, euclidean_gradient: torch.Tensor) -> torch.Tensor:
+        """The Euclidean gradient divided by the row weights, and projected; in place."""
         if self.row_weights is not None:
             euclidean_gradient.div_(self.row_weights[:, None])
         return self.project(point, euclidean_gradient)
 
     def project(self, point: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-        """Project an ambient vector onto the tangent space: g - <g, x> x, row by row.
-
-        In place: `vector` is overwritten with its projection and returned.
-        """
+        """g - <g, x> x, row by row, written over `vector`."""
         return vector.addcmul_(point, row_dots(vector, point)[:, None], value=-1)
 
-    def retract(self, point: torch.Tensor, tangent: torch.Tensor, step_size: float = 1.0):
+    def retract(self, point: torch.Tensor, tangent: torch.Tensor, step_size: float = 1.0) -> torch.Tensor:
         """Step `step_size * tangent`, then normalize each row back onto the sphere."""
         moved = torch.add(point, tangent, alpha=step_size)
         return moved.div_(torch.linalg.vector_norm(moved, dim=1, keepdim=True))
 
-    def random(self, shape, generator: torch.Generator) -> torch.Tensor:
-        """Rows uniformly distributed on the sphere (normalized standard Gaussians).
-
-        Drawn in float64 on the generator's device, so a seed gives the same point
-        whichever device the solver later moves it to.
-        """
-        gaussian = torch.randn(
-            shape, generator=generator, dtype=torch.float64, device=generator.device
-        )
+    def random(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        """Rows uniformly distributed on the sphere (normalized standard Gaussians)."""
+        gaussian = torch.randn(shape, generator=generator, dtype=torch.float64, device=generator.device)
         return gaussian / gaussian.norm(dim=1, keepdim=True)
 
 
@@ -71,22 +87,23 @@ class Euclidean:
     def inner(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         return flat_dot(first, second)
 
-    def euclidean_to_riemannian_gradient(self, point, euclidean_gradient) -> torch.Tensor:
+    def euclidean_to_riemannian_gradient(self, point: torch.Tensor, euclidean_gradient: torch.Tensor) -> torch.Tensor:
         return euclidean_gradient
 
     def project(self, point: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
         """The vector itself: every vector is tangent here."""
         return vector
 
-    def retract(self, point: torch.Tensor, tangent: torch.Tensor, step_size: float = 1.0):
+    def retract(self, point: torch.Tensor, tangent: torch.Tensor, step_size: float = 1.0) -> torch.Tensor:
         return torch.add(point, tangent, alpha=step_size)
 
-    def random(self, shape, generator: torch.Generator) -> torch.Tensor:
-        """Standard Gaussian entries in float64, drawn on the generator's device."""
+    def random(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        """Standard Gaussian entries."""
         return torch.randn(shape, generator=generator, dtype=torch.float64, device=generator.device)
 
 
 def flat_dot(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """The Euclidean inner product of two arrays of the same shape, as a 0-dim tensor."""
     return torch.vdot(first.reshape(-1), second.reshape(-1))
 
 

@@ -1,4 +1,4 @@
-"""Neural-collapse metrics, as defined in the "Metric catalogue" of DESIGN.md.
+"""Neural-collapse metrics, as defined in docs/metrics.md (the metric catalogue).
 
 NC1-NC4 follow Papyan, Han & Donoho (2020), "Prevalence of neural collapse during the
 terminal phase of deep learning training"; the ETF-distance forms (`nc2_etf_*`,
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 # Singular values of Sigma_B below this fraction of the largest are treated as zero in
-# its pseudo-inverse (DESIGN.md): the centred means span at most K-1 dimensions.
+# its pseudo-inverse (docs/metrics.md): the centred means span at most K-1 dimensions.
 PSEUDO_INVERSE_RTOL = 1e-10
 
 # Class means closer than this (relative to their size) are treated as coincident: M is
@@ -73,7 +73,7 @@ def collapse_metrics(
     Accepts torch tensors or numpy arrays. With a classifier W (K x d) and optional bias
     b (K,), also returns the classifier metrics, computed from the logits
     `logit_scale * H W^T + b`. K is `num_classes`, or `labels.max() + 1`; every class
-    must have at least one sample. Returns plain Python floats keyed as in DESIGN.md.
+    must have at least one sample. Returns plain Python floats keyed as in docs/metrics.md.
 
     Two passes over H: one for the class means, one that centres each sample on its
     class mean and takes, in a single product, its coordinates along the right singular
@@ -175,12 +175,12 @@ class CollapseAccumulator:
         self.dim = dim
         self.passes = passes
         self.device = None if device is None else torch.device(device)
-        # Allocated by the first update, once the device is known.
-        self._counts = None  # n_k
-        self._references = None  # c_k; zero with passes=2, where only the sums matter
-        self._deviation_sums = None  # sum_{y_i=k} (h_i - c_k)
-        self._squared_deviations = None  # sum_{y_i=k} ||h_i - c_k||^2, for nc1_cdnv
-        self._scatter = None  # sum_i (h_i - c_{y_i})(h_i - c_{y_i})^T
+        # Allocated by the first update, once the device is known (the last two with passes=1 only).
+        self._counts: torch.Tensor | None = None  # n_k
+        self._references: torch.Tensor | None = None  # c_k; zero with passes=2, where only the sums matter
+        self._deviation_sums: torch.Tensor | None = None  # sum_{y_i=k} (h_i - c_k)
+        self._squared_deviations: torch.Tensor | None = None  # sum_{y_i=k} ||h_i - c_k||^2, for nc1_cdnv
+        self._scatter: torch.Tensor | None = None  # sum_i (h_i - c_{y_i})(h_i - c_{y_i})^T
 
     @torch.no_grad()
     def update(self, features, labels) -> None:
@@ -190,27 +190,30 @@ class CollapseAccumulator:
             self._allocate(features.device if self.device is None else self.device)
         features = features.to(device=self.device, dtype=torch.float64)
         labels = _as_labels(labels, self.device)
+        counts, references, deviation_sums = self._counts, self._references, self._deviation_sums
+        assert counts is not None and references is not None and deviation_sums is not None  # allocated above
 
-        batch_counts = torch.zeros_like(self._counts)
+        batch_counts = torch.zeros_like(counts)
         batch_counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
         if self.passes == 2:
-            self._deviation_sums.index_add_(0, labels, features)
-            self._counts += batch_counts
+            deviation_sums.index_add_(0, labels, features)
+            counts.add_(batch_counts)  # in place: counts is self._counts
             return
 
-        batch_sums = torch.zeros_like(self._references).index_add_(0, labels, features)
+        assert self._squared_deviations is not None and self._scatter is not None  # allocated with passes=1
+        batch_sums = torch.zeros_like(references).index_add_(0, labels, features)
         batch_means = batch_sums / batch_counts.clamp(min=1)[:, None]
-        first_seen = (batch_counts > 0) & (self._counts == 0)
-        self._references = torch.where(first_seen[:, None], batch_means, self._references)
+        first_seen = (batch_counts > 0) & (counts == 0)
+        self._references = references = torch.where(first_seen[:, None], batch_means, references)
 
         # h_i - c_{y_i}, written over the gathered references to save a B x d temporary.
-        deviations = self._references.index_select(0, labels)
+        deviations = references.index_select(0, labels)
         torch.sub(features, deviations, out=deviations)
-        self._deviation_sums.index_add_(0, labels, deviations)
+        deviation_sums.index_add_(0, labels, deviations)
         squared_norms = torch.linalg.vector_norm(deviations, dim=1) ** 2
         self._squared_deviations.index_add_(0, labels, squared_norms)
         self._scatter.addmm_(deviations.T, deviations)
-        self._counts += batch_counts
+        counts.add_(batch_counts)
 
     @torch.no_grad()
     def compute(
@@ -227,16 +230,18 @@ class CollapseAccumulator:
         """
         if self._counts is None:
             raise ValueError("no batches were added; the class means are undefined")
-        counts = self._counts
+        counts, references, deviation_sums = self._counts, self._references, self._deviation_sums
+        assert references is not None and deviation_sums is not None  # allocated with counts
         _check_no_empty_class(counts)
-        mean_offsets = self._deviation_sums / counts[:, None]  # mu_k - c_k
-        geometry = _ClassGeometry(self._references + mean_offsets)
+        mean_offsets = deviation_sums / counts[:, None]  # mu_k - c_k
+        geometry = _ClassGeometry(references + mean_offsets)
         if classifier is not None:
             classifier = _as_float64(classifier, self.device)
         if replay is not None:
-            return self._replay(replay, geometry, classifier, bias, logit_scale)
+            return self._replay(replay, counts, geometry, classifier, bias, logit_scale)
         if self.passes == 2:
             raise ValueError("an accumulator with passes=2 needs the replay pass")
+        assert self._scatter is not None and self._squared_deviations is not None  # allocated with passes=1
 
         # v^T (N Sigma_W) v = v^T scatter v - sum_k n_k ((mu_k - c_k) v)^2 for each v = v_j.
         right_vectors = geometry.right_vectors
@@ -259,7 +264,7 @@ class CollapseAccumulator:
             self._squared_deviations = torch.zeros_like(self._counts)
             self._scatter = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=device)
 
-    def _replay(self, replay, geometry, classifier, bias, logit_scale) -> dict[str, float]:
+    def _replay(self, replay, counts, geometry, classifier, bias, logit_scale) -> dict[str, float]:
         second_pass = _SecondPass(geometry, classifier, bias, logit_scale)
         for features, labels in replay:
             features = _as_tensor(features).to(self.device)
@@ -267,7 +272,7 @@ class CollapseAccumulator:
             # h_i - mu_{y_i} in float64, written over the gathered means: one B x d array.
             within = geometry.class_means.index_select(0, labels)
             second_pass.add(labels, torch.sub(features, within, out=within))
-        if not torch.equal(second_pass.counts, self._counts):
+        if not torch.equal(second_pass.counts, counts):
             raise ValueError("replay must hold the same samples as the updates")
         return second_pass.metrics()
 
@@ -298,9 +303,7 @@ class _ClassGeometry:
             centred_means.zero_()  # what is left is the rounding error of averaging equal means
         self.centred_means = centred_means
         self.gram = centred_means @ centred_means.T  # centred: no cancellation from a large mu_G
-        left, singular_values, self.right_vectors = torch.linalg.svd(
-            centred_means, full_matrices=False
-        )
+        left, singular_values, self.right_vectors = torch.linalg.svd(centred_means, full_matrices=False)
         self.left_scaled = left * singular_values  # M = left_scaled @ right_vectors
         self.squared_singular_values = singular_values**2
 
@@ -347,7 +350,7 @@ class _SecondPass:
         self.classifier = classifier
         self.rank = geometry.right_vectors.shape[0]
         self.columns = geometry.right_vectors
-        self.tally = None
+        self.tally: _ClassifierTally | None = None
         if classifier is not None:
             self.tally = _ClassifierTally(geometry, classifier, bias, logit_scale)
             self.columns = torch.cat([self.columns, classifier])
@@ -374,6 +377,7 @@ class _SecondPass:
         )
         if self.classifier is not None:
             metrics.update(_classifier_geometry_metrics(self.geometry, self.classifier))
+        if self.tally is not None:  # made exactly when there is a classifier
             metrics.update(self.tally.metrics(num_samples))
         return _as_floats(metrics)
 

@@ -33,8 +33,7 @@ VGG11_LAYERS = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 class NCModel(nn.Module):
     """backbone: input -> features (N x d); classifier: nn.Linear(d, K) with bias."""
 
-    def __init__(self, backbone: nn.Module, dim: int, num_classes: int, normalized: bool,
-                 logit_scale: float):
+    def __init__(self, backbone: nn.Module, dim: int, num_classes: int, normalized: bool, logit_scale: float):
         super().__init__()
         self.backbone = backbone
         self.classifier = nn.Linear(dim, num_classes)
@@ -75,9 +74,18 @@ class NCModel(nn.Module):
         weight.div_(weight.norm(dim=1, keepdim=True))
 
 
-def build_model(architecture: str, in_channels: int, image_size: int, num_classes: int,
-                dim: int, normalization: str, logit_scale: float, mlp_depth: int = 3,
-                mlp_width: int = 512, resnet18_width: int = 64) -> NCModel:
+def build_model(
+    architecture: str,
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    dim: int,
+    normalization: str,
+    logit_scale: float,
+    mlp_depth: int = 3,
+    mlp_width: int = 512,
+    resnet18_width: int = 64,
+) -> NCModel:
     """An NCModel; inputs are N x in_channels x image_size x image_size (an MLP flattens
     them, so vector inputs of width D are in_channels = D, image_size = 1).
     `resnet18_width` is the width of resnet18's stem and first stage (64 is the standard)."""
@@ -179,8 +187,13 @@ class Bottleneck(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-def resnet(in_channels: int, width: int, blocks_per_stage: tuple[int, ...],
-           block: type[BasicBlock] | type[Bottleneck], dim: int) -> nn.Sequential:
+def resnet(
+    in_channels: int,
+    width: int,
+    blocks_per_stage: tuple[int, ...],
+    block: type[BasicBlock] | type[Bottleneck],
+    dim: int,
+) -> nn.Sequential:
     """A ResNet with the CIFAR stem (3x3 conv, stride 1, no max-pool): small images keep
     their resolution into the first stage. Three stride-2 stages take 8x8 inputs to 1x1.
     Stage i's blocks work at width x 2^i planes and emit block.expansion times that."""
@@ -212,7 +225,7 @@ def vgg11(in_channels: int, image_size: int, dim: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     channels, size = in_channels, image_size
     for layer in VGG11_LAYERS:
-        if layer == "M":
+        if isinstance(layer, str):  # "M": a 2x2 max-pool
             if size > 1:
                 layers.append(nn.MaxPool2d(2))
                 size //= 2

@@ -8,10 +8,16 @@ and one reused N x K buffer holds the logits and then their gradient.
 """
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 
+from worker.nc.manifolds import Manifold, Point
 from worker.nc.ufm_problem import UFMProblem
+
+# The objective at a point: its value as a 0-dim tensor, and the Euclidean gradient of
+# every block, in fresh arrays that the caller may overwrite.
+Objective = Callable[[Point], tuple[torch.Tensor, list[torch.Tensor]]]
 
 # Below this log-odds, e^a (and with it CE = softplus(a)) would leave the normal range of
 # float64; the losses are floored there and their logs continued as a.
@@ -44,7 +50,7 @@ class CrossEntropy:
         self.losses = torch.nn.functional.softplus(floored, threshold=30.0)
         self.log_losses = torch.log(self.losses).add_(self.log_odds - floored)
 
-    def weighted_gradient(self, log_weight) -> torch.Tensor:
+    def weighted_gradient(self, log_weight: float | torch.Tensor) -> torch.Tensor:
         """e^log_weight dCE_i/dz_i for every sample (log_weight: one number, or one per
         sample), in the logits buffer.
 
@@ -56,8 +62,11 @@ class CrossEntropy:
         return grads.scatter_(1, self.label_index, label_entries[:, None])
 
 
-def normalized_objective(problem: UFMProblem, labels: torch.Tensor, row_weights=None):
-    """f = log L with L the mean cross-entropy of logits s W h_i (+ b), and its gradient.
+def normalized_objective(
+    problem: UFMProblem, labels: torch.Tensor, row_weights: torch.Tensor | None = None
+) -> Objective:
+    """f = log L with L the mean cross-entropy of logits s <w_k, h_i> (+ b_k), the loss
+    of Yaras et al. (2022), and its gradient.
 
     With `row_weights`, feature row j stands for m_j samples: it counts m_j times in L.
 
@@ -72,7 +81,7 @@ def normalized_objective(problem: UFMProblem, labels: torch.Tensor, row_weights=
     log_weights = None if row_weights is None else torch.log(row_weights)
     logits = _logits_buffer(problem, labels)
 
-    def evaluate(point):
+    def evaluate(point: Point) -> tuple[torch.Tensor, list[torch.Tensor]]:
         classifier, features = point[0], point[1]
         # The scale goes on the smaller operand, here and in the gradient below, sparing
         # passes over the N x K and N x d arrays.
@@ -96,13 +105,14 @@ def normalized_objective(problem: UFMProblem, labels: torch.Tensor, row_weights=
     return evaluate
 
 
-def regularized_objective(problem: UFMProblem, labels: torch.Tensor):
-    """The weight-decayed objective of Zhu et al. (2021) and its gradient."""
+def regularized_objective(problem: UFMProblem, labels: torch.Tensor) -> Objective:
+    """The mean cross-entropy of logits W h_i (+ b) plus weight decay (lambda / 2) ||.||^2
+    on W, H and b, the objective of Zhu et al. (2021), and its gradient."""
     decays = [problem.lambda_w, problem.lambda_h] + [problem.lambda_b] * problem.bias
     log_num_samples = math.log(problem.num_samples)
     logits = _logits_buffer(problem, labels)
 
-    def evaluate(point):
+    def evaluate(point: Point) -> tuple[torch.Tensor, list[torch.Tensor]]:
         classifier, features = point[0], point[1]
         torch.mm(features, classifier.T, out=logits)
         if problem.bias:
@@ -133,12 +143,13 @@ def _logits_buffer(problem: UFMProblem, labels: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float64, device=labels.device)
 
 
-def value_and_riemannian_grad(evaluate, manifolds, point) -> tuple[float, list[torch.Tensor]]:
+def value_and_riemannian_grad(
+    objective: Objective, manifolds: Sequence[Manifold], point: Point
+) -> tuple[float, list[torch.Tensor]]:
     """The objective at `point` as a host float, and its gradient in the manifolds' metric."""
-    value, euclidean_grads = evaluate(point)  # fresh arrays, which may be overwritten
+    value, euclidean_grads = objective(point)
     grads = [
         manifold.euclidean_to_riemannian_gradient(block, grad)
         for manifold, block, grad in zip(manifolds, point, euclidean_grads)
     ]
     return float(value), grads
-

@@ -7,9 +7,11 @@ many classes, moves each classifier row together with the features of its class
 its Barzilai-Borwein steps in the same metric.
 """
 
+from collections.abc import Sequence
+
 import torch
 
-from worker.nc.manifolds import flat_dot
+from worker.nc.manifolds import Manifold, Point, flat_dot
 from worker.nc.ufm_problem import UFMProblem
 
 # A sum of coefficients times 0-dim device tensors, to be evaluated on the host.
@@ -46,7 +48,15 @@ class Preconditioner:
     operation on a 0-dim tensor costs as much as an operation on the whole point.
     """
 
-    def __init__(self, scales, manifolds, labels, num_classes: int, coupling, row_weights=None):
+    def __init__(
+        self,
+        scales: Sequence[float],
+        manifolds: Sequence[Manifold],
+        labels: torch.Tensor,
+        num_classes: int,
+        coupling: float,
+        row_weights: torch.Tensor | None = None,
+    ):
         self.scales, self.manifolds, self.labels = scales, manifolds, labels
         self.coupling = coupling
         counts = torch.bincount(labels, weights=row_weights, minlength=num_classes)
@@ -54,7 +64,13 @@ class Preconditioner:
         joint_inverse_scale = 1 / scales[0] + counts.to(torch.float64) / scales[1]
         self.woodbury_weights = (coupling / (1 + coupling * joint_inverse_scale))[:, None]
 
-    def direction(self, point, grads, grad_norms_sq, out) -> Terms:
+    def direction(
+        self,
+        point: Point,
+        grads: list[torch.Tensor],
+        grad_norms_sq: list[torch.Tensor],
+        out: list[torch.Tensor],
+    ) -> Terms:
         """Write P grad, projected onto the tangent space at `point`, into the arrays `out`.
 
         `grad_norms_sq` are the blocks' <g_b, g_b>. Returns the slope <grad, P grad>,
@@ -79,10 +95,7 @@ class Preconditioner:
 
     def norm_sq(self, vectors: list[torch.Tensor]) -> Terms:
         """<v, P v>."""
-        terms = [
-            (scale, manifold.inner(v, v))
-            for manifold, v, scale in zip(self.manifolds, vectors, self.scales)
-        ]
+        terms = [(scale, manifold.inner(v, v)) for manifold, v, scale in zip(self.manifolds, vectors, self.scales)]
         if self.coupling:
             joint = self._joint(vectors)
             terms.append((self.coupling, flat_dot(joint, joint)))
@@ -90,16 +103,13 @@ class Preconditioner:
 
     def inverse_norm_sq(self, vectors: list[torch.Tensor]) -> Terms:
         """<v, P^-1 v> = <v, D^-1 v> - <t, (c / (1 + c B^T D^-1 B)) t>, t = B^T D^-1 v."""
-        terms = [
-            (1 / scale, manifold.inner(v, v))
-            for manifold, v, scale in zip(self.manifolds, vectors, self.scales)
-        ]
+        terms = [(1 / scale, manifold.inner(v, v)) for manifold, v, scale in zip(self.manifolds, vectors, self.scales)]
         if self.coupling:
             joint = self._joint(vectors, weights=[1 / scale for scale in self.scales])
             terms.append((-1.0, flat_dot(joint, self.woodbury_weights * joint)))
         return terms
 
-    def _joint(self, blocks: list[torch.Tensor], weights=(1.0, 1.0)) -> torch.Tensor:
+    def _joint(self, blocks: list[torch.Tensor], weights: Sequence[float] = (1.0, 1.0)) -> torch.Tensor:
         """B^T of (weights[0] blocks[0], weights[1] blocks[1]): a K x d array."""
         joint = torch.mul(blocks[0], weights[0])
         features = blocks[1] if self.row_weights is None else blocks[1] * self.row_weights
@@ -111,18 +121,15 @@ def feature_step_scale(problem: UFMProblem) -> float:
 
     Normalized: each feature row carries 1/N of the loss and each classifier row the
     loss of a whole class, so the curvature along a feature row is about n times
-    smaller; scaling its step by n puts the blocks on the same footing (it halves the
-    iteration count in practice). With unequal counts the mean count N/K stands in for
-    n: a classifier row's curvature sums over the samples of every class, not only its
-    own, and on imbalanced problems (counts from 1 to 200) it measured as fast as or
-    faster than the median or smallest count, or a step per classifier row scaled by
-    its class's count. Regularized: the decay lambda_h, not the 1/N-weighted loss, sets
-    the curvature along a feature row, and the unscaled steps measured faster.
+    smaller; scaling its step by n puts the blocks on the same footing. With unequal
+    counts the mean count N/K stands in for n: a classifier row's curvature sums over
+    the samples of every class, not only its own. Regularized: the decay lambda_h, not
+    the 1/N-weighted loss, sets the curvature along a feature row, so the steps are not
+    scaled. docs/solver.md gives the measurements behind each choice.
     """
     if problem.normalization == "regularized":
         return 1.0
     return problem.num_samples / problem.num_classes
-
 
 
 def class_coupling(problem: UFMProblem) -> float:
@@ -130,16 +137,10 @@ def class_coupling(problem: UFMProblem) -> float:
     rising linearly to 0.5 at K = 30 and staying there.
 
     Normalized only: the regularized problem heads for W = H = 0 or an ETF without
-    first settling its features on their class's direction. Mean iterations to tol
-    1e-10 over seeded starts (d a little above K, logit scale 10 unless said), for
-    c = 0 / 0.5 / 1: K = 20, n = 20: 29.5 / 25 / 28.5; K = 30, n = 20: 30.5 / 24.7 / 28.3;
-    K = 50, n = 20: 39 / 28 / 26.7; K = 100, n = 20: 38.5 / 33 / 29.7, at scale 30 55.5 / 38 /
-    39.7, at scale 3 48 / 43.2 / 43.5; K = 200, n = 5: 40 / 38.7 / 40; K = 300, n = 5:
-    52 / 39.7 / 43; K = 500, n = 4: 80.3 / 60 / 62.3; K = 1000, d = 1024, n = 10 (one
-    start): 88 / 64 / 94 (79 at c = 0.7). c = 2 was slower than 1 and c = 5 slower than
-    none. At K = 10 every c from 0.05 up cost 5 to 15% more iterations, hence the ramp.
+    first settling its features on their class's direction. At K = 10 any coupling
+    costs iterations, and from K = 20 on c = 0.5 saves them (docs/solver.md), hence the
+    ramp.
     """
     if problem.normalization == "regularized":
         return 0.0
     return 0.5 * min(max((problem.num_classes - 10) / 20, 0.0), 1.0)
-

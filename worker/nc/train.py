@@ -1,6 +1,6 @@
 """Train a deep network and follow neural collapse epoch by epoch (`kind: "train"`).
 
-Three modes (`normalization`), as in DESIGN.md:
+Three modes (`normalization`), as in docs/api.md ("Experiment kinds"):
 
 - "normalized" (Yaras et al., NeurIPS 2022): features h / ||h||, classifier rows on the
   unit sphere, logits s <w_k, h> + b_k. The rows are normalized in the forward pass (so
@@ -63,26 +63,34 @@ EVAL_BATCH_SIZE = 1024
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """What to train. The fields and defaults are those of the API's TrainSpec
+    (service/schemas.py, with K and d named num_classes and dim), so that a notebook run
+    and a job from the same settings are the same run; tests/test_spec_config.py keeps
+    them equal."""
+
     dataset: str
-    architecture: str
-    normalization: str  # "normalized" | "regularized" | "none"
+    # Required here: TrainSpec's default for K, all of the data set's classes, is filled
+    # in when the spec is validated, so a job always passes a number.
     num_classes: int
-    dim: int
+    normalization: str = "normalized"  # "normalized" | "regularized" | "none"
+    architecture: str = "mlp"
+    dim: int = 512
     logit_scale: float = 10.0  # s, normalized mode only
     epochs: int = 10
     batch_size: int = 128
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9  # sgd only
-    lr_schedule: str = "constant"  # constant | step | cosine | milestones
-    lr_milestones: tuple[int, ...] | None = None  # 1-based epochs at whose start lr *= lr_gamma
+    lr_schedule: str = "step"  # constant | step | cosine | milestones
+    # 1-based epochs at whose start lr *= lr_gamma; None: no milestones (the lr stays constant)
+    lr_milestones: tuple[int, ...] | None = None
     lr_gamma: float = 0.1
     weight_decay: float = 5e-4
     weight_decay_scope: str | None = None  # None: DEFAULT_DECAY_SCOPES[normalization]
     feature_decay: float = 5e-4  # regularized only
     feature_decay_reduction: str = "mean"  # mean | sum over the batch
-    n_per_class: int | None = None
-    test_n_per_class: int | None = None
+    n_per_class: int | None = None  # None: every training sample
+    test_n_per_class: int | None = None  # None: every test sample
     random_labels: bool = False
     metrics_every: int = 1
     metrics_at_start: bool = False
@@ -96,11 +104,13 @@ class TrainConfig:
     gaussian_noise: float = 1.0
 
     def __post_init__(self):
-        for field, value, allowed in (("normalization", self.normalization, NORMALIZATIONS),
-                                      ("optimizer", self.optimizer, OPTIMIZERS),
-                                      ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
-                                      ("weight_decay_scope", self.weight_decay_scope, (None, *WEIGHT_DECAY_SCOPES)),
-                                      ("feature_decay_reduction", self.feature_decay_reduction, ("mean", "sum"))):
+        for field, value, allowed in (
+            ("normalization", self.normalization, NORMALIZATIONS),
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
+            ("weight_decay_scope", self.weight_decay_scope, (None, *WEIGHT_DECAY_SCOPES)),
+            ("feature_decay_reduction", self.feature_decay_reduction, ("mean", "sum")),
+        ):
             if value not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
         if self.dataset == "gaussian" and self.architecture != "mlp":
@@ -193,15 +203,33 @@ def train(
     if device.type != "cuda":
         device = torch.device("cpu")
     data = load_dataset(
-        config.dataset, data_dir, config.num_classes, config.n_per_class, config.seed,
-        config.random_labels, config.gaussian_dim, config.gaussian_train_per_class,
-        config.gaussian_test_per_class, config.gaussian_noise, config.test_n_per_class)
+        config.dataset,
+        data_dir,
+        config.num_classes,
+        config.n_per_class,
+        config.seed,
+        config.random_labels,
+        config.gaussian_dim,
+        config.gaussian_train_per_class,
+        config.gaussian_test_per_class,
+        config.gaussian_noise,
+        config.test_n_per_class,
+    )
     # Initialize from the seed without disturbing the caller's global random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = build_model(config.architecture, data.channels, data.image_size,
-                            config.num_classes, config.dim, config.normalization,
-                            config.logit_scale, config.mlp_depth, config.mlp_width, config.resnet18_width)
+        model = build_model(
+            config.architecture,
+            data.channels,
+            data.image_size,
+            config.num_classes,
+            config.dim,
+            config.normalization,
+            config.logit_scale,
+            config.mlp_depth,
+            config.mlp_width,
+            config.resnet18_width,
+        )
     model.to(device)
     optimizer = make_optimizer(config, model)
     # The whole data set lives on the device: a batch is one gather, not a DataLoader.
@@ -215,8 +243,11 @@ def train(
     total_batches = batches_per_epoch * config.epochs
     row: dict = {}
     if compute_metrics and config.metrics_at_start:
-        row = {"epoch": 0, "lr": learning_rate(config, 0),
-               **evaluate(model, train_x, train_y, test_x, test_y, config.num_classes)}
+        row = {
+            "epoch": 0,
+            "lr": learning_rate(config, 0),
+            **evaluate(model, train_x, train_y, test_x, test_y, config.num_classes),
+        }
         if on_epoch is not None:
             on_epoch(0, row)
     for epoch in range(1, config.epochs + 1):
@@ -250,8 +281,12 @@ def train(
                 if on_progress is not None:
                     on_progress(((epoch - 1) * batches_per_epoch + batch + 1) / total_batches)
 
-        row = {"epoch": epoch, "lr": lr, "train_loss": loss_sums.sum().item() / num_samples,
-               "train_accuracy": correct.item() / num_samples}
+        row = {
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": loss_sums.sum().item() / num_samples,
+            "train_accuracy": correct.item() / num_samples,
+        }
         if compute_metrics and (epoch % config.metrics_every == 0 or epoch == config.epochs):
             row.update(evaluate(model, train_x, train_y, test_x, test_y, config.num_classes))
         if on_epoch is not None:
@@ -273,9 +308,11 @@ def _check_learned(final_train_loss: float, num_classes: int) -> None:
     """
     chance = math.log(num_classes)
     if final_train_loss > LEARNED_NOTHING_FACTOR * chance:
-        raise Diverged(f"the last epoch's training loss is {final_train_loss:.4g}, above {LEARNED_NOTHING_FACTOR:g} "
-                       f"x ln K = {LEARNED_NOTHING_FACTOR * chance:.3g} (a uniform guess scores ln K): "
-                       "the run learned nothing")
+        raise Diverged(
+            f"the last epoch's training loss is {final_train_loss:.4g}, above {LEARNED_NOTHING_FACTOR:g} "
+            f"x ln K = {LEARNED_NOTHING_FACTOR * chance:.3g} (a uniform guess scores ln K): "
+            "the run learned nothing"
+        )
 
 
 def _check_finite(loss_sums: torch.Tensor, start: int, stop: int, epoch: int) -> None:

@@ -2,8 +2,9 @@
 
 The unconstrained feature model treats the last-layer features H (N x d) as free
 variables next to the classifier W (K x d) and bias b, with n_k samples of class k (N in
-all), and minimizes the mean cross-entropy of the logits; DESIGN.md gives the two
-variants ("normalized" and "regularized") and their closed forms.
+all), and minimizes the mean cross-entropy of the logits; docs/closed-forms.md gives the
+two variants ("normalized", Yaras et al. 2022, and "regularized", Zhu et al. 2021) and
+their closed forms.
 """
 
 import math
@@ -26,13 +27,10 @@ class UFMProblem:
     "normalized" (whose gradient, unlike that of L, does not vanish as the loss
     saturates at large logit scales) and of the full objective for "regularized". A
     normalized problem with a closed form must also be collapsed to count as converged
-    (see worker.nc.ufm.solve). With the default 1e-10, every closed-form case we ran (K
-    up to 1000, logit scales 0.5 to 30, decays 1e-4 to 1e-1) ended with nc1, nc2_etf_w
-    and nc3_etf below 1e-6 and the loss within 1e-8 of its closed form; rounding puts
-    the floor of the gradient norm near 1e-15, so much smaller values are not
-    reachable. A run that cannot reach tol, at that floor or where the gradient norm
-    decreases sublinearly (K > d + 1), ends unconverged and says why in `stop_reason`
-    (see worker.nc.ufm).
+    (see worker.nc.ufm.solve). Rounding puts the floor of the gradient norm near 1e-15,
+    so much smaller values are not reachable; docs/solver.md says what the default
+    buys. A run that cannot reach tol ends unconverged and says why in `stop_reason`
+    (worker.nc.stopping.StopReason).
 
     `restarts` solves from that many seeded random starts (the first from `seed` itself)
     and keeps the run with the lowest final loss; see worker.nc.ufm.solve.
@@ -41,7 +39,7 @@ class UFMProblem:
     num_classes: int
     dim: int
     n_per_class: int | tuple[int, ...]
-    normalization: str
+    normalization: str = "normalized"
     logit_scale: float = 10.0
     bias: bool = False
     lambda_w: float = 5e-4
@@ -57,9 +55,7 @@ class UFMProblem:
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
         if self.normalization not in NORMALIZATIONS:
-            raise ValueError(
-                f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"
-            )
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.dim < 1:
             raise ValueError(f"dim must be >= 1, got {self.dim}")
         if self.normalization == "normalized" and self.dim < 2:
@@ -69,9 +65,7 @@ class UFMProblem:
         if not 0 < self.logit_scale < math.inf:
             raise ValueError(f"logit_scale must be positive and finite, got {self.logit_scale}")
         if self.normalization == "regularized" and not (
-            0 < self.lambda_w < math.inf
-            and 0 < self.lambda_h < math.inf
-            and 0 <= self.lambda_b < math.inf
+            0 < self.lambda_w < math.inf and 0 < self.lambda_h < math.inf and 0 <= self.lambda_b < math.inf
         ):
             # Without decay on W and H the regularized objective has no minimizer.
             raise ValueError("lambda_w and lambda_h must be positive and lambda_b >= 0, all finite")
@@ -88,13 +82,12 @@ class UFMProblem:
 
     def _validated_counts(self) -> int | tuple[int, ...]:
         if not isinstance(self.n_per_class, Sequence):
-            counts = (operator.index(self.n_per_class),)
+            counts: tuple[int, ...] = (operator.index(self.n_per_class),)
         else:
             counts = tuple(operator.index(count) for count in self.n_per_class)
             if len(counts) != self.num_classes:
                 raise ValueError(
-                    f"n_per_class needs one count per class: {len(counts)} given, "
-                    f"num_classes = {self.num_classes}"
+                    f"n_per_class needs one count per class: {len(counts)} given, num_classes = {self.num_classes}"
                 )
         if min(counts) < 1:
             raise ValueError(f"n_per_class counts must be >= 1, got {self.n_per_class}")
@@ -107,7 +100,7 @@ class UFMProblem:
     @property
     def class_counts(self) -> tuple[int, ...]:
         """n_k for k = 0..K-1."""
-        if self.balanced:
+        if isinstance(self.n_per_class, int):  # balanced
             return (self.n_per_class,) * self.num_classes
         return self.n_per_class
 
@@ -116,9 +109,9 @@ class UFMProblem:
         return sum(self.class_counts)
 
 
-
 def optimal_loss(problem: UFMProblem) -> float | None:
-    """The global minimum from DESIGN.md's closed forms, or None where none applies.
+    """The global minimum from the closed forms of docs/closed-forms.md, or None where
+    none applies.
 
     Both closed forms assume balanced classes: with unequal counts there is none.
     Normalized (Yaras et al. 2022): L* = ln(1 + (K-1) exp(-s K/(K-1))) when a simplex ETF
@@ -127,11 +120,12 @@ def optimal_loss(problem: UFMProblem) -> float | None:
     W = H = 0 with f* = ln K when K s >= 1; otherwise, when d >= K - 1, it is an ETF with
     ||w_k||^2 = t = ((K-1)/(K c)) ln(1/s - (K-1)), h = c w_y, b = 0.
     """
-    if not problem.balanced:
+    n = problem.n_per_class
+    if not isinstance(n, int):  # imbalanced: problem.balanced is False
         return None
-    K, d, n = problem.num_classes, problem.dim, problem.n_per_class
+    K, d = problem.num_classes, problem.dim
     if problem.normalization == "normalized":
-        if K > d + 1:
+        if d + 1 < K:
             return None
         return math.log1p((K - 1) * math.exp(-problem.logit_scale * K / (K - 1)))
     balance = math.sqrt(problem.lambda_w / (n * problem.lambda_h))
@@ -143,4 +137,3 @@ def optimal_loss(problem: UFMProblem) -> float | None:
     squared_norm = (K - 1) / (K * balance) * math.log(1 / strength - (K - 1))
     margin = balance * squared_norm * K / (K - 1)
     return math.log1p((K - 1) * math.exp(-margin)) + problem.lambda_w * K * squared_norm
-

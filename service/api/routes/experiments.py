@@ -5,28 +5,52 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from service import jobs, plots
+from service import idempotency, jobs, plots
 from service.api.deps import (
-    IdempotencyKeyHeader, OwnerDep, SessionDep, create_once, get_or_404, metric_names, not_found, require_api_key,
+    IdempotencyKeyHeader,
+    OwnerDep,
+    SessionDep,
+    get_or_404,
+    metric_names,
+    not_found,
+    require_api_key,
     strict_query,
+    submitted_headers,
 )
-from service.api.problems import InvalidField, problem_responses
 from service.api.formats import (
-    CSV_RESPONSES, PNG_RESPONSES, Format, PlotHeight, PlotWidth, csv_response, json_bytes, revalidated_json, wants_csv,
+    CSV_RESPONSES,
+    PNG_RESPONSES,
+    Format,
+    PlotHeight,
+    PlotWidth,
+    csv_response,
+    json_bytes,
+    revalidated_json,
+    wants_csv,
     with_documents,
 )
+from service.api.problems import InvalidField, problem_responses
 from service.db import get_autocommit_engine, get_engine
 from service.dispatch import get_dispatcher
 from service.models import INTEGER_MAX, Experiment
 from service.schemas import (
-    MAX_TAGS, TERMINAL_STATUSES, ExperimentOut, ExperimentPatch, LabelledSubmission, MetricHistory, Submission,
+    MAX_TAGS,
+    TERMINAL_STATUSES,
+    ExperimentOut,
+    ExperimentPatch,
+    LabelledSubmission,
+    MetricHistory,
+    Submission,
 )
 from service.search import export, queries
 from service.search.fields import STEP_UNITS, history_key
 
-router = APIRouter(prefix="/experiments", tags=["experiments"],
-                   dependencies=[Depends(require_api_key), Depends(strict_query)],
-                   responses=problem_responses(401, 413, 422, 503))
+router = APIRouter(
+    prefix="/experiments",
+    tags=["experiments"],
+    dependencies=[Depends(require_api_key), Depends(strict_query)],
+    responses=problem_responses(401, 413, 422, 503),
+)
 NOT_FOUND = problem_responses(404)
 
 
@@ -35,38 +59,33 @@ def _get_or_404(session, experiment_id: str) -> Experiment:
 
 
 @router.post("", status_code=202, response_model=ExperimentOut, responses=problem_responses(400))
-async def submit(submission: Annotated[Submission, Body()], owner: OwnerDep,
-                 idempotency_key: IdempotencyKeyHeader = None) -> Response:
+async def submit(
+    submission: Annotated[Submission, Body()], owner: OwnerDep, idempotency_key: IdempotencyKeyHeader = None
+) -> Response:
     """A spec, bare or as ``{"spec": ..., "name": ..., "tags": {...}}``; recorded with the key's owner.
 
     Run in the event loop, as the status read: storing it takes a fraction of a
     millisecond. Without an idempotency key that is one INSERT, its own transaction; with
-    one, the key's lookup and the two INSERTs are one transaction. The job's message is
+    one, the key's INSERT and the experiment's are one transaction. The job's message is
     sent after the response, by the dispatcher.
     """
     labelled = submission if isinstance(submission, LabelledSubmission) else LabelledSubmission(spec=submission)
-    spec = labelled.spec.model_dump(mode="json")
-    headers: dict[str, str] = {}
-    created: list[dict] = []
-    engine = get_engine() if idempotency_key else get_autocommit_engine()
+    request = labelled.model_dump(mode="json")
+    keyed = idempotency.keyed(owner, idempotency_key, "/experiments", request)
+    engine = get_engine() if keyed else get_autocommit_engine()
     with engine.connect() as connection:
-
-        def create(key) -> str:
-            created.append(jobs.create(connection, spec, owner=owner, name=labelled.name, tags=labelled.tags,
-                                       idempotency_key=key))
-            return created[0]["id"]
-
-        experiment_id, new = create_once(connection, owner, idempotency_key, "/experiments", labelled, create,
-                                         headers)
+        submitted = jobs.submit(connection, request["spec"], owner, labelled.name, labelled.tags, keyed)
         # A new experiment is answered as it was stored; a replay as it is now.
-        item = created[0] if new else queries.resource(connection, experiment_id)
+        item = submitted.stored or queries.resource(connection, submitted.id)
     if item is None:
-        raise not_found(Experiment, experiment_id)
-    if new:
-        get_dispatcher().send(experiment_id)
-    headers["Location"] = f"/experiments/{experiment_id}"
-    return Response(json_bytes(with_documents(item)), status_code=202, headers=headers,
-                    media_type="application/json")
+        raise not_found(Experiment, submitted.id)
+    get_dispatcher().send(*submitted.experiments)
+    return Response(
+        json_bytes(with_documents(item)),
+        status_code=202,
+        headers=submitted_headers(submitted, "/experiments"),
+        media_type="application/json",
+    )
 
 
 @router.get("/{experiment_id}", response_model=ExperimentOut, responses=NOT_FOUND)
@@ -105,8 +124,9 @@ async def metric_history(
     experiment_id: str,
     request: Request,
     format: Format = None,
-    after: Annotated[int, Query(ge=-1, le=INTEGER_MAX,
-                                description="only the rows with a later step: a live tail")] = -1,
+    after: Annotated[
+        int, Query(ge=-1, le=INTEGER_MAX, description="only the rows with a later step: a live tail")
+    ] = -1,
 ):
     with get_autocommit_engine().connect() as connection:  # in the event loop, as the status read
         if wants_csv(request, format):
@@ -141,14 +161,21 @@ async def metric_history_png(
     return Response(png, media_type="image/png")
 
 
-@router.post("/{experiment_id}/cancel", response_model=ExperimentOut,
-             responses={202: {"description": "running: asked to stop, within seconds", "model": ExperimentOut},
-                        **NOT_FOUND, **problem_responses(409)})
+@router.post(
+    "/{experiment_id}/cancel",
+    response_model=ExperimentOut,
+    responses={
+        202: {"description": "running: asked to stop, within seconds", "model": ExperimentOut},
+        **NOT_FOUND,
+        **problem_responses(409),
+    },
+)
 def cancel(experiment_id: str, session: SessionDep, response: Response) -> Experiment:
     experiment = _get_or_404(session, experiment_id)
     if experiment.status in TERMINAL_STATUSES:
         raise HTTPException(409, f"experiment {experiment_id} is already {experiment.status}")
-    experiment = jobs.cancel(session, experiment_id)
+    canceled = jobs.cancel(session, experiment_id)
+    assert canceled is not None  # read above, and experiments are never deleted
     # A running job stops cooperatively within seconds; until then it reports cancel_requested.
-    response.status_code = 202 if experiment.status == "running" else 200
-    return experiment
+    response.status_code = 202 if canceled.status == "running" else 200
+    return canceled

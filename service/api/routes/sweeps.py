@@ -4,76 +4,65 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response
-from sqlalchemy import select
 
-from service import jobs, sweeps
+from service import idempotency, jobs, sweeps
 from service.api.deps import (
-    IdempotencyKeyHeader, OwnerDep, SessionDep, create_once, get_or_404, require_api_key, strict_query,
+    IdempotencyKeyHeader,
+    OwnerDep,
+    SessionDep,
+    get_or_404,
+    require_api_key,
+    strict_query,
+    submitted_headers,
 )
 from service.api.problems import InvalidField, problem_responses
-from service.models import Experiment, Sweep, utcnow
-from service.queue import enqueue_many
-from service.schemas import STATUSES, TERMINAL_STATUSES, SweepList, SweepOut
+from service.dispatch import get_dispatcher
+from service.models import Sweep, utcnow
+from service.schemas import SweepList, SweepOut
+from service.search import sweeps as sweep_queries
 
-router = APIRouter(prefix="/sweeps", tags=["sweeps"], dependencies=[Depends(require_api_key), Depends(strict_query)],
-                   responses=problem_responses(401, 413, 422, 503))
+router = APIRouter(
+    prefix="/sweeps",
+    tags=["sweeps"],
+    dependencies=[Depends(require_api_key), Depends(strict_query)],
+    responses=problem_responses(401, 413, 422, 503),
+)
 NOT_FOUND = problem_responses(404)
 
 
-def _resources(session, sweeps: list[Sweep]) -> list[SweepOut]:
-    """The sweeps with their members' ids, status counts and progress, read in one query."""
-    rows = session.execute(
-        select(Experiment.sweep, Experiment.id, Experiment.status, Experiment.progress)
-        .where(Experiment.sweep.in_([sweep.id for sweep in sweeps])).order_by(Experiment.created_at, Experiment.id)
-    ).all()
-    members: dict[str, list] = {sweep.id: [] for sweep in sweeps}
-    for sweep_id, *member in rows:
-        members[sweep_id].append(member)
-    resources = []
-    for sweep in sweeps:
-        counts = dict.fromkeys(STATUSES, 0)
-        for _id, status, _progress in members[sweep.id]:
-            counts[status] += 1
-        done = sum(1.0 if status in TERMINAL_STATUSES else p for _id, status, p in members[sweep.id])
-        resources.append(SweepOut(
-            id=sweep.id, name=sweep.name, tags=sweep.tags, owner=sweep.owner, created_at=sweep.created_at,
-            size=sweep.size, status_counts=counts, progress=done / max(len(members[sweep.id]), 1),
-            members=[member[0] for member in members[sweep.id]]))
-    return resources
-
-
-def _resource(session, sweep: Sweep) -> SweepOut:
-    return _resources(session, [sweep])[0]
-
-
 @router.post("", status_code=202, response_model=SweepOut, responses=problem_responses(400))
-def submit(request: sweeps.SweepRequest, session: SessionDep, owner: OwnerDep, response: Response,
-           idempotency_key: IdempotencyKeyHeader = None) -> SweepOut:
-    """Expand base x variants x grid, validate every member, store them all in one transaction, enqueue."""
+def submit(
+    request: sweeps.SweepRequest,
+    session: SessionDep,
+    owner: OwnerDep,
+    response: Response,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> SweepOut:
+    """Expand base x variants x grid, validate every member, store them all in one transaction;
+    their messages are sent after the response, by the dispatcher."""
     try:
         specs = sweeps.members(request)
     except sweeps.InvalidMember as exc:
         raise InvalidField(f"members[{exc.index}].{exc.field}" if exc.index >= 0 else exc.field, str(exc)) from None
-    members: list[str] = []
-
-    def create(key) -> str:
-        sweep = Sweep(id=str(uuid.uuid4()), owner=owner, name=request.name, tags=request.tags,
-                      definition=request.model_dump(include={"base", "variants", "grid"}), size=len(specs),
-                      created_at=utcnow())
-        members.extend(member.id for member in jobs.create_sweep(session, sweep, specs, idempotency_key=key))
-        return sweep.id
-
-    sweep_id, new = create_once(session, owner, idempotency_key, "/sweeps", request, create,
-                                response.headers)
-    if new:
-        jobs.send_many(session, members, enqueue_many)
-    response.headers["Location"] = f"/sweeps/{sweep_id}"
-    return _resource(session, get_or_404(session, Sweep, sweep_id))
+    sweep = Sweep(
+        id=str(uuid.uuid4()),
+        owner=owner,
+        name=request.name,
+        tags=request.tags,
+        definition=request.model_dump(include={"base", "variants", "grid"}),
+        size=len(specs),
+        created_at=utcnow(),
+    )
+    keyed = idempotency.keyed(owner, idempotency_key, "/sweeps", request.model_dump(mode="json"))
+    submitted = jobs.submit_sweep(session, sweep, specs, keyed)
+    get_dispatcher().send(*submitted.experiments)
+    response.headers.update(submitted_headers(submitted, "/sweeps"))
+    return sweep_queries.resource(session, get_or_404(session, Sweep, submitted.id))
 
 
 @router.get("/{sweep_id}", response_model=SweepOut, responses=NOT_FOUND)
 def read(sweep_id: str, session: SessionDep) -> SweepOut:
-    return _resource(session, get_or_404(session, Sweep, sweep_id))
+    return sweep_queries.resource(session, get_or_404(session, Sweep, sweep_id))
 
 
 @router.get("", response_model=SweepList)
@@ -83,24 +72,16 @@ def list_sweeps(
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> SweepList:
     """Newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
-    query = select(Sweep).order_by(Sweep.created_at.desc(), Sweep.id.desc())
-    if cursor is not None:
-        last = session.get(Sweep, cursor)
-        if last is None:
-            raise InvalidField("cursor", "not a cursor returned by this API")
-        query = query.where((Sweep.created_at < last.created_at)
-                            | ((Sweep.created_at == last.created_at) & (Sweep.id < last.id)))
-    page = session.scalars(query.limit(limit + 1)).all()
-    return SweepList(items=_resources(session, page[:limit]),
-                     next_cursor=page[limit - 1].id if len(page) > limit else None)
+    try:
+        items, next_cursor = sweep_queries.page(session, limit, cursor)
+    except sweep_queries.UnknownCursor as exc:
+        raise InvalidField("cursor", str(exc)) from None
+    return SweepList(items=items, next_cursor=next_cursor)
 
 
 @router.post("/{sweep_id}/cancel", response_model=SweepOut, responses=NOT_FOUND)
 def cancel(sweep_id: str, session: SessionDep) -> SweepOut:
     """Cancel every member that has not finished: queued ones at once, running ones within seconds."""
     sweep = get_or_404(session, Sweep, sweep_id)
-    unfinished = session.scalars(select(Experiment.id).where(
-        Experiment.sweep == sweep.id, Experiment.status.not_in(TERMINAL_STATUSES))).all()
-    for experiment_id in unfinished:
-        jobs.cancel(session, experiment_id)
-    return _resource(session, sweep)
+    jobs.cancel_sweep(session, sweep.id)
+    return sweep_queries.resource(session, sweep)

@@ -41,16 +41,30 @@ templates = Jinja2Templates(directory=HERE / "templates")
 PAGE_SIZES = (25, 50, 100, 500)
 # The experiments table: heading, the field it sorts by (filter language), and how to read it from a row.
 COLUMNS = [
-    ("name", "name"), ("owner", "owner"), ("kind", "kind"), ("dataset", "spec.dataset"),
-    ("architecture", "spec.architecture"), ("normalization", "spec.normalization"), ("K", "spec.K"),
-    ("d", "spec.d"), ("status", "status"), ("nc1", "result.nc1"), ("nc2_etf_w", "result.nc2_etf_w"),
-    ("test_accuracy", "result.test_accuracy"), ("created", "created_at"),
+    ("name", "name"),
+    ("owner", "owner"),
+    ("kind", "kind"),
+    ("dataset", "spec.dataset"),
+    ("architecture", "spec.architecture"),
+    ("normalization", "spec.normalization"),
+    ("K", "spec.K"),
+    ("d", "spec.d"),
+    ("status", "status"),
+    ("nc1", "result.nc1"),
+    ("nc2_etf_w", "result.nc2_etf_w"),
+    ("test_accuracy", "result.test_accuracy"),
+    ("created", "created_at"),
 ]
 # The experiment page's charts: history metrics drawn together.
 CHARTS = {
     "ufm": ["nc1", "nc2_etf_m,nc2_etf_w", "nc3,nc3_etf", "loss", "accuracy"],
-    "train": ["nc1,test_nc1", "nc2_etf_m,nc2_etf_w", "nc3,nc3_etf", "train_loss,loss,test_loss",
-              "train_accuracy,accuracy,test_accuracy"],
+    "train": [
+        "nc1,test_nc1",
+        "nc2_etf_m,nc2_etf_w",
+        "nc3,nc3_etf",
+        "train_loss,loss,test_loss",
+        "train_accuracy,accuracy,test_accuracy",
+    ],
 }
 HISTORY_ROWS_SHOWN = 200
 WhereText = Annotated[str, Query(max_length=20_000)]
@@ -140,9 +154,21 @@ def experiments(
     except FilterError as exc:
         error = str(exc)
     rows = [_documents(item) for item in page.items]
-    return render(request, "experiments.html", status_code=422 if error else 200, rows=rows, columns=COLUMNS,
-                  where=where, order_by=order_by, limit=limit, page_sizes=PAGE_SIZES, error=error,
-                  next_cursor=page.next_cursor, first_page=cursor is None, terminal=TERMINAL_STATUSES)
+    return render(
+        request,
+        "experiments.html",
+        status_code=422 if error else 200,
+        rows=rows,
+        columns=COLUMNS,
+        where=where,
+        order_by=order_by,
+        limit=limit,
+        page_sizes=PAGE_SIZES,
+        error=error,
+        next_cursor=page.next_cursor,
+        first_page=cursor is None,
+        terminal=TERMINAL_STATUSES,
+    )
 
 
 @signed_in_router.get("/experiments/{experiment_id}")
@@ -154,11 +180,19 @@ def experiment(request: Request, experiment_id: str) -> HTMLResponse:
         return render(request, "missing.html", status_code=404, what=f"no experiment with id {experiment_id!r}")
     item = _documents(item)
     keys = sorted({key for row in history for key in row} - {"step"}, key=_history_order)
-    return render(request, "experiment.html", experiment=item, charts=CHARTS[item["spec"]["kind"]],
-                  history=history[:HISTORY_ROWS_SHOWN], history_size=len(history), history_keys=keys,
-                  step_unit=STEP_UNITS[item["spec"]["kind"]], terminal=TERMINAL_STATUSES,
-                  spec_json=json.dumps(item["spec"], indent=2),
-                  result_json=json.dumps(item["result"], indent=2) if item["result"] is not None else None)
+    return render(
+        request,
+        "experiment.html",
+        experiment=item,
+        charts=CHARTS[item["spec"]["kind"]],
+        history=history[:HISTORY_ROWS_SHOWN],
+        history_size=len(history),
+        history_keys=keys,
+        step_unit=STEP_UNITS[item["spec"]["kind"]],
+        terminal=TERMINAL_STATUSES,
+        spec_json=json.dumps(item["spec"], indent=2),
+        result_json=json.dumps(item["result"], indent=2) if item["result"] is not None else None,
+    )
 
 
 def _history_order(key: str) -> tuple:
@@ -190,8 +224,17 @@ def compare(
     except (FilterError, UnknownField) as exc:
         error = str(exc)
     curves = link("/experiments/curves.png", where=where, group_by=group_by, metric=metric, width=900, height=500)
-    return render(request, "compare.html", status_code=422 if error else 200, where=where, group_by=group_by,
-                  metric=metric, items=items, error=error, curves=curves if not error else None)
+    return render(
+        request,
+        "compare.html",
+        status_code=422 if error else 200,
+        where=where,
+        group_by=group_by,
+        metric=metric,
+        items=items,
+        error=error,
+        curves=curves if not error else None,
+    )
 
 
 @signed_in_router.get("/sweeps")
@@ -207,17 +250,31 @@ def sweep(request: Request, session: SessionDep, sweep_id: str) -> HTMLResponse:
         return render(request, "missing.html", status_code=404, what=f"no sweep with id {sweep_id!r}")
     members = session.execute(
         select(Experiment.id, Experiment.status, Experiment.progress, Experiment.spec, Experiment.result_nc1)
-        .where(Experiment.sweep == sweep_id).order_by(Experiment.created_at, Experiment.id)
+        .where(Experiment.sweep == sweep_id)
+        .order_by(Experiment.created_at, Experiment.id)
     ).all()
     tally = Counter(member.status for member in members)
     counts = {status: tally[status] for status in STATUSES}
     varied = _varied_fields(found.definition)
     where = f"sweep = '{sweep_id}'"
-    return render(request, "sweep.html", sweep=found, members=members, counts=counts, varied=varied,
-                  compare=link("/ui/compare", where=where, group_by=",".join(f"spec.{f}" for f in varied)),
-                  curves=link("/experiments/curves.png", where=where, width=900, height=500,
-                              group_by=",".join(f"spec.{f}" for f in varied), metric="nc1"),
-                  terminal=TERMINAL_STATUSES)
+    return render(
+        request,
+        "sweep.html",
+        sweep=found,
+        members=members,
+        counts=counts,
+        varied=varied,
+        compare=link("/ui/compare", where=where, group_by=",".join(f"spec.{f}" for f in varied)),
+        curves=link(
+            "/experiments/curves.png",
+            where=where,
+            width=900,
+            height=500,
+            group_by=",".join(f"spec.{f}" for f in varied),
+            metric="nc1",
+        ),
+        terminal=TERMINAL_STATUSES,
+    )
 
 
 def _varied_fields(definition: dict) -> list[str]:

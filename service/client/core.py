@@ -1,17 +1,7 @@
-"""A Python client for the nclab API: submit, sweep, wait, search and compare from a script.
+"""The client itself: ``Client``, its errors, and the status names it waits on.
 
-    from service.client import Client
-
-    with Client() as nclab:  # NCLAB_URL and NCLAB_API_KEY, or Client(url, api_key=...)
-        sweep = nclab.sweep(**json.load(open("examples/digits-three-modes.json")))
-        nclab.wait(sweep["members"])
-        print(nclab.aggregate(where=f"sweep = '{sweep['id']}'", group_by="spec.normalization", metrics="nc1"))
-
-Every method returns plain dicts (or lists of them) as the API writes them. Errors are
-``NclabError`` subclasses carrying the problem+json body. GETs are retried with backoff
-on connection errors and 503s; a POST only when it carries an idempotency key, which
-``submit`` and ``sweep`` always send, so that a retried submit never runs twice.
-Needs only httpx: no torch, no server code.
+Import it as ``from service.client import Client``; service/client/__init__.py tells the
+whole story. Needs only httpx: no torch, no server code.
 """
 
 import os
@@ -19,12 +9,13 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, overload
 
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-# As the API names them (service.schemas), written out here: the client imports nothing of the server.
+# As the API names them (service.schemas), written out here: the client imports nothing of the server,
+# and tests/test_client_extra.py checks that the two lists agree.
 STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 TERMINAL_STATUSES = STATUSES[2:]
 # Ids per search request while waiting on many experiments (the API's page limit is 500).
@@ -72,8 +63,15 @@ class WaitTimeout(TimeoutError):
         self.last = last
 
 
-_ERRORS = {400: InvalidRequest, 401: Unauthorized, 404: NotFound, 409: Conflict, 413: InvalidRequest,
-           422: InvalidRequest, 503: Unavailable}
+_ERRORS = {
+    400: InvalidRequest,
+    401: Unauthorized,
+    404: NotFound,
+    409: Conflict,
+    413: InvalidRequest,
+    422: InvalidRequest,
+    503: Unavailable,
+}
 
 
 def _error(response: httpx.Response) -> NclabError:
@@ -103,8 +101,9 @@ class Client:
     ``NCLAB_API_KEY``. ``retries`` bounds the retries of one call on connection errors and 503s.
     """
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 30.0,
-                 retries: int = 5):
+    def __init__(
+        self, base_url: str | None = None, api_key: str | None = None, timeout: float = 30.0, retries: int = 5
+    ):
         base_url = base_url or os.environ.get("NCLAB_URL") or DEFAULT_URL
         api_key = api_key or os.environ.get("NCLAB_API_KEY")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -126,8 +125,15 @@ class Client:
 
     # -- transport
 
-    def _request(self, method: str, path: str, *, params: dict | None = None, json: Any = None,
-                 idempotency_key: str | None = None) -> httpx.Response:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict | None = None,
+        json: Any = None,
+        idempotency_key: str | None = None,
+    ) -> httpx.Response:
         retryable = method == "GET" or idempotency_key is not None
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         params = _labels(**(params or {}))
@@ -156,8 +162,13 @@ class Client:
 
     # -- experiments
 
-    def submit(self, spec: dict, name: str | None = None, tags: dict[str, str] | None = None,
-               idempotency_key: str | None = None) -> dict:
+    def submit(
+        self,
+        spec: dict,
+        name: str | None = None,
+        tags: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict:
         """Queue one experiment; the experiment as stored (``id``, ``status``: queued, the spec with defaults)."""
         body = _labels(spec=spec, name=name, tags=tags)
         return self._post("/experiments", body, idempotency_key or str(uuid.uuid4()))
@@ -177,13 +188,23 @@ class Client:
         return self._request("GET", f"/experiments/{experiment_id}/metrics", params={"format": "csv"}).text
 
     def history_png(self, experiment_id: str, metrics: str = "nc1", width: int = 800, height: int = 500) -> bytes:
-        return self._request("GET", f"/experiments/{experiment_id}/metrics.png",
-                             params={"metric": metrics, "width": width, "height": height}).content
+        return self._request(
+            "GET",
+            f"/experiments/{experiment_id}/metrics.png",
+            params={"metric": metrics, "width": width, "height": height},
+        ).content
 
     # -- sweeps
 
-    def sweep(self, base: dict, grid: dict[str, list] | None = None, variants: list[dict] | None = None,
-              name: str | None = None, tags: dict[str, str] | None = None, idempotency_key: str | None = None) -> dict:
+    def sweep(
+        self,
+        base: dict,
+        grid: dict[str, list] | None = None,
+        variants: list[dict] | None = None,
+        name: str | None = None,
+        tags: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict:
         """Queue base x each variant x the grid's product; the sweep (``id``, ``size``, ``members``)."""
         body = _labels(base=base, grid=grid, variants=variants, name=name, tags=tags)
         return self._post("/sweeps", body, idempotency_key or str(uuid.uuid4()))
@@ -201,8 +222,32 @@ class Client:
 
     # -- waiting
 
-    def wait(self, ids: str | Iterable[str], timeout: float | None = None,
-             on_progress: Callable[[list[dict]], None] | None = None, max_interval: float = 2.0) -> dict | list[dict]:
+    # A str is an Iterable[str] too: the first overload, which wins, is the one meant for it.
+    @overload
+    def wait(  # type: ignore[overload-overlap]
+        self,
+        ids: str,
+        timeout: float | None = None,
+        on_progress: Callable[[list[dict]], None] | None = None,
+        max_interval: float = 2.0,
+    ) -> dict: ...
+
+    @overload
+    def wait(
+        self,
+        ids: Iterable[str],
+        timeout: float | None = None,
+        on_progress: Callable[[list[dict]], None] | None = None,
+        max_interval: float = 2.0,
+    ) -> list[dict]: ...
+
+    def wait(
+        self,
+        ids: str | Iterable[str],
+        timeout: float | None = None,
+        on_progress: Callable[[list[dict]], None] | None = None,
+        max_interval: float = 2.0,
+    ) -> dict | list[dict]:
         """Poll until every experiment has finished (succeeded, failed or canceled); their final states.
 
         One id gives one dict, several a list in the same order. ``on_progress`` gets the
@@ -211,7 +256,7 @@ class Client:
         Raises WaitTimeout after ``timeout`` seconds.
         """
         single = isinstance(ids, str)
-        order = [ids] if single else list(dict.fromkeys(ids))
+        order = [ids] if isinstance(ids, str) else list(dict.fromkeys(ids))
         latest: dict[str, dict] = {}
 
         def read() -> list[dict]:
@@ -232,8 +277,13 @@ class Client:
         states = _poll(read, finished, unfinished, timeout, on_progress, max_interval)
         return states[0] if single else states
 
-    def wait_sweep(self, sweep_id: str, timeout: float | None = None, on_progress: Callable[[dict], None] | None = None,
-                   max_interval: float = 2.0) -> dict:
+    def wait_sweep(
+        self,
+        sweep_id: str,
+        timeout: float | None = None,
+        on_progress: Callable[[dict], None] | None = None,
+        max_interval: float = 2.0,
+    ) -> dict:
         """Poll the sweep until every member has finished; the sweep (``status_counts`` says how they ended)."""
 
         def finished(sweep: dict) -> bool:
@@ -250,10 +300,11 @@ class Client:
             return [self.get(ids[0])]
         states = []
         for start in range(0, len(ids), WAIT_BATCH):
-            batch = ids[start:start + WAIT_BATCH]
+            batch = ids[start : start + WAIT_BATCH]
             where = f"id in ({', '.join(repr(i) for i in batch)})"
-            states += self._request("POST", "/experiments/search",
-                                    json={"where": where, "limit": WAIT_BATCH}).json()["items"]
+            states += self._request("POST", "/experiments/search", json={"where": where, "limit": WAIT_BATCH}).json()[
+                "items"
+            ]
         return states
 
     # -- comparison
@@ -273,31 +324,49 @@ class Client:
 
     def search_csv(self, where: str | None = None, order_by: str | None = None) -> str:
         """Every match as CSV (the whole match, not a page)."""
-        return self._request("GET", "/experiments", params={"where": where, "order_by": order_by,
-                                                             "format": "csv"}).text
+        return self._request("GET", "/experiments", params={"where": where, "order_by": order_by, "format": "csv"}).text
 
-    def aggregate(self, where: str | None = None, group_by: str | None = None,
-                  metrics: str | None = None) -> list[dict]:
+    def aggregate(
+        self, where: str | None = None, group_by: str | None = None, metrics: str | None = None
+    ) -> list[dict]:
         """Per group: ``count`` and, per metric, ``{"n", "mean", "std", "min", "max", "median"}``."""
         return self._get("/experiments/aggregate", where=where, group_by=group_by, metrics=metrics)["items"]
 
     def aggregate_csv(self, where: str | None = None, group_by: str | None = None, metrics: str | None = None) -> str:
-        return self._request("GET", "/experiments/aggregate", params={
-            "where": where, "group_by": group_by, "metrics": metrics, "format": "csv"}).text
+        return self._request(
+            "GET",
+            "/experiments/aggregate",
+            params={"where": where, "group_by": group_by, "metrics": metrics, "format": "csv"},
+        ).text
 
     def curves(self, where: str | None = None, group_by: str | None = None, metric: str = "nc1") -> list[dict]:
         """Per group, ``{"group", "points": [{"step", "n", "mean", "std", "min", "max"}, ...]}``."""
         return self._get("/experiments/curves", where=where, group_by=group_by, metric=metric)["items"]
 
-    def curves_png(self, where: str | None = None, group_by: str | None = None, metric: str = "nc1",
-                   width: int = 800, height: int = 500) -> bytes:
+    def curves_png(
+        self,
+        where: str | None = None,
+        group_by: str | None = None,
+        metric: str = "nc1",
+        width: int = 800,
+        height: int = 500,
+    ) -> bytes:
         """The curves as a PNG: mean per group over the steps, a band of one standard deviation."""
-        return self._request("GET", "/experiments/curves.png", params={
-            "where": where, "group_by": group_by, "metric": metric, "width": width, "height": height}).content
+        return self._request(
+            "GET",
+            "/experiments/curves.png",
+            params={"where": where, "group_by": group_by, "metric": metric, "width": width, "height": height},
+        ).content
 
 
-def _poll(read: Callable[[], Any], finished: Callable[[Any], bool], unfinished: Callable[[Any], str],
-          timeout: float | None, on_progress: Callable[[Any], None] | None, max_interval: float) -> Any:
+def _poll(
+    read: Callable[[], Any],
+    finished: Callable[[Any], bool],
+    unfinished: Callable[[Any], str],
+    timeout: float | None,
+    on_progress: Callable[[Any], None] | None,
+    max_interval: float,
+) -> Any:
     """Call ``read`` until ``finished`` says so, 0.1 s apart at first, backing off to ``max_interval``."""
     deadline = None if timeout is None else time.monotonic() + timeout
     interval = 0.1

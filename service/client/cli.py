@@ -1,14 +1,21 @@
 """The lab's commands, built on service.client: submit, sweep, status, wait, cancel, ls, history, compare.
 
 They talk to a running service (``--url``, else NCLAB_URL, else http://127.0.0.1:8000)
-and import nothing of the server. Exit codes, for scripts: 0 succeeded (or nothing to
-wait for), 1 an experiment failed, 3 one was canceled (and none failed), 2 a usage or
-HTTP error, its message on stderr. Tables and results go to stdout, progress to stderr.
+and import nothing of the server: they work in a client-only install (``pip install
+'nclab[client]'``), where the server's commands that service/cli.py adds to the same
+``nclab`` command say which extra they need instead (``NclabGroup``). Exit codes, for
+scripts: 0 succeeded (or nothing to wait for), 1 an experiment failed, 3 one was canceled
+(and none failed), 2 a usage or HTTP error, its message on stderr. Tables and results go
+to stdout, progress to stderr.
 """
 
+import copy
 import csv
+import functools
+import importlib.metadata
 import io
 import json
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +26,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
 from service.client import STATUSES, TERMINAL_STATUSES, Client, NclabError, WaitTimeout
 
@@ -29,18 +37,33 @@ err = Console(stderr=True)
 SUCCEEDED, FAILED, USAGE_OR_HTTP, CANCELED = 0, 1, 2, 3
 # The columns of `nclab ls` and `nclab status`: (heading, dotted path in an experiment).
 LIST_COLUMNS = [
-    ("id", "id"), ("name", "name"), ("kind", "spec.kind"), ("normalization", "spec.normalization"),
-    ("data", "spec.dataset"), ("arch", "spec.architecture"), ("K", "spec.K"), ("d", "spec.d"), ("status", "status"),
-    ("nc1", "result.nc1"), ("nc2_etf_w", "result.nc2_etf_w"), ("test_acc", "result.test_accuracy"),
+    ("id", "id"),
+    ("name", "name"),
+    ("kind", "spec.kind"),
+    ("normalization", "spec.normalization"),
+    ("data", "spec.dataset"),
+    ("arch", "spec.architecture"),
+    ("K", "spec.K"),
+    ("d", "spec.d"),
+    ("status", "status"),
+    ("nc1", "result.nc1"),
+    ("nc2_etf_w", "result.nc2_etf_w"),
+    ("test_acc", "result.test_accuracy"),
     ("created", "created_at"),
 ]
 COMPARE_STATISTICS = ("mean", "std", "min", "median", "max")
 HISTORY_METRICS = ("loss", "accuracy", "nc1", "nc2_etf_m", "nc2_etf_w", "nc3", "test_accuracy")
 
-Url = Annotated[str | None, typer.Option("--url", envvar="NCLAB_URL", show_envvar=True,
-                                         help="the service [default: http://127.0.0.1:8000]")]
-ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="NCLAB_API_KEY", show_envvar=True,
-                                            help="an API key, when the service requires one")]
+Url = Annotated[
+    str | None,
+    typer.Option("--url", envvar="NCLAB_URL", show_envvar=True, help="the service [default: http://127.0.0.1:8000]"),
+]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key", envvar="NCLAB_API_KEY", show_envvar=True, help="an API key, when the service requires one"
+    ),
+]
 Timeout = Annotated[float | None, typer.Option(help="give up waiting after this many seconds (exit 2)")]
 Where = Annotated[str | None, typer.Option(help="a filter, e.g. \"spec.dataset = 'digits' and result.nc1 < 0.5\"")]
 
@@ -106,14 +129,25 @@ def _table(title: str | None, headings: list[str], rows: list[list[Any]]) -> Tab
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                    TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), console=err)
+    return Progress(
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[detail]}"),
+        console=err,
+    )
 
 
 def _print_experiment(experiment: dict) -> None:
     result = experiment.get("result") or {}
-    rows = [["id", experiment["id"]], ["name", experiment.get("name")], ["status", experiment["status"]],
-            ["progress", experiment["progress"]]]
+    rows = [
+        ["id", experiment["id"]],
+        ["name", experiment.get("name")],
+        ["status", experiment["status"]],
+        ["progress", experiment["progress"]],
+    ]
     rows += [[key, value] for key, value in result.items()]
     if experiment.get("error"):
         rows.append(["error", experiment["error"]])
@@ -141,12 +175,15 @@ def _follow(client: Client, experiment_id: str, timeout: float | None) -> dict:
 
 
 def submit(
-    spec_file: Annotated[str, typer.Argument(metavar="SPEC.json|-", help="a spec, bare or {\"spec\", \"name\", "
-                                                                         "\"tags\"}; '-' reads stdin")],
+    spec_file: Annotated[
+        str, typer.Argument(metavar="SPEC.json|-", help='a spec, bare or {"spec", "name", "tags"}; \'-\' reads stdin')
+    ],
     wait: Annotated[bool, typer.Option("--wait", help="follow it to the end; the exit code says how it ended")] = False,
     name: Annotated[str | None, typer.Option(help="a name (over the file's)")] = None,
     tag: Annotated[list[str] | None, typer.Option(help="key=value, repeatable (over the file's)")] = None,
-    timeout: Timeout = None, url: Url = None, api_key: ApiKey = None,
+    timeout: Timeout = None,
+    url: Url = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Submit one experiment; prints its id (with --wait, its result)."""
     document = _read_json(spec_file)
@@ -173,10 +210,13 @@ def _tags(pairs: list[str] | None) -> dict[str, str]:
 
 
 def sweep(
-    sweep_file: Annotated[str, typer.Argument(metavar="SWEEP.json|-", help="{\"name\", \"tags\", \"base\", "
-                                                                           "\"variants\", \"grid\"}")],
+    sweep_file: Annotated[
+        str, typer.Argument(metavar="SWEEP.json|-", help='{"name", "tags", "base", "variants", "grid"}')
+    ],
     wait: Annotated[bool, typer.Option("--wait", help="follow every member to the end")] = False,
-    timeout: Timeout = None, url: Url = None, api_key: ApiKey = None,
+    timeout: Timeout = None,
+    url: Url = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Submit a sweep (base x variants x grid); prints its id and size (with --wait, how its members ended)."""
     document = _read_json(sweep_file)
@@ -205,7 +245,8 @@ def sweep(
 def status(
     experiment_id: Annotated[str, typer.Argument(metavar="ID")],
     as_json: Annotated[bool, typer.Option("--json", help="the experiment as the API returns it")] = False,
-    url: Url = None, api_key: ApiKey = None,
+    url: Url = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Show an experiment: status, progress, result, error. Exit code as for wait once it has finished."""
     with _client(url, api_key) as client:
@@ -219,17 +260,18 @@ def status(
 
 def wait(
     experiment_ids: Annotated[list[str], typer.Argument(metavar="ID...")],
-    timeout: Timeout = None, url: Url = None, api_key: ApiKey = None,
+    timeout: Timeout = None,
+    url: Url = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Wait until every experiment has finished; prints each one's status. Exit 1 if any failed, 3 if canceled."""
-    with _client(url, api_key) as client:
-        with _progress() as progress:
-            task = progress.add_task("finished", total=len(set(experiment_ids)), detail="")
+    with _client(url, api_key) as client, _progress() as progress:
+        task = progress.add_task("finished", total=len(set(experiment_ids)), detail="")
 
-            def show(states: list[dict]) -> None:
-                progress.update(task, completed=sum(s["status"] in TERMINAL_STATUSES for s in states))
+        def show(states: list[dict]) -> None:
+            progress.update(task, completed=sum(s["status"] in TERMINAL_STATUSES for s in states))
 
-            final = client.wait(list(experiment_ids), timeout=timeout, on_progress=show)
+        final = client.wait(list(experiment_ids), timeout=timeout, on_progress=show)
     for experiment in final:
         out.print(f"{experiment['id']} {experiment['status']}", highlight=False)
     raise typer.Exit(_exit_code([experiment["status"] for experiment in final]))
@@ -237,7 +279,8 @@ def wait(
 
 def cancel(
     resource_id: Annotated[str, typer.Argument(metavar="ID", help="an experiment's or a sweep's id")],
-    url: Url = None, api_key: ApiKey = None,
+    url: Url = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Cancel an experiment, or every unfinished member of a sweep."""
     with _client(url, api_key) as client:
@@ -248,8 +291,9 @@ def cancel(
                 raise
             swept = client.cancel_sweep(resource_id)
             counts = swept["status_counts"]
-            out.print(f"sweep {resource_id}: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s]),
-                      highlight=False)
+            out.print(
+                f"sweep {resource_id}: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s]), highlight=False
+            )
             return
     stopping = " (stopping)" if experiment["status"] == "running" else ""
     out.print(f"{experiment['id']} {experiment['status']}{stopping}", highlight=False)
@@ -261,7 +305,8 @@ def ls(
     limit: Annotated[int, typer.Option(help="at most this many rows; 0 for all")] = 20,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV on stdout, every column")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines on stdout, one experiment each")] = False,
-    url: Url = None, api_key: ApiKey = None,
+    url: Url = None,
+    api_key: ApiKey = None,
 ) -> None:
     """List experiments matching a filter, as a table, CSV or JSON lines."""
     if as_csv and as_json:
@@ -288,7 +333,7 @@ def _write_csv_rows(text: str, limit: int) -> None:
     if not limit:
         sys.stdout.write(text)
         return
-    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer = csv.writer(sys.stdout, lineterminator="\r\n")  # as the server writes it (RFC 4180)
     for index, record in enumerate(csv.reader(io.StringIO(text))):
         if index > limit:
             break
@@ -300,7 +345,8 @@ def history(
     as_csv: Annotated[bool, typer.Option("--csv", help="every metric as CSV on stdout")] = False,
     plot: Annotated[Path | None, typer.Option(help="write a PNG of the metrics here")] = None,
     metric: Annotated[str, typer.Option(help="comma-separated metrics for the plot")] = "nc1",
-    url: Url = None, api_key: ApiKey = None,
+    url: Url = None,
+    api_key: ApiKey = None,
 ) -> None:
     """An experiment's metric history: a table of the main metrics, all of them as CSV, or a plot."""
     with _client(url, api_key) as client:
@@ -312,8 +358,11 @@ def history(
         elif plot is None:
             rows = client.history(experiment_id)
             keys = [key for key in HISTORY_METRICS if any(key in row for row in rows)]
-            out.print(_table(f"{len(rows)} steps", ["step", *keys], [[row["step"], *(row.get(k) for k in keys)]
-                                                                    for row in rows]))
+            out.print(
+                _table(
+                    f"{len(rows)} steps", ["step", *keys], [[row["step"], *(row.get(k) for k in keys)] for row in rows]
+                )
+            )
 
 
 def compare(
@@ -321,9 +370,11 @@ def compare(
     where: Where = None,
     group_by: Annotated[str | None, typer.Option(help="comma-separated fields, e.g. spec.normalization")] = None,
     as_csv: Annotated[bool, typer.Option("--csv", help="the aggregate as CSV on stdout")] = False,
-    plot: Annotated[Path | None, typer.Option(help="write the first metric's curves (mean ± std per group) here")]
-    = None,
-    url: Url = None, api_key: ApiKey = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="write the first metric's curves (mean ± std per group) here")
+    ] = None,
+    url: Url = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Compare groups of experiments: per group, count and mean, std, min, median, max of each metric."""
     metrics = [name.strip() for name in metric.split(",") if name.strip()]
@@ -334,15 +385,109 @@ def compare(
             items = client.aggregate(where, group_by, ",".join(metrics))
             groups = list(items[0]["group"]) if items else []
             headings = [*groups, "count", "metric", "n", *COMPARE_STATISTICS]
-            rows = [[*item["group"].values(), item["count"], metric, item["metrics"][metric]["n"],
-                     *(item["metrics"][metric][stat] for stat in COMPARE_STATISTICS)]
-                    for item in items for metric in metrics]
+            rows = [
+                [
+                    *item["group"].values(),
+                    item["count"],
+                    metric,
+                    item["metrics"][metric]["n"],
+                    *(item["metrics"][metric][stat] for stat in COMPARE_STATISTICS),
+                ]
+                for item in items
+                for metric in metrics
+            ]
             out.print(_table(None, headings, rows))
         if plot is not None:
             plot.write_bytes(client.curves_png(where, group_by, metrics[0]))
             err.print(f"wrote {plot}", highlight=False)
 
 
+COMMANDS = (submit, sweep, status, wait, cancel, ls, history, compare)
+DISTRIBUTION = "nclab"
+# The extra that the server's commands need: the server's, but `serve` runs a worker too, and a worker runs torch.
+SERVER_EXTRA = "server"
+COMMAND_EXTRAS = {"serve": "worker", "worker": "worker"}
+
+
 def register(app: typer.Typer) -> None:
-    for command in (submit, sweep, status, wait, cancel, ls, history, compare):
+    """Add the lab's commands to the ``nclab`` app (whose ``cls`` should be ``NclabGroup``)."""
+    for command in COMMANDS:
         app.command()(command)
+
+
+def missing_requirements(extra: str = SERVER_EXTRA) -> list[str]:
+    """The distributions that nclab's ``extra`` requires (with the extras it names) and that are not installed.
+
+    Read from nclab's installed metadata, so pyproject.toml stays the one list; empty when
+    nclab itself is not installed (a bare source checkout), so that nothing is refused then.
+    """
+    try:
+        requirements = importlib.metadata.requires(DISTRIBUTION) or []
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    missing: list[str] = []
+    extras, seen = [extra], set()
+    while extras:
+        wanted = extras.pop()
+        seen.add(wanted)
+        for requirement in requirements:
+            name, _, marker = requirement.partition(";")
+            if f'extra == "{wanted}"' not in marker.replace("'", '"'):
+                continue
+            parsed = re.match(r"\s*([A-Za-z0-9._-]+)\s*(\[([^]]*)\])?", name)
+            if parsed is None:
+                continue
+            distribution, _, named = parsed.groups()
+            if distribution == DISTRIBUTION:  # e.g. the worker's nclab[server]
+                extras.extend(e.strip() for e in (named or "").split(",") if e.strip() and e.strip() not in seen)
+                continue
+            try:
+                importlib.metadata.distribution(distribution)
+            except importlib.metadata.PackageNotFoundError:
+                if distribution not in missing:
+                    missing.append(distribution)
+    return missing
+
+
+def _needs(extra: str, command_path: str, callback):
+    @functools.wraps(callback)
+    def checked(*args, **kwargs):
+        missing = missing_requirements(extra)
+        if missing:
+            typer.echo(
+                f"{command_path}: needs the {extra} extra: pip install 'nclab[{extra}]' "
+                f"(missing: {', '.join(missing)})",
+                err=True,
+            )
+            raise typer.Exit(USAGE_OR_HTTP)
+        return callback(*args, **kwargs)
+
+    return checked
+
+
+def _with_extra_check(command, command_path: str, extra: str):
+    """A copy of a server command (or group of them) that checks for its extra before it runs.
+
+    The check wraps the callbacks, not the parsing, so ``--help`` still works without the extra.
+    """
+    command = copy.copy(command)
+    if getattr(command, "commands", None) is not None:  # a group, e.g. `nclab data`
+        command.commands = {
+            name: _with_extra_check(sub, f"{command_path} {name}", extra) for name, sub in command.commands.items()
+        }
+    elif command.callback is not None:
+        command.callback = _needs(extra, command_path, command.callback)
+    return command
+
+
+class NclabGroup(TyperGroup):
+    """The ``nclab`` command: the lab's commands run on the client's dependencies alone; every
+    other command is the server's and, without its extra (``COMMAND_EXTRAS``, else the server
+    extra), ends with a message naming it (exit 2) instead of an ImportError.
+    ``typer.Typer(cls=NclabGroup)``."""
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is None or cmd_name in {c.__name__ for c in COMMANDS}:
+            return command
+        return _with_extra_check(command, f"nclab {cmd_name}", COMMAND_EXTRAS.get(cmd_name, SERVER_EXTRA))

@@ -1,0 +1,73 @@
+"""A UFM problem as the descent sees it: objective, manifolds and preconditioner.
+
+This is pymanopt's `Problem`: what `worker.nc.descent.minimize` needs to know of the
+problem, and nothing of how a lab posed it (`UFMProblem`).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from worker.nc.manifolds import Euclidean, Manifold, Point, RowSphere
+from worker.nc.objectives import Objective, normalized_objective, regularized_objective
+from worker.nc.preconditioner import Preconditioner, class_coupling, feature_step_scale
+from worker.nc.ufm_problem import UFMProblem
+
+
+@dataclass(frozen=True)
+class Formulation:
+    """The objective on a product of manifolds, one per block of the point, and the
+    preconditioner that measures the descent's steps.
+
+    The feature rows are usually one per sample. A merged formulation (worker.nc.merging)
+    has one per class instead, standing for the class's n_k samples: the objective
+    weighs row k n_k times, and so does the feature manifold's metric, which makes its
+    descent that of the full problem on points whose features are collapsed.
+    """
+
+    objective: Objective
+    manifolds: list[Manifold]
+    preconditioner: Preconditioner
+    labels: torch.Tensor  # the class of each feature row
+    sample_rows: torch.Tensor | None = None  # merged: the feature row of each sample
+
+    def expand(self, point: Point) -> Point:
+        """The full problem's point: each feature row repeated for the samples it stands for."""
+        if self.sample_rows is None:
+            return point
+        return [point[0], point[1].index_select(0, self.sample_rows), *point[2:]]
+
+
+def class_labels(problem: UFMProblem, device: torch.device) -> torch.Tensor:
+    """The class of each sample: k repeated n_k times, k = 0..K-1."""
+    counts = torch.tensor(problem.class_counts, device=device)
+    return torch.arange(problem.num_classes, device=device).repeat_interleave(counts)
+
+
+def formulate(
+    problem: UFMProblem,
+    labels: torch.Tensor,
+    row_weights: torch.Tensor | None = None,
+    sample_rows: torch.Tensor | None = None,
+) -> Formulation:
+    """`problem` with a feature row of class labels[j] for every j.
+
+    `row_weights` (float64, one per row) and `sample_rows` make a merged formulation:
+    row j stands for row_weights[j] samples, and sample i is row sample_rows[i].
+    """
+    if problem.normalization == "normalized":
+        objective = normalized_objective(problem, labels, row_weights)
+        manifolds: list[Manifold] = [RowSphere(), RowSphere(row_weights)]
+    else:
+        objective = regularized_objective(problem, labels)
+        manifolds = [Euclidean(), Euclidean()]
+    manifolds += [Euclidean()] * problem.bias
+    preconditioner = Preconditioner(
+        [1.0, feature_step_scale(problem)] + [1.0] * problem.bias,
+        manifolds,
+        labels,
+        problem.num_classes,
+        class_coupling(problem),
+        row_weights,
+    )
+    return Formulation(objective, manifolds, preconditioner, labels, sample_rows)

@@ -1,0 +1,136 @@
+"""Merging collapsed features: the phases of one normalized UFM run.
+
+Once the features of every class have collapsed to within MERGE_TOL of their class's
+normalized mean, the run merges each class's features into one row that stands for all
+of them, with the loss and the metric weighted to match. The descent then takes the full
+problem's steps at a cost independent of N, and the full problem certifies its end
+point. A run goes through three phases, numbered on from one to the next:
+
+1. The full problem, until every feature lies within MERGE_TOL of its class's mean.
+2. The merged problem: each class's features replaced by that mean, one row per class
+   standing for its n_k samples. Collapsed features stay collapsed: at such a point
+   every sample of a class has the same gradient, the preconditioner moves them alike,
+   and the merged formulation's weighted metric makes every step, step size and
+   gradient norm exactly those of the full problem. Merging itself is the one step that
+   the full problem's descent would not take; it moves each feature by at most
+   MERGE_TOL, towards where the descent was taking it anyway.
+3. The full problem again, from the merged end point with every row repeated for its
+   samples. Its first evaluation is the certificate: `converged` and the gradient norm
+   are those of the problem as posed. Where it disagrees (rounding can put the norm a
+   hair above tol), the full descent carries on from there.
+
+Only the normalized problem with more samples than classes and at least SMALL_WORK per
+matrix product merges: on smaller ones the merge costs more than it saves
+(docs/solver.md gives the timings). Every other run is phase 1 alone.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from worker.nc.descent import Iterate, SolveResult, minimize
+from worker.nc.formulation import Formulation, formulate
+from worker.nc.manifolds import Point
+from worker.nc.stopping import Certificate, StoppingRules, SublinearProgress
+from worker.nc.ufm_problem import UFMProblem
+from worker.nc.work import SMALL_WORK, threads_for, work_per_product
+
+# Features are merged once every one of them lies this close to its class's normalized
+# mean (a distance on the unit sphere).
+MERGE_TOL = 1e-4
+
+
+def merged_formulation(problem: UFMProblem, labels: torch.Tensor) -> Formulation | None:
+    """One feature row per class, standing for its n_k samples (`labels`: the class of
+    each sample); None where merging does not pay."""
+    if not (
+        problem.normalization == "normalized"
+        and problem.num_samples > problem.num_classes
+        and work_per_product(problem) >= SMALL_WORK
+    ):
+        return None
+    device = labels.device
+    classes = torch.arange(problem.num_classes, device=device)
+    counts = torch.tensor(problem.class_counts, dtype=torch.float64, device=device)
+    return formulate(problem, classes, row_weights=counts, sample_rows=labels)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a run ended: its last phase's result, on the full problem."""
+
+    result: SolveResult
+    merged_at: int | None  # the step at which the features were merged, if they were
+
+
+def descend(
+    problem: UFMProblem,
+    full: Formulation,
+    merged: Formulation | None,
+    start: Point,
+    certificate_for: Callable[[Formulation], Certificate | None],
+    on_iterate: Callable[[Iterate, Formulation], None],
+) -> RunResult:
+    """One run from `start`, through the phases of the module docstring where `merged`
+    is given, and on `full` alone otherwise.
+
+    `certificate_for(formulation)` gives each phase its `certify`. `on_iterate(iterate,
+    formulation)` is called with every iterate but the run's last, and the formulation
+    its point belongs to; the first iterate of a phase has the step number of its
+    predecessor's last, which is not reported.
+    """
+    sublinear_progress = SublinearProgress()  # one per run: its windows span the phases
+
+    def phase(
+        formulation: Formulation,
+        start: Point,
+        first_step: int,
+        hand_over: Callable[[Point], bool] | None = None,
+    ) -> SolveResult:
+        stopping = StoppingRules(
+            problem.tol,
+            problem.max_iters,
+            certify=certificate_for(formulation),
+            sublinear_progress=sublinear_progress,
+            hand_over=hand_over,
+        )
+        return minimize(
+            formulation,
+            start,
+            stopping,
+            first_step=first_step,
+            on_iterate=lambda iterate: on_iterate(iterate, formulation),
+        )
+
+    merged_start = None
+
+    def merge_if_collapsed(point: Point) -> bool:
+        nonlocal merged_start
+        means = collapsed_class_means(point[1], full.labels, problem.num_classes)
+        if means is not None:
+            merged_start = [point[0], means, *point[2:]]
+        return means is not None
+
+    collapsing = phase(full, start, 0, None if merged is None else merge_if_collapsed)
+    if merged_start is None:
+        return RunResult(collapsing, merged_at=None)
+    assert merged is not None, "merged_start is set only by merge_if_collapsed, passed only with `merged`"
+    merged_at = collapsing.last.step
+    # The merged problem has K feature rows: its products are K d K multiply-adds.
+    with threads_for(problem.num_classes**2 * problem.dim, merged_start[1].device):
+        collapsed = phase(merged, merged_start, merged_at)
+    certified = phase(full, merged.expand(collapsed.last.point), collapsed.last.step)
+    return RunResult(certified, merged_at)
+
+
+def collapsed_class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """The normalized class means, if every feature lies within MERGE_TOL of its own.
+
+    Asked once per iteration until the merge, at the cost of about four passes over the
+    features and one more read from the device.
+    """
+    sums = features.new_zeros((num_classes, features.shape[1])).index_add_(0, labels, features)
+    means = sums.div_(torch.linalg.vector_norm(sums, dim=1, keepdim=True))
+    distances = torch.linalg.vector_norm(features - means.index_select(0, labels), dim=1)
+    return means if float(distances.max()) <= MERGE_TOL else None
