@@ -100,8 +100,10 @@ def migrated_engine(request: pytest.FixtureRequest, directory: Path) -> Iterator
         yield engine
 
 
-# Database 0 is the session's shared production stack's; the others go round.
-_redis_databases = itertools.cycle(range(1, 16))
+# Database 15 is the session's shared production stack's; the others go round 1-14 (0, Redis's
+# default, is left alone).
+SHARED_REDIS_DATABASE = 15
+_redis_databases = itertools.cycle(range(1, SHARED_REDIS_DATABASE))
 
 
 def fresh_redis_broker(database: int | None = None) -> str:
@@ -222,7 +224,7 @@ def shared_production(pg_admin, tmp_path_factory) -> Iterator[Stack]:
     with (
         fresh_pg_database(pg_admin) as database_url,
         running(make_processes(tmp_path_factory.mktemp("production"))) as procs,
-        production_stack(procs, database_url, fresh_redis_broker(database=0)) as stack,
+        production_stack(procs, database_url, fresh_redis_broker(SHARED_REDIS_DATABASE)) as stack,
     ):
         yield stack
 
@@ -355,7 +357,9 @@ def in_process_api(data_dir: Path, database_url: str | None = None, **env: str) 
         for name, value in env.items():
             patch.setenv(name, value)
         _clear_cached_settings()
-        # The API sends through service.queue.celery_app, made at import from the settings of then.
+        # The API sends through service.queue.celery_app, made at import from the settings of then;
+        # the worker's task (InProcessApi.run) is bound to that app: it too sends nowhere else.
+        patch.setitem(queue.celery_app.conf, "broker_url", "memory://")
         celery_app = queue.make_celery_app()
         patch.setattr(queue, "celery_app", celery_app)
         patch.setattr(health, "celery_app", celery_app)
