@@ -1,5 +1,6 @@
 """Helpers for tests: waiting for a condition, and talking to real servers."""
 
+import asyncio
 import base64
 import json
 import socket
@@ -90,3 +91,25 @@ def wait_for_status(client, experiment_id: str, statuses: set[str], timeout: flo
 
     return eventually(reached, timeout=timeout, interval=0.1,
                       message=lambda: f"experiment stayed {last.get('status')} (wanted {statuses}): {last}")
+
+
+def answer_to_raised(error: Exception, query: str = "") -> httpx.Response:
+    """What the API answers (its problem handlers, service.api.problems) to a request whose
+    route raised ``error``: for the errors no request can be made to cause on demand."""
+    from fastapi import FastAPI
+
+    from service.api import problems
+
+    app = FastAPI()
+    problems.install(app)
+
+    @app.get("/fail")
+    def fail():
+        raise error
+
+    async def get() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://nclab") as client:
+            return await client.get(f"/fail{query}")
+
+    return asyncio.run(get())

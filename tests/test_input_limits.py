@@ -5,17 +5,15 @@ the user gives holds a NUL character or a lone surrogate: each is a 422 naming t
 on SQLite as on PostgreSQL, and nothing is stored. The API runs in-process, on each database.
 """
 
-import asyncio
 import json
 
 import httpx
 import pydantic
 import pytest
-from fastapi import FastAPI
 from sqlalchemy.exc import DataError
 
-from service.api import problems
 from service.schemas import UFMSpec
+from tests.support import answer_to_raised
 
 PROBLEM_JSON = "application/problem+json"
 SPEC = {"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2}
@@ -163,19 +161,7 @@ def test_the_json_schema_states_the_range_of_every_integer(model):
 ])
 def test_a_value_only_the_database_refuses_is_a_422_problem_not_a_500(error):
     """The last line behind validation: what the database or its driver raises on a value it cannot store."""
-    app = FastAPI()
-    problems.install(app)
-
-    @app.post("/store")
-    def store():
-        raise error
-
-    async def post() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://nclab") as client:
-            return await client.post("/store")
-
-    problem = _refused(asyncio.run(post()))
+    problem = _refused(answer_to_raised(error))
     assert problem["detail"].startswith("a value the database cannot take: ")
 
 

@@ -13,7 +13,6 @@
   the field a model-level cap is about, a key pydantic cannot read (a lone surrogate).
 """
 
-import asyncio
 import base64
 import csv
 import io
@@ -24,18 +23,16 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from service import sweeps
-from service.api import problems
 from service.models import Experiment, result_copies, spec_copies
 from service.search import export, queries
 from service.search.language import FilterError, parse_filter, parse_order_by
 from tests.conftest import migrated_engine
-from tests.support import free_port, wait_for_status
+from tests.support import answer_to_raised, free_port, wait_for_status
 
 PROBLEM_JSON = "application/problem+json"
 NOT_A_CURSOR = "cursor: not a cursor returned by this API"
@@ -259,23 +256,6 @@ def _raised(url: str, statement: str, **connect_args) -> OperationalError:
     raise AssertionError(f"{statement[:40]} ran")
 
 
-def _answer(error: Exception, query: str = "") -> httpx.Response:
-    """The API's answer to a request whose route raised ``error``."""
-    app = FastAPI()
-    problems.install(app)
-
-    @app.get("/fail")
-    def fail():
-        raise error
-
-    async def get() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://nclab") as client:
-            return await client.get(f"/fail{query}")
-
-    return asyncio.run(get())
-
-
 def _sqlite_locked(tmp_path) -> OperationalError:
     path = tmp_path / "locked.sqlite"
     holder = sqlite3.connect(path, isolation_level=None)
@@ -289,7 +269,7 @@ def _sqlite_locked(tmp_path) -> OperationalError:
 
 def test_a_statement_beyond_sqlites_limits_is_a_422_naming_the_parameters_given():
     error = _raised("sqlite://", "SELECT " + ",".join(["1"] * 2001))  # at most 2,000 columns
-    problem = _refused(_answer(error, "?group_by=tags.a&metrics=nc1&limit=5"))
+    problem = _refused(answer_to_raised(error, "?group_by=tags.a&metrics=nc1&limit=5"))
     assert problem["detail"] == "the request is beyond what the database takes: too many columns in result set"
     assert _fields(problem) == ["group_by", "metrics"]
 
@@ -297,7 +277,7 @@ def test_a_statement_beyond_sqlites_limits_is_a_422_naming_the_parameters_given(
 def test_a_statement_beyond_postgresqls_limits_is_a_422(pg_admin):
     error = _raised(pg_admin.replace("postgresql://", "postgresql+psycopg://"),
                     "SELECT " + ",".join(["1"] * 1665))
-    problem = _refused(_answer(error, "?where=x"))
+    problem = _refused(answer_to_raised(error, "?where=x"))
     assert problem["detail"] == "the request is beyond what the database takes: " \
                                 "target lists can have at most 1664 entries"
     assert _fields(problem) == ["where"]
@@ -309,8 +289,8 @@ def _assert_unavailable(response: httpx.Response) -> None:
 
 
 def test_sqlite_locked_or_not_to_be_opened_is_a_503(tmp_path):
-    _assert_unavailable(_answer(_sqlite_locked(tmp_path)))
-    _assert_unavailable(_answer(_raised(f"sqlite:///{tmp_path}/missing/dir/x.sqlite", "SELECT 1")))
+    _assert_unavailable(answer_to_raised(_sqlite_locked(tmp_path)))
+    _assert_unavailable(answer_to_raised(_raised(f"sqlite:///{tmp_path}/missing/dir/x.sqlite", "SELECT 1")))
 
 
 def test_postgresql_out_of_reach_is_a_503(pg_admin):
@@ -320,7 +300,7 @@ def test_postgresql_out_of_reach_is_a_503(pg_admin):
                   _raised(url.rsplit("/", 1)[0] + "/no_such_database_here", "SELECT 1"),  # FATAL while connecting
                   _raised(url, "SELECT pg_terminate_backend(pg_backend_pid())"),  # 57P01, the connection lost
                   _raised(url, "SELECT pg_sleep(5)", options="-c statement_timeout=50")):  # 57014, a stuck database
-        _assert_unavailable(_answer(error))
+        _assert_unavailable(answer_to_raised(error))
 
 
 # 6. Every 422 names a field.

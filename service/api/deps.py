@@ -3,11 +3,11 @@
 import hmac
 from typing import Annotated, TypeVar
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.security import APIKeyCookie, APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from service.api.problems import InvalidField
+from service.api.problems import InvalidField, problem_responses
 from service.db import get_session
 from service.jobs import Submitted
 from service.models import Base
@@ -143,3 +143,14 @@ def metric_names(text: str | None, parameter: str, resolve) -> list[str]:
         return [resolve(name) for name in names(text)]
     except UnknownField as exc:
         raise InvalidField(parameter, str(exc)) from None
+
+
+def api_router(prefix: str, tag: str) -> APIRouter:
+    """A router of the API's resources: every route needs a key and takes only the query
+    parameters it declares, and may answer 401, 413, 422 or 503 as problem+json."""
+    return APIRouter(
+        prefix=prefix,
+        tags=[tag],
+        dependencies=[Depends(require_api_key), Depends(strict_query)],
+        responses=problem_responses(401, 413, 422, 503),
+    )

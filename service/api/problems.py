@@ -191,6 +191,11 @@ def _unreachable(exc: OperationalError) -> bool:
     return sqlstate is None or sqlstate.startswith(POSTGRESQL_UNREACHABLE)
 
 
+def _first_line(error: BaseException) -> str:
+    """A driver's message without its detail lines (which may quote the statement), or the error's type."""
+    return str(error).partition("\n")[0] or error.__class__.__name__
+
+
 # The parameters the search routes build their statements from: a statement beyond the
 # database's limits is named by those of them the request gave.
 STATEMENT_PARAMETERS = ("where", "order_by", "group_by", "metrics", "metric")
@@ -205,8 +210,7 @@ def _database_error(request: Request, exc: OperationalError) -> JSONResponse:
     """
     if _unreachable(exc):
         return _database_unavailable(request, exc)
-    reason = str(exc.orig).partition("\n")[0] or exc.orig.__class__.__name__
-    detail = f"the request is beyond what the database takes: {reason}"
+    detail = f"the request is beyond what the database takes: {_first_line(exc.orig or exc)}"
     named: list[str | None] = [name for name in STATEMENT_PARAMETERS if name in request.query_params] or [None]
     return problem(
         422, detail, errors=[{"field": name, "message": detail, "type": "beyond_the_database"} for name in named]
@@ -225,8 +229,7 @@ def _unstorable_value(_request: Request, exc: Exception) -> JSONResponse:
     This one cannot: neither database says which column refused the value.
     """
     cause = exc.orig if isinstance(exc, DataError) and exc.orig is not None else exc
-    reason = str(cause).partition("\n")[0] or cause.__class__.__name__
-    return problem(422, f"a value the database cannot take: {reason}")
+    return problem(422, f"a value the database cannot take: {_first_line(cause)}")
 
 
 def install(app: FastAPI) -> None:

@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response
+from fastapi import Body, HTTPException, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import idempotency, jobs, plots
@@ -10,11 +10,10 @@ from service.api.deps import (
     IdempotencyKeyHeader,
     OwnerDep,
     SessionDep,
+    api_router,
     get_or_404,
     metric_names,
     not_found,
-    require_api_key,
-    strict_query,
     submitted_headers,
 )
 from service.api.formats import (
@@ -45,12 +44,7 @@ from service.schemas import (
 from service.search import export, queries
 from service.search.fields import STEP_UNITS, history_key
 
-router = APIRouter(
-    prefix="/experiments",
-    tags=["experiments"],
-    dependencies=[Depends(require_api_key), Depends(strict_query)],
-    responses=problem_responses(401, 413, 422, 503),
-)
+router = api_router("/experiments", "experiments")
 NOT_FOUND = problem_responses(404)
 
 

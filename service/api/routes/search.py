@@ -8,12 +8,12 @@ that 'aggregate', 'curves' and 'search' are not taken for ids.
 from collections.abc import Sequence
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Query, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import plots
-from service.api.deps import SessionDep, metric_names, require_api_key, strict_query
+from service.api.deps import SessionDep, api_router, metric_names
 from service.api.formats import (
     CSV_RESPONSES,
     PNG_RESPONSES,
@@ -40,12 +40,7 @@ from service.search.language import (
     parse_optional_order_by,
 )
 
-router = APIRouter(
-    prefix="/experiments",
-    tags=["comparison"],
-    dependencies=[Depends(require_api_key), Depends(strict_query)],
-    responses=problem_responses(401, 413, 422, 503),
-)
+router = api_router("/experiments", "comparison")
 
 Where = Annotated[str | None, Query(max_length=20_000, description='a filter, e.g. "spec.K = 10 and result.nc1 < 0.1"')]
 GroupBy = Annotated[

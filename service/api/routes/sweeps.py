@@ -3,16 +3,15 @@
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import Query, Response
 
 from service import idempotency, jobs, sweeps
 from service.api.deps import (
     IdempotencyKeyHeader,
     OwnerDep,
     SessionDep,
+    api_router,
     get_or_404,
-    require_api_key,
-    strict_query,
     submitted_headers,
 )
 from service.api.problems import InvalidField, problem_responses
@@ -21,12 +20,7 @@ from service.models import Sweep, utcnow
 from service.schemas import SweepList, SweepOut
 from service.search import sweeps as sweep_queries
 
-router = APIRouter(
-    prefix="/sweeps",
-    tags=["sweeps"],
-    dependencies=[Depends(require_api_key), Depends(strict_query)],
-    responses=problem_responses(401, 413, 422, 503),
-)
+router = api_router("/sweeps", "sweeps")
 NOT_FOUND = problem_responses(404)
 
 
