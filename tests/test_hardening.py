@@ -190,10 +190,12 @@ def test_a_pool_process_ends_at_once_when_its_worker_is_killed(pg_database, proc
     processes.env.update(NCLAB_DATABASE_URL=pg_database, NCLAB_BROKER_URL=fresh_redis_broker())
     worker = processes.start("worker", name="worker")
     pool = _wait_for_children(worker.pid, 1)
-    # Celery says "ready" once its consumer runs, well after the pool process ran its
-    # start-up (worker_process_init: the PR_SET_PDEATHSIG request); a kill before that races it.
+    # A kill before the pool process's start-up (worker_process_init: the PR_SET_PDEATHSIG
+    # request) races it; Celery's "ready" can come first on a loaded machine, this line cannot.
     log = processes.log_dir / "worker.log"
-    eventually(lambda: " ready." in log.read_text(errors="replace"), timeout=60, message="the worker never said ready")
+    started = [f"pool process {pid} started: it ends with its worker" for pid in pool]
+    eventually(lambda: all(line in log.read_text(errors="replace") for line in started), timeout=60,
+               message="the pool process never said it started")
     with _adopting_orphans():
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait()

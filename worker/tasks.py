@@ -43,6 +43,7 @@ def prepare_pool_process(**_) -> None:
     # A pool process whose worker was killed outright stops at once: the reconciler
     # re-queues its job, which must not go on running unowned.
     die_with_parent(signal.SIGKILL)
+    log.info("pool process %d started: it ends with its worker", os.getpid())
 
 
 # While the database is unreachable a message cannot be claimed: it goes back to the
