@@ -5,16 +5,32 @@ The database is the source of truth, so task results are not stored in Celery.
 """
 
 from celery import Celery
+from kombu.transport import sqlalchemy as sqlalchemy_transport
 
 from service.settings import get_settings
 
 RUN_EXPERIMENT = "nclab.run_experiment"
 
 
+class EmbeddedQueue(sqlalchemy_transport.Transport):
+    """The embedded mode's queue: kombu's SQLAlchemy transport on SQLite, polled ten times a second.
+
+    Its default, once a second, made every job wait up to a second after its submit and
+    after the job before it. The interval cannot be passed as a transport option: this
+    transport hands its options to create_engine, which refuses it.
+    """
+
+    polling_interval = 0.1
+
+
 def make_celery_app() -> Celery:
     settings = get_settings()
     # The worker imports its tasks by module name; the API process never does (no torch).
-    app = Celery("nclab", broker=settings.resolved_broker_url, include=["worker.tasks"])
+    if settings.broker_url:
+        app = Celery("nclab", broker=settings.broker_url, include=["worker.tasks"])
+    else:
+        app = Celery("nclab", broker=f"sqlite:///{settings.embedded_queue_path}", include=["worker.tasks"])
+        app.conf.broker_transport = f"{__name__}:EmbeddedQueue"
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

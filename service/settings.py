@@ -57,8 +57,9 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'nclab.sqlite'}"
 
     @property
-    def resolved_broker_url(self) -> str:
-        return self.broker_url or f"sqla+sqlite:///{self.data_dir.resolve() / 'queue.sqlite'}"
+    def embedded_queue_path(self) -> Path:
+        """The embedded queue's SQLite file, used where broker_url is empty (service/queue.py)."""
+        return self.data_dir.resolve() / "queue.sqlite"
 
     @cached_property
     def key_owners(self) -> dict[str, str]:
