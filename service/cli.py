@@ -42,11 +42,13 @@ def _prepare_data_dir() -> None:
     get_settings().data_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _worker_argv(concurrency: int) -> list[str]:
-    # One process per GPU: a job owns its device for its whole run.
+def _worker_argv(concurrency: int, queues: list[str]) -> list[str]:
+    # A node name of its own (the pid): two workers on one host are two entries of the workers table.
     return [
         "worker",
         f"--concurrency={concurrency}",
+        f"--queues={','.join(queues)}",
+        f"--hostname=nclab-{os.getpid()}@%h",
         "--pool=prefork",
         "--loglevel=INFO",
         "--without-gossip",
@@ -73,8 +75,10 @@ def _stop_when_worker_dies(worker: subprocess.Popen, stopping: threading.Event) 
 
 @app.command()
 def serve(host: Host = "127.0.0.1", port: Port = 8000) -> None:
-    """Embedded mode: the API and one worker, no external server (SQLite + SQLite queue in NCLAB_DATA_DIR)."""
+    """Embedded mode: the API and one worker serving every queue, no external server (SQLite + SQLite queue in
+    NCLAB_DATA_DIR)."""
     from service import migrate as migrations
+    from service.schemas import QUEUES
     from service.settings import get_settings
 
     settings = get_settings()
@@ -85,7 +89,7 @@ def serve(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     typer.echo("nclab serve: starting the worker")
     # Its own process group, so that shutting down reaches the pool's child processes too.
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "service.queue", *_worker_argv(1)], start_new_session=True
+        [sys.executable, "-m", "celery", "-A", "service.queue", *_worker_argv(1, list(QUEUES))], start_new_session=True
     )
     stopping = threading.Event()
     threading.Thread(target=_stop_when_worker_dies, args=(worker, stopping), daemon=True).start()
@@ -154,12 +158,38 @@ def api(
 
 
 @app.command()
-def worker(concurrency: Annotated[int, typer.Option(help="jobs at once; keep 1 per GPU")] = 1) -> None:
-    """Production worker: consumes experiments from NCLAB_BROKER_URL."""
+def worker(
+    queues: Annotated[
+        str | None,
+        typer.Option(
+            envvar="NCLAB_WORKER_QUEUES",
+            help="queues to serve, comma-separated (cpu, gpu) [default: gpu where CUDA is visible, cpu always]",
+        ),
+    ] = None,
+    gpus: Annotated[
+        str | None,
+        typer.Option(help="one pool process per GPU, pinned to it: device ids (0,1,2,3) or 'all'"),
+    ] = None,
+    allow_cpu: Annotated[
+        bool,
+        typer.Option(envvar="NCLAB_WORKER_ALLOW_CPU", help="serve the gpu queue (train on the CPU) without CUDA"),
+    ] = False,
+    concurrency: Annotated[int, typer.Option(help="jobs at once, without --gpus")] = 1,
+) -> None:
+    """Production worker: consumes experiments from NCLAB_BROKER_URL, from the queues its host can serve."""
     from service.queue import celery_app
+    from worker import fleet
 
+    cuda_count = fleet.visible_gpu_count()
+    try:
+        pinned = fleet.resolve_gpus(gpus, cuda_count)
+        served = fleet.resolve_queues(queues, cuda_count, pinned, allow_cpu)
+    except fleet.FleetError as exc:
+        typer.echo(f"nclab worker: {exc}", err=True)
+        raise typer.Exit(2) from None
+    fleet.configure(pinned)
     _prepare_data_dir()
-    celery_app.worker_main(_worker_argv(concurrency))
+    celery_app.worker_main(_worker_argv(len(pinned) or concurrency, served))
 
 
 data_app = typer.Typer(help="Data sets in NCLAB_DATA_DIR.", no_args_is_help=True)

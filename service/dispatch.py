@@ -1,4 +1,4 @@
-"""New experiments' messages, sent by one thread per API process, many per round.
+"""New experiments' messages, sent by one thread per API process, many per round, each to its queue.
 
 A submit (an experiment, or a sweep's members) commits its rows and returns; this thread
 then sends their messages. The row is
@@ -19,6 +19,7 @@ from functools import lru_cache
 
 from service import jobs
 from service.db import get_sessionmaker
+from service.jobs import Outgoing
 from service.queue import enqueue_many
 
 log = logging.getLogger("nclab.dispatch")
@@ -31,22 +32,22 @@ _CLOSE = object()
 
 
 class Dispatcher:
-    """Sends the ids handed to it, in rounds of whatever arrived meanwhile, on a thread of its own."""
+    """Sends the messages handed to it, in rounds of whatever arrived meanwhile, on a thread of its own."""
 
-    def __init__(self, send_round: Callable[[list[str]], None]):
+    def __init__(self, send_round: Callable[[list[Outgoing]], None]):
         self._send_round = send_round
         self._pending: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
-    def send(self, *experiment_ids: str) -> None:
+    def send(self, *outgoing: Outgoing) -> None:
         if self._thread is None:
             with self._start_lock:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="nclab-dispatch", daemon=True)
                     self._thread.start()
-        for experiment_id in experiment_ids:
-            self._pending.put(experiment_id)
+        for message in outgoing:
+            self._pending.put(message)
 
     def close(self, timeout: float = 10.0) -> None:
         """Send what is pending, then stop the thread (a later ``send`` starts a new one)."""
@@ -64,20 +65,20 @@ class Dispatcher:
             while len(batch) < MAX_ROUND and not self._pending.empty():
                 batch.append(self._pending.get())
             closing = _CLOSE in batch
-            ids = [item for item in batch if item is not _CLOSE]
-            if not ids:
+            messages = [item for item in batch if item is not _CLOSE]
+            if not messages:
                 continue
             try:
-                self._send_round(ids)
+                self._send_round(messages)
             except Exception:
                 # The rows stay unsent: the reconciler's next round sends them.
-                log.exception("sending %d new jobs failed; the reconciler will send them", len(ids))
+                log.exception("sending %d new jobs failed; the reconciler will send them", len(messages))
 
 
-def send_round(experiment_ids: list[str]) -> None:
+def send_round(outgoing: list[Outgoing]) -> None:
     with get_sessionmaker()() as session:
-        if not jobs.send_many(session, experiment_ids, enqueue_many):
-            log.warning("the broker refused %d new jobs; the reconciler will send them", len(experiment_ids))
+        if not jobs.send_many(session, outgoing, enqueue_many):
+            log.warning("the broker refused %d new jobs; the reconciler will send them", len(outgoing))
 
 
 @lru_cache

@@ -167,3 +167,18 @@ def train_bytes(spec: dict, class_counts: tuple[int, ...] | None) -> dict[str, i
         "evaluation": (4 + 8) * max(train, test) * (spec["d"] + spec["K"]),
     }
     return {**parts, "total": sum(parts.values())}
+
+
+def train_artifact_bytes(spec: dict, class_counts: tuple[int, ...] | None) -> int:
+    """What a train job keeps: model.safetensors (float32 parameters; BatchNorm's buffers are a rounding
+    error beside them) and, with save_features, features.safetensors (float32 features, int64 labels)."""
+    kept = 4 * network(spec).parameters
+    if spec["save_features"]:
+        train, test = samples(spec, class_counts)
+        kept += (4 * spec["d"] + 8) * (train + test)
+    return kept
+
+
+def ufm_artifact_bytes(num_classes: int, dim: int, samples: int, bias: bool) -> int:
+    """What a UFM solve keeps: solution.safetensors (float64 W, H and b, int64 labels)."""
+    return 8 * (num_classes * dim + samples * dim + num_classes * bias) + 8 * samples

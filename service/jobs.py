@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, case, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
@@ -24,6 +24,7 @@ from service import idempotency
 from service.db import rowcount
 from service.idempotency import Keyed
 from service.models import (
+    Artifact,
     Experiment,
     IdempotencyKey,
     MetricRow,
@@ -74,14 +75,21 @@ def _queued(spec: dict, owner: str, name: str | None, tags: dict[str, str] | Non
     )
 
 
+class Outgoing(NamedTuple):
+    """A job's message to send: which experiment, to which queue (its spec's ``resources``)."""
+
+    id: str
+    queue: str
+
+
 @dataclass(frozen=True)
 class Submitted:
     """What a submit created, or, for a replayed Idempotency-Key, what the key's first request did."""
 
     id: str  # the experiment's or the sweep's
     new: bool
-    # The new experiments, for the dispatcher to send (none for a replay).
-    experiments: list[str] = field(default_factory=list)
+    # The new experiments' messages, for the dispatcher to send (none for a replay).
+    experiments: list[Outgoing] = field(default_factory=list)
     # A new experiment as stored (queries.RESOURCE_KEYS): its response needs no second read.
     stored: dict | None = None
 
@@ -113,7 +121,8 @@ def submit(
             connection.execute(_INSERT_KEY, keyed.record(values["id"]))
         row = connection.execute(_INSERT, {_COLUMN_OF[key]: value for key, value in values.items()}).one()
         connection.commit()
-        return Submitted(values["id"], new=True, experiments=[values["id"]], stored=dict(zip(RESOURCE_KEYS, row)))
+        outgoing = [Outgoing(values["id"], values["queue"])]
+        return Submitted(values["id"], new=True, experiments=outgoing, stored=dict(zip(RESOURCE_KEYS, row)))
 
     submitted = _once(connection, keyed, create)
     if submitted.new:
@@ -132,7 +141,9 @@ def submit_sweep(session: Session, sweep: Sweep, specs: list[dict], keyed: Keyed
         session.flush()  # the sweep's row first: the members' foreign key names it
         session.execute(insert(Experiment), members)
         session.commit()
-        return Submitted(sweep.id, new=True, experiments=[member["id"] for member in members])
+        return Submitted(
+            sweep.id, new=True, experiments=[Outgoing(member["id"], member["queue"]) for member in members]
+        )
 
     submitted = _once(session, keyed, create)
     if submitted.new:
@@ -160,10 +171,10 @@ def _once(connection: Connection | Session, keyed: Keyed | None, create: Callabl
     return create()  # the key had expired
 
 
-def send(session: Session, experiment_id: str, enqueue: Callable[[str], None]) -> bool:
-    """Enqueue the job's message; on success record when. A failed send is retried by the reconciler."""
+def send(session: Session, experiment_id: str, queue: str, enqueue: Callable[[str, str], None]) -> bool:
+    """Enqueue the job's message on its queue; on success record when. A failed send is retried by the reconciler."""
     try:
-        enqueue(experiment_id)
+        enqueue(experiment_id, queue)
     except Exception:
         session.execute(update(Experiment).where(Experiment.id == experiment_id).values(sent_at=None))
         session.commit()
@@ -189,22 +200,23 @@ def _mark_sent(session: Session, experiment_ids: list[str]) -> None:
     session.commit()
 
 
-def send_many(session: Session, experiment_ids: list[str], enqueue_many: Callable[[list[str]], None]) -> bool:
+def send_many(session: Session, outgoing: list[Outgoing], enqueue_many: Callable[[list[Outgoing]], None]) -> bool:
     """Enqueue many jobs in one round of sends and record it in one UPDATE (a sweep's members).
 
     If the round fails part-way, none is marked sent and the reconciler sends them all
     again; a job that gets two messages still runs once (claims are conditional).
     """
     try:
-        enqueue_many(experiment_ids)
+        enqueue_many(outgoing)
     except Exception:
         return False
-    _mark_sent(session, experiment_ids)
+    _mark_sent(session, [message.id for message in outgoing])
     return True
 
 
-def claim(session: Session, experiment_id: str, worker: str) -> Experiment | None:
-    """Move a queued job to running for a new attempt; None if it is not queued."""
+def claim(session: Session, experiment_id: str, worker: str, environment: dict | None = None) -> Experiment | None:
+    """Move a queued job to running for a new attempt, run by ``worker`` in ``environment``; None if it is
+    not queued. The history is left as it is: the attempt says where it starts (start_history)."""
     now = utcnow()
     claimed = rowcount(
         session.execute(
@@ -216,6 +228,8 @@ def claim(session: Session, experiment_id: str, worker: str) -> Experiment | Non
                 started_at=now,
                 heartbeat_at=now,
                 worker=worker,
+                environment=environment,
+                resumed_from_epoch=None,
                 progress=0.0,
                 error=None,
                 result=None,
@@ -226,13 +240,30 @@ def claim(session: Session, experiment_id: str, worker: str) -> Experiment | Non
     if not claimed:
         session.rollback()
         return None
-    # A rerun starts its history afresh.
-    session.execute(delete(MetricRow).where(MetricRow.experiment_id == experiment_id))
     session.commit()
     job = session.get(Experiment, experiment_id, populate_existing=True)
     assert job is not None  # claimed above, and experiments are never deleted
     log_transition(experiment_id, "queued", "running", attempt=job.attempts, worker=worker)
     return job
+
+
+def start_history(session: Session, experiment_id: str, attempt: int, resumed_from_epoch: int | None) -> None:
+    """Where the attempt's history starts: afresh, or after the epoch of the checkpoint it resumed from.
+
+    The rows of the steps it will write again (all of them, or those after the checkpoint)
+    are deleted, so that what a lost attempt wrote past its last checkpoint is never mixed
+    with what this one writes.
+    """
+    if session.scalar(select(Experiment.id).where(*_owned(experiment_id, attempt))) is None:
+        return
+    stale = delete(MetricRow).where(MetricRow.experiment_id == experiment_id)
+    if resumed_from_epoch is not None:
+        stale = stale.where(MetricRow.step > resumed_from_epoch)
+    session.execute(stale)
+    session.execute(
+        update(Experiment).where(*_owned(experiment_id, attempt)).values(resumed_from_epoch=resumed_from_epoch)
+    )
+    session.commit()
 
 
 def _owned(experiment_id: str, attempt: int):
@@ -270,7 +301,10 @@ def finish(
     status: str,
     result: dict | None = None,
     error: str | None = None,
+    artifacts: list[dict] | None = None,
 ) -> bool:
+    """End the attempt's job with its outcome and the files it kept (service/artifacts.describe), in one
+    transaction; False when the attempt no longer owns the job (nothing is written)."""
     assert status in TERMINAL_STATUSES
     values: dict[str, Any] = dict(status=status, finished_at=utcnow(), error=error)
     if result is not None:
@@ -279,6 +313,13 @@ def finish(
     if status == "succeeded":
         values["progress"] = 1.0
     finished = rowcount(session.execute(update(Experiment).where(*_owned(experiment_id, attempt)).values(**values)))
+    if finished and artifacts:
+        now = utcnow()
+        session.execute(delete(Artifact).where(Artifact.experiment_id == experiment_id))
+        session.execute(
+            insert(Artifact),
+            [{**artifact, "experiment_id": experiment_id, "created_at": now} for artifact in artifacts],
+        )
     session.commit()
     if finished:
         log_transition(experiment_id, "running", status, attempt=attempt, **({"error": error} if error else {}))
@@ -368,7 +409,7 @@ def forget_sends(session: Session) -> int:
     return count
 
 
-def reconcile(session: Session, settings: Settings, enqueue: Callable[[str], None]) -> None:
+def reconcile(session: Session, settings: Settings, enqueue: Callable[[str, str], None]) -> None:
     """Repair what a crash or a lost message left behind.
 
     - running jobs with a stale heartbeat are re-queued, or failed once they have used
@@ -406,7 +447,9 @@ def reconcile(session: Session, settings: Settings, enqueue: Callable[[str], Non
     never_sent = Experiment.sent_at.is_(None) & (Experiment.created_at < now - FIRST_SEND_GRACE)
     due = never_sent | (Experiment.sent_at < now - _resend_delay(settings, 0))
     queued = session.execute(
-        select(Experiment.id, Experiment.sent_at, Experiment.send_count).where(Experiment.status == "queued", due)
+        select(Experiment.id, Experiment.queue, Experiment.sent_at, Experiment.send_count).where(
+            Experiment.status == "queued", due
+        )
     ).all()
     for row in queued:
         if row.sent_at is not None and now - row.sent_at < _resend_delay(settings, row.send_count):
@@ -421,7 +464,7 @@ def reconcile(session: Session, settings: Settings, enqueue: Callable[[str], Non
         )
         session.commit()
         if taken:
-            send(session, row.id, enqueue)
+            send(session, row.id, row.queue, enqueue)
 
 
 def _resend_delay(settings: Settings, send_count: int) -> timedelta:

@@ -3,7 +3,20 @@
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, ClassVar
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Table, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -87,6 +100,8 @@ class Experiment(Base):
     seed: Mapped[int | None] = mapped_column(Integer)
     epochs: Mapped[int | None] = mapped_column(Integer)
     lr: Mapped[float | None] = mapped_column(Float)
+    # The queue its messages go to (spec field `resources`): the reconciler re-sends there.
+    queue: Mapped[str] = mapped_column(String(16))
 
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     result: Mapped[dict | None] = mapped_column(JSONDocument)
@@ -122,6 +137,10 @@ class Experiment(Base):
     send_count: Mapped[int] = mapped_column(Integer, default=0)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     worker: Mapped[str | None] = mapped_column(String(255))
+    # Provenance of the latest attempt (worker/environment.py): versions, device, host, worker.
+    environment: Mapped[dict | None] = mapped_column(JSONDocument)
+    # Training: the epoch of the checkpoint the latest attempt resumed from (None: from the start).
+    resumed_from_epoch: Mapped[int | None] = mapped_column(Integer)
 
     # Who submitted it (the API key's owner) and the user's own labels, editable later.
     owner: Mapped[str] = mapped_column(String(200), index=True, default="anonymous")
@@ -150,6 +169,7 @@ SPEC_COLUMNS = {
     "seed": "seed",
     "epochs": "epochs",
     "lr": "lr",
+    "resources": "queue",
 }
 RESULT_COLUMNS = {
     column.key.removeprefix("result_"): column.key
@@ -212,3 +232,34 @@ HISTORY_COLUMNS = tuple(
 def history_copies(values: dict) -> dict:
     """The typed copies of a history row's metrics."""
     return {key: values.get(key) for key in HISTORY_COLUMNS}
+
+
+class Artifact(Base):
+    """A file an experiment produced, kept under NCLAB_ARTIFACT_ROOT/<experiment id>/<name> (service/artifacts.py)."""
+
+    __tablename__ = "artifacts"
+
+    experiment_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    media_type: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class WorkerPresence(Base):
+    """A live worker and the queues it serves, refreshed every heartbeat interval by the worker's main process.
+
+    A worker whose row is older than the heartbeat timeout is gone: a queued job whose queue
+    no live worker serves says so (``waiting``), and /metrics counts consumers per queue.
+    """
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery's node name, e.g. celery@host
+    queues: Mapped[list] = mapped_column(JSONDocument)
+    processes: Mapped[int] = mapped_column(Integer)  # pool processes: jobs it runs at once
+    gpus: Mapped[list | None] = mapped_column(JSONDocument)  # the device ids its pool processes are pinned to
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -4,6 +4,8 @@ Configured as docs/lifecycle.md ("Celery settings") says: JSON only, late acks, 
 The database is the source of truth, so task results are not stored in Celery.
 """
 
+from collections.abc import Sequence
+
 from celery import Celery
 from kombu.transport import sqlalchemy as sqlalchemy_transport
 
@@ -47,18 +49,20 @@ def make_celery_app() -> Celery:
     )
     # By name, so that the API (which never imports the worker) does not load it.
     app.steps["consumer"].add("worker.recovery:ResendQueuedOnConnect")
+    app.steps["worker"].add("worker.presence:Presence")
     return app
 
 
 celery_app = make_celery_app()
 
 
-def enqueue(experiment_id: str) -> None:
-    celery_app.send_task(RUN_EXPERIMENT, args=[experiment_id])
+def enqueue(experiment_id: str, queue: str) -> None:
+    celery_app.send_task(RUN_EXPERIMENT, args=[experiment_id], queue=queue)
 
 
-def enqueue_many(experiment_ids: list[str]) -> None:
-    """One message per job, all written in one round trip (a Redis pipeline): half the cost of one by one."""
+def enqueue_many(outgoing: Sequence[tuple[str, str]]) -> None:
+    """One message per (experiment id, queue), all written in one round trip (a Redis pipeline): half the cost
+    of one by one."""
     with celery_app.producer_or_acquire() as producer, producer.batch():
-        for experiment_id in experiment_ids:
-            celery_app.send_task(RUN_EXPERIMENT, args=[experiment_id], producer=producer)
+        for experiment_id, queue in outgoing:
+            celery_app.send_task(RUN_EXPERIMENT, args=[experiment_id], queue=queue, producer=producer)

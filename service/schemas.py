@@ -31,6 +31,12 @@ Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 STATUSES: tuple[str, ...] = typing.get_args(Status)
 TERMINAL_STATUSES = ("succeeded", "failed", "canceled")
 
+# The queues jobs are routed to by the resource they run on: a worker serves the queues its
+# host can (`nclab worker --queues`). Each spec kind's `resources` default says where it goes.
+Resources = Literal["cpu", "gpu"]
+QUEUES: tuple[str, ...] = typing.get_args(Resources)
+RESOURCES_DESCRIPTION = "the queue the job goes to: the workers that serve it run it"
+
 
 def _positive_counts(value: Any) -> Any:
     """One clear error for n_per_class, instead of one per member of the int | list union."""
@@ -186,6 +192,7 @@ class UFMSpec(SpecBase):
         None, ge=1, description="iterations between history rows; default a 1-2-5 log schedule"
     )
     restarts: int = Field(1, ge=1, description="independent random starts; the best run is kept")
+    resources: Resources = Field("cpu", description=RESOURCES_DESCRIPTION)
 
     @field_validator("d")
     @classmethod
@@ -212,6 +219,12 @@ class UFMSpec(SpecBase):
     @classmethod
     def _work_capped(cls, value: int, info: ValidationInfo) -> int:
         return _at_most_setting(value, {"max_iters": "max_iters", "restarts": "max_restarts"}[_field_name(info)])
+
+    @model_validator(mode="after")
+    def _solution_capped(self) -> "UFMSpec":
+        samples = sum(self.n_per_class) if isinstance(self.n_per_class, list) else self.K * self.n_per_class
+        _artifacts_capped(job_size.ufm_artifact_bytes(self.K, self.d, samples, self.bias), "the solution W, H, b")
+        return self
 
     @field_validator(*FIELD_OWNERS)
     @classmethod
@@ -307,6 +320,13 @@ class TrainSpec(SpecBase):
     gaussian_train_per_class: int = Field(100, ge=1, description="gaussian only")
     gaussian_test_per_class: int = Field(50, ge=1, description="gaussian only")
     gaussian_noise: float = Field(1.0, ge=0, description="gaussian only: noise std around unit-norm * 3 means")
+    checkpoint_every: int = Field(
+        1, ge=1, description="epochs between checkpoints: a re-queued attempt resumes from the last one"
+    )
+    save_features: bool = Field(
+        False, description="keep the penultimate features and labels of both sets as an artifact (features.safetensors)"
+    )
+    resources: Resources = Field("gpu", description=RESOURCES_DESCRIPTION)
 
     @field_validator("dataset")
     @classmethod
@@ -422,7 +442,9 @@ class TrainSpec(SpecBase):
                     }
                 ],
             )
-        estimate = job_size.train_bytes(self.model_dump(), DATASETS[self.dataset].class_counts)
+        spec = self.model_dump()
+        class_counts = DATASETS[self.dataset].class_counts
+        estimate = job_size.train_bytes(spec, class_counts)
         cap = get_settings().max_job_bytes
         if estimate["total"] > cap:
             parts = ", ".join(f"{name} {_gib(size)}" for name, size in estimate.items() if name != "total")
@@ -430,11 +452,24 @@ class TrainSpec(SpecBase):
                 f"the job needs about {_gib(estimate['total'])} by its estimate ({parts}); "
                 f"the cap is {_gib(cap)} (NCLAB_MAX_JOB_BYTES)"
             )
+        _artifacts_capped(
+            job_size.train_artifact_bytes(spec, class_counts), "the weights and, with save_features, the features"
+        )
         return self
 
 
 def _gib(size: int) -> str:
     return f"{size / 2**30:.3g} GiB"
+
+
+def _artifacts_capped(size: int, what: str) -> None:
+    """A job's files (service/artifacts.py) within NCLAB_MAX_ARTIFACT_BYTES: refused at submit, not at its end."""
+    cap = get_settings().max_artifact_bytes
+    if size > cap:
+        raise ValueError(
+            f"the job would keep about {_gib(size)} of files ({what}); the cap is {_gib(cap)} "
+            "(NCLAB_MAX_ARTIFACT_BYTES)"
+        )
 
 
 ExperimentSpec = Annotated[UFMSpec | TrainSpec, Field(discriminator="kind")]
@@ -562,6 +597,16 @@ class ExperimentOut(BaseModel):
     error: str | None
     cancel_requested: bool
     attempts: int
+    queue: Resources = Field(description="the queue its messages go to (the spec's resources)")
+    waiting: str | None = Field(
+        None, description="why a queued experiment cannot start, e.g. 'no worker serves queue gpu'; else null"
+    )
+    resumed_from_epoch: int | None = Field(
+        None, description="training: the checkpoint's epoch the latest attempt resumed from (none: from the start)"
+    )
+    environment: dict[str, Any] | None = Field(
+        None, description="where the latest attempt ran: versions, device, host, worker"
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -593,3 +638,21 @@ class MetricHistory(BaseModel):
     """Rows in step order: ``{"step": 0, "loss": ..., "nc1": ..., ...}``."""
 
     items: list[dict[str, Any]]
+
+
+class ArtifactOut(BaseModel):
+    """A file an experiment kept, as its row in ``artifacts`` records it (service/artifacts.py)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str = Field(description="the file's name, e.g. model.safetensors; download it at .../artifacts/{name}")
+    bytes: int = Field(description="its size")
+    sha256: str = Field(description="the SHA-256 of its bytes, in hex; also the download's ETag")
+    media_type: str = Field(description="the download's Content-Type")
+    created_at: datetime
+
+
+class ArtifactList(BaseModel):
+    """An experiment's artifacts, ordered by name."""
+
+    items: list[ArtifactOut]

@@ -52,9 +52,19 @@ class Settings(BaseSettings):
     # A train job whose memory estimate (service/job_size.py) is above this is refused at submit.
     max_job_bytes: int = Field(16 * 2**30, ge=2**20)
 
+    # Where each experiment's files are kept (service/artifacts.py): a directory that the API
+    # and every worker see at the same path. Empty means "<data_dir>/artifacts".
+    artifact_root: str = ""
+    # A job whose artifacts would take more than this (by service/job_size.py's estimate) is refused at submit.
+    max_artifact_bytes: int = Field(8 * 2**30, ge=2**20)
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'nclab.sqlite'}"
+
+    @property
+    def resolved_artifact_root(self) -> Path:
+        return Path(self.artifact_root).resolve() if self.artifact_root else self.data_dir.resolve() / "artifacts"
 
     @property
     def embedded_queue_path(self) -> Path:

@@ -163,6 +163,8 @@ class Processes:
 def make_processes(directory: Path) -> Processes:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NCLAB_")}
     env.update(FAST_LIFECYCLE, NCLAB_DATA_DIR=str(directory / "data"), PYTHONUNBUFFERED="1")
+    # This machine has no GPU: its workers serve the gpu queue too (training on the CPU), as a laptop's would.
+    env.update(NCLAB_WORKER_QUEUES="cpu,gpu", NCLAB_WORKER_ALLOW_CPU="1")
     return Processes(env=env, log_dir=directory)
 
 

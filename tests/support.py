@@ -60,11 +60,11 @@ def redis_server(port: int) -> subprocess.Popen:
     return server
 
 
-def queued_messages(broker_url: str) -> list[tuple[str, str]]:
-    """(task name, experiment id) of each message waiting in Celery's default queue on a Redis broker."""
+def queued_messages(broker_url: str, queue: str = "cpu") -> list[tuple[str, str]]:
+    """(task name, experiment id) of each message waiting in a queue (UFM solves go to cpu) on a Redis broker."""
     messages = []
     with redis.Redis.from_url(broker_url) as broker:
-        for raw in broker.lrange("celery", 0, -1):
+        for raw in broker.lrange(queue, 0, -1):
             envelope = json.loads(raw)
             args, _kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
             messages.append((envelope["headers"]["task"], args[0]))

@@ -279,7 +279,11 @@ def test_metrics_count_requests_per_route_and_jobs_per_status(lab):
                  for item in client.get("/experiments/aggregate", params={"group_by": "status"}).json()["items"]}
     for status in ("queued", "running", "succeeded", "failed", "canceled"):
         assert samples[("nclab_jobs", (("status", status),))] == by_status.get(status, 0)
-    assert samples[("nclab_queue_depth", ())] == by_status.get("queued", 0)
+    queued = client.get("/experiments/aggregate", params={"group_by": "spec.resources", "where": "status = 'queued'"})
+    by_queue = {item["group"]["spec.resources"]: item["count"] for item in queued.json()["items"]}
+    for queue in ("cpu", "gpu"):
+        assert samples[("nclab_queue_depth", (("queue", queue),))] == by_queue.get(queue, 0)
+        assert samples[("nclab_queue_consumers", (("queue", queue),))] == 0  # in-process jobs: no worker announced
     finished = sum(by_status.get(status, 0) for status in ("succeeded", "failed", "canceled"))
     ufm_count = samples[("nclab_job_duration_seconds_count", (("kind", "ufm"),))]
     assert ufm_count == finished  # every job of this module is a UFM solve

@@ -28,7 +28,7 @@ from tests.support import wait_for_status
 from tests.test_cli import nclab
 
 HYPERLINK = '=HYPERLINK("http://x.example")'
-UFM = {"kind": "ufm", "K": 4, "d": 6, "n_per_class": 3}
+UFM = {"kind": "ufm", "K": 4, "d": 6, "n_per_class": 3, "resources": "cpu"}
 # The columns of the experiment export that hold numbers: none of their cells may be quoted.
 NUMBER_COLUMNS = ["progress", "attempts"] + [name for name, field in (SPEC_FIELDS | RESULT_FIELDS).items()
                                              if field.type == "number"]

@@ -157,7 +157,7 @@ ROWS = [("alice", "keep"), ("alice", "other"), ("bob", "keep"), ("bob", "other")
 
 def _experiment(owner: str, name: str | None, minute: int) -> Experiment:
     spec = {"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2, "normalization": "normalized", "logit_scale": 1.0,
-            "seed": 0, "bias": False}
+            "seed": 0, "bias": False, "resources": "cpu"}
     result = {"nc1": 0.1 * minute}
     return Experiment(
         id=str(uuid.uuid4()), status="succeeded", spec=spec, **spec_copies(spec), result=result,

@@ -1,4 +1,4 @@
-"""The submit-time memory estimate of a train job: exact parameter counts, and the caps."""
+"""The submit-time estimates and their caps: a train job's memory (exact parameter counts), any job's files."""
 
 import pytest
 import torch
@@ -100,3 +100,18 @@ def test_the_test_subset_bounds_the_test_samples_counted():
     assert job_size.samples(spec, counts) == (120, 4000)
     assert job_size.samples({**spec, "test_n_per_class": 100}, counts) == (120, 400)
     assert job_size.samples({**spec, "test_n_per_class": 5000}, counts) == (120, 4000)  # no more than there are
+
+
+def test_a_job_whose_files_would_pass_the_artifact_cap_is_refused_at_submit(api_with):
+    client = api_with(NCLAB_MAX_ARTIFACT_BYTES=str(2**20)).client
+    wide = {"kind": "train", "dataset": "gaussian", "K": 10, "d": 64, "gaussian_dim": 1000, "mlp_width": 256}
+    assert client.post("/experiments", json={**wide, "mlp_width": 64}).status_code == 202  # 4 x 77k parameters
+    refused = client.post("/experiments", json=wide)  # 4 x 340k parameters: 1.3 MiB of weights
+    assert refused.status_code == 422 and "NCLAB_MAX_ARTIFACT_BYTES" in refused.json()["detail"]
+    assert "the weights" in refused.json()["detail"]
+    small = {**wide, "mlp_width": 64, "gaussian_train_per_class": 2000}
+    assert client.post("/experiments", json=small).status_code == 202
+    with_features = client.post("/experiments", json={**small, "save_features": True})  # 20k x (64 x 4 + 8) bytes
+    assert with_features.status_code == 422 and "NCLAB_MAX_ARTIFACT_BYTES" in with_features.json()["detail"]
+    solution = client.post("/experiments", json={"kind": "ufm", "K": 10, "d": 100, "n_per_class": 200})
+    assert solution.status_code == 422 and "the solution W, H, b" in solution.json()["detail"]

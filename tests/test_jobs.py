@@ -14,7 +14,7 @@ from service.db import make_engine
 from service.models import Experiment, IdempotencyKey, MetricRow, Sweep, utcnow
 from service.settings import Settings
 
-SPEC = {"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2, "normalization": "normalized"}
+SPEC = {"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2, "normalization": "normalized", "resources": "cpu"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -81,11 +81,12 @@ def age(session, job: Experiment, seconds: float) -> None:
 
 def test_reconciler_requeues_stale_jobs_then_fails_them_at_the_attempt_cap(session):
     sent = []
+    send = lambda experiment_id, _queue: sent.append(experiment_id)  # noqa: E731
     job = created(session)
-    jobs.reconcile(session, settings(), sent.append)
+    jobs.reconcile(session, settings(), send)
     assert sent == []  # new and unsent: the API's dispatcher is about to send it
     age(session, job, jobs.FIRST_SEND_GRACE.total_seconds() + 1)
-    jobs.reconcile(session, settings(), sent.append)  # still never sent (e.g. broker was down): send it
+    jobs.reconcile(session, settings(), send)  # still never sent (e.g. broker was down): send it
     assert sent == [job.id]
 
     for attempt in (1, 2):
@@ -93,7 +94,7 @@ def test_reconciler_requeues_stale_jobs_then_fails_them_at_the_attempt_cap(sessi
         session.execute(update(Experiment).where(Experiment.id == job.id)
                         .values(heartbeat_at=utcnow() - timedelta(seconds=11)))
         session.commit()
-        jobs.reconcile(session, settings(), sent.append)
+        jobs.reconcile(session, settings(), send)
         session.refresh(job)
         if attempt == 1:
             assert (job.status, sent[-1]) == ("queued", job.id)
@@ -105,21 +106,22 @@ def test_reconciler_requeues_stale_jobs_then_fails_them_at_the_attempt_cap(sessi
 def test_reconciler_resends_queued_jobs_with_backoff_and_tolerates_a_dead_broker(session):
     job = created(session)
 
-    def broker_down(_):
+    def broker_down(_id, _queue):
         raise ConnectionError("broker down")
 
-    assert not jobs.send(session, job.id, broker_down)
+    assert not jobs.send(session, job.id, "cpu", broker_down)
     age(session, job, jobs.FIRST_SEND_GRACE.total_seconds() + 1)
     sent = []
-    jobs.reconcile(session, settings(), sent.append)
-    jobs.reconcile(session, settings(), sent.append)  # sent just now: not again
-    assert sent == [job.id]
+    send = lambda *message: sent.append(message)  # noqa: E731
+    jobs.reconcile(session, settings(), send)
+    jobs.reconcile(session, settings(), send)  # sent just now: not again
+    assert sent == [(job.id, "cpu")]  # to the queue its spec names
 
     session.execute(update(Experiment).where(Experiment.id == job.id)
                     .values(sent_at=utcnow() - timedelta(seconds=61)))
     session.commit()
-    jobs.reconcile(session, settings(), sent.append)  # presumed lost after resend_after
-    assert sent == [job.id, job.id]
+    jobs.reconcile(session, settings(), send)  # presumed lost after resend_after
+    assert sent == [(job.id, "cpu"), (job.id, "cpu")]
     session.refresh(job)
     assert job.send_count == 2
 
@@ -135,7 +137,7 @@ def test_every_transition_is_one_json_log_line(session, caplog):
     session.execute(update(Experiment).where(Experiment.id == third.id)
                     .values(heartbeat_at=utcnow() - timedelta(seconds=60)))
     session.commit()
-    jobs.reconcile(session, settings(), enqueue=lambda _id: None)
+    jobs.reconcile(session, settings(), enqueue=lambda _id, _queue: None)
 
     lines = [json.loads(record.getMessage()) for record in caplog.records if record.name == "nclab.jobs"]
     moves = [(line["experiment"], line["from"], line["to"]) for line in lines]
@@ -154,7 +156,7 @@ def test_every_transition_is_one_json_log_line(session, caplog):
 def test_a_keyed_submit_creates_once_and_its_replays_say_so(session):
     keyed = idempotency.keyed("alice", "key-1", "/experiments", {"spec": SPEC})
     first = jobs.submit(session, SPEC, owner="alice", keyed=keyed)
-    assert first.new and first.experiments == [first.id] and first.stored["id"] == first.id
+    assert first.new and first.experiments == [(first.id, "cpu")] and first.stored["id"] == first.id
     replay = jobs.submit(session, SPEC, owner="alice", keyed=keyed)
     assert (replay.id, replay.new, replay.experiments, replay.stored) == (first.id, False, [], None)
     assert session.scalar(select(func.count()).select_from(Experiment)) == 1
@@ -176,10 +178,12 @@ def test_a_keyed_submit_creates_once_and_its_replays_say_so(session):
 def test_a_sweep_is_stored_whole_and_its_members_are_left_to_the_dispatcher(session):
     sweep = Sweep(id=str(uuid.uuid4()), owner="alice", name="s", tags={}, definition={}, size=3,
                   created_at=utcnow())
-    submitted = jobs.submit_sweep(session, sweep, [{**SPEC, "seed": seed} for seed in range(3)])
+    specs = [{**SPEC, "seed": seed, "resources": resources} for seed, resources in enumerate(["cpu", "gpu", "cpu"])]
+    submitted = jobs.submit_sweep(session, sweep, specs)
     members = session.scalars(select(Experiment).where(Experiment.sweep == sweep.id)
                               .order_by(Experiment.created_at, Experiment.id)).all()
-    assert submitted.new and sorted(submitted.experiments) == sorted(member.id for member in members)
+    assert submitted.new and sorted(submitted.experiments) == sorted((m.id, m.spec["resources"]) for m in members)
+    assert [member.queue for member in members] == ["cpu", "gpu", "cpu"]
     assert [(m.status, m.sent_at, m.owner, m.spec["seed"]) for m in members] == [
         ("queued", None, "alice", seed) for seed in range(3)]
 
@@ -187,7 +191,7 @@ def test_a_sweep_is_stored_whole_and_its_members_are_left_to_the_dispatcher(sess
 def test_a_sweep_is_canceled_in_one_update(session):
     sweep = Sweep(id=str(uuid.uuid4()), owner="alice", name=None, tags={}, definition={}, size=4,
                   created_at=utcnow())
-    queued, running, done, also_queued = (jobs.submit_sweep(session, sweep, [SPEC] * 4)).experiments
+    queued, running, done, also_queued = (message.id for message in jobs.submit_sweep(session, sweep, [SPEC] * 4).experiments)
     jobs.claim(session, running, worker="w")
     jobs.claim(session, done, worker="w")
     jobs.finish(session, done, 1, "succeeded", result={"loss": 0.1})

@@ -151,7 +151,7 @@ T0 = datetime(2026, 12, 1, tzinfo=UTC)
 
 def _experiment(minute: int) -> Experiment:
     spec = {"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2, "normalization": "normalized", "logit_scale": 1.0,
-            "seed": minute % 3, "bias": minute % 2 == 0}
+            "seed": minute % 3, "bias": minute % 2 == 0, "resources": "cpu"}
     result = {"nc1": 0.1 * minute} if minute % 4 else None  # some without a result: null nc1
     return Experiment(
         id=str(uuid.uuid4()), status="succeeded", spec=spec, **spec_copies(spec), result=result,

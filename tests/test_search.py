@@ -41,7 +41,7 @@ def _random_experiment(rng: random.Random, created_at: datetime | None = None) -
     kind = rng.choice(["ufm", "train"])
     normalization = rng.choice(["normalized", "regularized"] + (["none"] if kind == "train" else []))
     spec = {"kind": kind, "K": rng.choice([2, 3, 5]), "d": rng.choice([4, 8]), "normalization": normalization,
-            "logit_scale": rng.choice(SCALES), "seed": rng.randrange(3)}
+            "logit_scale": rng.choice(SCALES), "seed": rng.randrange(3), "resources": "cpu" if kind == "ufm" else "gpu"}
     if kind == "ufm":
         spec["n_per_class"] = rng.choice([2, 3, [2, 3]])
         spec["bias"] = rng.choice([True, False])

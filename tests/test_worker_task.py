@@ -11,7 +11,7 @@ from worker import runners, tasks
 from worker.nc.ufm import Diverged
 
 # As a row written by an older version could hold it: the task fills in today's defaults.
-SPEC = {"kind": "ufm", "K": 4, "d": 3, "n_per_class": 5, "logit_scale": 5.0}
+SPEC = {"kind": "ufm", "K": 4, "d": 3, "n_per_class": 5, "logit_scale": 5.0, "resources": "cpu"}
 
 
 @pytest.fixture

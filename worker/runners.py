@@ -2,11 +2,13 @@
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from service.artifacts import CHECKPOINT_NAME
 from service.settings import get_settings
-from worker.nc import train, ufm
+from worker.nc import checkpoint, train, ufm
 
 CheckpointSink = Callable[[int, dict], None]
 ProgressSink = Callable[[float], None]
@@ -24,7 +26,8 @@ def device() -> torch.device:
 # accepted from users and then silently ignored. tests/test_spec_config.py checks both
 # directions on the real specs, and that the config's defaults are the spec's.
 RENAMED = {"K": "num_classes", "d": "dim"}  # the papers' letters in the API, words in the engine
-NOT_FOR_THE_ENGINE = {"kind"}  # it chose the runner (RUNNERS); each engine does one kind
+# kind chose the runner (RUNNERS), each engine does one kind; resources chose the queue.
+NOT_FOR_THE_ENGINE = {"kind", "resources"}
 
 
 def engine_config(config_type, spec: dict):
@@ -41,21 +44,32 @@ def engine_config(config_type, spec: dict):
 
 
 def run_ufm(
-    spec: dict, on_checkpoint: CheckpointSink, on_progress: ProgressSink, should_stop: Callable[[], bool]
+    spec: dict,
+    run_dir: Path,
+    on_checkpoint: CheckpointSink,
+    on_progress: ProgressSink,
+    should_stop: Callable[[], bool],
 ) -> dict:
+    """Keeps the solution (W, H, b) in run_dir."""
     return ufm.solve(
         engine_config(ufm.UFMProblem, spec),
         device=device(),
         on_checkpoint=on_checkpoint,
         on_progress=on_progress,
         should_stop=should_stop,
+        outputs=run_dir,
     )
 
 
 def run_train(
-    spec: dict, on_checkpoint: CheckpointSink, on_progress: ProgressSink, should_stop: Callable[[], bool]
+    spec: dict,
+    run_dir: Path,
+    on_checkpoint: CheckpointSink,
+    on_progress: ProgressSink,
+    should_stop: Callable[[], bool],
 ) -> dict:
-    """History rows are keyed by epoch (1-based): the step of a training run is its epoch."""
+    """History rows are keyed by epoch (1-based): the step of a training run is its epoch. Checkpoints,
+    the final weights and (save_features) the features are kept in run_dir; a checkpoint there is resumed."""
     return train.train(
         engine_config(train.TrainConfig, spec),
         get_settings().data_dir,
@@ -63,7 +77,16 @@ def run_train(
         on_epoch=on_checkpoint,
         on_progress=on_progress,
         should_stop=should_stop,
+        checkpoint_path=run_dir / CHECKPOINT_NAME,
+        outputs=run_dir,
     )
 
 
 RUNNERS = {"ufm": run_ufm, "train": run_train}
+
+
+def resume_point(kind: str, run_dir: Path) -> int | None:
+    """The step an attempt of this kind resumes after: a training run's checkpointed epoch; None: from the start."""
+    if kind != "train":
+        return None
+    return checkpoint.saved_epoch(run_dir / CHECKPOINT_NAME)

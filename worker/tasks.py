@@ -17,18 +17,19 @@ import time
 import traceback
 from collections.abc import Callable
 
+from billiard.process import current_process
 from celery.signals import worker_process_init
 from pydantic import TypeAdapter
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from service import jobs
+from service import artifacts, jobs
 from service.db import get_sessionmaker
 from service.lifetime import die_with_parent
 from service.queue import RUN_EXPERIMENT, celery_app
 from service.schemas import ExperimentSpec
 from service.settings import get_settings
-from worker import runners
+from worker import environment, fleet, runners
 from worker.heartbeat import Heartbeat
 from worker.memory import retain_freed_memory
 from worker.nc.ufm import Diverged, Stopped
@@ -39,11 +40,12 @@ SPECS = TypeAdapter(ExperimentSpec)
 
 @worker_process_init.connect
 def prepare_pool_process(**_) -> None:
+    gpu = fleet.pin_gpu(current_process().index)  # before anything in this process touches CUDA
     retain_freed_memory()
     # A pool process whose worker was killed outright stops at once: the reconciler
     # re-queues its job, which must not go on running unowned.
     die_with_parent(signal.SIGKILL)
-    log.info("pool process %d started: it ends with its worker", os.getpid())
+    log.info("pool process %d started: it ends with its worker%s", os.getpid(), f"; on GPU {gpu}" if gpu else "")
 
 
 # While the database is unreachable a message cannot be claimed: it goes back to the
@@ -75,9 +77,10 @@ def _write(what: str, write: Callable[[Session], object]) -> object:
 
 @celery_app.task(name=RUN_EXPERIMENT, bind=True, max_retries=None)
 def run_experiment(self, experiment_id: str) -> None:
+    worker = f"{socket.gethostname()} pid {os.getpid()}"
     try:
         with get_sessionmaker()() as session:
-            job = jobs.claim(session, experiment_id, worker=f"{socket.gethostname()} pid {os.getpid()}")
+            job = jobs.claim(session, experiment_id, worker, environment.describe(runners.device(), worker))
     except SQLAlchemyError as exc:
         log.warning(
             "experiment %s: the database failed the claim (%s); retrying in %g s",
@@ -97,30 +100,51 @@ def run_experiment(self, experiment_id: str) -> None:
             f"recording step {step}", lambda session: jobs.record_metrics(session, experiment_id, attempt, step, row)
         )
 
-    with Heartbeat(experiment_id, attempt, get_settings().heartbeat_interval) as heartbeat:
+    run_dir = artifacts.experiment_dir(experiment_id)
+    resumed_from = runners.resume_point(job.kind, run_dir)
+    if resumed_from is None:
+        artifacts.discard(experiment_id)  # what an earlier attempt left, with no checkpoint to resume from
+    else:
+        log.info("experiment %s: attempt %d resumes after epoch %d", experiment_id, attempt, resumed_from)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = get_settings()
+    with Heartbeat(experiment_id, attempt, settings.heartbeat_interval, settings.heartbeat_timeout) as heartbeat:
 
         def set_progress(fraction: float) -> None:
             heartbeat.progress = min(max(fraction, 0.0), 1.0)
 
         try:
-            outcome = _run(experiment_id, job.spec, record, set_progress, heartbeat.stop_requested.is_set)
+            _write(
+                "starting the history",
+                lambda session: jobs.start_history(session, experiment_id, attempt, resumed_from),
+            )
+            outcome = _run(experiment_id, job.spec, run_dir, record, set_progress, heartbeat.stop_requested.is_set)
+            if heartbeat.lost.is_set():
+                raise InfrastructureError(f"no heartbeat could be written for {settings.heartbeat_timeout:g} s")
+            if outcome["status"] == "succeeded":
+                outcome["artifacts"] = artifacts.describe(run_dir)
             owned = _write(
                 "storing the outcome", lambda session: jobs.finish(session, experiment_id, attempt, **outcome)
             )
         except InfrastructureError as exc:
-            _give_back(experiment_id, attempt, str(exc))
+            _give_back(experiment_id, attempt, str(exc))  # the checkpoint stays, for the next attempt
             return
     if not owned:
+        # Its files are the attempt that owns the job now's: left alone.
         log.warning("experiment %s: attempt %d no longer owns the job; outcome dropped", experiment_id, attempt)
+    elif outcome["status"] == "succeeded":
+        (run_dir / artifacts.CHECKPOINT_NAME).unlink(missing_ok=True)
+    else:
+        artifacts.discard(experiment_id)  # a failed or canceled run keeps no files
 
 
-def _run(experiment_id: str, spec: dict, record, set_progress, should_stop) -> dict:
+def _run(experiment_id: str, spec: dict, run_dir, record, set_progress, should_stop) -> dict:
     """The experiment's outcome: the columns jobs.finish sets. Its own errors fail it; the
     database's (InfrastructureError) go through to the caller."""
     try:
         # Re-validated so that rows stored by an older version get today's defaults.
         spec = SPECS.validate_python(spec).model_dump(mode="json")
-        result = runners.RUNNERS[spec["kind"]](spec, record, set_progress, should_stop)
+        result = runners.RUNNERS[spec["kind"]](spec, run_dir, record, set_progress, should_stop)
     except InfrastructureError:
         raise
     except Stopped:

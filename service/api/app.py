@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from service import idempotency, jobs
 from service.api import metrics, problems
 from service.api.guards import RequestGuard
-from service.api.routes import docs, experiments, health, search, sweeps, ui
+from service.api.routes import artifacts, docs, experiments, health, search, sweeps, ui
 from service.db import get_sessionmaker
 from service.dispatch import get_dispatcher
 from service.lifetime import die_with_parent, is_spawned_child
@@ -67,6 +67,7 @@ def create_app() -> FastAPI:
     app.include_router(docs.router)
     app.include_router(search.router)  # first: /experiments/aggregate is not an experiment's id
     app.include_router(experiments.router)
+    app.include_router(artifacts.router)
     app.include_router(sweeps.router)
     ui.install(app)
     return app

@@ -35,7 +35,7 @@ def json_fragment(text: str | None):
 
 def with_documents(item: dict) -> dict:
     """An experiment read as plain columns (queries.RESOURCE_KEYS), its documents' JSON text passed through."""
-    for key in ("tags", "spec", "result"):
+    for key in ("tags", "spec", "result", "environment"):
         item[key] = json_fragment(item[key])
     return item
 
@@ -59,12 +59,12 @@ def revalidated_json(request: Request, body: bytes, final: bool) -> Response:
     """
     etag = f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable" if final else "no-cache"}
-    if _matches(request.headers.get("if-none-match"), etag):
+    if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
     return Response(body, media_type="application/json", headers=headers)
 
 
-def _matches(if_none_match: str | None, etag: str) -> bool:
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
     """RFC 9110's weak comparison: '*' or any listed tag, with or without its W/ prefix."""
     if not if_none_match:
         return False

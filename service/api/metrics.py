@@ -1,7 +1,10 @@
 """/metrics in Prometheus's format: requests per route (prometheus-fastapi-instrumentator)
 and the jobs as the database sees them, read at each scrape.
 
-- ``nclab_jobs{status}``: experiments per status; ``nclab_queue_depth``: the queued ones;
+- ``nclab_jobs{status}``: experiments per status;
+- ``nclab_queue_depth{queue}``: the queued experiments of each queue, and
+  ``nclab_queue_consumers{queue}``: the pool processes of the live workers that serve it
+  (service/workers.py), for every queue, so that "jobs wait and nobody serves them" is an alert;
 - ``nclab_job_duration_seconds{kind}``: a histogram of finished jobs' run times
   (started_at to finished_at), its buckets counted by the database;
 - ``nclab_database_up``: 0 when the scrape could not read them.
@@ -18,10 +21,12 @@ from prometheus_client.registry import Collector
 from prometheus_fastapi_instrumentator import Instrumentator, routing
 from sqlalchemy import Float, case, cast, func, select
 
+from service import workers
 from service.api.deps import require_api_key
 from service.db import get_sessionmaker
 from service.models import Experiment
-from service.schemas import STATUSES, TERMINAL_STATUSES
+from service.schemas import QUEUES, STATUSES, TERMINAL_STATUSES
+from service.settings import get_settings
 
 log = logging.getLogger("nclab.metrics")
 
@@ -38,7 +43,7 @@ class JobCollector(Collector):
     def collect(self):
         up = GaugeMetricFamily("nclab_database_up", "1 when this scrape could read the jobs from the database")
         try:
-            counts, durations = self._read()
+            counts, depths, consumers, durations = self._read()
         except Exception:
             log.exception("could not read the jobs for /metrics")
             up.add_metric([], 0)
@@ -50,7 +55,15 @@ class JobCollector(Collector):
         for status in STATUSES:
             jobs.add_metric([status], counts.get(status, 0))
         yield jobs
-        yield GaugeMetricFamily("nclab_queue_depth", "experiments waiting for a worker", value=counts.get("queued", 0))
+        depth = GaugeMetricFamily("nclab_queue_depth", "experiments waiting for a worker", labels=["queue"])
+        served = GaugeMetricFamily(
+            "nclab_queue_consumers", "pool processes of the live workers that serve the queue", labels=["queue"]
+        )
+        for queue in QUEUES:
+            depth.add_metric([queue], depths.get(queue, 0))
+            served.add_metric([queue], consumers.get(queue, 0))
+        yield depth
+        yield served
         histogram = HistogramMetricFamily("nclab_job_duration_seconds", "run time of finished jobs", labels=["kind"])
         for kind, total, seconds, cumulative in durations:
             buckets = [(str(float(bound)), count) for bound, count in zip(DURATION_BUCKETS, cumulative)]
@@ -60,6 +73,14 @@ class JobCollector(Collector):
     def _read(self):
         with get_sessionmaker()() as session:
             counts = dict(session.execute(select(Experiment.status, func.count()).group_by(Experiment.status)).all())
+            depths = dict(
+                session.execute(
+                    select(Experiment.queue, func.count())
+                    .where(Experiment.status == "queued")
+                    .group_by(Experiment.queue)
+                ).all()
+            )
+            consumers = workers.consumers(session, get_settings())
             duration = cast(
                 _seconds_between(session.get_bind().dialect.name, Experiment.started_at, Experiment.finished_at), Float
             )
@@ -80,7 +101,7 @@ class JobCollector(Collector):
             durations = [
                 (kind, total, seconds, list(buckets)) for kind, total, seconds, *buckets in session.execute(query)
             ]
-        return counts, durations
+        return counts, depths, consumers, durations
 
 
 def _flatten_routes_once() -> None:

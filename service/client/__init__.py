@@ -1,4 +1,4 @@
-"""A Python client for the nclab API: submit, sweep, wait, search and compare from a script.
+"""A Python client for the nclab API: submit, sweep, wait, search, compare and download artifacts from a script.
 
     from service.client import Client
 
@@ -22,6 +22,7 @@ from service.client.core import (
     DEFAULT_URL,
     STATUSES,
     TERMINAL_STATUSES,
+    ChecksumMismatch,
     Client,
     Conflict,
     InvalidRequest,
@@ -37,6 +38,7 @@ __all__ = [
     "DEFAULT_URL",
     "STATUSES",
     "TERMINAL_STATUSES",
+    "ChecksumMismatch",
     "Client",
     "Conflict",
     "InvalidRequest",

@@ -1,4 +1,5 @@
-"""The lab's commands, built on service.client: submit, sweep, status, wait, cancel, ls, history, compare.
+"""The lab's commands, built on service.client: submit, sweep, status, wait, cancel, ls, history, compare,
+artifacts, download.
 
 They talk to a running service (``--url``, else NCLAB_URL, else http://127.0.0.1:8000)
 and import nothing of the server: they work in a client-only install (``pip install
@@ -402,7 +403,38 @@ def compare(
             err.print(f"wrote {plot}", highlight=False)
 
 
-COMMANDS = (submit, sweep, status, wait, cancel, ls, history, compare)
+def artifacts(
+    experiment_id: Annotated[str, typer.Argument(metavar="ID")],
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """List the files an experiment kept: name, bytes, sha256 (its first 12 digits), media type."""
+    with _client(url, api_key) as client:
+        items = client.artifacts(experiment_id)
+    rows = [[item["name"], item["bytes"], item["sha256"][:12], item["media_type"]] for item in items]
+    out.print(_table(f"{len(rows)} artifacts", ["name", "bytes", "sha256", "media type"], rows))
+
+
+def download(
+    experiment_id: Annotated[str, typer.Argument(metavar="ID")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="e.g. model.safetensors (see nclab artifacts ID)")],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="the file, or a folder, to write [default: NAME in this folder]"),
+    ] = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Download one of an experiment's files; it appears only once its sha256 matches the API's."""
+    with _client(url, api_key) as client:
+        try:
+            written = client.download(experiment_id, name, output or Path(name))
+        except OSError as exc:
+            raise typer.BadParameter(str(exc), param_hint="'--output'") from None
+    err.print(f"wrote {written}", highlight=False)
+
+
+COMMANDS = (submit, sweep, status, wait, cancel, ls, history, compare, artifacts, download)
 DISTRIBUTION = "nclab"
 # The extra that the server's commands need: the server's, but `serve` runs a worker too, and a worker runs torch.
 SERVER_EXTRA = "server"

@@ -4,11 +4,15 @@ Import it as ``from service.client import Client``; service/client/__init__.py t
 whole story. Needs only httpx: no torch, no server code.
 """
 
+import contextlib
+import hashlib
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, overload
 
 import httpx
@@ -20,6 +24,11 @@ STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 TERMINAL_STATUSES = STATUSES[2:]
 # Ids per search request while waiting on many experiments (the API's page limit is 500).
 WAIT_BATCH = 500
+# An artifact's name, as the server's service.artifacts.NAME_PATTERN (tests/test_artifacts_http.py checks that
+# they agree): one file name, so that it is one path component in the URL and in the folder it is downloaded to.
+ARTIFACT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+# The download's ETag is the sha256 of the artifact's bytes, quoted.
+SHA256_ETAG = re.compile(r'"([0-9a-f]{64})"')
 
 
 class NclabError(Exception):
@@ -53,6 +62,10 @@ class Conflict(NclabError):
 
 class Unavailable(NclabError):
     """The service could not be reached, or answered 503, after every retry."""
+
+
+class ChecksumMismatch(NclabError):
+    """A download's bytes are not the ones the API states (their sha256 differs): nothing was written."""
 
 
 class WaitTimeout(TimeoutError):
@@ -133,23 +146,32 @@ class Client:
         params: dict | None = None,
         json: Any = None,
         idempotency_key: str | None = None,
+        headers: dict[str, str] | None = None,
+        stream: bool = False,
     ) -> httpx.Response:
+        """The response, retried on connection errors and 503s when that is safe; an NclabError for an error.
+
+        ``stream``: the body is left unread, for the caller to read and close (``download``).
+        """
         retryable = method == "GET" or idempotency_key is not None
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        params = _labels(**(params or {}))
+        headers = {**(headers or {}), **({"Idempotency-Key": idempotency_key} if idempotency_key else {})}
+        request = self._http.build_request(method, path, params=_labels(**(params or {})), json=json, headers=headers)
         for attempt in range(self.retries + 1):
             last_try = not retryable or attempt == self.retries
             try:
-                response = self._http.request(method, path, params=params, json=json, headers=headers)
+                response = self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
                 if last_try:
                     raise Unavailable(None, f"{self.base_url} unreachable: {exc.__class__.__name__}: {exc}") from exc
                 time.sleep(_backoff(attempt))
                 continue
             if response.status_code == 503 and not last_try:
+                response.close()
                 time.sleep(_backoff(attempt, response.headers.get("retry-after")))
                 continue
             if response.is_error:
+                response.read()  # a streamed error's problem body
+                response.close()
                 raise _error(response)
             return response
         raise AssertionError("unreachable: the last attempt returns or raises")
@@ -193,6 +215,50 @@ class Client:
             f"/experiments/{experiment_id}/metrics.png",
             params={"metric": metrics, "width": width, "height": height},
         ).content
+
+    # -- artifacts
+
+    def artifacts(self, experiment_id: str) -> list[dict]:
+        """The files the experiment kept, by name: ``{"name", "bytes", "sha256", "media_type", "created_at"}``."""
+        return self._get(f"/experiments/{experiment_id}/artifacts")["items"]
+
+    def download(self, experiment_id: str, name: str, path: str | os.PathLike[str]) -> Path:
+        """Stream an artifact into ``path`` (a file, or a directory to put ``name`` in); the file written.
+
+        The bytes go to a hidden file beside the target, which takes the target's name only
+        once their sha256 equals the one the API states for them (the response's ETag, as
+        in the listing). A download cut short (Unavailable) or bytes that differ
+        (ChecksumMismatch) leave nothing behind, and a file already at ``path`` as it was.
+        """
+        if not ARTIFACT_NAME.fullmatch(name):
+            raise InvalidRequest(
+                None, f"{name!r} is not an artifact name: a file name of letters, digits, '.', '_', '-'"
+            )
+        target = Path(path)
+        if target.is_dir():
+            target = target / name
+        # "identity": the bytes as stored, which the ETag's sha256 is of, not a compressed form of them.
+        response = self._request(
+            "GET",
+            f"/experiments/{experiment_id}/artifacts/{name}",
+            headers={"Accept-Encoding": "identity"},
+            stream=True,
+        )
+        with contextlib.closing(response):
+            expected = _sha256_etag(response, name)
+            partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.part")
+            try:
+                received = _write_hashed(response, partial)
+                if received != expected:
+                    raise ChecksumMismatch(
+                        None, f"{name}: the bytes received have sha256 {received}, the API states {expected}"
+                    )
+                partial.replace(target)
+            except httpx.TransportError as exc:
+                raise Unavailable(None, f"{name}: the download broke off: {exc.__class__.__name__}: {exc}") from exc
+            finally:
+                partial.unlink(missing_ok=True)
+        return target
 
     # -- sweeps
 
@@ -357,6 +423,23 @@ class Client:
             "/experiments/curves.png",
             params={"where": where, "group_by": group_by, "metric": metric, "width": width, "height": height},
         ).content
+
+
+def _sha256_etag(response: httpx.Response, name: str) -> str:
+    found = SHA256_ETAG.fullmatch(response.headers.get("etag", ""))
+    if found is None:
+        raise NclabError(None, f"{name}: the response states no sha256 (ETag {response.headers.get('etag')!r})")
+    return found.group(1)
+
+
+def _write_hashed(response: httpx.Response, path: Path) -> str:
+    """Write a streamed body to a new file at ``path``; the sha256 of what was written."""
+    digest = hashlib.sha256()
+    with path.open("xb") as file:  # created with the usual permissions (not a temporary file's 0600)
+        for chunk in response.iter_bytes():
+            digest.update(chunk)
+            file.write(chunk)
+    return digest.hexdigest()
 
 
 def _poll(

@@ -2,8 +2,9 @@
 
 A field is a name of the filter language: a column of the experiment (``status``,
 ``owner``, ``created_at``, ...), ``tags.<key>``, ``spec.<field>`` (every field of every
-spec kind, read from the pydantic models) or ``result.<key>`` (the result keys the
-engine writes: the metric catalogue of docs/metrics.md and each kind's own figures). History
+spec kind, read from the pydantic models), ``result.<key>`` (the result keys the
+engine writes: the metric catalogue of docs/metrics.md and each kind's own figures) or
+``environment.<key>`` (the provenance a worker records with each attempt). History
 keys (``metric=`` of curves and plots) are the catalogue plus the training rows' keys.
 
 Types are those a comparison needs: ``number`` (int or float), ``string``, ``bool``,
@@ -75,6 +76,25 @@ RESULT_TYPES: dict[str, FieldType] = {
     "stop_reason": "string",  # UFM: why the descent stopped
 }
 
+# The provenance a worker records with each attempt (worker/environment.py; tests/test_provenance.py keeps
+# the two lists equal).
+ENVIRONMENT_TYPES: dict[str, FieldType] = {
+    "nclab": "string",
+    "commit": "string",
+    "python": "string",
+    "torch": "string",
+    "cuda": "string",
+    "cudnn": "number",
+    "device": "string",
+    "cuda_visible_devices": "string",
+    "host": "string",
+    "worker": "string",
+    "threads": "number",
+    "deterministic_algorithms": "bool",
+    "cudnn_deterministic": "bool",
+    "cudnn_benchmark": "bool",
+}
+
 # The step of a history row counts iterations for a UFM solve and epochs for training.
 STEP_UNITS = {"ufm": "iteration", "train": "epoch"}
 
@@ -87,7 +107,7 @@ class Field:
 
     @property
     def scope(self) -> str:
-        """'spec', 'result', 'tags', or 'column'."""
+        """'spec', 'result', 'tags', 'environment', or 'column'."""
         head, _, rest = self.name.partition(".")
         return head if rest else "column"
 
@@ -142,6 +162,9 @@ def _spec_fields() -> dict[str, Field]:
 
 SPEC_FIELDS = _spec_fields()
 RESULT_FIELDS = {f"result.{key}": Field(f"result.{key}", kind) for key, kind in RESULT_TYPES.items()}
+ENVIRONMENT_FIELDS = {
+    f"environment.{key}": Field(f"environment.{key}", kind) for key, kind in ENVIRONMENT_TYPES.items()
+}
 
 
 class UnknownField(ValueError):
@@ -158,6 +181,8 @@ def lookup(name: str) -> Field:
         return SPEC_FIELDS[name]
     if name in RESULT_FIELDS:
         return RESULT_FIELDS[name]
+    if name in ENVIRONMENT_FIELDS:
+        return ENVIRONMENT_FIELDS[name]
     scope, _, key = name.partition(".")
     if scope == "tags" and KEY_PATTERN.fullmatch(key):
         return Field(name, "string")
@@ -167,8 +192,12 @@ def lookup(name: str) -> Field:
         raise UnknownField(name, f"unknown field '{name}': spec fields are {', '.join(k[5:] for k in SPEC_FIELDS)}")
     if scope == "result":
         raise UnknownField(name, f"unknown field '{name}': result keys are {', '.join(RESULT_TYPES)}")
+    if scope == "environment":
+        raise UnknownField(name, f"unknown field '{name}': environment keys are {', '.join(ENVIRONMENT_TYPES)}")
     raise UnknownField(
-        name, f"unknown field '{name}': use one of {', '.join(COLUMN_FIELDS)}, tags.<key>, spec.<field> or result.<key>"
+        name,
+        f"unknown field '{name}': use one of {', '.join(COLUMN_FIELDS)}, tags.<key>, spec.<field>, result.<key> "
+        "or environment.<key>",
     )
 
 

@@ -8,7 +8,7 @@ How a field reads:
 - columns of the experiment as they are;
 - spec fields and result keys with a typed copy (service/models.py: SPEC_COLUMNS,
   RESULT_COLUMNS) from that column: indexed, and narrow to scan;
-- other ``spec.<f>``, ``result.<k>`` and ``tags.<k>`` from the JSON documents, typed:
+- other ``spec.<f>``, ``result.<k>``, ``tags.<k>`` and ``environment.<k>`` from the JSON documents, typed:
   PostgreSQL ``CAST((result ->> 'iterations') AS DOUBLE PRECISION)``, SQLite
   ``json_extract(result, '$."iterations"')``. A spec number is read only where it is a
   JSON number (``n_per_class`` may be a list), else it is null.
@@ -114,7 +114,12 @@ def _json_value_sqlite(element: JSONValue, compiler, **kw) -> str:
     return text
 
 
-_DOCUMENTS = {"spec": Experiment.spec, "result": Experiment.result, "tags": Experiment.tags}
+_DOCUMENTS = {
+    "spec": Experiment.spec,
+    "result": Experiment.result,
+    "tags": Experiment.tags,
+    "environment": Experiment.environment,
+}
 _COLUMNS = {
     "id": Experiment.id,
     "status": Experiment.status,

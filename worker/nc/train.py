@@ -28,20 +28,30 @@ accuracy, while `train_loss` / `train_accuracy` are the running figures of the e
 mini-batches (the cross-entropy alone, without the decay terms, so that the modes
 compare).
 
+With a `checkpoint_path`, the run is saved there every `checkpoint_every` epochs and
+after the last, and a run that finds a checkpoint there goes on from it, bit for bit as
+if it had not been interrupted (worker/nc/checkpoint.py, docs/checkpoints.md). With an
+`outputs` directory, the final model (MODEL_FILE) and, with `save_features`, the last
+epoch's features and labels (FEATURES_FILE) are kept there as safetensors files.
+
     row = train(TrainConfig(dataset="digits", architecture="mlp",
                             normalization="normalized", num_classes=10, dim=64), data_dir)
 """
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
+from worker.nc.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from worker.nc.data import load_dataset
 from worker.nc.metrics import collapse_metrics
 from worker.nc.models import NCModel, build_model
+from worker.nc.tensor_files import write_tensors
 from worker.nc.ufm import Diverged, Stopped
 
 NORMALIZATIONS = ("normalized", "regularized", "none")
@@ -59,6 +69,10 @@ CHECK_EVERY = 16
 
 # Batch size of the evaluation passes: no gradients, so larger batches fit.
 EVAL_BATCH_SIZE = 1024
+
+# The files that train() leaves in its `outputs` directory.
+MODEL_FILE = "model.safetensors"  # the final model's state_dict
+FEATURES_FILE = "features.safetensors"  # the last epoch's features and labels (save_features)
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,8 @@ class TrainConfig:
     gaussian_train_per_class: int = 100
     gaussian_test_per_class: int = 50
     gaussian_noise: float = 1.0
+    checkpoint_every: int = 1  # epochs between checkpoints (with a checkpoint path)
+    save_features: bool = False  # keep the penultimate features and labels (with an outputs directory)
 
     def __post_init__(self):
         for field, value, allowed in (
@@ -117,8 +133,8 @@ class TrainConfig:
             raise ValueError("the gaussian dataset has vector inputs: it needs architecture 'mlp'")
         if self.batch_size < 2:
             raise ValueError("batch_size must be at least 2: BatchNorm needs two samples")
-        if self.epochs < 1 or self.metrics_every < 1:
-            raise ValueError("epochs and metrics_every must be at least 1")
+        if self.epochs < 1 or self.metrics_every < 1 or self.checkpoint_every < 1:
+            raise ValueError("epochs, metrics_every and checkpoint_every must be at least 1")
 
     @property
     def decay_scope(self) -> str:
@@ -188,6 +204,8 @@ def train(
     on_progress: Callable[[float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     compute_metrics: bool = True,
+    checkpoint_path: Path | None = None,
+    outputs: Path | None = None,
 ) -> dict:
     """Train as `config` says; returns the last epoch's row plus `epochs` (completed) and
     `parameters` (count).
@@ -198,6 +216,16 @@ def train(
     `on_progress(fraction)` is told the fraction of all batches done every CHECK_EVERY
     batches and at each epoch's end. A non-finite training loss raises Diverged. On a CPU
     the same config gives the same history, bit for bit.
+
+    With `checkpoint_path`, a checkpoint is saved there after every epoch that is a
+    multiple of `checkpoint_every` and after the last, each once on_epoch has had the
+    epoch's row (so a row is never lost: an interruption in between makes the resume emit
+    it again). A run that finds a checkpoint there resumes from it: it emits the rows of
+    the epochs after the checkpoint's only (no epoch-0 row), and its rows and result are
+    those of an uninterrupted run, bit for bit on a CPU. The checkpoint is left in place
+    at the end: removing it is the caller's business. With `outputs`, a directory, the
+    final model is written there (MODEL_FILE) and, with `save_features`, the last epoch's
+    features and labels (FEATURES_FILE).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type != "cuda":
@@ -241,8 +269,16 @@ def train(
     num_samples = len(train_y)
     batches_per_epoch = len(batches(torch.arange(num_samples), config.batch_size))
     total_batches = batches_per_epoch * config.epochs
+    state = TrainingState(model, optimizer, generator, device)
+    run_config = dataclasses.asdict(config)
+    resumed = load_checkpoint(checkpoint_path, state, run_config) if checkpoint_path is not None else None
     row: dict = {}
-    if compute_metrics and config.metrics_at_start:
+    first_epoch = 1
+    if resumed is not None:
+        row, first_epoch = resumed.row, resumed.epoch + 1
+        if on_progress is not None:
+            on_progress(resumed.epoch / config.epochs)
+    elif compute_metrics and config.metrics_at_start:
         row = {
             "epoch": 0,
             "lr": learning_rate(config, 0),
@@ -250,7 +286,9 @@ def train(
         }
         if on_epoch is not None:
             on_epoch(0, row)
-    for epoch in range(1, config.epochs + 1):
+    # The last epoch's features, when its metrics computed them: what FEATURES_FILE keeps.
+    last_features: tuple[torch.Tensor, torch.Tensor] | None = None
+    for epoch in range(first_epoch, config.epochs + 1):
         lr = learning_rate(config, epoch - 1)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -288,12 +326,44 @@ def train(
             "train_accuracy": correct.item() / num_samples,
         }
         if compute_metrics and (epoch % config.metrics_every == 0 or epoch == config.epochs):
-            row.update(evaluate(model, train_x, train_y, test_x, test_y, config.num_classes))
+            last_features = penultimate_features(model, train_x), penultimate_features(model, test_x)
+            row.update(measure(model, *last_features, train_y, test_y, config.num_classes))
+            if epoch < config.epochs:
+                last_features = None  # not held while the next epoch trains
         if on_epoch is not None:
             on_epoch(epoch, row)
+        if checkpoint_path is not None and (epoch % config.checkpoint_every == 0 or epoch == config.epochs):
+            save_checkpoint(checkpoint_path, state, epoch, row, run_config)
     _check_learned(row["train_loss"], config.num_classes)
+    if outputs is not None:
+        if config.save_features and last_features is None:  # no metrics, or resumed after the last epoch
+            last_features = penultimate_features(model, train_x), penultimate_features(model, test_x)
+        write_outputs(Path(outputs), model, last_features if config.save_features else None, train_y, test_y)
     parameters = sum(p.numel() for p in model.parameters())
     return {**row, "epochs": config.epochs, "parameters": parameters}
+
+
+def write_outputs(
+    outputs: Path,
+    model: NCModel,
+    features: tuple[torch.Tensor, torch.Tensor] | None,
+    train_y: torch.Tensor,
+    test_y: torch.Tensor,
+) -> None:
+    """The final model's state_dict (BatchNorm's buffers included) as MODEL_FILE and, when
+    given, the training and test sets' features with their labels as FEATURES_FILE."""
+    write_tensors(outputs / MODEL_FILE, model.state_dict())
+    if features is not None:
+        train_features, test_features = features
+        write_tensors(
+            outputs / FEATURES_FILE,
+            {
+                "train_features": train_features,
+                "train_labels": train_y,
+                "test_features": test_features,
+                "test_labels": test_y,
+            },
+        )
 
 
 # A uniform guess scores ln K; a run that ends far above it did worse than guessing.
@@ -333,12 +403,23 @@ def evaluate(model: NCModel, train_x, train_y, test_x, test_y, num_classes: int)
     most) and handed to collapse_metrics in one piece, which costs less than the two
     passes over the network that CollapseAccumulator's nc4 would need.
     """
+    train_features, test_features = penultimate_features(model, train_x), penultimate_features(model, test_x)
+    return measure(model, train_features, test_features, train_y, test_y, num_classes)
+
+
+@torch.no_grad()
+def penultimate_features(model: NCModel, x: torch.Tensor) -> torch.Tensor:
+    """The features of `x` as fed to the classifier, in eval mode (BatchNorm's running
+    statistics), computed EVAL_BATCH_SIZE samples at a time."""
     model.eval()
+    return torch.cat([model.features(block) for block in x.split(EVAL_BATCH_SIZE)])
+
+
+@torch.no_grad()
+def measure(model: NCModel, train_features, test_features, train_y, test_y, num_classes: int) -> dict:
+    """The catalogue of the training set's features, and of the test set's with keys
+    prefixed `test_`, judged against the model's effective classifier."""
     weight, bias, scale = model.effective_classifier()
-
-    def catalogue(x, y) -> dict:
-        features = torch.cat([model.features(block) for block in x.split(EVAL_BATCH_SIZE)])
-        return collapse_metrics(features, y, weight, bias, num_classes, scale)
-
-    test = catalogue(test_x, test_y)
-    return {**catalogue(train_x, train_y), **{f"test_{key}": value for key, value in test.items()}}
+    train = collapse_metrics(train_features, train_y, weight, bias, num_classes, scale)
+    test = collapse_metrics(test_features, test_y, weight, bias, num_classes, scale)
+    return {**train, **{f"test_{key}": value for key, value in test.items()}}

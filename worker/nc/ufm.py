@@ -16,6 +16,7 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,10 +28,13 @@ from worker.nc.manifolds import Euclidean, Point, RowSphere
 from worker.nc.merging import descend, merged_formulation
 from worker.nc.metrics import collapse_metrics
 from worker.nc.stopping import Certificate
+from worker.nc.tensor_files import write_tensors
 from worker.nc.ufm_problem import UFMProblem, optimal_loss
 from worker.nc.work import threads_for, work_per_product
 
-__all__ = ["Diverged", "Stopped", "UFMProblem", "min_angle_degrees", "optimal_loss", "solve"]
+__all__ = ["SOLUTION_FILE", "Diverged", "Stopped", "UFMProblem", "min_angle_degrees", "optimal_loss", "solve"]
+
+SOLUTION_FILE = "solution.safetensors"
 
 # A run counts as having found the global optimum when its loss is this close to the
 # closed form (`global_optimum_fraction`): far above the rounding of a converged run,
@@ -49,8 +53,13 @@ def solve(
     on_checkpoint: Callable[[int, dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_progress: Callable[[float], None] | None = None,
+    outputs: Path | None = None,
 ) -> dict:
     """Minimize the UFM from `problem.restarts` seeded random starts; return the final metrics.
+
+    With `outputs` (a directory), the best run's solution is kept there as SOLUTION_FILE:
+    tensors `W` (K x d), `H` (N x d), `b` (K, with a bias) and `labels` (N), float64 but
+    the labels.
 
     `on_checkpoint(step, row)` receives a flat dict (`loss`, `grad_norm`,
     `w_min_angle_deg` and every collapse_metrics key; `cross_entropy` too for
@@ -123,6 +132,8 @@ def solve(
         for step, row in best_history:
             on_checkpoint(step, row)
     progress.finish()
+    if outputs is not None:
+        save_solution(outputs / SOLUTION_FILE, best.result.last.point, labels)
 
     optimum = optimal_loss(problem)
     return {
@@ -142,6 +153,12 @@ def solve(
         "final_loss_max": max(final_losses),
         "final_loss_std": statistics.pstdev(final_losses),
     }
+
+
+def save_solution(path: Path, point: Point, labels: torch.Tensor) -> None:
+    """The solution [W, H] or [W, H, b] and the class of each feature row, as safetensors."""
+    tensors = dict(zip(("W", "H", "b"), point)) | {"labels": labels}
+    write_tensors(path, tensors)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import Body, HTTPException, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from service import idempotency, jobs, plots
+from service import idempotency, jobs, plots, workers
 from service.api.deps import (
     IdempotencyKeyHeader,
     OwnerDep,
@@ -43,6 +43,7 @@ from service.schemas import (
 )
 from service.search import export, queries
 from service.search.fields import STEP_UNITS, history_key
+from service.settings import get_settings
 
 router = api_router("/experiments", "experiments")
 NOT_FOUND = problem_responses(404)
@@ -71,8 +72,9 @@ async def submit(
         submitted = jobs.submit(connection, request["spec"], owner, labelled.name, labelled.tags, keyed)
         # A new experiment is answered as it was stored; a replay as it is now.
         item = submitted.stored or queries.resource(connection, submitted.id)
-    if item is None:
-        raise not_found(Experiment, submitted.id)
+        if item is None:
+            raise not_found(Experiment, submitted.id)
+        workers.say_why_waiting(connection, [item], get_settings())
     get_dispatcher().send(*submitted.experiments)
     return Response(
         json_bytes(with_documents(item)),
@@ -92,8 +94,9 @@ async def read(experiment_id: str, request: Request) -> Response:
     """
     with get_autocommit_engine().connect() as connection:
         item = queries.resource(connection, experiment_id)
-    if item is None:
-        raise not_found(Experiment, experiment_id)
+        if item is None:
+            raise not_found(Experiment, experiment_id)
+        workers.say_why_waiting(connection, [item], get_settings())
     return revalidated_json(request, json_bytes(with_documents(item)), final=False)
 
 

@@ -12,7 +12,7 @@ from fastapi import Query, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from service import plots
+from service import plots, workers
 from service.api.deps import SessionDep, api_router, metric_names
 from service.api.formats import (
     CSV_RESPONSES,
@@ -39,6 +39,7 @@ from service.search.language import (
     parse_optional_filter,
     parse_optional_order_by,
 )
+from service.settings import get_settings
 
 router = api_router("/experiments", "comparison")
 
@@ -75,7 +76,8 @@ def _page(session, request: Request, format: str | None, tree, order, limit: int
         # A CSV export is the whole match, not a page: it streams in constant memory.
         return _export(tree, order)
     page = queries.search(session, tree, order, limit, cursor)
-    return json_response({"items": [with_documents(item) for item in page.items], "next_cursor": page.next_cursor})
+    items = workers.say_why_waiting(session.connection(), page.items, get_settings())
+    return json_response({"items": [with_documents(item) for item in items], "next_cursor": page.next_cursor})
 
 
 @router.get("", response_model=ExperimentList, responses=CSV_RESPONSES)
