@@ -1,7 +1,8 @@
 """Chaos: kill and restart what the service runs on, and count what was lost.
 
-    .venv/bin/python bench/chaos.py              # every scenario, a few minutes
+    .venv/bin/python bench/chaos.py              # every scenario but partition, a few minutes
     .venv/bin/python bench/chaos.py --short      # kill -9 the worker once, restart Redis once (CI)
+    .venv/bin/python bench/chaos.py --scenarios partition --rounds 3   # as root
 
 It starts a PostgreSQL cluster and a Redis of its own on free ports (never the
 machine's shared ones: it stops them), then `nclab api` and `nclab worker` on them, with
@@ -14,7 +15,14 @@ rounds of:
 - redis: stop the worker, queue 20 jobs, kill -9 Redis (which keeps nothing), start it
   and the worker again;
 - postgres: stop PostgreSQL for --outage seconds while a client submits and polls;
-- api: kill -9 `nclab api --workers 2` while a client submits, and start it again.
+- api: kill -9 `nclab api --workers 2` while a client submits, and start it again;
+- partition (root only, asked for by name): a second worker runs on another host, a network
+  namespace linked to this one (tests/netns.py), and reaches PostgreSQL and Redis across
+  the link. Its link is cut while it runs a job; the job must be re-queued once its
+  heartbeat is stale and succeed on the worker on this side. The link comes back, and a
+  job that only the remote worker can take shows that its old attempt has ended; that
+  attempt's late writes must have changed neither the job's row nor its history once it
+  ended (counted as duplicated if they did).
 
 For each it prints: jobs tried, jobs that succeeded, failed and were canceled, jobs lost
 (not finished within the time limit, or acknowledged and then gone), jobs whose history
@@ -23,7 +31,7 @@ nor a problem+json, and the recovery time (from the fault to the end of the last
 to the first success after the outage) at p50 and max. A fault costs attempts, never
 jobs: it exits 1 when a target is missed: every job that was not canceled succeeded
 (none failed, none lost), 0 duplicated, 0 bare errors, Redis recovery <= 15 s, worker
-recovery <= HEARTBEAT_TIMEOUT + 10 s.
+and partition recovery <= HEARTBEAT_TIMEOUT + 10 s.
 """
 
 import argparse
@@ -41,11 +49,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
-from service.lifetime import children
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # for tests.netns, shared with tests/test_multihost.py
+
+import httpx  # noqa: E402
+import psycopg  # noqa: E402
+from psycopg.rows import dict_row  # noqa: E402
+
+from service.lifetime import children  # noqa: E402
+from tests import netns  # noqa: E402
+
 HEARTBEAT_TIMEOUT = 10
 PG_BIN = next(Path("/usr/lib/postgresql").glob("*/bin"), Path("/usr/lib/postgresql/bin"))
 PROBLEM_JSON = "application/problem+json"
@@ -88,6 +101,19 @@ class Postgres:
     @property
     def url(self) -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def stored(self, experiment_id: str) -> dict:
+        """All that a late write could change, as stored: the job's row by column, and its history rows
+        by step ("history step N")."""
+        with psycopg.connect(self.url.replace("+psycopg", ""), row_factory=dict_row) as connection:
+            row = connection.execute("SELECT * FROM experiments WHERE id = %s", [experiment_id]).fetchone()
+            history = connection.execute("SELECT * FROM metrics WHERE experiment_id = %s", [experiment_id]).fetchall()
+        return {**row, **{f"history step {step_row['step']}": step_row for step_row in history}}
+
+    def worker_of(self, experiment_id: str) -> str:
+        """Who ran the job's latest attempt, "<hostname> pid <pid>" (the API does not show it)."""
+        with psycopg.connect(self.url.replace("+psycopg", "")) as connection:
+            return connection.execute("SELECT worker FROM experiments WHERE id = %s", [experiment_id]).fetchone()[0]
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
@@ -144,6 +170,10 @@ class Stack:
     def start_worker(self) -> None:
         self.worker = self._start("worker", name="worker")
         wait_until(lambda: children(self.worker.pid), 60, "the worker's pool process")
+
+    def stop_worker(self) -> None:
+        os.killpg(self.worker.pid, signal.SIGTERM)
+        self.worker.wait()
 
     def stop(self) -> None:
         for process in (self.worker, self.api):
@@ -274,8 +304,7 @@ def worker_round(stack: Stack, tally: Tally, rounds: int) -> None:
 def redis_round(stack: Stack, redis: Redis, tally: Tally, rounds: int) -> None:
     client = Client(stack.url, tally)
     for _ in range(rounds):
-        os.killpg(stack.worker.pid, signal.SIGTERM)
-        stack.worker.wait()
+        stack.stop_worker()
         ids = [client.submit({**QUICK_SPEC, "seed": seed}) for seed in range(20)]
         tally.tried += len(ids)
         time.sleep(1)  # the messages wait in Redis
@@ -340,15 +369,72 @@ def api_round(stack: Stack, tally: Tally, rounds: int) -> None:
         settle(Client(stack.url, tally), tally, acknowledged, time.monotonic(), 180)
 
 
+def start_remote_worker(stack: Stack, host: netns.RemoteHost, postgres: Postgres, redis: Redis) -> subprocess.Popen:
+    """`nclab worker` on the remote host, dialing PostgreSQL and Redis across its link."""
+    env = {**stack.env, "NCLAB_DATABASE_URL": host.reach(postgres.url), "NCLAB_BROKER_URL": host.reach(redis.url)}
+    log = open(stack.log_dir / "remote-worker.log", "ab")
+    worker = subprocess.Popen(host.command([sys.executable, "-m", "service.cli", "worker"]), cwd=ROOT, env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_until(lambda: children(worker.pid), 60, "the remote worker's pool process")
+    return worker
+
+
+def partition_round(stack: Stack, postgres: Postgres, redis: Redis, tally: Tally, rounds: int) -> None:
+    client = Client(stack.url, tally)
+    with netns.remote_host() as host:
+        remote_worker = start_remote_worker(stack, host, postgres, redis)
+
+        def remote(experiment_id: str) -> bool:
+            return postgres.worker_of(experiment_id).startswith(f"{host.name} pid ")
+
+        try:
+            for _ in range(rounds):
+                stack.stop_worker()  # the remote worker alone takes the next job
+                experiment_id = running_job(client)
+                tally.tried += 1
+                assert remote(experiment_id), "the only worker running is the remote one"
+                host.cut()
+                cut = time.monotonic()
+                stack.start_worker()
+                recovery = settle(client, tally, [experiment_id], cut, HEARTBEAT_TIMEOUT + 120)
+                _recovered(tally, recovery)
+                ended = recovery is not None  # else settle counted it lost: it has no end to compare with
+                if ended and remote(experiment_id):
+                    raise RuntimeError(f"{experiment_id} ended on the remote host before the cut: RUNNING_SPEC "
+                                       "is too short on this machine to test a partition")
+                settled = postgres.stored(experiment_id)
+                host.restore()
+                # With one pool process and late acks, the remote worker takes a new job only once the
+                # old attempt has ended: by then it has made every late write it was going to make.
+                stack.stop_worker()
+                probe = client.submit(QUICK_SPEC)
+                tally.tried += 1
+                settle(client, tally, [probe], time.monotonic(), 180)
+                afterwards = postgres.stored(experiment_id)
+                changed = sorted(key for key in settled.keys() | afterwards.keys()
+                                 if settled.get(key) != afterwards.get(key))
+                if ended and changed:
+                    tally.duplicated += 1
+                    print(f"partition: {experiment_id} changed after it ended: {', '.join(changed)}",
+                          file=sys.stderr)
+                stack.start_worker()
+        finally:
+            os.killpg(remote_worker.pid, signal.SIGKILL)  # before its namespace goes
+            remote_worker.wait()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--short", action="store_true", help="one worker kill and one Redis restart (CI)")
-    parser.add_argument("--rounds", type=int, default=10, help="kills of the pool process and of the worker")
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="kills of the pool process and of the worker; partitions")
     parser.add_argument("--outage", type=float, default=20.0, help="seconds PostgreSQL stays down")
     parser.add_argument("--scenarios", default="pool,worker,redis,postgres,api",
-                        help="comma-separated, of pool, worker, redis, postgres, api")
+                        help="comma-separated, of pool, worker, redis, postgres, api, partition (as root)")
     args = parser.parse_args()
     chosen = {"worker", "redis"} if args.short else set(args.scenarios.split(","))
+    if "partition" in chosen and (reason := netns.why_unavailable()):
+        parser.error(f"partition: {reason}")
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
@@ -372,6 +458,7 @@ def main() -> int:
                 "redis": lambda tally: redis_round(stack, redis, tally, 1),
                 "postgres": lambda tally: postgres_round(stack, postgres, tally, args.outage),
                 "api": lambda tally: api_round(stack, tally, 3),
+                "partition": lambda tally: partition_round(stack, postgres, redis, tally, rounds),
             }
             for name, run in scenarios.items():
                 if name in chosen:
@@ -389,7 +476,8 @@ def main() -> int:
           f"{'duplicated':>11} {'non-problem':>12} {'recovery p50':>13} {'recovery max':>13}")
     for tally in tallies:
         print(tally.row())
-    limits = {"redis": 15.0, "worker": HEARTBEAT_TIMEOUT + 10.0, "pool": HEARTBEAT_TIMEOUT + 10.0}
+    limits = {"redis": 15.0, "worker": HEARTBEAT_TIMEOUT + 10.0, "pool": HEARTBEAT_TIMEOUT + 10.0,
+              "partition": HEARTBEAT_TIMEOUT + 10.0}
     missed = [t.scenario for t in tallies if t.missed
               or any(r > limits.get(t.scenario, float("inf")) for r in t.recoveries)]
     print("targets met" if not missed else f"targets missed: {', '.join(missed)}")

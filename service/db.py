@@ -91,6 +91,33 @@ def _make_engine(url: str, autocommit: bool) -> Engine:
     return create_engine(url, pool_pre_ping=True, connect_args={"options": settings, "connect_timeout": 5}, **options)
 
 
+def bound_connections(engine: Engine, seconds: float) -> None:
+    """Connections of this engine give up on a silent peer within ``seconds`` (PostgreSQL; a worker's).
+
+    A worker cut off from the database (a network partition) would otherwise wait on a
+    statement for as long as TCP retransmits (minutes), and the server would keep the
+    locks of its open transaction until TCP keepalive noticed (hours): a heartbeat would
+    hang instead of failing, and the job's next attempt would wait on a history row's
+    lock. Here a send unacknowledged for half of ``seconds`` fails (tcp_user_timeout), an
+    idle wait is probed (keepalives), and the server ends a transaction left idle for
+    ``seconds`` (idle_in_transaction_session_timeout), so a cut worker's locks go with it.
+    """
+    if engine.dialect.name != "postgresql":
+        return
+    milliseconds = int(seconds * 1000)
+
+    @event.listens_for(engine, "do_connect")
+    def _bounded(_dialect, _record, _cargs, cparams):
+        cparams.update(
+            tcp_user_timeout=milliseconds // 2,
+            keepalives=1,
+            keepalives_idle=max(1, int(seconds / 4)),
+            keepalives_interval=1,
+            keepalives_count=2,
+        )
+        cparams["options"] = f"{cparams.get('options', '')} -c idle_in_transaction_session_timeout={milliseconds}"
+
+
 @lru_cache
 def get_engine() -> Engine:
     return make_engine(get_settings().resolved_database_url)

@@ -214,37 +214,46 @@ def send_many(session: Session, outgoing: list[Outgoing], enqueue_many: Callable
     return True
 
 
-def claim(session: Session, experiment_id: str, worker: str, environment: dict | None = None) -> Experiment | None:
+class Claim(NamedTuple):
+    """A claimed job, as the claim's own UPDATE returned it."""
+
+    attempts: int  # the number of this attempt: every later write of the run carries it
+    kind: str
+    spec: dict
+
+
+def claim(session: Session, experiment_id: str, worker: str, environment: dict | None = None) -> Claim | None:
     """Move a queued job to running for a new attempt, run by ``worker`` in ``environment``; None if it is
-    not queued. The history is left as it is: the attempt says where it starts (start_history)."""
+    not queued. The history is left as it is: the attempt says where it starts (start_history).
+
+    The attempt number comes back from the UPDATE itself: read afterwards, it could already be
+    a later attempt's, if this worker were cut off and the job re-queued and claimed meanwhile.
+    """
     now = utcnow()
-    claimed = rowcount(
-        session.execute(
-            update(Experiment)
-            .where(Experiment.id == experiment_id, Experiment.status == "queued")
-            .values(
-                status="running",
-                attempts=Experiment.attempts + 1,
-                started_at=now,
-                heartbeat_at=now,
-                worker=worker,
-                environment=environment,
-                resumed_from_epoch=None,
-                progress=0.0,
-                error=None,
-                result=None,
-                **result_copies(None),
-            )
+    claimed = session.execute(
+        update(Experiment)
+        .where(Experiment.id == experiment_id, Experiment.status == "queued")
+        .values(
+            status="running",
+            attempts=Experiment.attempts + 1,
+            started_at=now,
+            heartbeat_at=now,
+            worker=worker,
+            environment=environment,
+            resumed_from_epoch=None,
+            progress=0.0,
+            error=None,
+            result=None,
+            **result_copies(None),
         )
-    )
-    if not claimed:
+        .returning(Experiment.attempts, Experiment.kind, Experiment.spec)
+    ).first()
+    if claimed is None:
         session.rollback()
         return None
     session.commit()
-    job = session.get(Experiment, experiment_id, populate_existing=True)
-    assert job is not None  # claimed above, and experiments are never deleted
-    log_transition(experiment_id, "queued", "running", attempt=job.attempts, worker=worker)
-    return job
+    log_transition(experiment_id, "queued", "running", attempt=claimed.attempts, worker=worker)
+    return Claim(*claimed)
 
 
 def start_history(session: Session, experiment_id: str, attempt: int, resumed_from_epoch: int | None) -> None:
@@ -254,7 +263,8 @@ def start_history(session: Session, experiment_id: str, attempt: int, resumed_fr
     are deleted, so that what a lost attempt wrote past its last checkpoint is never mixed
     with what this one writes.
     """
-    if session.scalar(select(Experiment.id).where(*_owned(experiment_id, attempt))) is None:
+    if _lock_if_owned(session, experiment_id, attempt) is None:
+        session.rollback()
         return
     stale = delete(MetricRow).where(MetricRow.experiment_id == experiment_id)
     if resumed_from_epoch is not None:
@@ -283,9 +293,15 @@ def heartbeat(session: Session, experiment_id: str, attempt: int, progress: floa
     return bool(updated)
 
 
+def _lock_if_owned(session: Session, experiment_id: str, attempt: int) -> str | None:
+    """The job's id if the attempt owns it, its row locked until the transaction ends (PostgreSQL: FOR UPDATE;
+    SQLite's transactions are serialized): a write that follows cannot land after the job has moved on."""
+    return session.scalar(select(Experiment.id).where(*_owned(experiment_id, attempt)).with_for_update())
+
+
 def record_metrics(session: Session, experiment_id: str, attempt: int, step: int, values: dict) -> None:
-    owner = session.scalar(select(Experiment.id).where(*_owned(experiment_id, attempt)))
-    if owner is None:
+    if _lock_if_owned(session, experiment_id, attempt) is None:
+        session.rollback()
         return
     values = json_safe(values)
     session.merge(

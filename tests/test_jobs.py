@@ -43,7 +43,8 @@ def settings(**overrides) -> Settings:
 def test_a_job_is_claimed_once_and_only_its_attempt_may_write(session):
     job = created(session)
     claimed = jobs.claim(session, job.id, worker="w1")
-    assert claimed.status == "running" and claimed.attempts == 1
+    assert (claimed.attempts, claimed.kind, claimed.spec) == (1, "ufm", SPEC)
+    assert session.get(Experiment, job.id, populate_existing=True).status == "running"
     assert jobs.claim(session, job.id, worker="w2") is None  # a redelivered message does nothing
 
     jobs.record_metrics(session, job.id, 1, 0, {"loss": 1.0, "nc1": float("nan")})

@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from service import artifacts, jobs
-from service.db import get_sessionmaker
+from service.db import bound_connections, get_engine, get_sessionmaker
 from service.lifetime import die_with_parent
 from service.queue import RUN_EXPERIMENT, celery_app
 from service.schemas import ExperimentSpec
@@ -42,6 +42,7 @@ SPECS = TypeAdapter(ExperimentSpec)
 def prepare_pool_process(**_) -> None:
     gpu = fleet.pin_gpu(current_process().index)  # before anything in this process touches CUDA
     retain_freed_memory()
+    bound_connections(get_engine(), get_settings().heartbeat_timeout)
     # A pool process whose worker was killed outright stops at once: the reconciler
     # re-queues its job, which must not go on running unowned.
     die_with_parent(signal.SIGKILL)
@@ -80,7 +81,7 @@ def run_experiment(self, experiment_id: str) -> None:
     worker = f"{socket.gethostname()} pid {os.getpid()}"
     try:
         with get_sessionmaker()() as session:
-            job = jobs.claim(session, experiment_id, worker, environment.describe(runners.device(), worker))
+            claim = jobs.claim(session, experiment_id, worker, environment.describe(runners.device(), worker))
     except SQLAlchemyError as exc:
         log.warning(
             "experiment %s: the database failed the claim (%s); retrying in %g s",
@@ -89,10 +90,10 @@ def run_experiment(self, experiment_id: str) -> None:
             CLAIM_RETRY_SECONDS,
         )
         raise self.retry(countdown=CLAIM_RETRY_SECONDS) from exc
-    if job is None:
+    if claim is None:
         log.info("experiment %s is not queued; nothing to do", experiment_id)
         return
-    attempt = job.attempts
+    attempt = claim.attempts
     log.info("experiment %s: attempt %d starts", experiment_id, attempt)
 
     def record(step: int, row: dict) -> None:
@@ -101,7 +102,7 @@ def run_experiment(self, experiment_id: str) -> None:
         )
 
     run_dir = artifacts.experiment_dir(experiment_id)
-    resumed_from = runners.resume_point(job.kind, run_dir)
+    resumed_from = runners.resume_point(claim.kind, run_dir)
     if resumed_from is None:
         artifacts.discard(experiment_id)  # what an earlier attempt left, with no checkpoint to resume from
     else:
@@ -118,7 +119,7 @@ def run_experiment(self, experiment_id: str) -> None:
                 "starting the history",
                 lambda session: jobs.start_history(session, experiment_id, attempt, resumed_from),
             )
-            outcome = _run(experiment_id, job.spec, run_dir, record, set_progress, heartbeat.stop_requested.is_set)
+            outcome = _run(experiment_id, claim.spec, run_dir, record, set_progress, heartbeat.stop_requested.is_set)
             if heartbeat.lost.is_set():
                 raise InfrastructureError(f"no heartbeat could be written for {settings.heartbeat_timeout:g} s")
             if outcome["status"] == "succeeded":
