@@ -7,6 +7,7 @@ why a queued job waits (no live worker serves its queue) and to export consumers
 queue on /metrics.
 """
 
+import time
 from datetime import timedelta
 
 from sqlalchemy import Connection, delete, select
@@ -46,9 +47,26 @@ def waiting(item: dict, served: dict[str, int]) -> str | None:
     return f"no worker serves queue {item['queue']}"
 
 
+# The table changes once a heartbeat interval (5 s): a submit or a poll of a queued job reads
+# it at most once a second per API process, not once a request. Read once a request, it cost
+# a keyed submit a quarter of its rate (a plain httpx client, sequential submits).
+RECENT_SECONDS = 1.0
+_recent: dict[str, tuple[float, dict[str, int]]] = {}  # database URL -> (read at, consumers)
+
+
+def recent_consumers(connection: Connection, settings: Settings) -> dict[str, int]:
+    """``consumers``, as read at most RECENT_SECONDS ago by this process."""
+    database = connection.engine.url.render_as_string()
+    read_at, served = _recent.get(database, (-RECENT_SECONDS, {}))
+    if time.monotonic() - read_at >= RECENT_SECONDS:
+        served = consumers(connection, settings)
+        _recent[database] = (time.monotonic(), served)
+    return served
+
+
 def say_why_waiting(connection: Connection, items: list[dict], settings: Settings) -> list[dict]:
     """Set each resource row's ``waiting``; the workers are read only when one of the rows is queued."""
-    served = consumers(connection, settings) if any(item["status"] == "queued" for item in items) else {}
+    served = recent_consumers(connection, settings) if any(item["status"] == "queued" for item in items) else {}
     for item in items:
         item["waiting"] = waiting(item, served)
     return items

@@ -97,7 +97,9 @@ def test_jobs_go_to_their_resources_queue_and_say_when_nobody_serves_it(api_each
         session.execute(update(WorkerPresence).where(WorkerPresence.name == "gone")
                         .values(seen_at=utcnow() - timedelta(seconds=Settings().heartbeat_timeout + 1)))
         session.commit()
-    assert client.get(f"/experiments/{solve['id']}").json()["waiting"] is None  # cpu-box serves it
+    # An API process reads the workers at most once a second (workers.RECENT_SECONDS).
+    eventually(lambda: client.get(f"/experiments/{solve['id']}").json()["waiting"] is None, timeout=5,
+               message="cpu-box serves the solve's queue, yet it still says it waits")
     assert client.get(f"/experiments/{training['id']}").json()["waiting"] == "no worker serves queue gpu"
     listed = {item["id"]: item["waiting"] for item in client.get("/experiments", params={"limit": 500}).json()["items"]}
     assert listed[training["id"]] == "no worker serves queue gpu" and listed[solve["id"]] is None
