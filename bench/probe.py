@@ -872,7 +872,9 @@ def production(base_dir: Path, logs: Path, postgres: str):
                                         "--save", "", "--appendonly", "no")
                 api = processes.start("production-api", sys.executable, "-m", "service.cli", "api", "--port", str(port),
                                       "--workers", "2")
-                worker = processes.start("production-worker", sys.executable, "-m", "service.cli", "worker")
+                # Both queues, training on the CPU: the accepted train jobs must run to show a worker failure.
+                worker = processes.start("production-worker", sys.executable, "-m", "service.cli", "worker",
+                                         "--queues", "cpu,gpu", "--allow-cpu")
                 wait_ready(f"http://127.0.0.1:{port}", [redis, api, worker])
                 yield f"http://127.0.0.1:{port}", [redis, api, worker]
             finally:

@@ -17,7 +17,7 @@ bench/query.py) on it, and times to the last byte, over one kept-alive connectio
   warm-up, then --repeats timed. Target: every one <= 2 s (the issue: all members in one
   transaction plus one round of sends). Each response must say size 1,000 and list
   1,000 members; afterwards the database must hold all 1,000 of each sweep with
-  ``sent_at`` set, and the Celery queue (Redis list ``celery``) must have grown by
+  ``sent_at`` set, and the cpu queue (Redis list ``cpu``, where UFM solves go) must have grown by
   1,000 per sweep;
 - baseline: the same 1,000 specs (with the sweep's name and tags) posted one by one to
   POST /experiments, once, as a script did before sweeps; checked the same way. Its
@@ -47,7 +47,7 @@ from bench.query import api, database_url, drop_database, recreate_database  # n
 from service.migrate import upgrade  # noqa: E402
 
 DATABASE = "nclab_bench_sweep"
-QUEUE = "celery"  # the Redis list of Celery's default queue
+QUEUE = "cpu"  # the Redis list of the queue UFM solves go to (the specs' resources)
 TARGET_S = 2.0
 MEMBERS = 1000
 
