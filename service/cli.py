@@ -177,8 +177,8 @@ def worker(
     concurrency: Annotated[int, typer.Option(help="jobs at once, without --gpus")] = 1,
 ) -> None:
     """Production worker: consumes experiments from NCLAB_BROKER_URL, from the queues its host can serve."""
+    from service import fleet
     from service.queue import celery_app
-    from worker import fleet
 
     cuda_count = fleet.visible_gpu_count()
     try:

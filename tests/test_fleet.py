@@ -1,4 +1,4 @@
-"""Queues by resource and one pool process per GPU (worker/fleet.py, service/workers.py).
+"""Queues by resource and one pool process per GPU (service/fleet.py, service/workers.py).
 
 Jobs go to the queue their spec's `resources` names (UFM solves to cpu, training to gpu by
 default); a worker serves the queues its host can; a queued job whose queue no live worker
@@ -25,7 +25,7 @@ from service.schemas import QUEUES
 from service.settings import Settings
 from tests.conftest import fresh_redis_broker
 from tests.support import ENDLESS, eventually, free_port, queued_messages, wait_for_status, wait_ready
-from worker.fleet import FleetError, resolve_gpus, resolve_queues
+from service.fleet import FleetError, resolve_gpus, resolve_queues
 
 UFM = {"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2}
 TRAIN = {"kind": "train", "dataset": "gaussian", "K": 2, "d": 2, "epochs": 1, "batch_size": 4, "mlp_depth": 1,

@@ -355,3 +355,14 @@ def test_accumulator_on_cuda_never_synchronizes_per_batch(passes):
     H32 = np.concatenate([f.cpu().numpy() for f, _ in batches])
     y32 = np.concatenate([batch_labels.cpu().numpy() for _, batch_labels in batches])
     assert_matches_reference(got, collapse_metrics(H32.astype(np.float64), y32, W, b))
+
+
+def test_the_search_language_knows_exactly_the_catalogue_the_engine_writes():
+    """service/search/fields.py declares the catalogue again (the service never imports the engine): the two agree."""
+    from service.search.fields import CATALOGUE_METRICS
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(30, 4, generator=generator, dtype=torch.float64)
+    classifier = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    written = collapse_metrics(features, torch.arange(3).repeat_interleave(10), classifier, None, 3)
+    assert sorted(written) == sorted(CATALOGUE_METRICS) == sorted(MEAN_KEYS + CLASSIFIER_KEYS)

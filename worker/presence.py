@@ -11,10 +11,9 @@ from typing import ClassVar
 
 from celery import bootsteps
 
-from service import workers
+from service import fleet, workers
 from service.db import get_engine, get_sessionmaker
 from service.settings import get_settings
-from worker import fleet
 
 log = logging.getLogger("nclab.worker")
 

@@ -23,13 +23,13 @@ from pydantic import TypeAdapter
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from service import artifacts, jobs
+from service import artifacts, fleet, jobs
 from service.db import bound_connections, get_engine, get_sessionmaker
 from service.lifetime import die_with_parent
 from service.queue import RUN_EXPERIMENT, celery_app
 from service.schemas import ExperimentSpec
 from service.settings import get_settings
-from worker import environment, fleet, runners
+from worker import environment, runners
 from worker.heartbeat import Heartbeat
 from worker.memory import retain_freed_memory
 from worker.nc.ufm import Diverged, Stopped

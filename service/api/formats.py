@@ -7,6 +7,8 @@ import orjson
 from fastapi import Query, Request
 from fastapi.responses import Response, StreamingResponse
 
+from service.search.queries import DOCUMENT_KEYS
+
 CSV_MEDIA_TYPE = "text/csv; charset=utf-8"
 Format = Annotated[Literal["json", "csv"] | None, Query(description="csv: the same as Accept: text/csv")]
 PlotWidth = Annotated[int, Query(ge=200, le=4000, description="pixels")]
@@ -35,7 +37,7 @@ def json_fragment(text: str | None):
 
 def with_documents(item: dict) -> dict:
     """An experiment read as plain columns (queries.RESOURCE_KEYS), its documents' JSON text passed through."""
-    for key in ("tags", "spec", "result", "environment"):
+    for key in DOCUMENT_KEYS:
         item[key] = json_fragment(item[key])
     return item
 

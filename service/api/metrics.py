@@ -13,6 +13,7 @@ PROMETHEUS_MULTIPROC_DIR to add them up); the job figures are the same from any 
 """
 
 import logging
+from collections import Counter
 
 from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
@@ -72,14 +73,16 @@ class JobCollector(Collector):
 
     def _read(self):
         with get_sessionmaker()() as session:
-            counts = dict(session.execute(select(Experiment.status, func.count()).group_by(Experiment.status)).all())
-            depths = dict(
-                session.execute(
-                    select(Experiment.queue, func.count())
-                    .where(Experiment.status == "queued")
-                    .group_by(Experiment.queue)
-                ).all()
+            # One scan for both: experiments per status, and the queued ones per queue.
+            counts: Counter[str] = Counter()
+            depths: Counter[str] = Counter()
+            by_status_and_queue = select(Experiment.status, Experiment.queue, func.count()).group_by(
+                Experiment.status, Experiment.queue
             )
+            for status, queue, count in session.execute(by_status_and_queue):
+                counts[status] += count
+                if status == "queued":
+                    depths[queue] += count
             consumers = workers.consumers(session, get_settings())
             duration = cast(
                 _seconds_between(session.get_bind().dialect.name, Experiment.started_at, Experiment.finished_at), Float

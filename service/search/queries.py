@@ -48,6 +48,9 @@ RESOURCE_COLUMNS: list[InstrumentedAttribute[Any] | Label[Any]] = [
     Experiment.finished_at,
 ]
 RESOURCE_KEYS = [column.key for column in RESOURCE_COLUMNS]
+# The keys whose values are JSON text (the documents, read by _json_text): a response passes them
+# through, the dashboard parses them.
+DOCUMENT_KEYS = tuple(column.key for column in RESOURCE_COLUMNS if isinstance(column, Label))
 
 
 @dataclass

@@ -108,7 +108,7 @@ def render(request: Request, template: str, status_code: int = 200, **context) -
 
 def _documents(item: dict) -> dict:
     """An item of queries.search / queries.resource with its JSON documents parsed."""
-    return {**item, **{key: orjson.loads(item[key]) if item[key] else None for key in ("tags", "spec", "result")}}
+    return {**item, **{key: orjson.loads(item[key]) if item[key] else None for key in queries.DOCUMENT_KEYS}}
 
 
 @router.get("/login")
