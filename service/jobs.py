@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from service import idempotency
 from service.db import rowcount
 from service.idempotency import Keyed
+from service.identity import ANONYMOUS
 from service.models import (
     Artifact,
     Experiment,
@@ -36,7 +37,7 @@ from service.models import (
 )
 from service.schemas import TERMINAL_STATUSES
 from service.search.queries import RESOURCE_COLUMNS, RESOURCE_KEYS
-from service.settings import ANONYMOUS, Settings
+from service.settings import Settings
 
 log = logging.getLogger("nclab.jobs")
 

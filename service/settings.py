@@ -7,10 +7,10 @@ queue in the data directory, so no external server is needed.
 from functools import cached_property, lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-ANONYMOUS = "anonymous"
+from service.identity import Caller, parse_entries
 
 
 class Settings(BaseSettings):
@@ -20,9 +20,9 @@ class Settings(BaseSettings):
     # Empty means "embedded default in data_dir".
     database_url: str = ""
     broker_url: str = ""
-    # Comma-separated "owner:key" pairs (a bare key belongs to owner "anonymous"); when
-    # non-empty every /experiments request needs one of the keys as
-    # "Authorization: Bearer <key>" or "X-API-Key: <key>".
+    # Comma-separated "owner:key[:role]" entries (service/identity.py); when non-empty every
+    # route but the health checks needs one of the keys as "Authorization: Bearer <key>"
+    # or "X-API-Key: <key>".
     api_keys: str = ""
 
     # Job lifecycle timing, in seconds.
@@ -71,14 +71,16 @@ class Settings(BaseSettings):
         """The embedded queue's SQLite file, used where broker_url is empty (service/queue.py)."""
         return self.data_dir.resolve() / "queue.sqlite"
 
+    @field_validator("api_keys")
+    @classmethod
+    def _entries_parse(cls, api_keys: str) -> str:
+        parse_entries(api_keys)  # a malformed entry stops the service at start, naming the entry
+        return api_keys
+
     @cached_property
-    def key_owners(self) -> dict[str, str]:
-        """API key -> its owner's name."""
-        owners = {}
-        for entry in filter(None, (part.strip() for part in self.api_keys.split(","))):
-            owner, _, key = entry.rpartition(":")
-            owners[key.strip()] = owner.strip() or ANONYMOUS
-        return owners
+    def key_callers(self) -> dict[str, Caller]:
+        """API key -> its owner and role."""
+        return parse_entries(self.api_keys)
 
 
 @lru_cache

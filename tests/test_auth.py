@@ -1,5 +1,7 @@
 """NCLAB_API_KEYS: named keys record who submitted; bare keys are 'anonymous'; health stays open."""
 
+import pytest
+
 SPEC = {"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2}
 
 
@@ -30,3 +32,20 @@ def test_named_keys_record_the_owner_bare_keys_are_anonymous_and_no_key_is_401(a
     counts = client.get("/experiments/aggregate", params={"group_by": "owner"},
                         headers={"Authorization": "Bearer lab-bare-key"}).json()["items"]
     assert {item["group"]["owner"]: item["count"] for item in counts} == {"alice": 1, "anonymous": 1, "bob": 1}
+
+
+def test_key_entries_name_owner_and_role_and_a_malformed_entry_is_named():
+    from service.identity import InvalidKeyEntry, parse_entries
+    from service.settings import Settings
+
+    callers = parse_entries("alice:a-key:admin, bob:b-key\nwall:w-key:reader,bare-key")
+    assert callers == {
+        "a-key": ("alice", "admin"),
+        "b-key": ("bob", "member"),
+        "w-key": ("wall", "reader"),
+        "bare-key": ("anonymous", "member"),
+    }
+    with pytest.raises(InvalidKeyEntry, match="'alice:a-key:root'"):
+        parse_entries("alice:a-key:root")
+    with pytest.raises(ValueError, match="alice:"):
+        Settings(api_keys="alice:")

@@ -9,21 +9,22 @@ from sqlalchemy.orm import Session
 
 from service.api.problems import InvalidField, problem_responses
 from service.db import get_session
+from service.identity import NO_KEYS_CALLER, Caller
 from service.jobs import Submitted
 from service.models import Base
 from service.search.fields import UnknownField, names
-from service.settings import ANONYMOUS, get_settings
+from service.settings import get_settings
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def _owner_of(presented: str, key_owners: dict[str, str]) -> str | None:
-    """The owner of a key, comparing against every key in constant time."""
-    owner = None
-    for key, key_owner in key_owners.items():
+def _caller_of(presented: str, key_callers: dict[str, Caller]) -> Caller | None:
+    """The caller a key names, comparing against every key in constant time."""
+    caller = None
+    for key, key_caller in key_callers.items():
         if hmac.compare_digest(presented.encode(), key.encode()):
-            owner = key_owner
-    return owner
+            caller = key_caller
+    return caller
 
 
 # Declared as security schemes, so that the OpenAPI document says how to authenticate.
@@ -39,34 +40,34 @@ api_key_cookie = APIKeyCookie(
 )
 
 
-def owner_of_key(presented: str) -> str | None:
-    """The owner of a presented key: 'anonymous' when no keys are set, None for an unknown key."""
-    key_owners = get_settings().key_owners
-    if not key_owners:
-        return ANONYMOUS
-    return _owner_of(presented, key_owners)
+def caller_of_key(presented: str) -> Caller | None:
+    """Who a presented key names: the anonymous admin when no keys are set, None for an unknown key."""
+    key_callers = get_settings().key_callers
+    if not key_callers:
+        return NO_KEYS_CALLER
+    return _caller_of(presented, key_callers)
 
 
 async def require_api_key(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     x_api_key: Annotated[str | None, Depends(api_key_header)],
     cookie: Annotated[str | None, Depends(api_key_cookie)],
-) -> str:
-    """The caller's owner name: the key's owner when keys are set, else 'anonymous'.
+) -> Caller:
+    """The caller: the key's owner and role when keys are set, else the anonymous admin.
 
     ``Authorization`` must name the Bearer scheme (in any case); a bare key there is refused.
     """
-    owner = owner_of_key(x_api_key or (credentials.credentials if credentials else "") or cookie or "")
-    if owner is None:
+    caller = caller_of_key(x_api_key or (credentials.credentials if credentials else "") or cookie or "")
+    if caller is None:
         raise HTTPException(
             401,
             "missing or unknown API key: send 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    return owner
+    return caller
 
 
-OwnerDep = Annotated[str, Depends(require_api_key)]
+CallerDep = Annotated[Caller, Depends(require_api_key)]
 
 
 IdempotencyKeyHeader = Annotated[

@@ -7,8 +7,8 @@ from starlette.concurrency import run_in_threadpool
 
 from service import idempotency, jobs, plots, workers
 from service.api.deps import (
+    CallerDep,
     IdempotencyKeyHeader,
-    OwnerDep,
     SessionDep,
     api_router,
     get_or_404,
@@ -55,7 +55,7 @@ def _get_or_404(session, experiment_id: str) -> Experiment:
 
 @router.post("", status_code=202, response_model=ExperimentOut, responses=problem_responses(400))
 async def submit(
-    submission: Annotated[Submission, Body()], owner: OwnerDep, idempotency_key: IdempotencyKeyHeader = None
+    submission: Annotated[Submission, Body()], caller: CallerDep, idempotency_key: IdempotencyKeyHeader = None
 ) -> Response:
     """A spec, bare or as ``{"spec": ..., "name": ..., "tags": {...}}``; recorded with the key's owner.
 
@@ -66,10 +66,10 @@ async def submit(
     """
     labelled = submission if isinstance(submission, LabelledSubmission) else LabelledSubmission(spec=submission)
     request = labelled.model_dump(mode="json")
-    keyed = idempotency.keyed(owner, idempotency_key, "/experiments", request)
+    keyed = idempotency.keyed(caller.owner, idempotency_key, "/experiments", request)
     engine = get_engine() if keyed else get_autocommit_engine()
     with engine.connect() as connection:
-        submitted = jobs.submit(connection, request["spec"], owner, labelled.name, labelled.tags, keyed)
+        submitted = jobs.submit(connection, request["spec"], caller.owner, labelled.name, labelled.tags, keyed)
         # A new experiment is answered as it was stored; a replay as it is now.
         item = submitted.stored or queries.resource(connection, submitted.id)
         if item is None:

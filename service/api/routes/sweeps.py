@@ -7,8 +7,8 @@ from fastapi import Query, Response
 
 from service import idempotency, jobs, sweeps
 from service.api.deps import (
+    CallerDep,
     IdempotencyKeyHeader,
-    OwnerDep,
     SessionDep,
     api_router,
     get_or_404,
@@ -28,7 +28,7 @@ NOT_FOUND = problem_responses(404)
 def submit(
     request: sweeps.SweepRequest,
     session: SessionDep,
-    owner: OwnerDep,
+    caller: CallerDep,
     response: Response,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> SweepOut:
@@ -40,14 +40,14 @@ def submit(
         raise InvalidField(f"members[{exc.index}].{exc.field}" if exc.index >= 0 else exc.field, str(exc)) from None
     sweep = Sweep(
         id=str(uuid.uuid4()),
-        owner=owner,
+        owner=caller.owner,
         name=request.name,
         tags=request.tags,
         definition=request.model_dump(include={"base", "variants", "grid"}),
         size=len(specs),
         created_at=utcnow(),
     )
-    keyed = idempotency.keyed(owner, idempotency_key, "/sweeps", request.model_dump(mode="json"))
+    keyed = idempotency.keyed(caller.owner, idempotency_key, "/sweeps", request.model_dump(mode="json"))
     submitted = jobs.submit_sweep(session, sweep, specs, keyed)
     get_dispatcher().send(*submitted.experiments)
     response.headers.update(submitted_headers(submitted, "/sweeps"))

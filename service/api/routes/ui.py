@@ -27,8 +27,9 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 
 from service import jobs
-from service.api.deps import UI_KEY_COOKIE, SessionDep, owner_of_key
+from service.api.deps import UI_KEY_COOKIE, SessionDep, caller_of_key
 from service.db import get_autocommit_engine
+from service.identity import Caller
 from service.models import Experiment, Sweep
 from service.schemas import STATUSES, TERMINAL_STATUSES
 from service.search import queries
@@ -74,11 +75,11 @@ class NeedsSignIn(Exception):
     """A dashboard page asked for without a valid key (keys are configured)."""
 
 
-def signed_in(request: Request) -> str:
-    owner = owner_of_key(request.cookies.get(UI_KEY_COOKIE, ""))
-    if owner is None:
+def signed_in(request: Request) -> Caller:
+    caller = caller_of_key(request.cookies.get(UI_KEY_COOKIE, ""))
+    if caller is None:
         raise NeedsSignIn()
-    return owner
+    return caller
 
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -118,7 +119,7 @@ def login_form(request: Request, next: str = "/ui") -> HTMLResponse:
 
 @router.post("/login")
 def login(request: Request, key: Annotated[str, Form(max_length=1000)], next: Annotated[str, Form()] = "/ui"):
-    if owner_of_key(key) is None:
+    if caller_of_key(key) is None:
         return render(request, "login.html", status_code=401, next=_local(next), error="unknown API key")
     response = RedirectResponse(_local(next), status_code=303)
     response.set_cookie(UI_KEY_COOKIE, key, httponly=True, samesite="strict", max_age=30 * 24 * 3600)
