@@ -6,6 +6,7 @@ queue in the data directory, so no external server is needed.
 
 from functools import cached_property, lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,8 +54,12 @@ class Settings(BaseSettings):
     max_job_bytes: int = Field(16 * 2**30, ge=2**20)
 
     # Where each experiment's files are kept (service/artifacts.py): a directory that the API
-    # and every worker see at the same path. Empty means "<data_dir>/artifacts".
+    # and every worker see at the same path, or an fsspec URL (s3://bucket/prefix, with the
+    # s3 extra). Empty means "<data_dir>/artifacts".
     artifact_root: str = ""
+    # Keyword arguments of the store's fsspec filesystem, as JSON (for S3: endpoint_url, key,
+    # secret, client_kwargs...); empty: the library's defaults (AWS_* variables, ~/.aws).
+    artifact_storage_options: dict[str, Any] = {}
     # A job whose artifacts would take more than this (by service/job_size.py's estimate) is refused at submit.
     max_artifact_bytes: int = Field(8 * 2**30, ge=2**20)
 
@@ -63,8 +68,16 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'nclab.sqlite'}"
 
     @property
-    def resolved_artifact_root(self) -> Path:
-        return Path(self.artifact_root).resolve() if self.artifact_root else self.data_dir.resolve() / "artifacts"
+    def resolved_artifact_root(self) -> str:
+        """The store's URL, or its directory as an absolute path."""
+        if "://" in self.artifact_root:
+            return self.artifact_root
+        return str(Path(self.artifact_root).resolve() if self.artifact_root else self.data_dir.resolve() / "artifacts")
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Where a worker writes a run's files before it uploads them to a remote artifact store."""
+        return self.data_dir.resolve() / "scratch"
 
     @property
     def embedded_queue_path(self) -> Path:

@@ -288,7 +288,7 @@ def stack(request) -> Stack:
 # Markers, applied at collection.
 
 # Fixtures that start servers or processes, or need PostgreSQL or Redis.
-STACK_FIXTURES = {"embedded", "production", "stack", "own_production", "own_embedded", "shared_embedded",
+STACK_FIXTURES = {"embedded", "production", "stack", "own_production", "own_embedded", "shared_embedded", "s3_store",
                   "shared_production", "processes", "pg_admin", "pg_database"}
 
 

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import httpx
@@ -113,3 +114,10 @@ def answer_to_raised(error: Exception, query: str = "") -> httpx.Response:
             return await client.get(f"/fail{query}")
 
     return asyncio.run(get())
+
+
+def stored_dir(experiment_id: str) -> Path:
+    """An experiment's directory in the local artifact store that this process's settings name."""
+    from service.settings import get_settings
+
+    return Path(get_settings().resolved_artifact_root) / experiment_id

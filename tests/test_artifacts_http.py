@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
-from service.artifacts import NAME_PATTERN, experiment_dir
+from service.artifacts import NAME_PATTERN
 from service.client import ChecksumMismatch, Client, InvalidRequest, NotFound, Unavailable
 from service.client.core import ARTIFACT_NAME
 from service.db import make_engine
 from service.models import Artifact
-from tests.support import wait_for_status
+from tests.support import stored_dir, wait_for_status
 from tests.test_cli import nclab
 
 UFM = {"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2}
@@ -74,7 +74,7 @@ def artifact_root(tmp_path) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("NCLAB_ARTIFACT_ROOT", str(root))
         get_settings.cache_clear()
-        assert get_settings().resolved_artifact_root == root.resolve()
+        assert get_settings().resolved_artifact_root == str(root.resolve())
         yield root
     get_settings.cache_clear()
 
@@ -83,7 +83,7 @@ def artifact_root(tmp_path) -> Iterator[Path]:
 def experiment(api_each_db, artifact_root) -> str:
     """A new experiment's id (queued: no worker runs it) with FILES kept."""
     experiment_id = api_each_db.client.post("/experiments", json=UFM).raise_for_status().json()["id"]
-    keep(api_each_db.database_url, experiment_dir(experiment_id), experiment_id, FILES)
+    keep(api_each_db.database_url, stored_dir(experiment_id), experiment_id, FILES)
     return experiment_id
 
 
@@ -112,7 +112,7 @@ def test_the_listing_names_each_file_by_name_with_its_size_and_sha256(api_each_d
     experiment_id = api_each_db.client.post("/experiments", json=UFM).raise_for_status().json()["id"]
     assert api_each_db.client.get(f"/experiments/{experiment_id}/artifacts").json() == {"items": []}
 
-    kept_at = keep(api_each_db.database_url, experiment_dir(experiment_id), experiment_id, FILES)
+    kept_at = keep(api_each_db.database_url, stored_dir(experiment_id), experiment_id, FILES)
     listed = api_each_db.client.get(f"/experiments/{experiment_id}/artifacts")
     assert listed.status_code == 200
     items = listed.json()["items"]
@@ -212,7 +212,7 @@ def test_an_unknown_experiment_or_name_or_a_missing_file_is_a_404_saying_which(a
     assert no_name.status_code == 404
     assert no_name.json()["detail"] == f"experiment {experiment} has no artifact named 'checkpoint.safetensors'"
 
-    (experiment_dir(experiment) / "features.safetensors").unlink()
+    (stored_dir(experiment) / "features.safetensors").unlink()
     missing = api_each_db.client.get(url(experiment, "features.safetensors"))
     assert missing.status_code == 404
     assert missing.json()["detail"] == "the file of artifact 'features.safetensors' is missing from the artifact store"
@@ -229,7 +229,7 @@ def test_the_client_downloads_to_a_file_or_into_a_folder(api_each_db, experiment
 
 
 def test_the_client_refuses_a_file_whose_sha256_is_not_the_recorded_one(api_each_db, experiment, client, downloads):
-    stored = experiment_dir(experiment) / "model.safetensors"
+    stored = stored_dir(experiment) / "model.safetensors"
     tampered = bytearray(MODEL)
     tampered[MIB] ^= 0xFF
     stored.write_bytes(tampered)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from service.artifacts import CHECKPOINT_NAME, experiment_dir
+from service.artifacts import CHECKPOINT_NAME
+from tests.support import stored_dir
 from worker.nc.metrics import collapse_metrics
 
 UFM = {"kind": "ufm", "K": 4, "d": 6, "n_per_class": 3, "seed": 3}
@@ -24,7 +25,7 @@ def _listing(client, experiment_id: str) -> dict:
 
 
 def _on_disk(experiment_id: str, name: str) -> bytes:
-    return (experiment_dir(experiment_id) / name).read_bytes()
+    return (stored_dir(experiment_id) / name).read_bytes()
 
 
 def test_a_ufm_solve_keeps_its_solution_which_gives_its_metrics(api):
@@ -37,7 +38,7 @@ def test_a_ufm_solve_keeps_its_solution_which_gives_its_metrics(api):
     assert listing["solution.safetensors"]["bytes"] == len(stored)
     assert listing["solution.safetensors"]["sha256"] == hashlib.sha256(stored).hexdigest()
 
-    solution = load_file(experiment_dir(experiment["id"]) / "solution.safetensors")
+    solution = load_file(stored_dir(experiment["id"]) / "solution.safetensors")
     assert sorted(solution) == ["H", "W", "labels"]  # no bias asked for
     assert solution["W"].shape == (4, 6) and solution["H"].shape == (12, 6) and solution["W"].dtype == torch.float64
     assert solution["labels"].tolist() == [k for k in range(4) for _ in range(3)]
@@ -54,8 +55,8 @@ def test_a_training_run_keeps_its_weights_and_features_but_not_its_checkpoint(ap
     assert list(listing) == ["features.safetensors", "model.safetensors"]
     for name, item in listing.items():
         assert item["sha256"] == hashlib.sha256(_on_disk(experiment["id"], name)).hexdigest()
-    assert not (experiment_dir(experiment["id"]) / CHECKPOINT_NAME).exists()
-    features = load_file(experiment_dir(experiment["id"]) / "features.safetensors")
+    assert not (stored_dir(experiment["id"]) / CHECKPOINT_NAME).exists()
+    features = load_file(stored_dir(experiment["id"]) / "features.safetensors")
     assert features["train_features"].shape == (120, 8) and features["test_labels"].shape == (30,)
 
 
@@ -65,4 +66,4 @@ def test_a_failed_run_keeps_no_files(api):
     experiment = api.run(client.post("/experiments", json=hopeless).json()["id"])
     assert experiment["status"] == "failed"
     assert _listing(client, experiment["id"]) == {}
-    assert not experiment_dir(experiment["id"]).exists()
+    assert not stored_dir(experiment["id"]).exists()

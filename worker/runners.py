@@ -10,8 +10,9 @@ from service.artifacts import CHECKPOINT_NAME
 from service.settings import get_settings
 from worker.nc import checkpoint, train, ufm
 
-CheckpointSink = Callable[[int, dict], None]
+HistorySink = Callable[[int, dict], None]
 ProgressSink = Callable[[float], None]
+CheckpointCopy = Callable[[Path], None]
 
 
 def device() -> torch.device:
@@ -46,11 +47,12 @@ def engine_config(config_type, spec: dict):
 def run_ufm(
     spec: dict,
     run_dir: Path,
-    on_checkpoint: CheckpointSink,
+    on_checkpoint: HistorySink,
     on_progress: ProgressSink,
     should_stop: Callable[[], bool],
+    keep_checkpoint: CheckpointCopy,
 ) -> dict:
-    """Keeps the solution (W, H, b) in run_dir."""
+    """Keeps the solution (W, H, b) in run_dir. A solve has no checkpoint: it is short, and starts again."""
     return ufm.solve(
         engine_config(ufm.UFMProblem, spec),
         device=device(),
@@ -64,12 +66,14 @@ def run_ufm(
 def run_train(
     spec: dict,
     run_dir: Path,
-    on_checkpoint: CheckpointSink,
+    on_checkpoint: HistorySink,
     on_progress: ProgressSink,
     should_stop: Callable[[], bool],
+    keep_checkpoint: CheckpointCopy,
 ) -> dict:
     """History rows are keyed by epoch (1-based): the step of a training run is its epoch. Checkpoints,
-    the final weights and (save_features) the features are kept in run_dir; a checkpoint there is resumed."""
+    the final weights and (save_features) the features are kept in run_dir; a checkpoint there is resumed.
+    keep_checkpoint is given each checkpoint as it is saved (a remote artifact store copies it)."""
     return train.train(
         engine_config(train.TrainConfig, spec),
         get_settings().data_dir,
@@ -78,6 +82,7 @@ def run_train(
         on_progress=on_progress,
         should_stop=should_stop,
         checkpoint_path=run_dir / CHECKPOINT_NAME,
+        on_checkpoint_saved=keep_checkpoint,
         outputs=run_dir,
     )
 

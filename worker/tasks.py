@@ -101,10 +101,16 @@ def run_experiment(self, experiment_id: str) -> None:
             f"recording step {step}", lambda session: jobs.record_metrics(session, experiment_id, attempt, step, row)
         )
 
-    run_dir = artifacts.experiment_dir(experiment_id)
+    store = artifacts.get_store()
+    try:
+        store.fetch_checkpoint(experiment_id)
+    except Exception as exc:
+        _give_back(experiment_id, attempt, f"the artifact store failed: {exc.__class__.__name__}: {exc}")
+        return
+    run_dir = store.working_dir(experiment_id)
     resumed_from = runners.resume_point(claim.kind, run_dir)
     if resumed_from is None:
-        artifacts.discard(experiment_id)  # what an earlier attempt left, with no checkpoint to resume from
+        store.discard(experiment_id)  # what an earlier attempt left, with no checkpoint to resume from
     else:
         log.info("experiment %s: attempt %d resumes after epoch %d", experiment_id, attempt, resumed_from)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -114,38 +120,60 @@ def run_experiment(self, experiment_id: str) -> None:
         def set_progress(fraction: float) -> None:
             heartbeat.progress = min(max(fraction, 0.0), 1.0)
 
+        def keep_checkpoint(path) -> None:
+            _store("copying the checkpoint", lambda: store.keep_checkpoint(experiment_id, path))
+
         try:
             _write(
                 "starting the history",
                 lambda session: jobs.start_history(session, experiment_id, attempt, resumed_from),
             )
-            outcome = _run(experiment_id, claim.spec, run_dir, record, set_progress, heartbeat.stop_requested.is_set)
+            outcome = _run(
+                experiment_id,
+                claim.spec,
+                run_dir,
+                record,
+                set_progress,
+                heartbeat.stop_requested.is_set,
+                keep_checkpoint,
+            )
             if heartbeat.lost.is_set():
                 raise InfrastructureError(f"no heartbeat could be written for {settings.heartbeat_timeout:g} s")
             if outcome["status"] == "succeeded":
                 outcome["artifacts"] = artifacts.describe(run_dir)
+                names = [artifact["name"] for artifact in outcome["artifacts"]]
+                _store("storing the artifacts", lambda: store.publish(experiment_id, names))
             owned = _write(
                 "storing the outcome", lambda session: jobs.finish(session, experiment_id, attempt, **outcome)
             )
         except InfrastructureError as exc:
-            _give_back(experiment_id, attempt, str(exc))  # the checkpoint stays, for the next attempt
+            _give_back(experiment_id, attempt, str(exc))
+            store.release(experiment_id)  # the stored checkpoint stays, for the next attempt
             return
     if not owned:
         # Its files are the attempt that owns the job now's: left alone.
         log.warning("experiment %s: attempt %d no longer owns the job; outcome dropped", experiment_id, attempt)
     elif outcome["status"] == "succeeded":
-        (run_dir / artifacts.CHECKPOINT_NAME).unlink(missing_ok=True)
+        store.drop_checkpoint(experiment_id)
     else:
-        artifacts.discard(experiment_id)  # a failed or canceled run keeps no files
+        store.discard(experiment_id)  # a failed or canceled run keeps no files
 
 
-def _run(experiment_id: str, spec: dict, run_dir, record, set_progress, should_stop) -> dict:
+def _store(what: str, operation: Callable[[], None]) -> None:
+    """An artifact store operation: its failure (a remote store out of reach) is the infrastructure's."""
+    try:
+        operation()
+    except Exception as exc:
+        raise InfrastructureError(f"the artifact store failed while {what}: {exc.__class__.__name__}: {exc}") from exc
+
+
+def _run(experiment_id: str, spec: dict, run_dir, record, set_progress, should_stop, keep_checkpoint) -> dict:
     """The experiment's outcome: the columns jobs.finish sets. Its own errors fail it; the
     database's (InfrastructureError) go through to the caller."""
     try:
         # Re-validated so that rows stored by an older version get today's defaults.
         spec = SPECS.validate_python(spec).model_dump(mode="json")
-        result = runners.RUNNERS[spec["kind"]](spec, run_dir, record, set_progress, should_stop)
+        result = runners.RUNNERS[spec["kind"]](spec, run_dir, record, set_progress, should_stop, keep_checkpoint)
     except InfrastructureError:
         raise
     except Stopped:

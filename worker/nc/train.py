@@ -205,6 +205,7 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     compute_metrics: bool = True,
     checkpoint_path: Path | None = None,
+    on_checkpoint_saved: Callable[[Path], None] | None = None,
     outputs: Path | None = None,
 ) -> dict:
     """Train as `config` says; returns the last epoch's row plus `epochs` (completed) and
@@ -222,7 +223,8 @@ def train(
     epoch's row (so a row is never lost: an interruption in between makes the resume emit
     it again). A run that finds a checkpoint there resumes from it: it emits the rows of
     the epochs after the checkpoint's only (no epoch-0 row), and its rows and result are
-    those of an uninterrupted run, bit for bit on a CPU. The checkpoint is left in place
+    those of an uninterrupted run, bit for bit on a CPU. `on_checkpoint_saved(path)` is
+    called after each save (to copy it elsewhere). The checkpoint is left in place
     at the end: removing it is the caller's business. With `outputs`, a directory, the
     final model is written there (MODEL_FILE) and, with `save_features`, the last epoch's
     features and labels (FEATURES_FILE).
@@ -334,6 +336,8 @@ def train(
             on_epoch(epoch, row)
         if checkpoint_path is not None and (epoch % config.checkpoint_every == 0 or epoch == config.epochs):
             save_checkpoint(checkpoint_path, state, epoch, row, run_config)
+            if on_checkpoint_saved is not None:
+                on_checkpoint_saved(checkpoint_path)
     _check_learned(row["train_loss"], config.num_classes)
     if outputs is not None:
         if config.save_features and last_features is None:  # no metrics, or resumed after the last epoch

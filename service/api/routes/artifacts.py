@@ -1,23 +1,25 @@
 """/experiments/{id}/artifacts: the files an experiment kept, listed from the database and served from the store.
 
 The ``artifacts`` table is the list: a file the worker is still writing has no row yet, so
-it is never offered (service/artifacts.py). A download is Starlette's FileResponse, which
-streams the file in chunks and answers single and multiple ``Range`` requests and
-``If-Range``; this module adds what it leaves out: the sha256 as a strong ETag with
-``If-None-Match``, and its range errors as problem+json.
+it is never offered (service/artifacts.py). From a local store a download is Starlette's
+FileResponse, which streams the file in chunks and answers single and multiple ``Range``
+requests and ``If-Range``; from a remote store (an fsspec URL) the file is streamed
+through, and a single range is answered (several are answered with the whole file, as
+RFC 9110 allows). This module adds the sha256 as a strong ETag with ``If-None-Match``, and
+range errors as problem+json.
 """
 
 from typing import Any
 
 from fastapi import HTTPException, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy import select
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 from service.api.deps import SessionDep, api_router, get_or_404
 from service.api.formats import etag_matches
 from service.api.problems import PROBLEM_JSON, InvalidField, Problem, problem_responses
-from service.artifacts import experiment_dir
+from service.artifacts import ArtifactStore, get_store
 from service.models import Artifact, Experiment
 from service.schemas import ArtifactList
 
@@ -69,32 +71,59 @@ def download_artifact(experiment_id: str, name: str, request: Request, session: 
     if artifact is None:
         get_or_404(session, Experiment, experiment_id)
         raise HTTPException(404, f"experiment {experiment_id} has no artifact named {name!r}")
-    path = experiment_dir(experiment_id) / name
+    store = get_store()
     try:
-        stat_result = path.stat()
+        size = store.size(experiment_id, name)
     except FileNotFoundError:
         raise HTTPException(404, f"the file of artifact {name!r} is missing from the artifact store") from None
     headers = {"ETag": f'"{artifact.sha256}"', "Cache-Control": "no-cache"}
     # RFC 9110 (13.2.2): If-None-Match is decided before Range.
     if etag_matches(request.headers.get("if-none-match"), headers["ETag"]):
         return Response(status_code=304, headers=headers)
-    response = ArtifactFile(
-        path, stat_result=stat_result, media_type=artifact.media_type, filename=name, headers=headers
-    )
     range_header, if_range = request.headers.get("range"), request.headers.get("if-range")
-    # As FileResponse does: an If-Range naming another version of the file makes the Range void (the whole file).
-    if range_header is not None and if_range in (None, response.headers["etag"], response.headers["last-modified"]):
-        _check_range(range_header, stat_result.st_size)
-    return response
+    local_file = store.local_file(experiment_id, name)
+    if local_file is not None:
+        response = ArtifactFile(
+            local_file, stat_result=local_file.stat(), media_type=artifact.media_type, filename=name, headers=headers
+        )
+        # As FileResponse does: an If-Range naming another version of the file makes the Range void (the whole file).
+        if range_header is not None and if_range in (None, headers["ETag"], response.headers["last-modified"]):
+            _check_range(range_header, size)
+        return response
+    ranges = []
+    if range_header is not None and if_range in (None, headers["ETag"]):
+        ranges = _check_range(range_header, size)
+    return _streamed(store, experiment_id, name, size, artifact.media_type, headers, ranges)
 
 
-def _check_range(header: str, size: int) -> None:
-    """A Range that FileResponse would refuse, refused here as problem+json (it answers in plain text).
+def _streamed(
+    store: ArtifactStore,
+    experiment_id: str,
+    name: str,
+    size: int,
+    media_type: str,
+    headers: dict[str, str],
+    ranges: list[tuple[int, int]],
+) -> Response:
+    """A remote store's file streamed through: whole (200), or the one range asked for (206)."""
+    headers = {**headers, "Accept-Ranges": "bytes", "Content-Disposition": f'attachment; filename="{name}"'}
+    start, end, status = 0, size, 200
+    if len(ranges) == 1:
+        (start, end), status = ranges[0], 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    headers["Content-Length"] = str(end - start)
+    chunks = store.read_range(experiment_id, name, start, end)
+    return StreamingResponse(chunks, status_code=status, media_type=media_type, headers=headers)
+
+
+def _check_range(header: str, size: int) -> list[tuple[int, int]]:
+    """The ranges a Range header asks for, as (start, end exclusive); one that FileResponse would refuse is
+    refused here as problem+json (it answers in plain text).
 
     Its own parser decides, the one that then serves the range, so that the two never disagree.
     """
     try:
-        FileResponse._parse_range_header(header, size)
+        return FileResponse._parse_range_header(header, size)
     except RangeNotSatisfiable:
         raise HTTPException(
             416,
