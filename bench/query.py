@@ -256,7 +256,7 @@ def fill(postgres: str, name: str, size: int, seed: int = 0) -> None:
     history = []
     with psycopg.connect(database_url(postgres, name)) as connection, connection.cursor() as cursor:
         cursor.execute("SET LOCAL maintenance_work_mem = '1GB'")
-        cursor.execute("TRUNCATE metrics, experiments, sweeps")  # in this transaction, so that COPY can FREEZE
+        cursor.execute("TRUNCATE metrics, artifacts, experiments, sweeps")  # in this transaction, so that COPY can FREEZE
         # The sweeps the experiments name (a foreign key); their sizes are counted once the members exist.
         cursor.executemany("INSERT INTO sweeps (id, owner, tags, definition, size, created_at)"
                            " VALUES (%s, 'anonymous', '{}', '{}', 0, %s)", [(sweep, now) for sweep in sweeps])
