@@ -10,7 +10,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.identity import Caller, parse_entries
+from service.api_keys import KeyRing, read_file
+from service.identity import parse_entries
 
 
 class Settings(BaseSettings):
@@ -24,6 +25,8 @@ class Settings(BaseSettings):
     # route but the health checks needs one of the keys as "Authorization: Bearer <key>"
     # or "X-API-Key: <key>".
     api_keys: str = ""
+    # A file of more such entries, one a line, re-read when it changes (service/api_keys.py).
+    api_keys_file: Path | None = None
 
     # Job lifecycle timing, in seconds.
     heartbeat_interval: float = Field(5.0, gt=0)
@@ -77,10 +80,20 @@ class Settings(BaseSettings):
         parse_entries(api_keys)  # a malformed entry stops the service at start, naming the entry
         return api_keys
 
+    @field_validator("api_keys_file")
+    @classmethod
+    def _file_parses(cls, api_keys_file: Path | None) -> Path | None:
+        if api_keys_file is not None:
+            try:
+                read_file(api_keys_file)  # as the entries above: a bad file stops the service at start
+            except OSError as exc:
+                raise ValueError(f"cannot read the keys file: {exc}") from None
+        return api_keys_file
+
     @cached_property
-    def key_callers(self) -> dict[str, Caller]:
-        """API key -> its owner and role."""
-        return parse_entries(self.api_keys)
+    def key_ring(self) -> KeyRing:
+        """The API keys in force, each naming its owner and role."""
+        return KeyRing(self.api_keys, self.api_keys_file)
 
 
 @lru_cache

@@ -9,9 +9,9 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service import idempotency, jobs
-from service.api import metrics, problems
+from service.api import audit_trail, metrics, problems
 from service.api.guards import RequestGuard
-from service.api.routes import artifacts, docs, experiments, health, search, sweeps, ui
+from service.api.routes import artifacts, audit, docs, experiments, health, identity, search, sweeps, ui
 from service.db import get_sessionmaker
 from service.dispatch import get_dispatcher
 from service.lifetime import die_with_parent, is_spawned_child
@@ -61,6 +61,7 @@ def create_app() -> FastAPI:
         redoc_url=None,
     )
     problems.install(app)
+    audit_trail.install(app)
     app.add_middleware(RequestGuard, max_body_bytes=get_settings().max_body_bytes)
     metrics.install(app)
     app.include_router(health.router)
@@ -69,6 +70,8 @@ def create_app() -> FastAPI:
     app.include_router(experiments.router)
     app.include_router(artifacts.router)
     app.include_router(sweeps.router)
+    app.include_router(identity.router)
+    app.include_router(audit.router)
     ui.install(app)
     return app
 
