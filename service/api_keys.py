@@ -21,7 +21,7 @@ CHECK_INTERVAL = 1.0  # seconds
 
 
 def read_file(path: Path) -> dict[str, Caller]:
-    """The entries of a keys file, comments and blank lines left out; OSError or InvalidKeyEntry (naming the line)."""
+    """The entries of a keys file, comments and blank lines left out; OSError, or InvalidKeyEntry naming the line."""
     entries = [line.partition("#")[0] for line in path.read_text().splitlines()]
     callers: dict[str, Caller] = {}
     for number, entry in enumerate(entries, start=1):
@@ -41,8 +41,11 @@ class KeyRing:
         self._seen: tuple[int, int] | None = None  # the file's (mtime, size) when it was last read
         self._callers = self._from_settings
         if file is not None:
-            self._seen = self._signature(file)
-            self._callers = self._from_settings | read_file(file)  # a bad file stops the service at start
+            try:
+                self._seen = self._signature(file)
+                self._callers = self._from_settings | read_file(file)
+            except OSError as exc:
+                raise ValueError(f"NCLAB_API_KEYS_FILE: cannot read the keys file: {exc}") from None
 
     @property
     def authenticating(self) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.api_keys import KeyRing, read_file
+from service.api_keys import KeyRing
 from service.identity import parse_entries
 
 
@@ -80,19 +80,10 @@ class Settings(BaseSettings):
         parse_entries(api_keys)  # a malformed entry stops the service at start, naming the entry
         return api_keys
 
-    @field_validator("api_keys_file")
-    @classmethod
-    def _file_parses(cls, api_keys_file: Path | None) -> Path | None:
-        if api_keys_file is not None:
-            try:
-                read_file(api_keys_file)  # as the entries above: a bad file stops the service at start
-            except OSError as exc:
-                raise ValueError(f"cannot read the keys file: {exc}") from None
-        return api_keys_file
-
     @cached_property
     def key_ring(self) -> KeyRing:
-        """The API keys in force, each naming its owner and role."""
+        """The API keys in force, each naming its owner and role; built as the API starts (api/app.py), where a
+        bad keys file stops it. Only the API reads the file: a worker needs no keys."""
         return KeyRing(self.api_keys, self.api_keys_file)
 
 

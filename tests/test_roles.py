@@ -72,7 +72,8 @@ def test_a_member_changes_its_own_work_only_and_an_admin_anyones(lab):
             f"bob (member) may not cancel experiment {experiment}: it is alice's")
     refused(lab.patch(f"/experiments/{experiment}", json={"name": "bob's now"}, headers=BOB),
             f"bob (member) may not relabel experiment {experiment}: it is alice's")
-    refused(lab.post(f"/sweeps/{sweep}/cancel", headers=BOB), f"bob (member) may not cancel sweep {sweep}: it is alice's")
+    refused(lab.post(f"/sweeps/{sweep}/cancel", headers=BOB),
+            f"bob (member) may not cancel sweep {sweep}: it is alice's")
     refused(lab.get("/audit", headers=BOB), "bob (member) may not read the audit: only an admin may")
     assert lab.get(f"/experiments/{experiment}", headers=BOB).json()["status"] == "queued"
     assert lab.get(f"/sweeps/{sweep}", headers=BOB).json()["status_counts"]["queued"] == 2
@@ -143,7 +144,7 @@ def test_a_key_added_to_the_keys_file_works_and_a_removed_one_is_refused_without
     accepted_within(client, "bob-key", 200, seconds=2.0)
 
 
-def test_an_empty_keys_file_still_needs_a_key_and_a_bad_one_stops_the_start(tmp_path):
+def test_an_empty_keys_file_still_needs_a_key_and_a_bad_one_stops_the_start(tmp_path, api_with):
     from service.settings import Settings
 
     empty = tmp_path / "empty"
@@ -154,9 +155,9 @@ def test_an_empty_keys_file_still_needs_a_key_and_a_bad_one_stops_the_start(tmp_
     bad = tmp_path / "bad"
     bad.write_text("alice:alice-key\n\nalice:\n")
     with pytest.raises(ValueError, match="line 3"):
-        Settings(api_keys_file=bad)
+        api_with(NCLAB_API_KEYS_FILE=str(bad))  # the app's start-up reads it
     with pytest.raises(ValueError, match="cannot read the keys file"):
-        Settings(api_keys_file=tmp_path / "missing")
+        Settings(api_keys_file=tmp_path / "missing").key_ring.callers()
 
 
 def test_the_keys_file_is_looked_at_no_more_than_once_a_second(tmp_path, monkeypatch):

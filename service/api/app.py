@@ -41,6 +41,7 @@ async def reconcile_forever(interval: float) -> None:
 async def lifespan(_app: FastAPI):
     if is_spawned_child():  # a worker of `nclab api --workers N`: it ends with its supervisor
         die_with_parent()
+    get_settings().key_ring.callers()  # the keys file read now: one that cannot be read or parsed stops the API
     # As many threads for blocking routes as the pool has connections (settings.api_connections).
     to_thread.current_default_thread_limiter().total_tokens = get_settings().api_connections
     reconciler = asyncio.create_task(reconcile_forever(get_settings().reconcile_interval))
