@@ -4,6 +4,7 @@
     .venv/bin/python bench/api.py --keep           # reuse filled databases (and keep them at the end)
     .venv/bin/python bench/api.py --rows poll8,poll32 --rounds 5 --seconds 10
     .venv/bin/python bench/api.py --check          # exit 1 when a target is missed
+    .venv/bin/python bench/api.py --rows submit --api-keys file   # nclab with a lab's keys in NCLAB_API_KEYS_FILE
 
 Needs PostgreSQL (--postgres user@host:port, allowed to create databases) and Redis
 (--broker: /readyz checks it and the submit row enqueues there; the bench's own Redis
@@ -90,6 +91,10 @@ httpx, round after round for --rounds rounds, and reports the median of the roun
                         nclab API (--repeats timed requests each); no MLflow counterpart
 
 --rows picks rows by name or number (1-8, in the order above), e.g. --rows 1,2,history.
+--api-keys runs nclab with authentication on, every request of the bench's clients carrying
+a key: ``env``, a lab of LAB_KEYS keys in NCLAB_API_KEYS; ``file``, the same keys in a file
+that NCLAB_API_KEYS_FILE names (looked at once a second, service/api_keys.py); by default
+``none`` (no keys, as MLflow's server runs).
 The table's ratio is nclab's advantage: MLflow's time over nclab's, or nclab's req/s over
 MLflow's (above 1: nclab is better), for each client. "met" judges the issue's targets on
 nclab's raw asyncio figures, httpx's are reported beside them (status poll at 8 clients >= 5x
@@ -161,6 +166,8 @@ FRESH_KEY = b"<a-fresh-uuid4-for-each-request-sent>"
 KEY_COST_TARGET = 1.3  # a keyed submit's time over an unkeyed one's, at most
 MLFLOW_API = "/api/2.0/mlflow"
 RAW, HTTPX = "raw asyncio", "httpx"  # the two clients, as the table names them
+LAB_KEYS = 50  # with --api-keys: the keys the server compares a presented one with
+BENCH_KEY = "bench-key-" + "k" * 32
 ROWS = ("poll1", "poll8", "poll32", "filter", "history", "scan", "submit", "queries")
 
 
@@ -192,6 +199,7 @@ class Server:
     pid: int  # the leader of its process group: the server and every process it started
     experiment: str | None = None  # MLflow's experiment of the 10k runs
     submit_experiment: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # what every request to it carries (nclab's API key)
 
 
 @contextmanager
@@ -222,18 +230,26 @@ def started(argv: list[str], env: dict, cwd: Path, log: Path) -> Iterator[subpro
 
 
 @contextmanager
-def nclab_server(postgres: str, broker: str, scratch: Path) -> Iterator[Server]:
+def nclab_server(postgres: str, broker: str, scratch: Path, api_keys: str = "none") -> Iterator[Server]:
     port = free_port()
     env = {**os.environ, "NCLAB_DATABASE_URL": f"postgresql+psycopg://{postgres}/{NCLAB_DB}",
            "NCLAB_BROKER_URL": broker, "NCLAB_DATA_DIR": str(scratch / "nclab-data"), "NCLAB_API_KEYS": "",
            # as bench/query.py: the reconciler runs once at start and re-sends nothing during the bench
            "NCLAB_RECONCILE_INTERVAL": "86400", "NCLAB_RESEND_AFTER": "1e9"}
+    entries = [f"member{i}:key-{i:04d}-{'x' * 32}" for i in range(LAB_KEYS - 1)] + [f"bench:{BENCH_KEY}"]
+    if api_keys == "env":
+        env["NCLAB_API_KEYS"] = ",".join(entries)
+    elif api_keys == "file":
+        keys_file = scratch / "api-keys"
+        keys_file.write_text("# the bench's lab\n" + "\n".join(entries) + "\n")
+        env["NCLAB_API_KEYS_FILE"] = str(keys_file)
     argv = [sys.executable, "-m", "service.cli", "api", "--host", HOST, "--port", str(port),
             "--workers", str(WORKERS)]
     with started(argv, env, ROOT, scratch / "nclab-api.log") as process:
         url = f"http://{HOST}:{port}"
         wait_ready(url, process, timeout=120)
-        yield Server("nclab", url, port, process.pid)
+        headers = {} if api_keys == "none" else {"Authorization": f"Bearer {BENCH_KEY}"}
+        yield Server("nclab", url, port, process.pid, headers=headers)
 
 
 @contextmanager
@@ -431,7 +447,7 @@ def prepare_mlflow(postgres: str, keep: bool, scratch: Path) -> None:
 
 def request(server: Server, method: str, path: str, body=None, headers: dict[str, str] | None = None) -> bytes:
     head = f"{method} {path} HTTP/1.1\r\nHost: {HOST}:{server.port}\r\nAccept: application/json\r\n"
-    head += "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    head += "".join(f"{name}: {value}\r\n" for name, value in {**server.headers, **(headers or {})}.items())
     if body is None:
         return f"{head}\r\n".encode()
     data = json.dumps(body).encode()
@@ -771,7 +787,8 @@ def by_httpx(context: Context, server: Server, operation: Callable[[httpx.Client
     MLflow."""
     if server.name == "nclab":
         def make_client() -> Client:
-            return Client(server.url, timeout=60, retries=0)  # no retries: a failure is counted, not hidden
+            api_key = BENCH_KEY if server.headers else None
+            return Client(server.url, api_key=api_key, timeout=60, retries=0)  # no retries: a failure is counted
     else:
         def make_client() -> httpx.Client:
             return httpx.Client(base_url=server.url, timeout=60)
@@ -799,7 +816,7 @@ def check_data(context: Context) -> None:
     """One request of each kind to each server: both hold the same experiment, its history, the filter's matches."""
     id_ = next(iter(context.history))
     keys = context.history[id_]
-    with httpx.Client(base_url=context.nclab.url, timeout=60) as ours, \
+    with httpx.Client(base_url=context.nclab.url, headers=context.nclab.headers, timeout=60) as ours, \
             httpx.Client(base_url=context.mlflow.url, timeout=60) as theirs:
         experiment = ours.get(f"/experiments/{id_}").raise_for_status().json()
         steps = ours.get(f"/experiments/{id_}/metrics").raise_for_status().json()["items"]
@@ -964,7 +981,7 @@ def watched(context: Context, label: str) -> Iterator[None]:
 def scan(context: Context) -> None:
     row = "full scan of 10k"
     timings: dict[str, list[float]] = {"csv": [], "pages": [], "MLflow": []}
-    with httpx.Client(base_url=context.nclab.url, timeout=600) as ours, \
+    with httpx.Client(base_url=context.nclab.url, headers=context.nclab.headers, timeout=600) as ours, \
             httpx.Client(base_url=context.mlflow.url, timeout=600) as theirs, watched(context, row):
         for round_ in range(context.args.rounds):
             for name, scanning in (("csv", lambda: scan_csv(ours)), ("pages", lambda: scan_pages(ours)),
@@ -1031,7 +1048,11 @@ def forget_submissions(postgres: str, since, submit_experiment: str) -> None:
     with psycopg.connect(database_url(postgres, NCLAB_DB)) as connection:
         experiments = connection.execute("DELETE FROM experiments WHERE created_at >= %s", (since,)).rowcount
         keys = connection.execute("DELETE FROM idempotency_keys WHERE created_at >= %s", (since,)).rowcount
-    print(f"  deleted the {experiments:,} experiments and {keys:,} idempotency keys the submits created", flush=True)
+        audited = 0
+        if connection.execute("SELECT to_regclass('audit')").fetchone()[0] is not None:  # since migration 0006
+            audited = connection.execute("DELETE FROM audit WHERE at >= %s", (since,)).rowcount
+    print(f"  deleted the {experiments:,} experiments, {keys:,} idempotency keys and {audited:,} audit rows "
+          "the submits created", flush=True)
     with psycopg.connect(database_url(postgres, MLFLOW_DB)) as connection:
         runs = "SELECT run_uuid FROM runs WHERE experiment_id = %s"
         for table in ("tags", "params", "latest_metrics", "metrics"):
@@ -1041,7 +1062,8 @@ def forget_submissions(postgres: str, since, submit_experiment: str) -> None:
 
 def queries(context: Context) -> None:
     """bench/query.py's 10k cases against this bench's nclab API, with their own targets."""
-    with httpx.Client(base_url=context.nclab.url, timeout=120) as client, watched(context, "queries"):
+    with httpx.Client(base_url=context.nclab.url, headers=context.nclab.headers, timeout=120) as client, \
+            watched(context, "queries"):
         timings = [time_case(client, case, context.args.repeats) for case in cases("10k")]
     by_label = {t.case.label.split(":")[0]: t for t in timings}
     for t in timings:
@@ -1118,6 +1140,8 @@ def main() -> int:
     parser.add_argument("--loadgen-processes", type=int, default=2, help="processes of the load generator")
     parser.add_argument("--keep", action="store_true", help="reuse filled databases and keep them at the end")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--api-keys", choices=("none", "env", "file"), default="none",
+                        help="nclab's keys: none, a lab's in NCLAB_API_KEYS, or the same in NCLAB_API_KEYS_FILE")
     args = parser.parse_args()
     try:
         rows = chosen_rows(args.rows)
@@ -1140,7 +1164,7 @@ def main() -> int:
             scratch = Path(directory)
             prepare(args.postgres, NCLAB_DB, SIZE, args.keep)
             prepare_mlflow(args.postgres, args.keep, scratch)
-            nclab = stack.enter_context(nclab_server(args.postgres, args.broker, scratch))
+            nclab = stack.enter_context(nclab_server(args.postgres, args.broker, scratch, args.api_keys))
             mlflow = stack.enter_context(mlflow_server(args.postgres, scratch))
             ids, keys = ids_and_history(args.postgres)
             context = Context(args, nclab, mlflow, ids, keys, lines, other=other)

@@ -199,8 +199,9 @@ def experiment(rng: random.Random, index: int, now: datetime, sweeps: list[str])
     if status == "succeeded":
         result = ufm_result(rng, spec) if kind == "ufm" else train_result(rng, spec)
     tags = {"paper": "fig2"} if in_figure else (rng.choice(OTHER_TAGS) if rng.random() < 0.1 else {})
+    document = spec_document(kind, tuple(spec.items()))
     row = (
-        str(uuid.uuid4()), status, spec_document(kind, tuple(spec.items())),
+        str(uuid.uuid4()), status, document,
         {"succeeded": 1.0, "queued": 0.0}.get(status, rng.random()),
         None if result is None else json.dumps(result),
         "RuntimeError: loss is not finite at epoch 3" if status == "failed" else None,
@@ -208,7 +209,7 @@ def experiment(rng: random.Random, index: int, now: datetime, sweeps: list[str])
         created_at, 1, finished_at, f"gpu-{rng.randrange(8)}@node" if ran else None,
         rng.choice(OWNERS), f"{kind} run {index}" if rng.random() < 0.2 else None, json.dumps(tags),
         rng.choice(sweeps) if rng.random() < 0.3 else None,
-        *({**spec, "kind": kind}.get(field) for field in SPEC_COPIES),
+        *(json.loads(document).get(field) for field in SPEC_COPIES),  # the complete spec's: its resources too
         *((result or {}).get(key) for key in RESULT_COPIES),
     )
     return Generated(row, kind, result, started_at)
@@ -256,7 +257,7 @@ def fill(postgres: str, name: str, size: int, seed: int = 0) -> None:
     history = []
     with psycopg.connect(database_url(postgres, name)) as connection, connection.cursor() as cursor:
         cursor.execute("SET LOCAL maintenance_work_mem = '1GB'")
-        cursor.execute("TRUNCATE metrics, experiments, sweeps")  # in this transaction, so that COPY can FREEZE
+        cursor.execute("TRUNCATE metrics, artifacts, experiments, sweeps")  # in this transaction, so that COPY can FREEZE
         # The sweeps the experiments name (a foreign key); their sizes are counted once the members exist.
         cursor.executemany("INSERT INTO sweeps (id, owner, tags, definition, size, created_at)"
                            " VALUES (%s, 'anonymous', '{}', '{}', 0, %s)", [(sweep, now) for sweep in sweeps])

@@ -20,7 +20,8 @@ from sqlalchemy import Connection, case, delete, func, insert, select, text, upd
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service import idempotency
+from service import audit, idempotency
+from service.audit import Actor
 from service.db import rowcount
 from service.idempotency import Keyed
 from service.identity import ANONYMOUS
@@ -35,7 +36,7 @@ from service.models import (
     spec_copies,
     utcnow,
 )
-from service.schemas import TERMINAL_STATUSES
+from service.schemas import MAX_TAGS, TERMINAL_STATUSES, ExperimentPatch
 from service.search.queries import RESOURCE_COLUMNS, RESOURCE_KEYS
 from service.settings import Settings
 
@@ -109,8 +110,10 @@ def submit(
     name: str | None = None,
     tags: dict[str, str] | None = None,
     keyed: Keyed | None = None,
+    actor: Actor | None = None,
 ) -> Submitted:
-    """A queued experiment, stored with the request's idempotency key (if any) in one commit.
+    """A queued experiment, stored with the request's idempotency key (if any) and the ``actor``'s audit
+    row (if any) in one commit.
 
     One INSERT ... RETURNING, with no ORM object to build, flush and read back; with a key,
     the key's INSERT first, in the same transaction.
@@ -121,6 +124,9 @@ def submit(
         if keyed is not None:
             connection.execute(_INSERT_KEY, keyed.record(values["id"]))
         row = connection.execute(_INSERT, {_COLUMN_OF[key]: value for key, value in values.items()}).one()
+        if actor is not None:
+            detail = f"{spec['kind']} on queue {values['queue']}"
+            audit.record(connection, actor.entry("experiment.submit", values["id"], 202, detail))
         connection.commit()
         outgoing = [Outgoing(values["id"], values["queue"])]
         return Submitted(values["id"], new=True, experiments=outgoing, stored=dict(zip(RESOURCE_KEYS, row)))
@@ -131,8 +137,11 @@ def submit(
     return submitted
 
 
-def submit_sweep(session: Session, sweep: Sweep, specs: list[dict], keyed: Keyed | None = None) -> Submitted:
-    """The sweep and all its members in one transaction: all of them are stored, or none."""
+def submit_sweep(
+    session: Session, sweep: Sweep, specs: list[dict], keyed: Keyed | None = None, actor: Actor | None = None
+) -> Submitted:
+    """The sweep, all its members and the ``actor``'s audit row (if any) in one transaction: all of them are
+    stored, or none."""
     members = [_queued(spec, sweep.owner, sweep.name, sweep.tags, sweep.id) for spec in specs]
 
     def create() -> Submitted:
@@ -141,6 +150,8 @@ def submit_sweep(session: Session, sweep: Sweep, specs: list[dict], keyed: Keyed
         session.add(sweep)
         session.flush()  # the sweep's row first: the members' foreign key names it
         session.execute(insert(Experiment), members)
+        if actor is not None:
+            audit.record(session, actor.entry("sweep.submit", sweep.id, 202, f"{len(members)} experiments"))
         session.commit()
         return Submitted(
             sweep.id, new=True, experiments=[Outgoing(member["id"], member["queue"]) for member in members]
@@ -376,19 +387,34 @@ def give_back(session: Session, experiment_id: str, attempt: int, settings: Sett
     return values["status"]
 
 
-def cancel(session: Session, experiment_id: str) -> Experiment | None:
-    """Cancel a queued job at once; ask a running one to stop. None if no such job."""
-    _cancel_where(session, Experiment.id == experiment_id)
+def cancel(session: Session, experiment_id: str, actor: Actor | None = None) -> Experiment | None:
+    """Cancel a queued job at once; ask a running one to stop. None if no such job.
+
+    The ``actor``'s audit row (if any) is committed with the change: 202 for a running job
+    asked to stop, else 200.
+    """
+    changed = _cancel_where(session, Experiment.id == experiment_id)
+    if actor is not None:
+        asked_to_stop = [status for _, status in changed] == ["running"]
+        detail = "asked to stop" if asked_to_stop else "canceled" if changed else "already finished"
+        audit.record(session, actor.entry("experiment.cancel", experiment_id, 202 if asked_to_stop else 200, detail))
+    _commit_cancel(session, changed)
     return session.get(Experiment, experiment_id, populate_existing=True)
 
 
-def cancel_sweep(session: Session, sweep_id: str) -> None:
+def cancel_sweep(session: Session, sweep_id: str, actor: Actor | None = None) -> None:
     """Cancel every unfinished member of a sweep, as ``cancel`` does one job: one UPDATE for all."""
-    _cancel_where(session, Experiment.sweep == sweep_id)
+    changed = _cancel_where(session, Experiment.sweep == sweep_id)
+    if actor is not None:
+        stopping = sum(status == "running" for _, status in changed)
+        detail = f"{len(changed) - stopping} canceled, {stopping} asked to stop"
+        audit.record(session, actor.entry("sweep.cancel", sweep_id, 200, detail))
+    _commit_cancel(session, changed)
 
 
-def _cancel_where(session: Session, which) -> None:
-    """One UPDATE: the queued jobs among ``which`` become canceled, the running ones are asked to stop."""
+def _cancel_where(session: Session, which) -> list[tuple[str, str]]:
+    """One UPDATE, not committed: the queued jobs among ``which`` become canceled, the running ones
+    are asked to stop. Each changed job's id and its status after."""
     was_queued = Experiment.status == "queued"
     changed = session.execute(
         update(Experiment)
@@ -401,10 +427,35 @@ def _cancel_where(session: Session, which) -> None:
         .returning(Experiment.id, Experiment.status)
         .execution_options(synchronize_session=False)
     ).all()
+    return [(experiment_id, status) for experiment_id, status in changed]
+
+
+def _commit_cancel(session: Session, changed: list[tuple[str, str]]) -> None:
     session.commit()
     for experiment_id, status in changed:
         if status == "canceled":
             log_transition(experiment_id, "queued", "canceled")
+
+
+class TooManyTags(ValueError):
+    pass
+
+
+def relabel(session: Session, experiment: Experiment, patch: ExperimentPatch, actor: Actor | None = None) -> None:
+    """Rename (a null name clears it) and retag (tags merged in, a null value removes that tag); the
+    ``actor``'s audit row (if any) is committed with the change. TooManyTags, changing nothing, past MAX_TAGS."""
+    if patch.tags:
+        tags = {**experiment.tags, **patch.tags}
+        tags = {key: value for key, value in tags.items() if value is not None}
+        if len(tags) > MAX_TAGS:
+            raise TooManyTags(f"at most {MAX_TAGS} tags; this would make {len(tags)}")
+        experiment.tags = tags
+    if "name" in patch.model_fields_set:
+        experiment.name = patch.name
+    if actor is not None:
+        changes = json.dumps(patch.model_dump(mode="json", exclude_unset=True), ensure_ascii=False)
+        audit.record(session, actor.entry("experiment.relabel", experiment.id, 200, changes))
+    session.commit()
 
 
 def running_count(session: Session) -> int:

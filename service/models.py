@@ -263,3 +263,23 @@ class WorkerPresence(Base):
     processes: Mapped[int] = mapped_column(Integer)  # pool processes: jobs it runs at once
     gpus: Mapped[list | None] = mapped_column(JSONDocument)  # the device ids its pool processes are pinned to
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class AuditEntry(Base):
+    """One change or one refusal (service/audit.py): who, in which role, did what to what, when,
+    from where, and the answer. Never updated or deleted by the service.
+    """
+
+    __tablename__ = "audit"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    owner: Mapped[str | None] = mapped_column(String(200), index=True)  # None: an unknown key, or none
+    role: Mapped[str | None] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(32))  # service/permissions.py: ACTIONS
+    target: Mapped[str | None] = mapped_column(String(36))  # the experiment or the sweep (a submit's: the new one)
+    client: Mapped[str | None] = mapped_column(String(255))  # the client's address
+    status: Mapped[int] = mapped_column(Integer)  # the HTTP status of the answer
+    detail: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_audit_at_id", "at", "id"),)

@@ -24,7 +24,9 @@ from pydantic_core import InitErrorDetails, PydanticCustomError, PydanticKnownEr
 
 from service import job_size
 from service.datasets import DATASETS
+from service.identity import Role
 from service.models import INTEGER_MAX, INTEGER_MIN
+from service.permissions import Action
 from service.settings import get_settings
 
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
@@ -656,3 +658,30 @@ class ArtifactList(BaseModel):
     """An experiment's artifacts, ordered by name."""
 
     items: list[ArtifactOut]
+
+
+class Me(BaseModel):
+    """Who the key names (GET /me): the anonymous admin where no keys are set."""
+
+    owner: str
+    role: Role
+
+
+class AuditEntryOut(BaseModel):
+    """One change or refusal: who (null for an unknown key), in which role, did what to what, when, from where,
+    and the HTTP status it was answered with."""
+
+    id: str
+    at: datetime
+    owner: str | None
+    role: Role | None
+    action: Action
+    target: str | None = Field(description="the experiment or sweep (a submit's: the one it created)")
+    client: str | None = Field(description="the client's address")
+    status: int
+    detail: str
+
+
+class AuditList(BaseModel):
+    items: list[AuditEntryOut]
+    next_cursor: str | None

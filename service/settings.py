@@ -11,7 +11,8 @@ from typing import Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.identity import Caller, parse_entries
+from service.api_keys import KeyRing
+from service.identity import parse_entries
 
 
 class Settings(BaseSettings):
@@ -25,6 +26,8 @@ class Settings(BaseSettings):
     # route but the health checks needs one of the keys as "Authorization: Bearer <key>"
     # or "X-API-Key: <key>".
     api_keys: str = ""
+    # A file of more such entries, one a line, re-read when it changes (service/api_keys.py).
+    api_keys_file: Path | None = None
 
     # Job lifecycle timing, in seconds.
     heartbeat_interval: float = Field(5.0, gt=0)
@@ -91,9 +94,10 @@ class Settings(BaseSettings):
         return api_keys
 
     @cached_property
-    def key_callers(self) -> dict[str, Caller]:
-        """API key -> its owner and role."""
-        return parse_entries(self.api_keys)
+    def key_ring(self) -> KeyRing:
+        """The API keys in force, each naming its owner and role; built as the API starts (api/app.py), where a
+        bad keys file stops it. Only the API reads the file: a worker needs no keys."""
+        return KeyRing(self.api_keys, self.api_keys_file)
 
 
 @lru_cache

@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib.image
 import pytest
@@ -213,3 +214,39 @@ def test_the_fast_collapse_sweeps_hold_the_papers_arms_each_with_its_settings(da
     # One budget for all: the same schedule, data and epochs in every arm.
     shared = ("dataset", "architecture", "d", "n_per_class", "epochs", "lr", "lr_milestones", "batch_size")
     assert len({tuple(json.dumps(spec[field]) for field in shared) for spec in specs}) == 1
+
+
+def test_whoami_and_audit_with_keys_and_roles(tmp_path):
+    """`nclab whoami` and `nclab audit` (and the client's me and audit) against `nclab serve` with keys."""
+    from service.client import Client, Forbidden
+    from tests.conftest import make_processes, running
+    from tests.support import free_port, wait_ready
+
+    with running(make_processes(tmp_path)) as processes:
+        processes.env["NCLAB_API_KEYS"] = "bob:bob-key, root:root-key:admin"
+        port = free_port()
+        serve = processes.start("serve", "--port", str(port), name="serve")
+        server = SimpleNamespace(base_url=f"http://127.0.0.1:{port}")
+        wait_ready(server.base_url, serve)
+        with Client(server.base_url, api_key="bob-key") as bob:
+            submitted = bob.submit(UFM)["id"]
+            assert bob.me() == {"owner": "bob", "role": "member"}
+            with pytest.raises(Forbidden, match=r"bob \(member\) may not read the audit: only an admin may"):
+                list(bob.audit())
+        with Client(server.base_url, api_key="root-key") as root:
+            assert [(row["owner"], row["action"], row["target"]) for row in root.audit(where="owner = 'bob'")] == [
+                ("bob", "audit.read", None), ("bob", "experiment.submit", submitted)]
+            assert len(list(csv.reader(io.StringIO(root.audit_csv(where="status = 202"))))) == 2
+
+        def as_key(key: str, *args: str) -> subprocess.CompletedProcess:
+            return nclab(server, *args, "--api-key", key)
+
+        assert as_key("bob-key", "whoami").stdout.strip() == "bob (member)"
+        assert as_key("root-key", "whoami").stdout.strip() == "root (admin)"
+        refused = as_key("bob-key", "audit")
+        assert refused.returncode == 2 and "403: bob (member) may not read the audit" in refused.stderr
+        table = as_key("root-key", "audit", "--where", "status = 403")
+        assert table.returncode == 0 and "2 audit rows" in table.stdout and "audit.read" in table.stdout
+        exported = list(csv.DictReader(io.StringIO(as_key("root-key", "audit", "--csv", "--limit", "0").stdout)))
+        assert [(row["owner"], row["action"], row["status"]) for row in exported] == [
+            ("bob", "audit.read", "403"), ("bob", "audit.read", "403"), ("bob", "experiment.submit", "202")]

@@ -237,3 +237,68 @@ def test_with_keys_the_dashboard_asks_for_one_and_keeps_it_in_a_cookie(tmp_path)
         finally:
             driver.quit()
 
+
+
+def sign_in(driver, base_url: str, key: str, page: str) -> None:
+    """A fresh sign-in with ``key``, landing on ``page``."""
+    driver.delete_all_cookies()
+    driver.get(f"{base_url}/ui/login?next={page}")
+    field = driver.find_element(By.ID, "key")
+    field.send_keys(key)
+    field.submit()
+    WebDriverWait(driver, 30).until(lambda d: d.current_url.endswith(page))
+
+
+def post_from_the_page(driver, path: str) -> int:
+    """The status of a form POST sent by the page's own script (as a crafted form would be), with its cookie."""
+    return driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch(arguments[0], {method: 'POST', body: new URLSearchParams({name: 'taken'}), redirect: 'manual'})"
+        ".then(r => done(r.status));", path)
+
+
+def test_a_reader_sees_no_cancel_or_rename_and_a_member_only_on_its_own_work(tmp_path, screenshots):
+    with running(make_processes(tmp_path)) as processes:
+        processes.env["NCLAB_API_KEYS"] = "ada:ada-key, bob:bob-key, wall:wall-key:reader"
+        port = free_port()
+        serve = processes.start("serve", "--port", str(port), name="serve")
+        base_url = f"http://127.0.0.1:{port}"
+        wait_ready(base_url, serve)
+        with httpx.Client(base_url=base_url, timeout=30, headers={"Authorization": "Bearer ada-key"}) as client:
+            adas = client.post("/experiments", json={"spec": ENDLESS, "name": "ada's"}).json()["id"]
+            bobs = client.post("/experiments", json={"spec": ENDLESS, "name": "bob's"},
+                               headers={"Authorization": "Bearer bob-key"}).json()["id"]
+            wait_for_status(client, adas, {"running"}, timeout=60)
+        driver = browser()
+        driver.set_script_timeout(30)
+        try:
+            sign_in(driver, base_url, "wall-key", f"/ui/experiments/{adas}")
+            assert driver.find_element(By.ID, "signed-in").text == "wall (reader)"
+            assert driver.find_element(By.ID, "status").text.startswith("running")
+            assert not driver.find_elements(By.ID, "cancel") and not driver.find_elements(By.ID, "rename-form")
+            driver.save_screenshot(str(screenshots / "experiment-reader.png"))
+            assert post_from_the_page(driver, f"/ui/experiments/{adas}/cancel") == 403
+            assert post_from_the_page(driver, f"/ui/experiments/{adas}/name") == 403
+
+            sign_in(driver, base_url, "bob-key", f"/ui/experiments/{adas}")
+            assert driver.find_element(By.ID, "signed-in").text == "bob (member)"
+            assert not driver.find_elements(By.ID, "cancel") and not driver.find_elements(By.ID, "rename-form")
+            assert post_from_the_page(driver, f"/ui/experiments/{adas}/cancel") == 403
+            driver.get(f"{base_url}/ui/experiments/{bobs}")  # bob's own, queued behind ada's
+            rename = driver.find_element(By.ID, "rename")
+            rename.clear()
+            rename.send_keys("bob's, renamed")
+            rename.submit()
+            WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "bob's, renamed")
+            driver.find_element(By.ID, "cancel").click()
+            WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "status").text == "canceled")
+
+            sign_in(driver, base_url, "ada-key", f"/ui/experiments/{adas}")
+            assert driver.find_element(By.ID, "signed-in").text == "ada (member)"
+            driver.find_element(By.ID, "cancel").click()
+            WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "status").text == "canceled")
+        finally:
+            driver.quit()
+        with httpx.Client(base_url=base_url, headers={"Authorization": "Bearer ada-key"}) as client:
+            # The reader's and bob's POSTs changed nothing: ada's run was stopped by ada, and kept its name.
+            assert client.get(f"/experiments/{adas}").json()["name"] == "ada's"

@@ -9,9 +9,9 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service import idempotency, jobs
-from service.api import metrics, problems
+from service.api import audit_trail, metrics, problems
 from service.api.guards import RequestGuard
-from service.api.routes import artifacts, docs, experiments, health, search, sweeps, ui
+from service.api.routes import artifacts, audit, docs, experiments, health, identity, search, sweeps, ui
 from service.db import get_sessionmaker
 from service.dispatch import get_dispatcher
 from service.lifetime import die_with_parent, is_spawned_child
@@ -41,6 +41,7 @@ async def reconcile_forever(interval: float) -> None:
 async def lifespan(_app: FastAPI):
     if is_spawned_child():  # a worker of `nclab api --workers N`: it ends with its supervisor
         die_with_parent()
+    get_settings().key_ring.callers()  # the keys file read now: one that cannot be read or parsed stops the API
     # As many threads for blocking routes as the pool has connections (settings.api_connections).
     to_thread.current_default_thread_limiter().total_tokens = get_settings().api_connections
     reconciler = asyncio.create_task(reconcile_forever(get_settings().reconcile_interval))
@@ -61,6 +62,7 @@ def create_app() -> FastAPI:
         redoc_url=None,
     )
     problems.install(app)
+    audit_trail.install(app)
     app.add_middleware(RequestGuard, max_body_bytes=get_settings().max_body_bytes)
     metrics.install(app)
     app.include_router(health.router)
@@ -69,6 +71,8 @@ def create_app() -> FastAPI:
     app.include_router(experiments.router)
     app.include_router(artifacts.router)
     app.include_router(sweeps.router)
+    app.include_router(identity.router)
+    app.include_router(audit.router)
     ui.install(app)
     return app
 

@@ -8,6 +8,7 @@ from fastapi.security import APIKeyCookie, APIKeyHeader, HTTPAuthorizationCreden
 from sqlalchemy.orm import Session
 
 from service.api.problems import InvalidField, problem_responses
+from service.audit import Actor
 from service.db import get_session
 from service.identity import NO_KEYS_CALLER, Caller
 from service.jobs import Submitted
@@ -42,13 +43,14 @@ api_key_cookie = APIKeyCookie(
 
 def caller_of_key(presented: str) -> Caller | None:
     """Who a presented key names: the anonymous admin when no keys are set, None for an unknown key."""
-    key_callers = get_settings().key_callers
-    if not key_callers:
+    key_ring = get_settings().key_ring
+    if not key_ring.authenticating:
         return NO_KEYS_CALLER
-    return _caller_of(presented, key_callers)
+    return _caller_of(presented, key_ring.callers())
 
 
 async def require_api_key(
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     x_api_key: Annotated[str | None, Depends(api_key_header)],
     cookie: Annotated[str | None, Depends(api_key_cookie)],
@@ -56,8 +58,10 @@ async def require_api_key(
     """The caller: the key's owner and role when keys are set, else the anonymous admin.
 
     ``Authorization`` must name the Bearer scheme (in any case); a bare key there is refused.
+    The caller is kept in the request's state, for the audit of a refusal (api/audit_trail.py).
     """
     caller = caller_of_key(x_api_key or (credentials.credentials if credentials else "") or cookie or "")
+    request.state.caller = caller
     if caller is None:
         raise HTTPException(
             401,
@@ -68,6 +72,14 @@ async def require_api_key(
 
 
 CallerDep = Annotated[Caller, Depends(require_api_key)]
+
+
+def actor_of(request: Request, caller: CallerDep) -> Actor:
+    """Who made the request and from where, for the audit row of what it changes."""
+    return Actor(caller, request.client.host if request.client else None)
+
+
+ActorDep = Annotated[Actor, Depends(actor_of)]
 
 
 IdempotencyKeyHeader = Annotated[

@@ -38,7 +38,8 @@ def problem_responses(*statuses: int) -> dict:
     """OpenAPI ``responses`` for the given error statuses, each a problem+json."""
     reasons = {
         400: "the request body could not be read",
-        401: "no API key, or an unknown one (when NCLAB_API_KEYS is set)",
+        401: "no API key, or an unknown one (when API keys are set)",
+        403: "the key's role may not do this (a reader only reads; a member changes only its own work)",
         404: "no such experiment or sweep",
         409: "the experiment has already finished",
         413: "the request body is over NCLAB_MAX_BODY_BYTES",

@@ -1,5 +1,5 @@
 """The lab's commands, built on service.client: submit, sweep, status, wait, cancel, ls, history, compare,
-artifacts, download.
+artifacts, download, whoami, audit.
 
 They talk to a running service (``--url``, else NCLAB_URL, else http://127.0.0.1:8000)
 and import nothing of the server: they work in a client-only install (``pip install
@@ -40,6 +40,7 @@ SUCCEEDED, FAILED, USAGE_OR_HTTP, CANCELED = 0, 1, 2, 3
 LIST_COLUMNS = [
     ("id", "id"),
     ("name", "name"),
+    ("owner", "owner"),
     ("kind", "spec.kind"),
     ("normalization", "spec.normalization"),
     ("data", "spec.dataset"),
@@ -434,7 +435,40 @@ def download(
     err.print(f"wrote {written}", highlight=False)
 
 
-COMMANDS = (submit, sweep, status, wait, cancel, ls, history, compare, artifacts, download)
+def whoami(url: Url = None, api_key: ApiKey = None) -> None:
+    """Who the API key names, and its role: reader (reads), member (submits; changes its own work) or admin."""
+    with _client(url, api_key) as client:
+        me = client.me()
+    out.print(f"{me['owner']} ({me['role']})", highlight=False)
+
+
+AUDIT_COLUMNS = ("at", "owner", "role", "action", "target", "client", "status", "detail")
+
+
+def audit(
+    where: Annotated[
+        str | None, typer.Option(help="a filter of the audit's fields, e.g. \"status = 403 and owner = 'bob'\"")
+    ] = None,
+    order_by: Annotated[str | None, typer.Option(help="e.g. owner,-at [default: -at]")] = None,
+    limit: Annotated[int, typer.Option(help="at most this many rows; 0 for all")] = 50,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV on stdout, every column")] = False,
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """The audit (admins only): every change (submit, sweep, cancel, relabel) and every refusal (401, 403, 429)."""
+    with _client(url, api_key) as client:
+        if as_csv:
+            _write_csv_rows(client.audit_csv(where, order_by), limit)
+            return
+        rows = []
+        for entry in client.audit(where, order_by, page_size=min(limit, 500) if limit else 500):
+            rows.append([entry[column] for column in AUDIT_COLUMNS])
+            if limit and len(rows) == limit:
+                break
+    out.print(_table(f"{len(rows)} audit rows", list(AUDIT_COLUMNS), rows))
+
+
+COMMANDS = (submit, sweep, status, wait, cancel, ls, history, compare, artifacts, download, whoami, audit)
 DISTRIBUTION = "nclab"
 # The extra that the server's commands need: the server's, but `serve` runs a worker too, and a worker runs torch.
 SERVER_EXTRA = "server"

@@ -52,6 +52,10 @@ class Unauthorized(NclabError):
     """401: a missing or unknown API key."""
 
 
+class Forbidden(NclabError):
+    """403: the key's role may not do this (a reader only reads; a member changes only its own work)."""
+
+
 class NotFound(NclabError):
     """404: no such experiment or sweep."""
 
@@ -79,6 +83,7 @@ class WaitTimeout(TimeoutError):
 _ERRORS = {
     400: InvalidRequest,
     401: Unauthorized,
+    403: Forbidden,
     404: NotFound,
     409: Conflict,
     413: InvalidRequest,
@@ -372,6 +377,21 @@ class Client:
                 "items"
             ]
         return states
+
+    # -- identity and audit
+
+    def me(self) -> dict:
+        """Who the key names: ``{"owner", "role"}`` (the anonymous admin where the service has no keys)."""
+        return self._get("/me")
+
+    def audit(self, where: str | None = None, order_by: str | None = None, page_size: int = 500) -> Iterator[dict]:
+        """Every matching audit row (the audit's fields: id, at, owner, role, action, target, client, status,
+        detail), page after page; newest first by default. Admins only (else Forbidden)."""
+        return self._pages("/audit", {"where": where, "order_by": order_by, "limit": page_size})
+
+    def audit_csv(self, where: str | None = None, order_by: str | None = None) -> str:
+        """Every matching audit row as CSV."""
+        return self._request("GET", "/audit", params={"where": where, "order_by": order_by, "format": "csv"}).text
 
     # -- comparison
 

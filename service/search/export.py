@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime
 
 from service.models import Experiment
-from service.search.fields import RESULT_FIELDS, RESULT_TYPES, SPEC_FIELDS
+from service.search.fields import AUDIT_FIELDS, RESULT_FIELDS, RESULT_TYPES, SPEC_FIELDS
 from service.search.queries import STATISTICS
 from service.search.sql import JSONValue
 
@@ -111,6 +111,11 @@ def lines(header: list[str], rows: Iterable[list], chunk: int = 500, formatted: 
             buffer.seek(0)
             buffer.truncate()
     yield buffer.getvalue()
+
+
+def audit(rows: Iterable[tuple]) -> Iterator[str]:
+    """CSV of audit rows read as queries.AUDIT_COLUMNS, a column each; text (an owner, a detail) made safe by cell()."""
+    return lines(list(AUDIT_FIELDS), (list(row) for row in rows))
 
 
 def experiments(rows: Iterable[tuple]) -> Iterator[str]:

@@ -6,6 +6,8 @@ spec kind, read from the pydantic models), ``result.<key>`` (the result keys the
 engine writes: the metric catalogue of docs/metrics.md and each kind's own figures) or
 ``environment.<key>`` (the provenance a worker records with each attempt). History
 keys (``metric=`` of curves and plots) are the catalogue plus the training rows' keys.
+The audit (``GET /audit``) has fields of its own, its columns (AUDIT_FIELDS, looked up by
+``audit_lookup``), in the same language.
 
 Types are those a comparison needs: ``number`` (int or float), ``string``, ``bool``,
 ``datetime``. A field with a closed set of values (``status``, ``spec.dataset``) lists
@@ -17,6 +19,8 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
+from service.identity import ROLES
+from service.permissions import ACTIONS
 from service.schemas import STATUSES, TrainSpec, UFMSpec
 
 FieldType = Literal["number", "string", "bool", "datetime"]
@@ -104,6 +108,7 @@ class Field:
     name: str
     type: FieldType
     choices: tuple[str, ...] | None = None
+    table: Literal["experiments", "audit"] = "experiments"  # what it is a field of
 
     @property
     def scope(self) -> str:
@@ -199,6 +204,29 @@ def lookup(name: str) -> Field:
         f"unknown field '{name}': use one of {', '.join(COLUMN_FIELDS)}, tags.<key>, spec.<field>, result.<key> "
         "or environment.<key>",
     )
+
+
+AUDIT_FIELDS = {
+    field.name: field
+    for field in (
+        Field("id", "string", table="audit"),
+        Field("at", "datetime", table="audit"),
+        Field("owner", "string", table="audit"),
+        Field("role", "string", ROLES, table="audit"),
+        Field("action", "string", ACTIONS, table="audit"),
+        Field("target", "string", table="audit"),
+        Field("client", "string", table="audit"),
+        Field("status", "number", table="audit"),
+        Field("detail", "string", table="audit"),
+    )
+}
+
+
+def audit_lookup(name: str) -> Field:
+    """The audit's field of a name, or UnknownField saying what there is."""
+    if name not in AUDIT_FIELDS:
+        raise UnknownField(name, f"unknown field '{name}': the audit's fields are {', '.join(AUDIT_FIELDS)}")
+    return AUDIT_FIELDS[name]
 
 
 def names(text: str | None) -> list[str]:

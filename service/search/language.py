@@ -23,7 +23,7 @@ of it is not true either, and the row is not selected.
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -143,7 +143,11 @@ class _Literal:
     column: int
 
 
-def _field(token: Token, parameter: str) -> Field:
+# A field by name, or UnknownField: fields.lookup for the experiments, fields.audit_lookup for the audit.
+Lookup = Callable[[str], Field]
+
+
+def _field(token: Token, parameter: str, lookup: Lookup) -> Field:
     try:
         return lookup(str(token))
     except UnknownField as exc:
@@ -210,9 +214,9 @@ def _number(text: str, parameter: str, column: int) -> int | float:
 
 
 class _ToTree(Transformer):
-    def __init__(self, parameter: str):
+    def __init__(self, parameter: str, lookup: Lookup):
         super().__init__()
-        self.parameter = parameter
+        self.parameter, self.lookup = parameter, lookup
 
     def value(self, children):
         (token,) = children
@@ -227,12 +231,12 @@ class _ToTree(Transformer):
 
     def compare(self, children):
         name, op, literal = children
-        field = _field(name, self.parameter)
+        field = _field(name, self.parameter, self.lookup)
         return Compare(field, str(op), _typed(field, literal, self.parameter, str(op)))
 
     def _member(self, children, negated: bool):
         name, literals = children
-        field = _field(name, self.parameter)
+        field = _field(name, self.parameter, self.lookup)
         return Member(field, tuple(_typed(field, literal, self.parameter) for literal in literals), negated)
 
     def member(self, children):
@@ -242,10 +246,10 @@ class _ToTree(Transformer):
         return self._member(children, negated=True)
 
     def is_null(self, children):
-        return IsNull(_field(children[0], self.parameter), negated=False)
+        return IsNull(_field(children[0], self.parameter, self.lookup), negated=False)
 
     def is_not_null(self, children):
-        return IsNull(_field(children[0], self.parameter), negated=True)
+        return IsNull(_field(children[0], self.parameter, self.lookup), negated=True)
 
     def all_of(self, children):
         return children[0] if len(children) == 1 else AllOf(tuple(children))
@@ -259,7 +263,7 @@ class _ToTree(Transformer):
     @v_args(inline=True)
     def order_key(self, *tokens):
         descending = len(tokens) == 2
-        return OrderKey(_field(tokens[-1], self.parameter), descending)
+        return OrderKey(_field(tokens[-1], self.parameter, self.lookup), descending)
 
     def order_by(self, children):
         return children
@@ -293,7 +297,7 @@ def _refuse_deep_nesting(tokens: Iterable[Token], parameter: str) -> None:
         previous = token.type
 
 
-def _parse(text: str, start: str, parameter: str):
+def _parse(text: str, start: str, parameter: str, lookup: Lookup):
     _refuse_unstorable(text, parameter)
     try:
         parser = _PARSER.parse_interactive(text, start=start)
@@ -303,7 +307,7 @@ def _parse(text: str, start: str, parameter: str):
         # stops at the first token too deep, before the transformer recurses over the tree.
         _refuse_deep_nesting(parser.iter_parse(), parameter)
         tree = parser.resume_parse()  # the end of the text
-        return _ToTree(parameter).transform(tree)
+        return _ToTree(parameter, lookup).transform(tree)
     except VisitError as exc:
         if isinstance(exc.orig_exc, FilterError):
             raise exc.orig_exc from None
@@ -320,30 +324,32 @@ def _parse(text: str, start: str, parameter: str):
         raise FilterError(f"unexpected {found}", parameter, exc.column) from None
 
 
-def parse_filter(text: str, parameter: str = "where") -> Filter:
+def parse_filter(text: str, parameter: str = "where", lookup: Lookup = lookup) -> Filter:
     """The tree of a filter, type-checked; FilterError says where and why it is not one."""
-    return _parse(text, "start", parameter)
+    return _parse(text, "start", parameter, lookup)
 
 
-def parse_order_by(text: str, parameter: str = "order_by") -> list[OrderKey]:
+def parse_order_by(text: str, parameter: str = "order_by", lookup: Lookup = lookup) -> list[OrderKey]:
     """'result.nc1,-created_at' as order keys; FilterError for a bad field or syntax, or too many keys.
 
     A cursor compares a row with its page's last row key by key, one nested level each.
     """
-    keys = _parse(text, "order_by", parameter)
+    keys = _parse(text, "order_by", parameter, lookup)
     if len(keys) > MAX_ORDER_KEYS:
         raise FilterError(f"{len(keys)} keys; at most {MAX_ORDER_KEYS} are taken", parameter)
     return keys
 
 
-def parse_optional_filter(text: str | None, parameter: str = "where") -> Filter | None:
-    """parse_filter, or None (every experiment) for no text or only blanks."""
-    return parse_filter(text, parameter) if text and text.strip() else None
+def parse_optional_filter(text: str | None, parameter: str = "where", lookup: Lookup = lookup) -> Filter | None:
+    """parse_filter, or None (every row) for no text or only blanks."""
+    return parse_filter(text, parameter, lookup) if text and text.strip() else None
 
 
-def parse_optional_order_by(text: str | None, parameter: str = "order_by") -> list[OrderKey] | None:
+def parse_optional_order_by(
+    text: str | None, parameter: str = "order_by", lookup: Lookup = lookup
+) -> list[OrderKey] | None:
     """parse_order_by, or None (the default order) for no text or only blanks."""
-    return parse_order_by(text, parameter) if text and text.strip() else None
+    return parse_order_by(text, parameter, lookup) if text and text.strip() else None
 
 
 def parse_fields(text: str | None, parameter: str) -> list[Field]:

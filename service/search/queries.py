@@ -13,9 +13,9 @@ from typing import Any
 from sqlalchemy import Connection, Label, Select, Text, bindparam, cast, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from service.models import HISTORY_COLUMNS, Experiment, MetricRow
+from service.models import HISTORY_COLUMNS, AuditEntry, Experiment, MetricRow
 from service.search import sql
-from service.search.fields import Field, lookup
+from service.search.fields import AUDIT_FIELDS, Field, audit_lookup, lookup
 from service.search.language import Filter, OrderKey
 from service.search.sql import JSONValue
 
@@ -74,9 +74,28 @@ def search(
     session: Session, tree: Filter | None, order: list[OrderKey] | None, limit: int, cursor: str | None = None
 ) -> Page:
     """One page in the given order (newest first by default); its cursor leads to the next."""
-    keys = order or sql.DEFAULT_ORDER
-    width = len(RESOURCE_COLUMNS)
-    query = select(*RESOURCE_COLUMNS, *sql.sort_values(keys)).where(sql.compile_filter(tree, _dialect(session)))
+    return _page(session, RESOURCE_COLUMNS, tree, order or sql.DEFAULT_ORDER, limit, cursor)
+
+
+# An audit row as GET /audit shows it: its columns, id first.
+AUDIT_COLUMNS = [getattr(AuditEntry, name) for name in AUDIT_FIELDS]
+AUDIT_ORDER = [OrderKey(audit_lookup("at"), descending=True)]
+
+
+def audit(session: Session, tree: Filter | None, order: list[OrderKey] | None, limit: int, cursor: str | None) -> Page:
+    """One page of the audit (a filter and an order of its fields), newest first by default."""
+    return _page(session, AUDIT_COLUMNS, tree, order or AUDIT_ORDER, limit, cursor)
+
+
+def audit_stream(session: Session, tree: Filter | None, order: list[OrderKey] | None) -> Iterator[tuple]:
+    """Every match of the audit, as AUDIT_COLUMNS, in order, fetched in batches."""
+    return stream(session, tree, order or AUDIT_ORDER, AUDIT_COLUMNS)
+
+
+def _page(session: Session, columns: list, tree: Filter | None, keys: list[OrderKey], limit: int, cursor: str | None):
+    """A page of ``columns`` (the row's id first) where the filter holds, in the keys' order, after the cursor."""
+    width = len(columns)
+    query = select(*columns, *sql.sort_values(keys)).where(sql.compile_filter(tree, _dialect(session)))
     if cursor is not None:
         query = query.where(sql.after_cursor(keys, cursor))
     rows = session.connection().execute(query.order_by(*sql.order_clauses(keys)).limit(limit + 1)).all()
@@ -84,8 +103,8 @@ def search(
     if len(rows) > limit:
         last = rows[limit - 1]
         next_cursor = sql.encode_cursor(keys, list(last[width:]), last[0])
-    # zip stops before the sort values
-    return Page([dict(zip(RESOURCE_KEYS, row)) for row in rows[:limit]], next_cursor)
+    names = [column.key for column in columns]  # zip stops before the sort values
+    return Page([dict(zip(names, row)) for row in rows[:limit]], next_cursor)
 
 
 def stream(

@@ -5,7 +5,7 @@ Values are always bound parameters. JSON keys are written into the SQL text as l
 key has matched fields.KEY_PATTERN before it gets here.
 
 How a field reads:
-- columns of the experiment as they are;
+- columns of the experiment (or of the audit, for its fields) as they are;
 - spec fields and result keys with a typed copy (service/models.py: SPEC_COLUMNS,
   RESULT_COLUMNS) from that column: indexed, and narrow to scan;
 - other ``spec.<f>``, ``result.<k>``, ``tags.<k>`` and ``environment.<k>`` from the JSON documents, typed:
@@ -46,8 +46,8 @@ from sqlalchemy.orm import InstrumentedAttribute
 from sqlalchemy.sql.visitors import InternalTraversal
 from sqlalchemy.types import TypeEngine
 
-from service.models import INTEGER_MAX, INTEGER_MIN, RESULT_COLUMNS, SPEC_COLUMNS, Experiment
-from service.search.fields import KEY_PATTERN, Field, FieldType, lookup
+from service.models import INTEGER_MAX, INTEGER_MIN, RESULT_COLUMNS, SPEC_COLUMNS, AuditEntry, Experiment
+from service.search.fields import AUDIT_FIELDS, KEY_PATTERN, Field, FieldType, lookup
 from service.search.language import (
     UNSTORABLE_CHARACTERS,
     AllOf,
@@ -132,6 +132,9 @@ _COLUMNS = {
     "started_at": Experiment.started_at,
     "finished_at": Experiment.finished_at,
 }
+_AUDIT_COLUMNS = {name: getattr(AuditEntry, name) for name in AUDIT_FIELDS}
+# Each table's id: the last key of every order, so that a cursor names one row.
+_IDS = {"experiments": Experiment.id, "audit": AuditEntry.id}
 # Typed copies of spec fields and result keys (service/models.py), read instead of the documents.
 _COPIES = {f"spec.{field}": getattr(Experiment, attribute) for field, attribute in SPEC_COLUMNS.items()}
 _COPIES |= {f"result.{key}": getattr(Experiment, attribute) for key, attribute in RESULT_COLUMNS.items()}
@@ -142,7 +145,9 @@ Readable = ColumnElement[Any] | InstrumentedAttribute[Any]
 
 
 def expression(field: Field) -> Readable:
-    """How the database reads a field of an experiment."""
+    """How the database reads a field of an experiment, or of an audit row."""
+    if field.table == "audit":
+        return _AUDIT_COLUMNS[field.name]
     if field.scope == "column":
         return _COLUMNS[field.name]
     if field.name in _COPIES:
@@ -300,7 +305,8 @@ def order_clauses(keys: list[OrderKey]) -> list:
         expr = expression(key.field)
         clause = expr.desc() if key.descending else expr.asc()
         clauses.append(clause.nulls_last() if _nullable(expr) else clause)
-    clauses.append(Experiment.id.desc() if keys[-1].descending else Experiment.id.asc())
+    row_id = _IDS[keys[-1].field.table]
+    clauses.append(row_id.desc() if keys[-1].descending else row_id.asc())
     return clauses
 
 
@@ -313,9 +319,9 @@ def _canonical(keys: list[OrderKey]) -> str:
     return ",".join(("-" if k.descending else "") + k.field.name for k in keys)
 
 
-def encode_cursor(keys: list[OrderKey], values: list, experiment_id: str) -> str:
+def encode_cursor(keys: list[OrderKey], values: list, row_id: str) -> str:
     encoded = [value.isoformat() if isinstance(value, datetime) else value for value in values]
-    raw = json.dumps({"order": _canonical(keys), "after": encoded, "id": experiment_id}).encode()
+    raw = json.dumps({"order": _canonical(keys), "after": encoded, "id": row_id}).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -349,6 +355,7 @@ def _cursor_value(field: Field, expr: Readable, value):
 def after_cursor(keys: list[OrderKey], cursor: str) -> ColumnElement:
     """Rows strictly after the cursor's row in the order of ``keys`` (nulls last)."""
     exprs = [expression(key.field) for key in keys]
+    row_id = _IDS[keys[-1].field.table]
     try:
         state = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         order, after, last_id = state["order"], state["after"], state["id"]
@@ -371,10 +378,10 @@ def after_cursor(keys: list[OrderKey], cursor: str) -> ColumnElement:
     ):
         # One row comparison, (k0, k1, id) < (v0, v1, last id): an index on those columns
         # starts the page's scan at the cursor instead of filtering every earlier row.
-        row = tuple_(*exprs, Experiment.id)
+        row = tuple_(*exprs, row_id)
         row_bound = tuple_(*(literal(value, expr.type) for expr, value in zip(exprs, values)), literal(last_id))
         return row < row_bound if descending else row > row_bound
-    after = Experiment.id < last_id if descending else Experiment.id > last_id
+    after = row_id < last_id if descending else row_id > last_id
     # Built from the last key outwards: (k0 after v0) or (k0 = v0 and ((k1 after v1) or ...)).
     for key, expr, value in reversed(list(zip(keys, exprs, values))):
         beyond: ColumnElement[bool]

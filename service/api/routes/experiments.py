@@ -5,8 +5,9 @@ from typing import Annotated
 from fastapi import Body, HTTPException, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from service import idempotency, jobs, plots, workers
+from service import idempotency, jobs, permissions, plots, workers
 from service.api.deps import (
+    ActorDep,
     CallerDep,
     IdempotencyKeyHeader,
     SessionDep,
@@ -33,7 +34,6 @@ from service.db import get_autocommit_engine, get_engine
 from service.dispatch import get_dispatcher
 from service.models import INTEGER_MAX, Experiment
 from service.schemas import (
-    MAX_TAGS,
     TERMINAL_STATUSES,
     ExperimentOut,
     ExperimentPatch,
@@ -47,29 +47,38 @@ from service.settings import get_settings
 
 router = api_router("/experiments", "experiments")
 NOT_FOUND = problem_responses(404)
+FORBIDDEN = problem_responses(403)
 
 
 def _get_or_404(session, experiment_id: str) -> Experiment:
     return get_or_404(session, Experiment, experiment_id)
 
 
-@router.post("", status_code=202, response_model=ExperimentOut, responses=problem_responses(400))
+@router.post(
+    "",
+    name="experiment.submit",
+    status_code=202,
+    response_model=ExperimentOut,
+    responses=problem_responses(400, 403),
+)
 async def submit(
-    submission: Annotated[Submission, Body()], caller: CallerDep, idempotency_key: IdempotencyKeyHeader = None
+    submission: Annotated[Submission, Body()],
+    caller: CallerDep,
+    actor: ActorDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """A spec, bare or as ``{"spec": ..., "name": ..., "tags": {...}}``; recorded with the key's owner.
 
     Run in the event loop, as the status read: storing it takes a fraction of a
-    millisecond. Without an idempotency key that is one INSERT, its own transaction; with
-    one, the key's INSERT and the experiment's are one transaction. The job's message is
-    sent after the response, by the dispatcher.
+    millisecond. The experiment's INSERT, its audit row's and the idempotency key's (if
+    any) are one transaction. The job's message is sent after the response, by the dispatcher.
     """
+    permissions.check(caller, "experiment.submit")
     labelled = submission if isinstance(submission, LabelledSubmission) else LabelledSubmission(spec=submission)
     request = labelled.model_dump(mode="json")
     keyed = idempotency.keyed(caller.owner, idempotency_key, "/experiments", request)
-    engine = get_engine() if keyed else get_autocommit_engine()
-    with engine.connect() as connection:
-        submitted = jobs.submit(connection, request["spec"], caller.owner, labelled.name, labelled.tags, keyed)
+    with get_engine().connect() as connection:
+        submitted = jobs.submit(connection, request["spec"], caller.owner, labelled.name, labelled.tags, keyed, actor)
         # A new experiment is answered as it was stored; a replay as it is now.
         item = submitted.stored or queries.resource(connection, submitted.id)
         if item is None:
@@ -100,19 +109,25 @@ async def read(experiment_id: str, request: Request) -> Response:
     return revalidated_json(request, json_bytes(with_documents(item)), final=False)
 
 
-@router.patch("/{experiment_id}", response_model=ExperimentOut, responses={**NOT_FOUND, **problem_responses(400)})
-def relabel(experiment_id: str, patch: ExperimentPatch, session: SessionDep) -> Experiment:
-    """Rename (``"name": null`` clears it) and retag: tags are merged in, a null value removes that tag."""
+@router.patch(
+    "/{experiment_id}",
+    name="experiment.relabel",
+    response_model=ExperimentOut,
+    responses={**NOT_FOUND, **FORBIDDEN, **problem_responses(400)},
+)
+def relabel(
+    experiment_id: str, patch: ExperimentPatch, session: SessionDep, caller: CallerDep, actor: ActorDep
+) -> Experiment:
+    """Rename (``"name": null`` clears it) and retag: tags are merged in, a null value removes that tag.
+
+    Its owner's members and the admins may; the change and its audit row are one commit.
+    """
     experiment = _get_or_404(session, experiment_id)
-    if "name" in patch.model_fields_set:
-        experiment.name = patch.name
-    if patch.tags:
-        tags = {**experiment.tags, **patch.tags}
-        tags = {key: value for key, value in tags.items() if value is not None}
-        if len(tags) > MAX_TAGS:
-            raise InvalidField("tags", f"at most {MAX_TAGS} tags; this would make {len(tags)}")
-        experiment.tags = tags
-    session.commit()
+    permissions.check(caller, "experiment.relabel", experiment_id, experiment.owner)
+    try:
+        jobs.relabel(session, experiment, patch, actor)
+    except jobs.TooManyTags as exc:
+        raise InvalidField("tags", str(exc)) from None
     return experiment
 
 
@@ -160,18 +175,24 @@ async def metric_history_png(
 
 @router.post(
     "/{experiment_id}/cancel",
+    name="experiment.cancel",
     response_model=ExperimentOut,
     responses={
         202: {"description": "running: asked to stop, within seconds", "model": ExperimentOut},
         **NOT_FOUND,
+        **FORBIDDEN,
         **problem_responses(409),
     },
 )
-def cancel(experiment_id: str, session: SessionDep, response: Response) -> Experiment:
+def cancel(
+    experiment_id: str, session: SessionDep, response: Response, caller: CallerDep, actor: ActorDep
+) -> Experiment:
+    """Its owner's members and the admins may; the change and its audit row are one commit."""
     experiment = _get_or_404(session, experiment_id)
+    permissions.check(caller, "experiment.cancel", experiment_id, experiment.owner)
     if experiment.status in TERMINAL_STATUSES:
         raise HTTPException(409, f"experiment {experiment_id} is already {experiment.status}")
-    canceled = jobs.cancel(session, experiment_id)
+    canceled = jobs.cancel(session, experiment_id, actor)
     assert canceled is not None  # read above, and experiments are never deleted
     # A running job stops cooperatively within seconds; until then it reports cancel_requested.
     response.status_code = 202 if canceled.status == "running" else 200

@@ -5,8 +5,9 @@ from typing import Annotated
 
 from fastapi import Query, Response
 
-from service import idempotency, jobs, sweeps
+from service import idempotency, jobs, permissions, sweeps
 from service.api.deps import (
+    ActorDep,
     CallerDep,
     IdempotencyKeyHeader,
     SessionDep,
@@ -22,18 +23,21 @@ from service.search import sweeps as sweep_queries
 
 router = api_router("/sweeps", "sweeps")
 NOT_FOUND = problem_responses(404)
+FORBIDDEN = problem_responses(403)
 
 
-@router.post("", status_code=202, response_model=SweepOut, responses=problem_responses(400))
+@router.post("", name="sweep.submit", status_code=202, response_model=SweepOut, responses=problem_responses(400, 403))
 def submit(
     request: sweeps.SweepRequest,
     session: SessionDep,
     caller: CallerDep,
+    actor: ActorDep,
     response: Response,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> SweepOut:
-    """Expand base x variants x grid, validate every member, store them all in one transaction;
-    their messages are sent after the response, by the dispatcher."""
+    """Expand base x variants x grid, validate every member, store them all and the audit row in one
+    transaction; their messages are sent after the response, by the dispatcher."""
+    permissions.check(caller, "sweep.submit")
     try:
         specs = sweeps.members(request)
     except sweeps.InvalidMember as exc:
@@ -48,7 +52,7 @@ def submit(
         created_at=utcnow(),
     )
     keyed = idempotency.keyed(caller.owner, idempotency_key, "/sweeps", request.model_dump(mode="json"))
-    submitted = jobs.submit_sweep(session, sweep, specs, keyed)
+    submitted = jobs.submit_sweep(session, sweep, specs, keyed, actor)
     get_dispatcher().send(*submitted.experiments)
     response.headers.update(submitted_headers(submitted, "/sweeps"))
     return sweep_queries.resource(session, get_or_404(session, Sweep, submitted.id))
@@ -73,9 +77,13 @@ def list_sweeps(
     return SweepList(items=items, next_cursor=next_cursor)
 
 
-@router.post("/{sweep_id}/cancel", response_model=SweepOut, responses=NOT_FOUND)
-def cancel(sweep_id: str, session: SessionDep) -> SweepOut:
-    """Cancel every member that has not finished: queued ones at once, running ones within seconds."""
+@router.post("/{sweep_id}/cancel", name="sweep.cancel", response_model=SweepOut, responses={**NOT_FOUND, **FORBIDDEN})
+def cancel(sweep_id: str, session: SessionDep, caller: CallerDep, actor: ActorDep) -> SweepOut:
+    """Cancel every member that has not finished: queued ones at once, running ones within seconds.
+
+    Its owner's members and the admins may; the change and its audit row are one commit.
+    """
     sweep = get_or_404(session, Sweep, sweep_id)
-    jobs.cancel_sweep(session, sweep.id)
+    permissions.check(caller, "sweep.cancel", sweep_id, sweep.owner)
+    jobs.cancel_sweep(session, sweep.id, actor)
     return sweep_queries.resource(session, sweep)

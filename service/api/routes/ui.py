@@ -26,12 +26,13 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 
-from service import jobs
-from service.api.deps import UI_KEY_COOKIE, SessionDep, caller_of_key
+from service import jobs, permissions
+from service.api.audit_trail import record_refusal
+from service.api.deps import UI_KEY_COOKIE, SessionDep, actor_of, caller_of_key
 from service.db import get_autocommit_engine
 from service.identity import Caller
 from service.models import Experiment, Sweep
-from service.schemas import STATUSES, TERMINAL_STATUSES
+from service.schemas import STATUSES, TERMINAL_STATUSES, ExperimentPatch
 from service.search import queries
 from service.search.fields import SPEC_FIELDS, STEP_UNITS, UnknownField, numeric_result_key
 from service.search.language import FilterError, parse_fields, parse_optional_filter, parse_optional_order_by
@@ -76,9 +77,11 @@ class NeedsSignIn(Exception):
 
 
 def signed_in(request: Request) -> Caller:
+    """The caller the key cookie names, kept in the request's state for the pages (their header, their buttons)."""
     caller = caller_of_key(request.cookies.get(UI_KEY_COOKIE, ""))
     if caller is None:
         raise NeedsSignIn()
+    request.state.caller = caller
     return caller
 
 
@@ -101,9 +104,12 @@ def link(path: str, **params) -> str:
 
 templates.env.filters["number"] = number
 templates.env.globals["link"] = link
+templates.env.globals["may"] = permissions.may  # a page offers only what the signed-in caller may do
 
 
 def render(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
+    """The page, with the signed-in caller (None on the sign-in form) as ``caller``."""
+    context["caller"] = getattr(request.state, "caller", None)
     return templates.TemplateResponse(request, template, context, status_code=status_code)
 
 
@@ -120,6 +126,7 @@ def login_form(request: Request, next: str = "/ui") -> HTMLResponse:
 @router.post("/login")
 def login(request: Request, key: Annotated[str, Form(max_length=1000)], next: Annotated[str, Form()] = "/ui"):
     if caller_of_key(key) is None:
+        record_refusal(request, 401, "dashboard sign-in with an unknown API key")
         return render(request, "login.html", status_code=401, next=_local(next), error="unknown API key")
     response = RedirectResponse(_local(next), status_code=303)
     response.set_cookie(UI_KEY_COOKIE, key, httponly=True, samesite="strict", max_age=30 * 24 * 3600)
@@ -202,10 +209,31 @@ def _history_order(key: str) -> tuple:
     return (0, first.index(key)) if key in first else (2 if key.startswith("test_") else 1, key)
 
 
-@signed_in_router.post("/experiments/{experiment_id}/cancel")
-def cancel(experiment_id: str, session: SessionDep) -> RedirectResponse:
-    """Cancel a queued experiment at once, ask a running one to stop; a finished one is left as it is."""
-    jobs.cancel(session, experiment_id)
+@signed_in_router.post("/experiments/{experiment_id}/cancel", name="experiment.cancel")
+def cancel(request: Request, experiment_id: str, session: SessionDep) -> RedirectResponse:
+    """Cancel a queued experiment at once, ask a running one to stop; a finished one is left as it is.
+
+    The roles' rule is the API's: a reader, or a member on another's work, gets its 403.
+    """
+    caller = request.state.caller
+    owner = session.scalar(select(Experiment.owner).where(Experiment.id == experiment_id))
+    if owner is not None:
+        permissions.check(caller, "experiment.cancel", experiment_id, owner)
+        jobs.cancel(session, experiment_id, actor_of(request, caller))
+    return RedirectResponse(f"/ui/experiments/{experiment_id}", status_code=303)
+
+
+@signed_in_router.post("/experiments/{experiment_id}/name", name="experiment.relabel")
+def rename(
+    request: Request, experiment_id: str, session: SessionDep, name: Annotated[str, Form(max_length=200)] = ""
+) -> RedirectResponse:
+    """The experiment's name (blank clears it), by the roles' rule, as PATCH /experiments/{id} renames it."""
+    caller = request.state.caller
+    experiment = session.get(Experiment, experiment_id)
+    if experiment is not None:
+        permissions.check(caller, "experiment.relabel", experiment_id, experiment.owner)
+        patch = ExperimentPatch(name=name.strip() or None)
+        jobs.relabel(session, experiment, patch, actor_of(request, caller))
     return RedirectResponse(f"/ui/experiments/{experiment_id}", status_code=303)
 
 
