@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from worker.nc import curvature
 from worker.nc.formulation import class_labels, formulate
 from worker.nc.manifolds import RowSphere
 from worker.nc.objectives import riemannian_hessian, value_and_riemannian_grad
@@ -110,3 +111,123 @@ def test_riemannian_hessian_matches_central_differences_of_the_gradient(case):
         euclidean_only = formulation.hessian(point)(vector)
         projected = formulation.manifolds[0].project(point[0], euclidean_only[0])
         assert float((projected - differences[0]).norm()) > 1e-3 * size
+
+
+def simplex_etf(num_classes: int, dim: int) -> torch.Tensor:
+    """K unit rows in R^d with pairwise inner products -1/(K-1) (needs K <= d + 1)."""
+    centered = torch.eye(num_classes, dtype=torch.float64) - 1 / num_classes
+    basis = torch.linalg.svd(centered).Vh[: num_classes - 1]  # the span of the centered rows
+    rows = centered @ basis.T
+    etf = torch.zeros(num_classes, dim, dtype=torch.float64)
+    etf[:, : num_classes - 1] = rows / rows.norm(dim=1, keepdim=True)
+    return etf
+
+
+def dense_restricted_hessian_eigenvalues(problem: UFMProblem, formulation, point) -> torch.Tensor:
+    """The Riemannian Hessian, built as a dense matrix from autograd's Hessian of the flat
+    (W, H), restricted to the tangent space without the rotations (W A, H A), A skew."""
+    shapes = [block.shape for block in point]
+    sizes = [block.numel() for block in point]
+
+    def objective_of_flat(flat: torch.Tensor) -> torch.Tensor:
+        blocks = [piece.reshape(shape) for piece, shape in zip(torch.split(flat, sizes), shapes)]
+        return autograd_objective(problem, formulation, blocks)
+
+    flat = torch.cat([block.reshape(-1) for block in point])
+    euclidean = torch.autograd.functional.hessian(objective_of_flat, flat)
+    gradient = torch.autograd.functional.jacobian(objective_of_flat, flat)
+    rows = torch.cat(point[:2])  # every row is on a sphere
+    dim = problem.dim
+    projection = torch.block_diag(*[torch.eye(dim, dtype=torch.float64) - torch.outer(x, x) for x in rows])
+    normal_parts = (gradient.reshape(-1, dim) * rows).sum(dim=1).repeat_interleave(dim)
+    riemannian = projection @ (euclidean - torch.diag(normal_parts)) @ projection
+    rotations = []
+    for a in range(dim):
+        for b in range(a + 1, dim):
+            skew = torch.zeros(dim, dim, dtype=torch.float64)
+            skew[a, b], skew[b, a] = 1.0, -1.0
+            rotations.append(torch.cat([(point[0] @ skew).reshape(-1), (point[1] @ skew).reshape(-1)]))
+    tangent_values, tangent_vectors = torch.linalg.eigh(projection)
+    tangent = tangent_vectors[:, tangent_values > 0.5]
+    modes = tangent.T @ torch.stack(rotations, dim=1)
+    left, singular, _ = torch.linalg.svd(modes)
+    rank = int((singular > 1e-10).sum())
+    complement = tangent @ left[:, rank:]
+    return torch.linalg.eigvalsh(complement.T @ riemannian @ complement)
+
+
+def test_an_exact_simplex_etf_with_collapsed_features_is_a_local_minimum():
+    problem = UFMProblem(5, 6, 3, "normalized", logit_scale=5.0)
+    formulation, _ = formulation_and_point(problem, merged=False)
+    classifier = simplex_etf(5, 6)
+    point = [classifier, classifier[formulation.labels].clone()]
+    grad_norm = gradient_norm(formulation, point)
+    assert grad_norm < 1e-12
+    certificate = curvature.certify(problem, formulation, point, grad_norm, problem.tol)
+    assert certificate.critical_point == curvature.LOCAL_MINIMUM
+    reference = dense_restricted_hessian_eigenvalues(problem, formulation, point)
+    assert float(reference[0]) > 1e-3  # no zero mode left but the rotations'
+    assert certificate.curvature.smallest == pytest.approx(float(reference[0]), rel=1e-8)
+    assert certificate.curvature.largest == pytest.approx(float(reference[-1]), rel=1e-8)
+
+
+def test_merged_class_means_are_a_strict_saddle_measured_as_the_dense_hessian_says():
+    """Classes 0 and 1 share one classifier row and their features sit on it, opposite
+    class 2: every row is +-e_1, so every Euclidean gradient is normal to the spheres and
+    the point is critical; separating the two merged classes lowers the loss."""
+    problem = UFMProblem(3, 3, 2, "normalized", logit_scale=3.0)
+    formulation, _ = formulation_and_point(problem, merged=False)
+    axis = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    classifier = torch.stack([axis, axis, -axis])
+    point = [classifier, classifier[formulation.labels].clone()]
+    grad_norm = gradient_norm(formulation, point)
+    assert grad_norm < 1e-14
+    certificate = curvature.certify(problem, formulation, point, grad_norm, problem.tol)
+    assert certificate.critical_point == curvature.STRICT_SADDLE
+    reference = dense_restricted_hessian_eigenvalues(problem, formulation, point)
+    assert float(reference[0]) < -1e-2
+    assert certificate.curvature.smallest == pytest.approx(float(reference[0]), rel=1e-9)
+
+
+@pytest.mark.parametrize("case", ["normalized, bias", "regularized, bias, imbalanced"])
+def test_a_random_point_is_not_critical(case):
+    problem, _ = HESSIAN_CASES[case]
+    formulation, point = formulation_and_point(problem, merged=False)
+    grad_norm = gradient_norm(formulation, point)
+    certificate = curvature.certify(problem, formulation, point, grad_norm, problem.tol)
+    assert certificate.critical_point == curvature.NOT_CRITICAL
+    assert certificate.as_result()["critical_point_grad_tol"] == problem.tol
+
+
+def gradient_norm(formulation, point) -> float:
+    _, grads = value_and_riemannian_grad(formulation.objective, formulation.manifolds, [b.clone() for b in point])
+    return math.sqrt(sum(float(m.inner(g, g)) for m, g in zip(formulation.manifolds, grads)))
+
+
+def test_every_result_carries_its_certificate_and_the_landscape_probe_counts_minima():
+    from worker.nc.ufm import solve
+
+    result = solve(UFMProblem(4, 5, 3, "normalized", logit_scale=4.0, restarts=3))
+    assert result["converged"] is True
+    assert result["critical_point"] == curvature.LOCAL_MINIMUM
+    assert 0 < result["hessian_min_eigenvalue"] <= result["hessian_max_eigenvalue"]
+    assert result["critical_point_curvature_tol"] == pytest.approx(1e-7 * result["hessian_max_eigenvalue"])
+    assert (result["minima_found"], result["saddles_found"], result["all_minima_global"]) == (3, 0, True)
+
+    stopped_early = solve(UFMProblem(4, 5, 3, "normalized", logit_scale=4.0, max_iters=2))
+    assert stopped_early["critical_point"] == curvature.NOT_CRITICAL
+    assert stopped_early["minima_found"] == 0 and stopped_early["all_minima_global"] is True
+
+
+def test_every_key_of_a_ufm_result_is_searchable_with_its_type():
+    """The filter language reaches result keys through RESULT_TYPES (service/search/fields.py)."""
+    from service.search.fields import RESULT_TYPES
+    from worker.nc.ufm import solve
+
+    result = solve(UFMProblem(3, 4, 2, "normalized", bias=True))
+    kinds = {str: "string", bool: "bool", int: "number", float: "number"}
+    for key, value in result.items():
+        assert key in RESULT_TYPES, key
+        if value is not None:
+            assert RESULT_TYPES[key] == kinds[type(value)], key
+    assert result["critical_point"] == curvature.LOCAL_MINIMUM

@@ -246,10 +246,18 @@ def value_and_riemannian_grad(
 
 
 def riemannian_hessian(
-    objective: Objective, hessian: HessianAt, manifolds: Sequence[Manifold], point: Point
+    objective: Objective,
+    hessian: HessianAt,
+    manifolds: Sequence[Manifold],
+    point: Point,
+    euclidean_grads: list[torch.Tensor] | None = None,
 ) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
-    """The Riemannian Hessian at `point`, as the map of tangent vectors v -> Hess f(x)[v]."""
-    _, euclidean_grads = objective(point)
+    """The Riemannian Hessian at `point`, as the map of tangent vectors v -> Hess f(x)[v].
+
+    `euclidean_grads`: the objective's Euclidean gradient at `point`, where the caller has
+    it (the manifolds' curvature terms need it); evaluated otherwise."""
+    if euclidean_grads is None:
+        _, euclidean_grads = objective(point)
     euclidean_hvp = hessian(point)
 
     def hvp(vector: list[torch.Tensor]) -> list[torch.Tensor]:
