@@ -231,3 +231,65 @@ def test_every_key_of_a_ufm_result_is_searchable_with_its_type():
         if value is not None:
             assert RESULT_TYPES[key] == kinds[type(value)], key
     assert result["critical_point"] == curvature.LOCAL_MINIMUM
+
+
+@pytest.mark.parametrize(
+    "problem",
+    [
+        UFMProblem(10, 32, 5, "normalized", solver="trust_region"),
+        UFMProblem(12, 16, 4, "normalized", logit_scale=30.0, bias=True, solver="trust_region", seed=3),
+        UFMProblem(6, 8, 5, "regularized", lambda_w=1e-3, lambda_h=1e-3, solver="trust_region"),
+    ],
+    ids=["normalized", "normalized, saturated, bias", "regularized"],
+)
+def test_trust_region_reaches_the_closed_form_optimum(problem):
+    from worker.nc.ufm import solve
+
+    result = solve(problem)
+    assert result["converged"] is True and result["grad_norm"] <= problem.tol
+    assert abs(result["optimality_gap"]) <= 1e-10
+    assert result["critical_point"] == curvature.LOCAL_MINIMUM
+
+
+def test_trust_region_leaves_a_saddle_along_negative_curvature():
+    """From a hair off the merged-classes saddle, where the gradient is 1e-9 and a
+    gradient step would take ~1e9 times longer, the first step already goes along
+    negative curvature to the trust region's edge, and the run ends at the optimum."""
+    from worker.nc.stopping import StoppingRules
+    from worker.nc.trust_region import minimize_trust_region
+    from worker.nc.ufm_problem import optimal_loss
+
+    problem = UFMProblem(3, 3, 2, "normalized", logit_scale=3.0)
+    formulation, _ = formulation_and_point(problem, merged=False)
+    axis = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    classifier = torch.stack([axis, axis, -axis])
+    saddle = [classifier, classifier[formulation.labels].clone()]
+    nudge = random_tangent(formulation, saddle)
+    start = [m.retract(block, v, 1e-9) for m, block, v in zip(formulation.manifolds, saddle, nudge)]
+    first_values = []
+
+    result = minimize_trust_region(
+        formulation,
+        start,
+        StoppingRules(1e-10, 100),
+        on_iterate=lambda iterate: first_values.append(iterate.value),
+    )
+    assert result.converged
+    assert math.exp(result.last.value) == pytest.approx(optimal_loss(problem), rel=1e-10)
+    assert result.last.step <= 30
+    # the first step: a gradient step this long would lower f by about ||grad||^2 ~ 1e-18
+    assert first_values[0] - first_values[1] > 1e-3
+
+
+@pytest.mark.slow
+def test_auto_converges_on_the_generalized_collapse_case_first_order_gives_up_on():
+    """(K, d, n) = (100, 43, 2), seed 6: the first-order descent stops for sublinear
+    progress; auto goes on by trust regions to a certified local minimum."""
+    from worker.nc.ufm import solve
+
+    first_order = solve(UFMProblem(100, 43, 2, "normalized", seed=6, solver="first_order"))
+    assert first_order["converged"] is False and "sublinearly" in first_order["stop_reason"]
+    result = solve(UFMProblem(100, 43, 2, "normalized", seed=6))
+    assert result["converged"] is True and result["grad_norm"] <= 1e-10
+    assert result["critical_point"] == curvature.LOCAL_MINIMUM
+    assert result["loss"] <= first_order["loss"]
