@@ -193,7 +193,7 @@ class UFMSpec(SpecBase):
     )
     restarts: int = Field(1, ge=1, description="independent random starts; the best run is kept")
     solver: Literal["auto", "first_order", "trust_region"] = Field(
-        "auto",
+        "first_order",
         description="the optimizer: preconditioned Riemannian gradient descent, Riemannian trust regions, "
         "or auto (trust regions where first order would crawl: K > d + 1, or sublinear progress)",
     )

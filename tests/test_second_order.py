@@ -289,7 +289,7 @@ def test_auto_converges_on_the_generalized_collapse_case_first_order_gives_up_on
 
     first_order = solve(UFMProblem(100, 43, 2, "normalized", seed=6, solver="first_order"))
     assert first_order["converged"] is False and "sublinearly" in first_order["stop_reason"]
-    result = solve(UFMProblem(100, 43, 2, "normalized", seed=6))
+    result = solve(UFMProblem(100, 43, 2, "normalized", seed=6, solver="auto"))
     assert result["converged"] is True and result["grad_norm"] <= 1e-10
     assert result["critical_point"] == curvature.LOCAL_MINIMUM
     assert result["loss"] <= first_order["loss"]

@@ -17,6 +17,8 @@ NORMALIZATIONS = ("normalized", "regularized")
 # (worker.nc.descent), "trust_region" the Riemannian trust-region method
 # (worker.nc.trust_region), and "auto" the first where it converges fast and the second
 # where it would crawl (worker.nc.merging.starts_second_order, and the sublinear rule).
+# The default stays "first_order" until trust regions are fast on K > d + 1
+# (docs/solver.md, "Trust regions: measurements").
 SOLVERS = ("auto", "first_order", "trust_region")
 
 
@@ -57,7 +59,7 @@ class UFMProblem:
     seed: int = 0
     checkpoint_every: int | None = None
     restarts: int = 1
-    solver: str = "auto"
+    solver: str = "first_order"
 
     def __post_init__(self):
         if self.num_classes < 2:
