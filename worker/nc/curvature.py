@@ -27,10 +27,13 @@ from worker.nc.ufm_problem import UFMProblem
 # a strict saddle: far above the Lanczos accuracy (LANCZOS_TOL), far below the smallest
 # relative curvature of the saddles we measured (-3.9e-6 against 0.34, docs/solver.md).
 NEGATIVE_CURVATURE_TOL = 1e-7
-# Lanczos stops once the smallest Ritz value's residual is this small relative to the
-# largest Ritz value, or after LANCZOS_MAX_ITERS steps (or fewer where the basis would
-# exceed LANCZOS_BASIS_BYTES).
+# Lanczos stops once the smallest Ritz value's residual r is at most LANCZOS_TOL times
+# the largest Ritz value, or LANCZOS_RELATIVE_TOL times the smallest itself (its error
+# is then about r^2 / gap, far smaller: Parlett, "The symmetric eigenvalue problem",
+# 11.7), or after LANCZOS_MAX_ITERS steps (fewer where the basis would exceed
+# LANCZOS_BASIS_BYTES).
 LANCZOS_TOL = 1e-9
+LANCZOS_RELATIVE_TOL = 1e-3
 LANCZOS_MAX_ITERS = 300
 LANCZOS_BASIS_BYTES = 2**28
 
@@ -139,7 +142,8 @@ def hessian_extremes(formulation: Formulation, point: Point, shifts_bias: bool, 
         smallest, largest = float(ritz_values[0]), float(ritz_values[-1])
         residual = beta * abs(float(ritz_vectors[-1, 0]))
         scale = max(abs(smallest), abs(largest))
-        if residual <= LANCZOS_TOL * scale or beta <= 1e-14 * max(scale, 1e-300):
+        accurate = residual <= max(LANCZOS_TOL * scale, LANCZOS_RELATIVE_TOL * abs(smallest))
+        if accurate or beta <= 1e-14 * max(scale, 1e-300):
             break
         betas.append(beta)
         vector = image / beta
