@@ -293,3 +293,21 @@ def test_auto_converges_on_the_generalized_collapse_case_first_order_gives_up_on
     assert result["converged"] is True and result["grad_norm"] <= 1e-10
     assert result["critical_point"] == curvature.LOCAL_MINIMUM
     assert result["loss"] <= first_order["loss"]
+
+
+def test_auto_hands_over_to_trust_regions_where_first_order_stops_for_sublinear_progress(monkeypatch):
+    """With the sublinear rule made to fire at iteration 4, first order stops there, and
+    auto goes on from that point by trust regions to the optimum."""
+    import functools
+
+    from worker.nc import merging, stopping
+    from worker.nc.ufm import solve
+
+    monkeypatch.setattr(
+        merging, "SublinearProgress", functools.partial(stopping.SublinearProgress, min_iters=4, factor=1e9)
+    )
+    first_order = solve(UFMProblem(6, 8, 3, "normalized", solver="first_order"))
+    assert first_order["iterations"] == 4 and "sublinearly" in first_order["stop_reason"]
+    result = solve(UFMProblem(6, 8, 3, "normalized", solver="auto"))
+    assert result["converged"] is True and result["iterations"] > 4
+    assert abs(result["optimality_gap"]) <= 1e-10

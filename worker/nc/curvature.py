@@ -156,7 +156,7 @@ def bias_shift_is_free(problem: UFMProblem) -> bool:
 
 
 @dataclass(frozen=True)
-class Certificate:
+class SecondOrderCertificate:
     """What the point is, and the numbers and tolerances that decided it."""
 
     critical_point: str  # LOCAL_MINIMUM, STRICT_SADDLE or NOT_CRITICAL
@@ -177,7 +177,7 @@ class Certificate:
 
 def certify(
     problem: UFMProblem, formulation: Formulation, point: Point, grad_norm: float, grad_tol: float
-) -> Certificate:
+) -> SecondOrderCertificate:
     """Classify `point`: not critical where grad_norm > grad_tol; otherwise a strict saddle
     where the smallest curvature is below -NEGATIVE_CURVATURE_TOL times the largest, and
     a local minimum where it is not."""
@@ -189,4 +189,4 @@ def certify(
         kind = STRICT_SADDLE
     else:
         kind = LOCAL_MINIMUM
-    return Certificate(kind, curvature, grad_tol, curvature_tol)
+    return SecondOrderCertificate(kind, curvature, grad_tol, curvature_tol)

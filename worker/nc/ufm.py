@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worker.nc.curvature import LOCAL_MINIMUM, STRICT_SADDLE, Certificate, certify
+from worker.nc.curvature import LOCAL_MINIMUM, STRICT_SADDLE, SecondOrderCertificate, certify
 from worker.nc.descent import Iterate, SolveResult
 from worker.nc.errors import Diverged, Stopped
 from worker.nc.formulation import Formulation, class_labels, formulate
 from worker.nc.manifolds import Euclidean, Point, RowSphere
 from worker.nc.merging import descend, merged_formulation
 from worker.nc.metrics import collapse_metrics
-from worker.nc.stopping import Certificate as CollapseCheck
+from worker.nc.stopping import Certificate
 from worker.nc.tensor_files import write_tensors
 from worker.nc.ufm_problem import UFMProblem, optimal_loss
 from worker.nc.work import threads_for, work_per_product
@@ -186,7 +186,7 @@ class _Outcome:
     row: dict  # the metrics of its last iterate
     result: SolveResult
     merged_at: int | None  # the step at which its features were merged, if they were
-    certificate: Certificate  # what its end point is: minimum, strict saddle or not critical
+    certificate: SecondOrderCertificate  # what its end point is: minimum, strict saddle or not critical
 
 
 def _solve_once(
@@ -254,7 +254,7 @@ class _CollapseCertificate:
         self.checked_point: Point | None = None
         self.checked_row: dict | None = None
 
-    def for_formulation(self, formulation: Formulation) -> CollapseCheck | None:
+    def for_formulation(self, formulation: Formulation) -> Certificate | None:
         """`certify` for a descent on `formulation`, or None where there is nothing to
         check. It computes the metrics on the formulation's own rows: a merged point of
         a balanced problem has the full point's loss and metrics."""
