@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/gnc.py                          # the solver in worker/nc/ufm.py
     .venv/bin/python bench/gnc.py --solver /tmp/ufm_orig.py   # a saved copy of an older one
+    .venv/bin/python bench/gnc.py --seeds 32 --largest 0   # (100, 43), n = 2: each optimizer over 32 seeds
 
 With K > d + 1 no simplex ETF exists (Jiang et al., ICML 2024, "Generalized neural
 collapse for a large number of classes"): the features still collapse onto their
@@ -14,6 +15,11 @@ Printed per problem: iterations, wall seconds of solve(), the final Riemannian g
 norm (of log L), `converged`, `stop_reason` (a dash where the solver reports none),
 the smallest angle between classifier rows (`w_min_angle_deg`; with nc1 ~ 0 the class
 means sit on those rows, so it is their smallest angle too), nc1, and the loss.
+
+`--optimizer` sets the spec's `solver` ("auto", the default, "first_order" or
+"trust_region"). `--seeds S` adds the issue-25 sweep: (K, d, n) = (100, 43, 2), seeds 0 to
+S - 1, with "first_order" and with "auto", side by side: how many converge, the total
+and the slowest seconds, and the end points' certificates.
 
 `--solver FILE` imports solve and UFMProblem from that file instead, for a before/after
 comparison; it may import worker.nc's other modules, which it then shares with the
@@ -31,16 +37,20 @@ import typer
 
 PROBLEMS = [(30, 12), (60, 26), (100, 43), (300, 128)]
 N_PER_CLASS = 10
+SWEEP_PROBLEM = (100, 43, 2)
 
 
 def main(
     solver: Annotated[Path | None, typer.Option(help="a ufm.py to measure instead")] = None,
     largest: Annotated[int, typer.Option(help="skip problems with more classes")] = 300,
+    optimizer: Annotated[str, typer.Option(help="the spec's solver")] = "auto",
+    seeds: Annotated[int, typer.Option(help="seeds of the (100, 43, 2) sweep; 0 skips it")] = 0,
 ) -> None:
     module = load_solver(solver)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; solver "
-        f"{solver or 'worker/nc/ufm.py'}; n_per_class {N_PER_CLASS}, logit scale 10, seed 0"
+        f"{solver or 'worker/nc/ufm.py'}; n_per_class {N_PER_CLASS}, logit scale 10, seed 0; "
+        f"optimizer {optimizer}"
     )
     header = (
         f"{'K':>4} {'d':>4} {'K/d':>5} {'iters':>6} {'seconds':>8} {'grad_norm':>9} "
@@ -51,7 +61,7 @@ def main(
     for K, d in PROBLEMS:
         if K > largest:
             continue
-        problem = module.UFMProblem(K, d, N_PER_CLASS, "normalized")
+        problem = module.UFMProblem(K, d, N_PER_CLASS, "normalized", solver=optimizer)
         start = time.perf_counter()
         result = module.solve(problem)
         seconds = time.perf_counter() - start
@@ -60,6 +70,28 @@ def main(
             f"{result['grad_norm']:9.2e} {result['converged']!s:>9} "
             f"{result['w_min_angle_deg']:9.4f} {result['nc1']:8.1e} {result['loss']:11.9f}  "
             f"{result.get('stop_reason') or '-'}",
+            flush=True,
+        )
+    if seeds:
+        sweep(module, seeds)
+
+
+def sweep(module, seeds: int) -> None:
+    K, d, n = SWEEP_PROBLEM
+    print(f"\n(K, d, n) = {SWEEP_PROBLEM}, seeds 0..{seeds - 1}")
+    for optimizer in ("first_order", "auto"):
+        outcomes = []
+        for seed in range(seeds):
+            start = time.perf_counter()
+            result = module.solve(module.UFMProblem(K, d, n, "normalized", seed=seed, solver=optimizer))
+            outcomes.append((time.perf_counter() - start, result))
+        unconverged = [seed for seed, (_, result) in enumerate(outcomes) if not result["converged"]]
+        kinds = [str(result.get("critical_point")) for _, result in outcomes]
+        print(
+            f"  {optimizer:12s} converged {seeds - len(unconverged)}/{seeds} "
+            f"(unconverged seeds: {unconverged or '-'}); seconds total {sum(t for t, _ in outcomes):.1f}, "
+            f"slowest {max(t for t, _ in outcomes):.1f}; iterations max {max(r['iterations'] for _, r in outcomes)}; "
+            f"end points: {', '.join(f'{kinds.count(kind)} {kind}' for kind in sorted(set(kinds)))}",
             flush=True,
         )
 

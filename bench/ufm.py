@@ -10,7 +10,8 @@ Targets (the normalized problem, K <= d + 1, balanced): optimality_gap <= 1e-10 
 nc2_etf_w <= 1e-6. Three parts:
 
 1. Speed, at logit scale 10: our solve() with its defaults (tol 1e-10 on the gradient
-   of log L) against pymanopt's ConjugateGradient and SteepestDescent on
+   of log L), and with solver "trust_region", against pymanopt's ConjugateGradient,
+   SteepestDescent and TrustRegions (its Hessian-vector products by autograd) on
    Product([Oblique(d, K), Oblique(d, N)]) (its columns are our rows), PyTorch backend,
    float64, the same mean cross-entropy (metrics.cross_entropy_per_sample, autograd
    through it) from the same starting point. pymanopt stops on the gradient of L, not
@@ -44,6 +45,7 @@ where our solver runs; pymanopt, in the same process, gets them too. `--no-retai
 leaves glibc's defaults.
 """
 
+import dataclasses
 import functools
 import math
 import time
@@ -53,7 +55,7 @@ import pymanopt
 import torch
 import typer
 from pymanopt.manifolds import Oblique, Product
-from pymanopt.optimizers import ConjugateGradient, SteepestDescent
+from pymanopt.optimizers import ConjugateGradient, SteepestDescent, TrustRegions
 
 from worker.memory import retain_freed_memory
 from worker.nc import merging, ufm
@@ -94,7 +96,9 @@ def compare(device: str, repeats: int, pymanopt_max_time: float) -> None:
         solvers = {"ours": functools.partial(run_ours, problem, device)}
         if solve(problem, device=device)["features_merged_at"] is not None:
             solvers["ours, never merging"] = functools.partial(run_ours, problem, device, False)
-        for optimizer in (ConjugateGradient, SteepestDescent):
+        trust_region = dataclasses.replace(problem, solver="trust_region")
+        solvers["ours, trust_region"] = functools.partial(run_ours, trust_region, device)
+        for optimizer in (ConjugateGradient, SteepestDescent, TrustRegions):
             solvers[f"pymanopt {optimizer.__name__}"] = functools.partial(
                 run_pymanopt, problem, optimizer, tolerance, pymanopt_max_time
             )
@@ -105,6 +109,8 @@ def compare(device: str, repeats: int, pymanopt_max_time: float) -> None:
         for name in [name for name in runs if name.startswith("ours")]:
             print_ratio("ConjugateGradient", runs[name], runs["pymanopt ConjugateGradient"], name)
         print_ratio("SteepestDescent", runs["ours"], runs["pymanopt SteepestDescent"])
+        print_ratio("TrustRegions", runs["ours, trust_region"], runs["pymanopt TrustRegions"], "ours, trust_region")
+        print_ratio("TrustRegions", runs["ours"], runs["pymanopt TrustRegions"])
 
     print("\n== saturation: logit scale 30 ==")
     problem = UFMProblem(*SATURATED_PROBLEM[:3], "normalized", logit_scale=SATURATED_PROBLEM[3])
@@ -225,6 +231,7 @@ def run_pymanopt(
     final = metrics(result.point)
     return {
         **final,
+        "grad_norm": result.gradient_norm / final["loss"],  # of log L, as ours
         "optimality_gap": final["loss"] - optimum,
         "seconds": seconds,
         "target_seconds": target_seconds,
@@ -256,7 +263,8 @@ def print_run(name: str, run: dict) -> None:
     merged = "" if merged_at is None else f"  merged at {merged_at}"
     print(
         f"  {name:38s} {run['seconds']:8.3f} s {run['iterations']:6d} it  gap {gap}  "
-        f"nc2_etf_w {run['nc2_etf_w']:8.2e}  converged {run['converged']!s:5}  {reached}{merged}"
+        f"nc2_etf_w {run['nc2_etf_w']:8.2e}  grad {run['grad_norm']:8.2e}  converged {run['converged']!s:5}  "
+        f"{reached}{merged}"
     )
 
 

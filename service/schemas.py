@@ -194,6 +194,11 @@ class UFMSpec(SpecBase):
         None, ge=1, description="iterations between history rows; default a 1-2-5 log schedule"
     )
     restarts: int = Field(1, ge=1, description="independent random starts; the best run is kept")
+    solver: Literal["auto", "first_order", "trust_region"] = Field(
+        "first_order",
+        description="the optimizer: preconditioned Riemannian gradient descent, Riemannian trust regions, "
+        "or auto (trust regions where first order would crawl: K > d + 1, or sublinear progress)",
+    )
     resources: Resources = Field("cpu", description=RESOURCES_DESCRIPTION)
 
     @field_validator("d")

@@ -70,14 +70,23 @@ RESULT_TYPES: dict[str, FieldType] = {
             "global_optimum_fraction",
             "final_loss_min",
             "final_loss_max",
-            "final_loss_std",  # UFM
+            "final_loss_std",
+            "hessian_min_eigenvalue",
+            "hessian_max_eigenvalue",
+            "hessian_min_eigenvalue_residual",
+            "critical_point_grad_tol",
+            "critical_point_curvature_tol",
+            "minima_found",
+            "saddles_found",  # UFM
             "epochs",
             "parameters",  # training
         )
     },
     "converged": "bool",
     "has_closed_form": "bool",
+    "all_minima_global": "bool",  # UFM: over the restarts' local minima
     "stop_reason": "string",  # UFM: why the descent stopped
+    "critical_point": "string",  # UFM: "local minimum", "strict saddle" or "not critical"
 }
 
 # The provenance a worker records with each attempt (worker/environment.py; tests/test_provenance.py keeps

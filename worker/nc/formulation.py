@@ -9,14 +9,21 @@ from dataclasses import dataclass
 import torch
 
 from worker.nc.manifolds import Euclidean, Manifold, Point, RowSphere
-from worker.nc.objectives import Objective, normalized_objective, regularized_objective
+from worker.nc.objectives import (
+    HessianAt,
+    Objective,
+    normalized_hessian,
+    normalized_objective,
+    regularized_hessian,
+    regularized_objective,
+)
 from worker.nc.preconditioner import Preconditioner, class_coupling, feature_step_scale
 from worker.nc.ufm_problem import UFMProblem
 
 
 @dataclass(frozen=True)
 class Formulation:
-    """The objective on a product of manifolds, one per block of the point, and the
+    """The objective, and its Hessian, on a product of manifolds, one per block of the point, and the
     preconditioner that measures the descent's steps.
 
     The feature rows are usually one per sample. A merged formulation (worker.nc.merging)
@@ -26,6 +33,7 @@ class Formulation:
     """
 
     objective: Objective
+    hessian: HessianAt  # the objective's Euclidean Hessian
     manifolds: list[Manifold]
     preconditioner: Preconditioner
     labels: torch.Tensor  # the class of each feature row
@@ -57,9 +65,11 @@ def formulate(
     """
     if problem.normalization == "normalized":
         objective = normalized_objective(problem, labels, row_weights)
+        hessian = normalized_hessian(problem, labels, row_weights)
         manifolds: list[Manifold] = [RowSphere(), RowSphere(row_weights)]
     else:
         objective = regularized_objective(problem, labels)
+        hessian = regularized_hessian(problem, labels)
         manifolds = [Euclidean(), Euclidean()]
     manifolds += [Euclidean()] * problem.bias
     preconditioner = Preconditioner(
@@ -70,4 +80,4 @@ def formulate(
         class_coupling(problem),
         row_weights,
     )
-    return Formulation(objective, manifolds, preconditioner, labels, sample_rows)
+    return Formulation(objective, hessian, manifolds, preconditioner, labels, sample_rows)

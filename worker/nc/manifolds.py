@@ -33,6 +33,17 @@ class Manifold(Protocol):
     def euclidean_to_riemannian_gradient(self, point: torch.Tensor, euclidean_gradient: torch.Tensor) -> torch.Tensor:
         """The gradient in this metric at `point`; may overwrite `euclidean_gradient`."""
 
+    def euclidean_to_riemannian_hessian(
+        self,
+        point: torch.Tensor,
+        euclidean_gradient: torch.Tensor,
+        euclidean_hvp: torch.Tensor,
+        tangent: torch.Tensor,
+    ) -> torch.Tensor:
+        """Hess f(x)[v] in this metric, from the Euclidean gradient at `point` and the
+        Euclidean Hessian-vector product D^2 f(x)[v] along the tangent vector v; may
+        overwrite `euclidean_hvp`."""
+
     def project(self, point: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
         """An ambient vector's projection onto the tangent space at `point`; may overwrite
         `vector`."""
@@ -66,6 +77,22 @@ class RowSphere:
             euclidean_gradient.div_(self.row_weights[:, None])
         return self.project(point, euclidean_gradient)
 
+    def euclidean_to_riemannian_hessian(
+        self,
+        point: torch.Tensor,
+        euclidean_gradient: torch.Tensor,
+        euclidean_hvp: torch.Tensor,
+        tangent: torch.Tensor,
+    ) -> torch.Tensor:
+        """P_x(D^2 f(x)[v]) - <x_j, grad_j> v_j row by row, with both Euclidean
+        derivatives divided by the row weights: the projected Hessian plus the sphere's
+        curvature term (the Weingarten map, Absil, Mahony & Trumer 2013)."""
+        normal_parts = row_dots(point, euclidean_gradient)
+        if self.row_weights is not None:
+            euclidean_hvp = euclidean_hvp.div_(self.row_weights[:, None])
+            normal_parts = normal_parts / self.row_weights
+        return self.project(point, euclidean_hvp).addcmul_(tangent, normal_parts[:, None], value=-1)
+
     def project(self, point: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
         """g - <g, x> x, row by row, written over `vector`."""
         return vector.addcmul_(point, row_dots(vector, point)[:, None], value=-1)
@@ -89,6 +116,15 @@ class Euclidean:
 
     def euclidean_to_riemannian_gradient(self, point: torch.Tensor, euclidean_gradient: torch.Tensor) -> torch.Tensor:
         return euclidean_gradient
+
+    def euclidean_to_riemannian_hessian(
+        self,
+        point: torch.Tensor,
+        euclidean_gradient: torch.Tensor,
+        euclidean_hvp: torch.Tensor,
+        tangent: torch.Tensor,
+    ) -> torch.Tensor:
+        return euclidean_hvp
 
     def project(self, point: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
         """The vector itself: every vector is tangent here."""

@@ -24,6 +24,7 @@ matrix product merges: on smaller ones the merge costs more than it saves
 (docs/solver.md gives the timings). Every other run is phase 1 alone.
 """
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,7 +33,8 @@ import torch
 from worker.nc.descent import Iterate, SolveResult, minimize
 from worker.nc.formulation import Formulation, formulate
 from worker.nc.manifolds import Point
-from worker.nc.stopping import Certificate, StoppingRules, SublinearProgress
+from worker.nc.stopping import Certificate, StoppingRules, StopReason, SublinearProgress
+from worker.nc.trust_region import minimize_trust_region
 from worker.nc.ufm_problem import UFMProblem
 from worker.nc.work import SMALL_WORK, threads_for, work_per_product
 
@@ -81,6 +83,7 @@ def descend(
     predecessor's last, which is not reported.
     """
     sublinear_progress = SublinearProgress()  # one per run: its windows span the phases
+    second_order = starts_second_order(problem)
 
     def phase(
         formulation: Formulation,
@@ -88,20 +91,27 @@ def descend(
         first_step: int,
         hand_over: Callable[[Point], bool] | None = None,
     ) -> SolveResult:
+        nonlocal second_order
         stopping = StoppingRules(
             problem.tol,
             problem.max_iters,
             certify=certificate_for(formulation),
-            sublinear_progress=sublinear_progress,
+            sublinear_progress=None if second_order else sublinear_progress,
             hand_over=hand_over,
         )
-        return minimize(
-            formulation,
-            start,
-            stopping,
-            first_step=first_step,
-            on_iterate=lambda iterate: on_iterate(iterate, formulation),
-        )
+
+        def report(iterate: Iterate) -> None:
+            on_iterate(iterate, formulation)
+
+        if second_order:
+            return minimize_trust_region(formulation, start, stopping, first_step=first_step, on_iterate=report)
+        result = minimize(formulation, start, stopping, first_step=first_step, on_iterate=report)
+        if result.stop_reason is StopReason.SUBLINEAR and problem.solver == "auto":
+            second_order = True  # for this phase from here, and the phases after it
+            stopping = dataclasses.replace(stopping, sublinear_progress=None)
+            last = result.last
+            result = minimize_trust_region(formulation, last.point, stopping, first_step=last.step, on_iterate=report)
+        return result
 
     merged_start = None
 
@@ -122,6 +132,17 @@ def descend(
         collapsed = phase(merged, merged_start, merged_at)
     certified = phase(full, merged.expand(collapsed.last.point), collapsed.last.step)
     return RunResult(certified, merged_at)
+
+
+def starts_second_order(problem: UFMProblem) -> bool:
+    """Whether a run starts with the trust-region method: always for solver
+    "trust_region"; for "auto", where the normalized problem has more classes than a
+    simplex ETF fits (K > d + 1), whose descent crawls past strict saddles
+    (docs/solver.md). Otherwise an "auto" run switches to it where the first-order
+    descent stops for sublinear progress."""
+    if problem.solver == "auto":
+        return problem.normalization == "normalized" and problem.num_classes > problem.dim + 1
+    return problem.solver == "trust_region"
 
 
 def collapsed_class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:

@@ -19,6 +19,10 @@ from worker.nc.ufm_problem import UFMProblem
 # every block, in fresh arrays that the caller may overwrite.
 Objective = Callable[[Point], tuple[torch.Tensor, list[torch.Tensor]]]
 
+# The Euclidean Hessian of an objective at a point: the map v -> D^2 f(x)[v], on blocks
+# shaped like the point, into fresh arrays.
+HessianAt = Callable[[Point], Callable[[list[torch.Tensor]], list[torch.Tensor]]]
+
 # Below this log-odds, e^a (and with it CE = softplus(a)) would leave the normal range of
 # float64; the losses are floored there and their logs continued as a.
 _SMALLEST_LOG_ODDS = -700.0
@@ -132,6 +136,92 @@ def regularized_objective(problem: UFMProblem, labels: torch.Tensor) -> Objectiv
     return evaluate
 
 
+def normalized_hessian(problem: UFMProblem, labels: torch.Tensor, row_weights: torch.Tensor | None = None) -> HessianAt:
+    """The Hessian of `normalized_objective` (the same `row_weights`), in closed form.
+
+    With Q = d log L / dz (z the logits), the Hessian of log L along a logit direction
+    dz is (m_i / T)(diag p_i - p_i p_i^T) dz_i - Q <Q, dz>, T = sum_i m_i CE_i; the
+    second term is the curvature of the log.
+    """
+    return _cross_entropy_hessian(problem, labels, row_weights, scale=problem.logit_scale, of_log=True, decays=None)
+
+
+def regularized_hessian(problem: UFMProblem, labels: torch.Tensor) -> HessianAt:
+    """The Hessian of `regularized_objective`: that of the mean cross-entropy plus lambda I
+    on each block."""
+    decays = [problem.lambda_w, problem.lambda_h] + [problem.lambda_b] * problem.bias
+    return _cross_entropy_hessian(problem, labels, None, scale=1.0, of_log=False, decays=decays)
+
+
+def _cross_entropy_hessian(
+    problem: UFMProblem,
+    labels: torch.Tensor,
+    row_weights: torch.Tensor | None,
+    *,
+    scale: float,
+    of_log: bool,
+    decays: list[float] | None,
+) -> HessianAt:
+    """The Hessian of the (log of the) weighted mean cross-entropy of logits
+    scale <w_k, h_i> (+ b_k), plus decays[b] I on block b where given.
+
+    The softmax Hessian diag(p) - p p^T is applied to margins dz_k - dz_y, which it does
+    not tell from dz: the label's entry is then -p_y <p, dz'>, with no 1 - p_y formed, so
+    saturated losses keep their digits here as they do in `CrossEntropy`.
+    """
+    log_num_samples = math.log(problem.num_samples)
+    log_weights = None if row_weights is None else torch.log(row_weights)
+    label_index = labels[:, None]
+
+    def at(point: Point) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+        classifier, features = point[0], point[1]
+        logits = torch.mm(features, (scale * classifier).T)
+        if problem.bias:
+            logits.add_(point[2])
+        cross_entropy = CrossEntropy(logits, labels)
+        label_probs = torch.exp(-cross_entropy.losses)
+        if of_log:
+            log_losses = cross_entropy.log_losses
+            if log_weights is not None:
+                log_losses = log_losses + log_weights
+            log_row_weights = -torch.logsumexp(log_losses, dim=0)  # 1 / T
+            if log_weights is not None:
+                log_row_weights = log_row_weights + log_weights
+        else:
+            log_row_weights = torch.full_like(cross_entropy.losses, -log_num_samples)
+        # row i of `weighted`: (m_i / T)(p_i - e_{y_i}); `off_label`: its wrong classes only
+        weighted = cross_entropy.weighted_gradient(log_row_weights).clone()
+        off_label = weighted.scatter(1, label_index, 0.0)
+        inverse_row_weights = torch.exp(-log_row_weights)
+
+        def hvp(vector: list[torch.Tensor]) -> list[torch.Tensor]:
+            direction_w, direction_h = vector[0], vector[1]
+            logit_change = torch.mm(direction_h, classifier.T).add_(torch.mm(features, direction_w.T)).mul_(scale)
+            if problem.bias:
+                logit_change.add_(vector[2])
+            margins = logit_change.sub_(logit_change.gather(1, label_index))  # dz' = dz - dz_y
+            weighted_mean = (off_label * margins).sum(dim=1)  # (m_i / T) <p_i, dz'_i>
+            mean = weighted_mean * inverse_row_weights
+            change = off_label * margins.sub_(mean[:, None])
+            change.scatter_(1, label_index, (-label_probs * weighted_mean)[:, None])
+            if of_log:  # <Q, dz> = <Q, dz'>: each row of Q sums to zero
+                change.sub_(weighted * weighted_mean.sum())
+            grads = [
+                (change.T @ features).add_(weighted.T @ direction_h).mul_(scale),
+                (change @ classifier).add_(weighted @ direction_w).mul_(scale),
+            ]
+            if problem.bias:
+                grads.append(change.sum(dim=0))
+            if decays is not None:
+                for grad, decay, block in zip(grads, decays, vector):
+                    grad.add_(block, alpha=decay)
+            return grads
+
+        return hvp
+
+    return at
+
+
 def _logits_buffer(problem: UFMProblem, labels: torch.Tensor) -> torch.Tensor:
     """The rows x K array that every evaluation overwrites with the logits and their
     gradient.
@@ -153,3 +243,29 @@ def value_and_riemannian_grad(
         for manifold, block, grad in zip(manifolds, point, euclidean_grads)
     ]
     return float(value), grads
+
+
+def riemannian_hessian(
+    objective: Objective,
+    hessian: HessianAt,
+    manifolds: Sequence[Manifold],
+    point: Point,
+    euclidean_grads: list[torch.Tensor] | None = None,
+) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """The Riemannian Hessian at `point`, as the map of tangent vectors v -> Hess f(x)[v].
+
+    `euclidean_grads`: the objective's Euclidean gradient at `point`, where the caller has
+    it (the manifolds' curvature terms need it); evaluated otherwise."""
+    if euclidean_grads is None:
+        _, euclidean_grads = objective(point)
+    euclidean_hvp = hessian(point)
+
+    def hvp(vector: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [
+            manifold.euclidean_to_riemannian_hessian(block, grad, product, tangent)
+            for manifold, block, grad, product, tangent in zip(
+                manifolds, point, euclidean_grads, euclidean_hvp(vector), vector
+            )
+        ]
+
+    return hvp

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from worker.nc.curvature import LOCAL_MINIMUM, STRICT_SADDLE, SecondOrderCertificate, certify
 from worker.nc.descent import Iterate, SolveResult
 from worker.nc.errors import Diverged, Stopped
 from worker.nc.formulation import Formulation, class_labels, formulate
@@ -91,6 +92,14 @@ def solve(
     whose loss came within GLOBAL_OPTIMUM_GAP of the closed form; None without one) and
     `final_loss_min`, `final_loss_max` and `final_loss_std` (population standard
     deviation) over the runs' final losses.
+
+    Every run's end point is certified (worker.nc.curvature.certify): the result carries
+    the best run's `critical_point` ("local minimum", "strict saddle" or "not critical"),
+    `hessian_min_eigenvalue`, `hessian_max_eigenvalue`, `hessian_min_eigenvalue_residual`
+    and the tolerances that decided it (`critical_point_grad_tol`: problem.tol,
+    `critical_point_curvature_tol`), and over all runs `minima_found`, `saddles_found`
+    and `all_minima_global` (whether every minimum found is within GLOBAL_OPTIMUM_GAP of
+    the closed form; None without one).
     """
     device = torch.device("cpu" if device is None else device)
     labels = class_labels(problem, device)
@@ -100,6 +109,7 @@ def solve(
     progress = _Progress(on_progress, budget=problem.max_iters * problem.restarts)
 
     best, best_history, final_losses = None, [], []
+    outcomes: list[_Outcome] = []
     with threads_for(work_per_product(problem), device):
         for run, seed in enumerate(_restart_seeds(problem)):
             history: list[tuple[int, dict]] = []  # this run's rows, held back when there are several runs
@@ -125,6 +135,7 @@ def solve(
                 run_label="" if problem.restarts == 1 else f" of restart {run}",
             )
             final_losses.append(outcome.row["loss"])
+            outcomes.append(outcome)
             if best is None or outcome.row["loss"] < best.row["loss"]:
                 best, best_history = outcome, history
     assert best is not None, "problem.restarts >= 1: there was at least one run"
@@ -136,8 +147,10 @@ def solve(
         save_solution(outputs / SOLUTION_FILE, best.result.last.point, labels)
 
     optimum = optimal_loss(problem)
+    minima = [outcome for outcome in outcomes if outcome.certificate.critical_point == LOCAL_MINIMUM]
     return {
         **best.row,
+        **best.certificate.as_result(),
         "optimal_loss": optimum,
         "optimality_gap": None if optimum is None else best.row["loss"] - optimum,
         "has_closed_form": optimum is not None,
@@ -152,6 +165,11 @@ def solve(
         "final_loss_min": min(final_losses),
         "final_loss_max": max(final_losses),
         "final_loss_std": statistics.pstdev(final_losses),
+        "minima_found": len(minima),
+        "saddles_found": sum(outcome.certificate.critical_point == STRICT_SADDLE for outcome in outcomes),
+        "all_minima_global": None
+        if optimum is None
+        else all(outcome.row["loss"] - optimum <= GLOBAL_OPTIMUM_GAP for outcome in minima),
     }
 
 
@@ -168,6 +186,7 @@ class _Outcome:
     row: dict  # the metrics of its last iterate
     result: SolveResult
     merged_at: int | None  # the step at which its features were merged, if they were
+    certificate: SecondOrderCertificate  # what its end point is: minimum, strict saddle or not critical
 
 
 def _solve_once(
@@ -211,7 +230,8 @@ def _solve_once(
     run = descend(problem, full, merged, start, certificate.for_formulation, go_on_from)
     row = report(run.result.last, full, last=True)
     assert row is not None, "report returns the row of the last iterate"
-    return _Outcome(row, run.result, run.merged_at)
+    last = run.result.last
+    return _Outcome(row, run.result, run.merged_at, certify(problem, full, last.point, last.grad_norm, problem.tol))
 
 
 class _CollapseCertificate:

@@ -13,6 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 NORMALIZATIONS = ("normalized", "regularized")
+# The optimizer: "first_order" is the preconditioned Riemannian gradient descent
+# (worker.nc.descent), "trust_region" the Riemannian trust-region method
+# (worker.nc.trust_region), and "auto" the first where it converges fast and the second
+# where it would crawl (worker.nc.merging.starts_second_order, and the sublinear rule).
+# The default stays "first_order" until trust regions are fast on K > d + 1
+# (docs/solver.md, "Trust regions: measurements").
+SOLVERS = ("auto", "first_order", "trust_region")
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,8 @@ class UFMProblem:
 
     `restarts` solves from that many seeded random starts (the first from `seed` itself)
     and keeps the run with the lowest final loss; see worker.nc.ufm.solve.
+
+    `solver` picks the optimizer (SOLVERS); docs/solver.md says when each pays.
     """
 
     num_classes: int
@@ -50,6 +59,7 @@ class UFMProblem:
     seed: int = 0
     checkpoint_every: int | None = None
     restarts: int = 1
+    solver: str = "first_order"
 
     def __post_init__(self):
         if self.num_classes < 2:
@@ -79,6 +89,8 @@ class UFMProblem:
             raise ValueError(f"checkpoint_every must be >= 1 or None, got {self.checkpoint_every}")
         if self.restarts < 1:
             raise ValueError(f"restarts must be >= 1, got {self.restarts}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
 
     def _validated_counts(self) -> int | tuple[int, ...]:
         if not isinstance(self.n_per_class, Sequence):

@@ -1,0 +1,313 @@
+"""Second order: the closed-form Hessians of the UFM objectives, on their manifolds."""
+
+import math
+
+import pytest
+import torch
+
+from worker.nc import curvature
+from worker.nc.formulation import class_labels, formulate
+from worker.nc.manifolds import RowSphere
+from worker.nc.objectives import riemannian_hessian, value_and_riemannian_grad
+from worker.nc.ufm_problem import UFMProblem
+
+# (problem, merged): every objective the solver handles; merged rows stand for their class's samples.
+HESSIAN_CASES = {
+    "normalized": (UFMProblem(5, 4, 3, "normalized", logit_scale=7.0), False),
+    "normalized, bias": (UFMProblem(5, 4, 3, "normalized", logit_scale=7.0, bias=True), False),
+    "normalized, imbalanced": (UFMProblem(4, 3, (1, 2, 5, 3), "normalized", logit_scale=4.0), False),
+    "normalized, saturated": (UFMProblem(4, 5, 2, "normalized", logit_scale=30.0), False),
+    "normalized, merged rows": (UFMProblem(4, 3, (1, 2, 5, 3), "normalized", logit_scale=4.0, bias=True), True),
+    "regularized": (UFMProblem(5, 4, 3, "regularized", lambda_w=0.02, lambda_h=0.01), False),
+    "regularized, bias, imbalanced": (
+        UFMProblem(4, 3, (1, 2, 5, 3), "regularized", bias=True, lambda_w=0.02, lambda_h=0.01, lambda_b=0.3),
+        False,
+    ),
+}
+
+
+def formulation_and_point(problem: UFMProblem, merged: bool, seed: int = 0):
+    labels = class_labels(problem, torch.device("cpu"))
+    if merged:
+        counts = torch.tensor(problem.class_counts, dtype=torch.float64)
+        formulation = formulate(problem, torch.arange(problem.num_classes), row_weights=counts, sample_rows=labels)
+        rows = problem.num_classes
+    else:
+        formulation = formulate(problem, labels)
+        rows = problem.num_samples
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(problem.num_classes, problem.dim), (rows, problem.dim)] + [(problem.num_classes,)] * problem.bias
+    point = [manifold.random(shape, generator) for manifold, shape in zip(formulation.manifolds, shapes)]
+    if problem.normalization == "normalized" and problem.logit_scale >= 30:
+        # near the optimum, where the losses saturate: each feature close to its class's row
+        point[1] = RowSphere().retract(point[0][formulation.labels], 0.05 * point[1])
+    return formulation, point
+
+
+def random_tangent(formulation, point, seed: int = 1) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        manifold.project(block, torch.randn(block.shape, generator=generator, dtype=torch.float64))
+        for manifold, block in zip(formulation.manifolds, point)
+    ]
+
+
+def autograd_objective(problem: UFMProblem, formulation, point) -> torch.Tensor:
+    """The objective, written with torch's cross-entropy, for autograd."""
+    classifier, features = point[0], point[1]
+    scale = problem.logit_scale if problem.normalization == "normalized" else 1.0
+    logits = scale * features @ classifier.T
+    if problem.bias:
+        logits = logits + point[2]
+    losses = torch.nn.functional.cross_entropy(logits, formulation.labels, reduction="none")
+    weights = formulation.manifolds[1].row_weights if problem.normalization == "normalized" else None
+    total = losses.sum() if weights is None else (losses * weights).sum()
+    if problem.normalization == "normalized":
+        return torch.log(total / problem.num_samples)
+    decays = [problem.lambda_w, problem.lambda_h, problem.lambda_b]
+    return total / problem.num_samples + sum(decay / 2 * (block**2).sum() for decay, block in zip(decays, point))
+
+
+@pytest.mark.parametrize("case", HESSIAN_CASES, ids=list(HESSIAN_CASES))
+def test_euclidean_hessian_matches_autograds_double_backward(case):
+    problem, merged = HESSIAN_CASES[case]
+    formulation, point = formulation_and_point(problem, merged)
+    vector = random_tangent(formulation, point)
+    products = formulation.hessian(point)(vector)
+
+    leaves = [block.clone().requires_grad_() for block in point]
+    grads = torch.autograd.grad(autograd_objective(problem, formulation, leaves), leaves, create_graph=True)
+    directional = sum((grad * v).sum() for grad, v in zip(grads, vector))
+    references = torch.autograd.grad(directional, leaves)
+    for product, reference in zip(products, references):
+        assert torch.linalg.vector_norm(product - reference) <= 1e-11 * torch.linalg.vector_norm(reference)
+
+
+@pytest.mark.parametrize("case", HESSIAN_CASES, ids=list(HESSIAN_CASES))
+def test_riemannian_hessian_matches_central_differences_of_the_gradient(case):
+    """Hess f(x)[v] = P_x(d/dt grad f(c(t))) at t = 0 for a curve c with c'(0) = v: here
+    c(t) = x + t v with each sphere row normalized, differenced at t = +-h."""
+    problem, merged = HESSIAN_CASES[case]
+    formulation, point = formulation_and_point(problem, merged)
+    vector = random_tangent(formulation, point)
+    product = riemannian_hessian(formulation.objective, formulation.hessian, formulation.manifolds, point)(vector)
+
+    step = 1e-5
+
+    def gradient_along(t: float) -> list[torch.Tensor]:
+        moved = [m.retract(block, v, t) for m, block, v in zip(formulation.manifolds, point, vector)]
+        return value_and_riemannian_grad(formulation.objective, formulation.manifolds, moved)[1]
+
+    forward, backward = gradient_along(step), gradient_along(-step)
+    differences = [
+        manifold.project(block, (ahead - behind) / (2 * step))
+        for manifold, block, ahead, behind in zip(formulation.manifolds, point, forward, backward)
+    ]
+    error = math.sqrt(sum(float((p - d).square().sum()) for p, d in zip(product, differences)))
+    size = math.sqrt(sum(float(d.square().sum()) for d in differences))
+    assert error <= 1e-7 * size
+    # the curvature term matters: without it the difference is far off on the spheres
+    if problem.normalization == "normalized":
+        euclidean_only = formulation.hessian(point)(vector)
+        projected = formulation.manifolds[0].project(point[0], euclidean_only[0])
+        assert float((projected - differences[0]).norm()) > 1e-3 * size
+
+
+def simplex_etf(num_classes: int, dim: int) -> torch.Tensor:
+    """K unit rows in R^d with pairwise inner products -1/(K-1) (needs K <= d + 1)."""
+    centered = torch.eye(num_classes, dtype=torch.float64) - 1 / num_classes
+    basis = torch.linalg.svd(centered).Vh[: num_classes - 1]  # the span of the centered rows
+    rows = centered @ basis.T
+    etf = torch.zeros(num_classes, dim, dtype=torch.float64)
+    etf[:, : num_classes - 1] = rows / rows.norm(dim=1, keepdim=True)
+    return etf
+
+
+def dense_restricted_hessian_eigenvalues(problem: UFMProblem, formulation, point) -> torch.Tensor:
+    """The Riemannian Hessian, built as a dense matrix from autograd's Hessian of the flat
+    (W, H), restricted to the tangent space without the rotations (W A, H A), A skew."""
+    shapes = [block.shape for block in point]
+    sizes = [block.numel() for block in point]
+
+    def objective_of_flat(flat: torch.Tensor) -> torch.Tensor:
+        blocks = [piece.reshape(shape) for piece, shape in zip(torch.split(flat, sizes), shapes)]
+        return autograd_objective(problem, formulation, blocks)
+
+    flat = torch.cat([block.reshape(-1) for block in point])
+    euclidean = torch.autograd.functional.hessian(objective_of_flat, flat)
+    gradient = torch.autograd.functional.jacobian(objective_of_flat, flat)
+    rows = torch.cat(point[:2])  # every row is on a sphere
+    dim = problem.dim
+    projection = torch.block_diag(*[torch.eye(dim, dtype=torch.float64) - torch.outer(x, x) for x in rows])
+    normal_parts = (gradient.reshape(-1, dim) * rows).sum(dim=1).repeat_interleave(dim)
+    riemannian = projection @ (euclidean - torch.diag(normal_parts)) @ projection
+    rotations = []
+    for a in range(dim):
+        for b in range(a + 1, dim):
+            skew = torch.zeros(dim, dim, dtype=torch.float64)
+            skew[a, b], skew[b, a] = 1.0, -1.0
+            rotations.append(torch.cat([(point[0] @ skew).reshape(-1), (point[1] @ skew).reshape(-1)]))
+    tangent_values, tangent_vectors = torch.linalg.eigh(projection)
+    tangent = tangent_vectors[:, tangent_values > 0.5]
+    modes = tangent.T @ torch.stack(rotations, dim=1)
+    left, singular, _ = torch.linalg.svd(modes)
+    rank = int((singular > 1e-10).sum())
+    complement = tangent @ left[:, rank:]
+    return torch.linalg.eigvalsh(complement.T @ riemannian @ complement)
+
+
+def test_an_exact_simplex_etf_with_collapsed_features_is_a_local_minimum():
+    problem = UFMProblem(5, 6, 3, "normalized", logit_scale=5.0)
+    formulation, _ = formulation_and_point(problem, merged=False)
+    classifier = simplex_etf(5, 6)
+    point = [classifier, classifier[formulation.labels].clone()]
+    grad_norm = gradient_norm(formulation, point)
+    assert grad_norm < 1e-12
+    certificate = curvature.certify(problem, formulation, point, grad_norm, problem.tol)
+    assert certificate.critical_point == curvature.LOCAL_MINIMUM
+    reference = dense_restricted_hessian_eigenvalues(problem, formulation, point)
+    assert float(reference[0]) > 1e-3  # no zero mode left but the rotations'
+    assert certificate.curvature.smallest == pytest.approx(float(reference[0]), rel=1e-8)
+    assert certificate.curvature.largest == pytest.approx(float(reference[-1]), rel=1e-8)
+
+
+def test_merged_class_means_are_a_strict_saddle_measured_as_the_dense_hessian_says():
+    """Classes 0 and 1 share one classifier row and their features sit on it, opposite
+    class 2: every row is +-e_1, so every Euclidean gradient is normal to the spheres and
+    the point is critical; separating the two merged classes lowers the loss."""
+    problem = UFMProblem(3, 3, 2, "normalized", logit_scale=3.0)
+    formulation, _ = formulation_and_point(problem, merged=False)
+    axis = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    classifier = torch.stack([axis, axis, -axis])
+    point = [classifier, classifier[formulation.labels].clone()]
+    grad_norm = gradient_norm(formulation, point)
+    assert grad_norm < 1e-14
+    certificate = curvature.certify(problem, formulation, point, grad_norm, problem.tol)
+    assert certificate.critical_point == curvature.STRICT_SADDLE
+    reference = dense_restricted_hessian_eigenvalues(problem, formulation, point)
+    assert float(reference[0]) < -1e-2
+    assert certificate.curvature.smallest == pytest.approx(float(reference[0]), rel=1e-9)
+
+
+@pytest.mark.parametrize("case", ["normalized, bias", "regularized, bias, imbalanced"])
+def test_a_random_point_is_not_critical(case):
+    problem, _ = HESSIAN_CASES[case]
+    formulation, point = formulation_and_point(problem, merged=False)
+    grad_norm = gradient_norm(formulation, point)
+    certificate = curvature.certify(problem, formulation, point, grad_norm, problem.tol)
+    assert certificate.critical_point == curvature.NOT_CRITICAL
+    assert certificate.as_result()["critical_point_grad_tol"] == problem.tol
+
+
+def gradient_norm(formulation, point) -> float:
+    _, grads = value_and_riemannian_grad(formulation.objective, formulation.manifolds, [b.clone() for b in point])
+    return math.sqrt(sum(float(m.inner(g, g)) for m, g in zip(formulation.manifolds, grads)))
+
+
+def test_every_result_carries_its_certificate_and_the_landscape_probe_counts_minima():
+    from worker.nc.ufm import solve
+
+    result = solve(UFMProblem(4, 5, 3, "normalized", logit_scale=4.0, restarts=3))
+    assert result["converged"] is True
+    assert result["critical_point"] == curvature.LOCAL_MINIMUM
+    assert 0 < result["hessian_min_eigenvalue"] <= result["hessian_max_eigenvalue"]
+    assert result["critical_point_curvature_tol"] == pytest.approx(1e-7 * result["hessian_max_eigenvalue"])
+    assert (result["minima_found"], result["saddles_found"], result["all_minima_global"]) == (3, 0, True)
+
+    stopped_early = solve(UFMProblem(4, 5, 3, "normalized", logit_scale=4.0, max_iters=2))
+    assert stopped_early["critical_point"] == curvature.NOT_CRITICAL
+    assert stopped_early["minima_found"] == 0 and stopped_early["all_minima_global"] is True
+
+
+def test_every_key_of_a_ufm_result_is_searchable_with_its_type():
+    """The filter language reaches result keys through RESULT_TYPES (service/search/fields.py)."""
+    from service.search.fields import RESULT_TYPES
+    from worker.nc.ufm import solve
+
+    result = solve(UFMProblem(3, 4, 2, "normalized", bias=True))
+    kinds = {str: "string", bool: "bool", int: "number", float: "number"}
+    for key, value in result.items():
+        assert key in RESULT_TYPES, key
+        if value is not None:
+            assert RESULT_TYPES[key] == kinds[type(value)], key
+    assert result["critical_point"] == curvature.LOCAL_MINIMUM
+
+
+@pytest.mark.parametrize(
+    "problem",
+    [
+        UFMProblem(10, 32, 5, "normalized", solver="trust_region"),
+        UFMProblem(12, 16, 4, "normalized", logit_scale=30.0, bias=True, solver="trust_region", seed=3),
+        UFMProblem(6, 8, 5, "regularized", lambda_w=1e-3, lambda_h=1e-3, solver="trust_region"),
+    ],
+    ids=["normalized", "normalized, saturated, bias", "regularized"],
+)
+def test_trust_region_reaches_the_closed_form_optimum(problem):
+    from worker.nc.ufm import solve
+
+    result = solve(problem)
+    assert result["converged"] is True and result["grad_norm"] <= problem.tol
+    assert abs(result["optimality_gap"]) <= 1e-10
+    assert result["critical_point"] == curvature.LOCAL_MINIMUM
+
+
+def test_trust_region_leaves_a_saddle_along_negative_curvature():
+    """From a hair off the merged-classes saddle, where the gradient is 1e-9 and a
+    gradient step would take ~1e9 times longer, the first step already goes along
+    negative curvature to the trust region's edge, and the run ends at the optimum."""
+    from worker.nc.stopping import StoppingRules
+    from worker.nc.trust_region import minimize_trust_region
+    from worker.nc.ufm_problem import optimal_loss
+
+    problem = UFMProblem(3, 3, 2, "normalized", logit_scale=3.0)
+    formulation, _ = formulation_and_point(problem, merged=False)
+    axis = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    classifier = torch.stack([axis, axis, -axis])
+    saddle = [classifier, classifier[formulation.labels].clone()]
+    nudge = random_tangent(formulation, saddle)
+    start = [m.retract(block, v, 1e-9) for m, block, v in zip(formulation.manifolds, saddle, nudge)]
+    first_values = []
+
+    result = minimize_trust_region(
+        formulation,
+        start,
+        StoppingRules(1e-10, 100),
+        on_iterate=lambda iterate: first_values.append(iterate.value),
+    )
+    assert result.converged
+    assert math.exp(result.last.value) == pytest.approx(optimal_loss(problem), rel=1e-10)
+    assert result.last.step <= 30
+    # the first step: a gradient step this long would lower f by about ||grad||^2 ~ 1e-18
+    assert first_values[0] - first_values[1] > 1e-3
+
+
+@pytest.mark.slow
+def test_auto_converges_on_the_generalized_collapse_case_first_order_gives_up_on():
+    """(K, d, n) = (100, 43, 2), seed 6: the first-order descent stops for sublinear
+    progress; auto goes on by trust regions to a certified local minimum."""
+    from worker.nc.ufm import solve
+
+    first_order = solve(UFMProblem(100, 43, 2, "normalized", seed=6, solver="first_order"))
+    assert first_order["converged"] is False and "sublinearly" in first_order["stop_reason"]
+    result = solve(UFMProblem(100, 43, 2, "normalized", seed=6, solver="auto"))
+    assert result["converged"] is True and result["grad_norm"] <= 1e-10
+    assert result["critical_point"] == curvature.LOCAL_MINIMUM
+    assert result["loss"] <= first_order["loss"]
+
+
+def test_auto_hands_over_to_trust_regions_where_first_order_stops_for_sublinear_progress(monkeypatch):
+    """With the sublinear rule made to fire at iteration 4, first order stops there, and
+    auto goes on from that point by trust regions to the optimum."""
+    import functools
+
+    from worker.nc import merging, stopping
+    from worker.nc.ufm import solve
+
+    monkeypatch.setattr(
+        merging, "SublinearProgress", functools.partial(stopping.SublinearProgress, min_iters=4, factor=1e9)
+    )
+    first_order = solve(UFMProblem(6, 8, 3, "normalized", solver="first_order"))
+    assert first_order["iterations"] == 4 and "sublinearly" in first_order["stop_reason"]
+    result = solve(UFMProblem(6, 8, 3, "normalized", solver="auto"))
+    assert result["converged"] is True and result["iterations"] > 4
+    assert abs(result["optimality_gap"]) <= 1e-10

@@ -1,0 +1,192 @@
+"""The second-order certificate of a UFM point: minimum, strict saddle, or not critical.
+
+Yaras et al. (2022) prove that on the product of spheres every critical point of the
+normalized UFM other than its global minimizers is a strict saddle: the Riemannian
+Hessian has a negative eigenvalue there. `certify` measures this at a point: the
+smallest eigenvalue of the Riemannian Hessian on the tangent space, by Lanczos with full
+reorthogonalization, with the objective's symmetries projected out.
+
+The symmetries: the objective depends on W and H only through the logits W h_i, so it
+is invariant under W -> W Q, H -> H Q for orthogonal Q. At a critical point this gives
+the d(d-1)/2 zero-curvature directions (W A, H A), A skew, which would read as a zero
+eigenvalue at every minimum; `SymmetryModes` removes them. Without decay on the bias,
+softmax's invariance under b -> b + c 1 adds one more.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from worker.nc.formulation import Formulation
+from worker.nc.manifolds import Point, RowSphere
+from worker.nc.objectives import riemannian_hessian
+from worker.nc.ufm_problem import UFMProblem
+
+# A point whose smallest curvature is below -NEGATIVE_CURVATURE_TOL times the largest is
+# a strict saddle: far above the Lanczos accuracy (LANCZOS_TOL), far below the smallest
+# relative curvature of the saddles we measured (-3.9e-6 against 0.34, docs/solver.md).
+NEGATIVE_CURVATURE_TOL = 1e-7
+# Lanczos stops once the smallest Ritz value's residual r is at most LANCZOS_TOL times
+# the largest Ritz value, or LANCZOS_RELATIVE_TOL times the smallest itself (its error
+# is then about r^2 / gap, far smaller: Parlett, "The symmetric eigenvalue problem",
+# 11.7), or after LANCZOS_MAX_ITERS steps (fewer where the basis would exceed
+# LANCZOS_BASIS_BYTES).
+LANCZOS_TOL = 1e-9
+LANCZOS_RELATIVE_TOL = 1e-3
+LANCZOS_MAX_ITERS = 300
+LANCZOS_BASIS_BYTES = 2**28
+
+LOCAL_MINIMUM, STRICT_SADDLE, NOT_CRITICAL = "local minimum", "strict saddle", "not critical"
+
+
+class SymmetryModes:
+    """Projects tangent vectors at a point onto the complement of the symmetry directions,
+    in the manifolds' metric.
+
+    The rotation directions (W A, H A) closest to v solve, for skew A, M A + A M = C - C^T,
+    with M = W^T W + H^T diag(m) H and C = W^T v_W + H^T diag(m) v_H (m: the feature rows'
+    weights): in M's eigenbasis, A_ij = (C - C^T)_ij / (mu_i + mu_j). Pairs with
+    mu_i + mu_j = 0 are directions of R^d that no row spans: they move nothing.
+    """
+
+    def __init__(self, formulation: Formulation, point: Point, shifts_bias: bool):
+        self.point, self.shifts_bias = point, shifts_bias
+        row_weights = getattr(formulation.manifolds[1], "row_weights", None)
+        self.weights = None if row_weights is None else row_weights[:, None]
+        classifier, features = point[0], point[1]
+        gram = classifier.T @ classifier + features.T @ self._weighted(features)
+        eigenvalues, self.basis = torch.linalg.eigh(gram)
+        sums = eigenvalues[:, None] + eigenvalues[None, :]
+        self.inverse_sums = torch.where(sums > 1e-12 * eigenvalues[-1].clamp(min=1e-300), 1 / sums, 0.0)
+
+    def _weighted(self, features: torch.Tensor) -> torch.Tensor:
+        return features if self.weights is None else features * self.weights
+
+    def project_out(self, vector: list[torch.Tensor]) -> list[torch.Tensor]:
+        classifier, features = self.point[0], self.point[1]
+        coupling = classifier.T @ vector[0] + features.T @ self._weighted(vector[1])
+        rotated = self.basis.T @ (coupling - coupling.T) @ self.basis
+        generator = self.basis @ (rotated * self.inverse_sums) @ self.basis.T
+        projected = [vector[0] - classifier @ generator, vector[1] - features @ generator]
+        if len(vector) > 2:
+            projected.append(vector[2] - vector[2].mean() if self.shifts_bias else vector[2].clone())
+        return projected
+
+
+@dataclass(frozen=True)
+class Curvature:
+    """The extreme eigenvalues of the Riemannian Hessian, symmetries projected out."""
+
+    smallest: float
+    largest: float
+    residual: float  # of the smallest Ritz pair: the distance to an eigenvalue is at most this
+    iterations: int
+
+
+def hessian_extremes(formulation: Formulation, point: Point, shifts_bias: bool, *, seed: int = 0) -> Curvature:
+    """Lanczos on Pi Hess Pi, Pi the projection onto the tangent space without the
+    symmetry directions, started from a seeded random tangent vector.
+
+    Every Lanczos vector is reorthogonalized against all earlier ones, twice, in the
+    manifolds' metric: without it, rounding brings back copies of converged Ritz values
+    and loses the smallest one among them.
+    """
+    manifolds = formulation.manifolds
+    hessian = riemannian_hessian(formulation.objective, formulation.hessian, manifolds, point)
+    modes = SymmetryModes(formulation, point, shifts_bias)
+    shapes = [block.shape for block in point]
+    sizes = [block.numel() for block in point]
+    metric = torch.cat(
+        [
+            (
+                manifold.row_weights[:, None].expand(block.shape).reshape(-1)
+                if isinstance(manifold, RowSphere) and manifold.row_weights is not None
+                else torch.ones(block.numel(), dtype=torch.float64, device=block.device)
+            )
+            for manifold, block in zip(manifolds, point)
+        ]
+    )
+
+    def flatten(blocks: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([block.reshape(-1) for block in blocks])
+
+    def unflatten(flat: torch.Tensor) -> list[torch.Tensor]:
+        return [piece.reshape(shape) for piece, shape in zip(torch.split(flat, sizes), shapes)]
+
+    def restricted(flat: torch.Tensor) -> torch.Tensor:
+        blocks = [m.project(x, v.clone()) for m, x, v in zip(manifolds, point, unflatten(flat))]
+        return flatten(modes.project_out(blocks))
+
+    generator = torch.Generator(device=point[0].device).manual_seed(seed)
+    start = restricted(torch.randn(sum(sizes), generator=generator, dtype=torch.float64, device=point[0].device))
+    dimension = sum(sizes)
+    max_iters = max(2, min(LANCZOS_MAX_ITERS, dimension, LANCZOS_BASIS_BYTES // (8 * dimension)))
+    basis = torch.empty((max_iters, dimension), dtype=torch.float64, device=point[0].device)
+    alphas: list[float] = []
+    betas: list[float] = []
+    vector = start / math.sqrt(float(torch.dot(start, metric * start)))
+    smallest = largest = residual = math.nan
+    for step in range(max_iters):
+        basis[step] = vector
+        image = restricted(flatten(hessian(unflatten(vector))))
+        alphas.append(float(torch.dot(image, metric * vector)))
+        for _ in range(2):
+            image -= basis[: step + 1].T @ (basis[: step + 1] @ (metric * image))
+        beta = math.sqrt(max(float(torch.dot(image, metric * image)), 0.0))
+        tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if step:
+            off = torch.tensor(betas, dtype=torch.float64)
+            tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
+        ritz_values, ritz_vectors = torch.linalg.eigh(tridiagonal)
+        smallest, largest = float(ritz_values[0]), float(ritz_values[-1])
+        residual = beta * abs(float(ritz_vectors[-1, 0]))
+        scale = max(abs(smallest), abs(largest))
+        accurate = residual <= max(LANCZOS_TOL * scale, LANCZOS_RELATIVE_TOL * abs(smallest))
+        if accurate or beta <= 1e-14 * max(scale, 1e-300):
+            break
+        betas.append(beta)
+        vector = image / beta
+    return Curvature(smallest, largest, residual, len(alphas))
+
+
+def bias_shift_is_free(problem: UFMProblem) -> bool:
+    """Whether b -> b + c 1 leaves the objective unchanged: a bias without decay."""
+    return problem.bias and (problem.normalization == "normalized" or problem.lambda_b == 0)
+
+
+@dataclass(frozen=True)
+class SecondOrderCertificate:
+    """What the point is, and the numbers and tolerances that decided it."""
+
+    critical_point: str  # LOCAL_MINIMUM, STRICT_SADDLE or NOT_CRITICAL
+    curvature: Curvature
+    grad_tol: float  # the point is critical where its gradient norm is at most this
+    curvature_tol: float  # and a strict saddle where its smallest curvature is below minus this
+
+    def as_result(self) -> dict:
+        return {
+            "critical_point": self.critical_point,
+            "hessian_min_eigenvalue": self.curvature.smallest,
+            "hessian_max_eigenvalue": self.curvature.largest,
+            "hessian_min_eigenvalue_residual": self.curvature.residual,
+            "critical_point_grad_tol": self.grad_tol,
+            "critical_point_curvature_tol": self.curvature_tol,
+        }
+
+
+def certify(
+    problem: UFMProblem, formulation: Formulation, point: Point, grad_norm: float, grad_tol: float
+) -> SecondOrderCertificate:
+    """Classify `point`: not critical where grad_norm > grad_tol; otherwise a strict saddle
+    where the smallest curvature is below -NEGATIVE_CURVATURE_TOL times the largest, and
+    a local minimum where it is not."""
+    curvature = hessian_extremes(formulation, point, bias_shift_is_free(problem))
+    curvature_tol = NEGATIVE_CURVATURE_TOL * abs(curvature.largest)
+    if not grad_norm <= grad_tol:
+        kind = NOT_CRITICAL
+    elif curvature.smallest < -curvature_tol:
+        kind = STRICT_SADDLE
+    else:
+        kind = LOCAL_MINIMUM
+    return SecondOrderCertificate(kind, curvature, grad_tol, curvature_tol)
