@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from service import artifacts, fleet, jobs
 from service.db import bound_connections, get_engine, get_sessionmaker
+from service.dispatch import SlotFreed, get_dispatcher
 from service.lifetime import die_with_parent
 from service.queue import RUN_EXPERIMENT, celery_app
 from service.schemas import ExperimentSpec
@@ -93,6 +94,16 @@ def run_experiment(self, experiment_id: str) -> None:
     if claim is None:
         log.info("experiment %s is not queued; nothing to do", experiment_id)
         return
+    try:
+        _run_attempt(experiment_id, claim)
+    finally:
+        if get_settings().scheduler == "fair":
+            # This process's slot is free: the next job for it is chosen now, on the dispatcher's thread,
+            # while this process already takes the message that waited for it (scheduler.AHEAD_PER_SLOT).
+            get_dispatcher().send(SlotFreed(claim.queue))
+
+
+def _run_attempt(experiment_id: str, claim: jobs.Claim) -> None:
     attempt = claim.attempts
     log.info("experiment %s: attempt %d starts", experiment_id, attempt)
 

@@ -5,7 +5,8 @@ from typing import Annotated
 from fastapi import Body, HTTPException, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from service import idempotency, jobs, plots, workers
+from service import idempotency, jobs, plots, scheduler, workers
+from service.api.admission import check_priority, check_queued_quota
 from service.api.deps import (
     CallerDep,
     IdempotencyKeyHeader,
@@ -53,11 +54,13 @@ def _get_or_404(session, experiment_id: str) -> Experiment:
     return get_or_404(session, Experiment, experiment_id)
 
 
-@router.post("", status_code=202, response_model=ExperimentOut, responses=problem_responses(400))
+@router.post("", status_code=202, response_model=ExperimentOut, responses=problem_responses(400, 403, 429))
 async def submit(
     submission: Annotated[Submission, Body()], caller: CallerDep, idempotency_key: IdempotencyKeyHeader = None
 ) -> Response:
-    """A spec, bare or as ``{"spec": ..., "name": ..., "tags": {...}}``; recorded with the key's owner.
+    """A spec, bare or as ``{"spec": ..., "name": ..., "tags": {...}, "priority": 0}``; recorded with the key's owner.
+
+    A priority above 0 is for admins (403); a submit past the owner's queued quota is a 429 and stores nothing.
 
     Run in the event loop, as the status read: storing it takes a fraction of a
     millisecond. Without an idempotency key that is one INSERT, its own transaction; with
@@ -65,16 +68,22 @@ async def submit(
     sent after the response, by the dispatcher.
     """
     labelled = submission if isinstance(submission, LabelledSubmission) else LabelledSubmission(spec=submission)
+    check_priority(caller, labelled.priority)
     request = labelled.model_dump(mode="json")
     keyed = idempotency.keyed(caller.owner, idempotency_key, "/experiments", request)
     engine = get_engine() if keyed else get_autocommit_engine()
+    settings = get_settings()
     with engine.connect() as connection:
-        submitted = jobs.submit(connection, request["spec"], caller.owner, labelled.name, labelled.tags, keyed)
+        check_queued_quota(connection, caller.owner, 1, settings)
+        submitted = jobs.submit(
+            connection, request["spec"], caller.owner, labelled.name, labelled.tags, keyed, labelled.priority
+        )
         # A new experiment is answered as it was stored; a replay as it is now.
         item = submitted.stored or queries.resource(connection, submitted.id)
         if item is None:
             raise not_found(Experiment, submitted.id)
-        workers.say_why_waiting(connection, [item], get_settings())
+        workers.say_why_waiting(connection, [item], settings)
+        scheduler.say_place(connection, [item], settings)
     get_dispatcher().send(*submitted.experiments)
     return Response(
         json_bytes(with_documents(item)),
@@ -97,6 +106,7 @@ async def read(experiment_id: str, request: Request) -> Response:
         if item is None:
             raise not_found(Experiment, experiment_id)
         workers.say_why_waiting(connection, [item], get_settings())
+        scheduler.say_place(connection, [item], get_settings())
     return revalidated_json(request, json_bytes(with_documents(item)), final=False)
 
 
