@@ -87,7 +87,7 @@ class Dispatcher:
                 self._send_round(messages)
             except Exception:
                 # The rows stay unsent: the reconciler's next round sends them.
-                log.exception("a round of %d items failed; the reconciler's round will send them", len(messages))
+                log.exception("a round of %d items failed; the reconciler will send them", len(messages))
 
 
 def send_round(items: Sequence[Item]) -> None:

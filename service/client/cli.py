@@ -149,6 +149,12 @@ def _print_experiment(experiment: dict) -> None:
         ["status", experiment["status"]],
         ["progress", experiment["progress"]],
     ]
+    if experiment.get("priority"):
+        rows.append(["priority", experiment["priority"]])
+    if experiment.get("place"):  # a queued experiment's place in its queue
+        rows.append(["place", experiment["place"]["text"]])
+    if experiment.get("waiting"):
+        rows.append(["waiting", experiment["waiting"]])
     rows += [[key, value] for key, value in result.items()]
     if experiment.get("error"):
         rows.append(["error", experiment["error"]])
