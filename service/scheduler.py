@@ -87,8 +87,12 @@ def fair_order(candidates: Iterable[Candidate], in_flight: dict[str, int], count
 
 
 def _lock_queue(session: Session, queue: str) -> None:
+    """Serialize the queue's rounds until the transaction ends (PostgreSQL). Its commit does not wait for the disk:
+    ``sent_at`` is a hint (jobs._mark_sent), and a round runs after every job."""
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(func.pg_advisory_xact_lock(_LOCK_KEYS[queue])))
+        session.execute(
+            select(func.set_config("synchronous_commit", "off", True), func.pg_advisory_xact_lock(_LOCK_KEYS[queue]))
+        )
 
 
 def in_flight_by_owner(connection: Connection | Session, queue: str) -> dict[str, int]:
