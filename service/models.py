@@ -155,7 +155,7 @@ class Experiment(Base):
     __table_args__ = (
         Index("ix_experiments_created_at_id", "created_at", "id"),
         # The scheduler's reads: a queue's running and queued jobs by owner, an owner's queued ones in order.
-        Index("ix_experiments_scheduling", "queue", "status", "owner", "priority", "created_at"),
+        Index("ix_experiments_scheduling", "queue", "status", "owner", "priority", "created_at", "id"),
     )
 
 

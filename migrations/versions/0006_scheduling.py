@@ -21,7 +21,9 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("experiments") as batch:
         batch.add_column(sa.Column("priority", sa.Integer, nullable=False, server_default="0"))
-    op.create_index("ix_experiments_scheduling", "experiments", ["queue", "status", "owner", "priority", "created_at"])
+    op.create_index(
+        "ix_experiments_scheduling", "experiments", ["queue", "status", "owner", "priority", "created_at", "id"]
+    )
 
 
 def downgrade() -> None:
