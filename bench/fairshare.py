@@ -1,7 +1,7 @@
 """Fair share against FIFO, on a real stack: who gets the worker slots, and what scheduling costs.
 
     .venv/bin/python bench/fairshare.py
-    .venv/bin/python bench/fairshare.py --jobs 1000 --members 200 --repeats 2
+    .venv/bin/python bench/fairshare.py --scenarios throughput --repeats 5
 
 Needs PostgreSQL (--postgres, default postgres@127.0.0.1:5432, allowed to create
 databases) and Redis (--broker, default database 13: flushed before each run and at the
@@ -19,13 +19,15 @@ NCLAB_SCHEDULER=fifo (sending every job at its submit, the baseline), each time 
   of those 200. Target (fair): each 50% +- 10%.
 - throughput (two `nclab worker` processes): alice and bob each submit a sweep of
   --jobs / 2 tiny UFM solves; seconds from the first submit to the last job's end.
-  Target: fair within 5% of FIFO (ratio fair / FIFO <= 1.05), the best of --repeats each,
-  the policies alternating.
+  Target: fair within 5% of FIFO (ratio fair / FIFO <= 1.05), the best of --repeats (3)
+  each, the policies alternating: on a machine shared with other work single runs vary
+  by tens of percent, and the best run is the one least disturbed.
 - hot path (no worker; alice has a sweep of 1,000 queued): bob's POST /experiments and a
   GET of his queued experiment, --requests each, one after another on one kept-alive
   httpx connection; requests per second. Under fair both answer with the queued job's
-  ``place`` (two indexed reads, one of them at most once a second); FIFO's answer has none,
-  as before the fair scheduler. No target: the cost is printed.
+  ``place`` (a count over the owner's queued jobs in the index, and whose the next slot
+  is, read at most once a second) and the submit is followed by a scheduling round; FIFO's
+  answer has no place, as before the fair scheduler. No target: the cost is printed.
 
 Prints each figure beside FIFO's and the ratio; exits 1 when a target is missed.
 """

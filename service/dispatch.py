@@ -2,10 +2,9 @@
 
 A submit (an experiment, or a sweep's members) commits its rows and returns; this thread
 then sends messages. Under the fair scheduler (NCLAB_SCHEDULER=fair, service/scheduler.py)
-a round is a scheduling round of each queue named: the submit's, or one whose slot a
-worker's pool process has just freed (SlotFreed); it sends the jobs that the free slots
-get, which need not be the new ones. Under ``fifo`` a round sends the new jobs themselves,
-in arrival order. The row is
+a round is a scheduling round of each of the new jobs' queues: it sends the jobs that the
+free slots get, which need not be the new ones. Under ``fifo`` a round sends the new jobs
+themselves, in arrival order. The row is
 the outbox: until its send is recorded (``sent_at``), the reconciler treats the job as
 never sent, so a broker outage, or a process killed between the commit and the send,
 delays a job but never loses it. Sending off the request path takes the broker's round
@@ -18,9 +17,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import lru_cache
-from typing import NamedTuple
 
 from service import jobs, scheduler
 from service.db import get_sessionmaker
@@ -37,25 +35,16 @@ LINGER_SECONDS = 0.02
 _CLOSE = object()
 
 
-class SlotFreed(NamedTuple):
-    """A worker's slot of ``queue`` has freed: the fair scheduler's cue for a round there."""
-
-    queue: str
-
-
-Item = Outgoing | SlotFreed
-
-
 class Dispatcher:
     """Sends the messages handed to it, in rounds of whatever arrived meanwhile, on a thread of its own."""
 
-    def __init__(self, send_round: Callable[[list[Item]], None]):
+    def __init__(self, send_round: Callable[[list[Outgoing]], None]):
         self._send_round = send_round
         self._pending: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
-    def send(self, *outgoing: Item) -> None:
+    def send(self, *outgoing: Outgoing) -> None:
         if self._thread is None:
             with self._start_lock:
                 if self._thread is None:
@@ -90,19 +79,16 @@ class Dispatcher:
                 log.exception("a round of %d items failed; the reconciler will send them", len(messages))
 
 
-def send_round(items: Sequence[Item]) -> None:
+def send_round(outgoing: list[Outgoing]) -> None:
     """FIFO: send the new jobs themselves."""
-    outgoing = [item for item in items if isinstance(item, Outgoing)]
-    if not outgoing:
-        return
     with get_sessionmaker()() as session:
         if not jobs.send_many(session, outgoing, enqueue_many):
             log.warning("the broker refused %d new jobs; the reconciler will send them", len(outgoing))
 
 
-def schedule_round(items: Sequence[Item]) -> None:
-    """Fair: a scheduling round of each queue the items name."""
-    queues = dict.fromkeys(item.queue for item in items)
+def schedule_round(outgoing: list[Outgoing]) -> None:
+    """Fair: a scheduling round of each of the new jobs' queues."""
+    queues = dict.fromkeys(message.queue for message in outgoing)
     with get_sessionmaker()() as session:
         scheduler.run_rounds(session, queues, get_settings(), enqueue_many)
 

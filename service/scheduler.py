@@ -13,7 +13,7 @@ current one ends is already waiting, so that a worker never idles while a round 
 and a job submitted meanwhile still starts no later than the second slot that frees.
 
 Who runs a round: the API after a submit (service/dispatch.py), a worker's pool process
-after each job it ran (the slot it frees), a worker as it starts (its slots are new), and
+after each job it ran (the slot it frees, worker/tasks.py), a worker as it starts (its slots are new), and
 every API process's reconciler, as the fallback. Rounds of one queue are serialized: on
 PostgreSQL by an advisory lock held for the round's transaction; on SQLite (one process
 and its worker) two rounds that overlap read the same jobs in the same order, and the
@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import NamedTuple
 
-from sqlalchemy import Connection, and_, case, func, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service import workers
@@ -86,46 +86,60 @@ def fair_order(candidates: Iterable[Candidate], in_flight: dict[str, int], count
     return chosen
 
 
+_LOCK = select(func.set_config("synchronous_commit", "off", True), func.pg_advisory_xact_lock(bindparam("key")))
+
+
 def _lock_queue(session: Session, queue: str) -> None:
     """Serialize the queue's rounds until the transaction ends (PostgreSQL). Its commit does not wait for the disk:
     ``sent_at`` is a hint (jobs._mark_sent), and a round runs after every job."""
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(
-            select(func.set_config("synchronous_commit", "off", True), func.pg_advisory_xact_lock(_LOCK_KEYS[queue]))
+        session.connection().execute(_LOCK, {"key": _LOCK_KEYS[queue]})
+
+
+# Built once, as jobs.py's: a round runs after every job, and building and keying its statements anew
+# cost as much as running them.
+_IN_FLIGHT = (
+    select(Experiment.owner, func.count())
+    .where(Experiment.queue == bindparam("queue"), Experiment.status.in_(("running", "queued")), IN_FLIGHT)
+    .group_by(Experiment.owner)
+)
+_RANKED = (
+    select(
+        Experiment.id,
+        Experiment.owner,
+        Experiment.priority,
+        Experiment.created_at,
+        func.row_number()
+        .over(
+            partition_by=Experiment.owner, order_by=(Experiment.priority.desc(), Experiment.created_at, Experiment.id)
         )
+        .label("rank"),
+    )
+    .where(Experiment.queue == bindparam("queue"), Experiment.status == "queued", Experiment.sent_at.is_(None))
+    .subquery()
+)
+_CANDIDATES = (
+    select(_RANKED.c.id, _RANKED.c.owner, _RANKED.c.priority, _RANKED.c.created_at)
+    .where(_RANKED.c.rank <= bindparam("per_owner"))
+    .order_by(_RANKED.c.owner, _RANKED.c.rank)
+)
+_MARK_SENT = (
+    update(Experiment)
+    .where(Experiment.id.in_(bindparam("ids", expanding=True)), Experiment.status == "queued")
+    .where(Experiment.sent_at.is_(None))
+    .values(sent_at=bindparam("now"), send_count=Experiment.send_count + 1)
+    .returning(Experiment.id)
+)
 
 
 def in_flight_by_owner(connection: Connection | Session, queue: str) -> dict[str, int]:
     """Owner -> its jobs running or sent in ``queue``."""
-    rows = connection.execute(
-        select(Experiment.owner, func.count())
-        .where(Experiment.queue == queue, Experiment.status.in_(("running", "queued")), IN_FLIGHT)
-        .group_by(Experiment.owner)
-    )
-    return {owner: count for owner, count in rows}
+    return {owner: count for owner, count in connection.execute(_IN_FLIGHT, {"queue": queue})}
 
 
 def candidates(connection: Connection | Session, queue: str, per_owner: int) -> list[Candidate]:
     """Each owner's first ``per_owner`` queued, unsent jobs of ``queue``, in the owner's own order."""
-    rank = (
-        func.row_number()
-        .over(
-            partition_by=Experiment.owner,
-            order_by=(Experiment.priority.desc(), Experiment.created_at, Experiment.id),
-        )
-        .label("rank")
-    )
-    ranked = (
-        select(Experiment.id, Experiment.owner, Experiment.priority, Experiment.created_at, rank)
-        .where(Experiment.queue == queue, Experiment.status == "queued", Experiment.sent_at.is_(None))
-        .subquery()
-    )
-    rows = connection.execute(
-        select(ranked.c.id, ranked.c.owner, ranked.c.priority, ranked.c.created_at)
-        .where(ranked.c.rank <= per_owner)
-        .order_by(ranked.c.owner, ranked.c.rank)
-    )
-    return [Candidate(*row) for row in rows]
+    return [Candidate(*row) for row in connection.execute(_CANDIDATES, {"queue": queue, "per_owner": per_owner})]
 
 
 def free_slots(session: Session, queue: str, settings: Settings, in_flight: dict[str, int]) -> int:
@@ -145,23 +159,17 @@ def run_round(session: Session, queue: str, settings: Settings, publish: Publish
     to the reconciler's re-send of lost messages.
     """
     _lock_queue(session, queue)
-    in_flight = in_flight_by_owner(session, queue)
+    connection = session.connection()  # Core statements: the ORM's per-statement bookkeeping is not needed
+    in_flight = in_flight_by_owner(connection, queue)
     free = free_slots(session, queue, settings, in_flight)
     if free <= 0:
         session.rollback()
         return []
-    chosen = fair_order(candidates(session, queue, free), in_flight, free, settings.max_running_per_owner)
+    chosen = fair_order(candidates(connection, queue, free), in_flight, free, settings.max_running_per_owner)
     if not chosen:
         session.rollback()
         return []
-    marked = session.execute(
-        update(Experiment)
-        .where(Experiment.id.in_(chosen), Experiment.status == "queued", Experiment.sent_at.is_(None))
-        .values(sent_at=utcnow(), send_count=Experiment.send_count + 1)
-        .returning(Experiment.id)
-        .execution_options(synchronize_session=False)
-    )
-    sent = set(marked.scalars())
+    sent = set(connection.execute(_MARK_SENT, {"ids": chosen, "now": utcnow()}).scalars())
     session.commit()
     outgoing = [(experiment_id, queue) for experiment_id in chosen if experiment_id in sent]
     try:
