@@ -1,7 +1,10 @@
-"""New experiments' messages, sent by one thread per API process, many per round, each to its queue.
+"""New experiments' messages, sent by one thread per process, many per round, each to its queue.
 
 A submit (an experiment, or a sweep's members) commits its rows and returns; this thread
-then sends their messages. The row is
+then sends messages. Under the fair scheduler (NCLAB_SCHEDULER=fair, service/scheduler.py)
+a round is a scheduling round of each of the new jobs' queues: it sends the jobs that the
+free slots get, which need not be the new ones. Under ``fifo`` a round sends the new jobs
+themselves, in arrival order. The row is
 the outbox: until its send is recorded (``sent_at``), the reconciler treats the job as
 never sent, so a broker outage, or a process killed between the commit and the send,
 delays a job but never loses it. Sending off the request path takes the broker's round
@@ -17,10 +20,11 @@ import time
 from collections.abc import Callable
 from functools import lru_cache
 
-from service import jobs
+from service import jobs, scheduler
 from service.db import get_sessionmaker
 from service.jobs import Outgoing
 from service.queue import enqueue_many
+from service.settings import get_settings
 
 log = logging.getLogger("nclab.dispatch")
 
@@ -72,15 +76,23 @@ class Dispatcher:
                 self._send_round(messages)
             except Exception:
                 # The rows stay unsent: the reconciler's next round sends them.
-                log.exception("sending %d new jobs failed; the reconciler will send them", len(messages))
+                log.exception("a round of %d items failed; the reconciler will send them", len(messages))
 
 
 def send_round(outgoing: list[Outgoing]) -> None:
+    """FIFO: send the new jobs themselves."""
     with get_sessionmaker()() as session:
         if not jobs.send_many(session, outgoing, enqueue_many):
             log.warning("the broker refused %d new jobs; the reconciler will send them", len(outgoing))
 
 
+def schedule_round(outgoing: list[Outgoing]) -> None:
+    """Fair: a scheduling round of each of the new jobs' queues."""
+    queues = dict.fromkeys(message.queue for message in outgoing)
+    with get_sessionmaker()() as session:
+        scheduler.run_rounds(session, queues, get_settings(), enqueue_many)
+
+
 @lru_cache
 def get_dispatcher() -> Dispatcher:
-    return Dispatcher(send_round)
+    return Dispatcher(schedule_round if get_settings().scheduler == "fair" else send_round)

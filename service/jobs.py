@@ -58,7 +58,9 @@ def json_safe(values: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
 
 
-def _queued(spec: dict, owner: str, name: str | None, tags: dict[str, str] | None, sweep: str | None = None) -> dict:
+def _queued(
+    spec: dict, owner: str, name: str | None, tags: dict[str, str] | None, priority: int, sweep: str | None = None
+) -> dict:
     """A new experiment's columns."""
     return dict(
         id=str(uuid.uuid4()),
@@ -68,6 +70,7 @@ def _queued(spec: dict, owner: str, name: str | None, tags: dict[str, str] | Non
         name=name,
         tags=tags or {},
         sweep=sweep,
+        priority=priority,
         **spec_copies(spec),
         progress=0.0,
         attempts=0,
@@ -111,6 +114,7 @@ def submit(
     tags: dict[str, str] | None = None,
     keyed: Keyed | None = None,
     actor: Actor | None = None,
+    priority: int = 0,
 ) -> Submitted:
     """A queued experiment, stored with the request's idempotency key (if any) and the ``actor``'s audit
     row (if any) in one commit.
@@ -118,7 +122,7 @@ def submit(
     One INSERT ... RETURNING, with no ORM object to build, flush and read back; with a key,
     the key's INSERT first, in the same transaction.
     """
-    values = _queued(spec, owner, name, tags)
+    values = _queued(spec, owner, name, tags, priority)
 
     def create() -> Submitted:
         if keyed is not None:
@@ -138,11 +142,22 @@ def submit(
 
 
 def submit_sweep(
-    session: Session, sweep: Sweep, specs: list[dict], keyed: Keyed | None = None, actor: Actor | None = None
+    session: Session,
+    sweep: Sweep,
+    specs: list[dict],
+    keyed: Keyed | None = None,
+    actor: Actor | None = None,
+    priority: int = 0,
 ) -> Submitted:
     """The sweep, all its members and the ``actor``'s audit row (if any) in one transaction: all of them are
-    stored, or none."""
-    members = [_queued(spec, sweep.owner, sweep.name, sweep.tags, sweep.id) for spec in specs]
+    stored, or none.
+
+    Each member is a microsecond younger than the one before it: the scheduler sends an owner's jobs of
+    one priority oldest first, so a sweep's run in its order (variants, then the grid).
+    """
+    members = [_queued(spec, sweep.owner, sweep.name, sweep.tags, priority, sweep.id) for spec in specs]
+    for index, member in enumerate(members):
+        member["created_at"] = members[0]["created_at"] + timedelta(microseconds=index)
 
     def create() -> Submitted:
         if keyed is not None:
@@ -232,6 +247,7 @@ class Claim(NamedTuple):
     attempts: int  # the number of this attempt: every later write of the run carries it
     kind: str
     spec: dict
+    queue: str  # whose slot it takes: the one that frees when it ends
 
 
 def claim(session: Session, experiment_id: str, worker: str, environment: dict | None = None) -> Claim | None:
@@ -258,7 +274,7 @@ def claim(session: Session, experiment_id: str, worker: str, environment: dict |
             result=None,
             **result_copies(None),
         )
-        .returning(Experiment.attempts, Experiment.kind, Experiment.spec)
+        .returning(Experiment.attempts, Experiment.kind, Experiment.spec, Experiment.queue)
     ).first()
     if claimed is None:
         session.rollback()
@@ -482,8 +498,10 @@ def reconcile(session: Session, settings: Settings, enqueue: Callable[[str, str]
 
     - running jobs with a stale heartbeat are re-queued, or failed once they have used
       up their attempts (or canceled, if a cancel was asked for);
-    - queued jobs whose message was never sent (a new one after FIRST_SEND_GRACE), or may
-      have been lost, are (re-)sent.
+    - queued jobs whose message may have been lost are re-sent; under the fifo scheduler,
+      so are those never sent (a new one after FIRST_SEND_GRACE). Under the fair one, which
+      never-sent jobs go out is a scheduling round's choice (service/scheduler.py), run by
+      the reconciler after this.
     """
     now = utcnow()
     stale_before = now - timedelta(seconds=settings.heartbeat_timeout)
@@ -512,8 +530,9 @@ def reconcile(session: Session, settings: Settings, enqueue: Callable[[str, str]
 
     # Only the jobs whose shortest possible delay has passed: a long queue is not read every round.
     # A new job's first send is the API's dispatcher's (service/dispatch.py) for a few seconds.
-    never_sent = Experiment.sent_at.is_(None) & (Experiment.created_at < now - FIRST_SEND_GRACE)
-    due = never_sent | (Experiment.sent_at < now - _resend_delay(settings, 0))
+    due = Experiment.sent_at < now - _resend_delay(settings, 0)
+    if settings.scheduler == "fifo":
+        due |= Experiment.sent_at.is_(None) & (Experiment.created_at < now - FIRST_SEND_GRACE)
     queued = session.execute(
         select(Experiment.id, Experiment.queue, Experiment.sent_at, Experiment.send_count).where(
             Experiment.status == "queued", due

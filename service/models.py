@@ -147,10 +147,16 @@ class Experiment(Base):
     name: Mapped[str | None] = mapped_column(String(200))
     tags: Mapped[dict] = mapped_column(JSONDocument, default=dict)
     sweep: Mapped[str | None] = mapped_column(String(36), ForeignKey("sweeps.id"), index=True)
+    # -10..10 (schemas.Priority): orders an owner's queued jobs, breaks ties between owners (service/scheduler.py).
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     # PostgreSQL's indexes for search (GIN on the documents, metric orders) are written
     # in SQL by migration 0002; the ORM does not declare them.
-    __table_args__ = (Index("ix_experiments_created_at_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_experiments_created_at_id", "created_at", "id"),
+        # The scheduler's reads: a queue's running and queued jobs by owner, an owner's queued ones in order.
+        Index("ix_experiments_scheduling", "queue", "status", "owner", "priority", "created_at", "id"),
+    )
 
 
 # What an Integer column holds on PostgreSQL (32-bit signed; SQLite's hold 64 bits), and so

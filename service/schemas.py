@@ -547,6 +547,19 @@ def _at_most_max_tags(tags: dict) -> dict:
 
 Tags = Annotated[dict[TagKey, TagValue], AfterValidator(_at_most_max_tags)]
 
+# A job's priority: it orders an owner's own queued jobs and breaks ties between owners (service/scheduler.py).
+# Above DEFAULT_PRIORITY only for admins (service/api/admission.py).
+DEFAULT_PRIORITY = 0
+Priority = Annotated[
+    int,
+    Field(
+        ge=-10,
+        le=10,
+        description="-10..10: the higher runs first among the owner's jobs, and wins ties between owners; "
+        "above 0 only for admins",
+    ),
+]
+
 
 class LabelledSubmission(BaseModel):
     """A spec with the user's name and tags beside it."""
@@ -556,6 +569,7 @@ class LabelledSubmission(BaseModel):
     spec: ExperimentSpec
     name: Name | None = None
     tags: Tags = {}
+    priority: Priority = DEFAULT_PRIORITY
 
 
 def _submission_form(body: Any) -> str:
@@ -589,6 +603,17 @@ class SearchRequest(BaseModel):
     cursor: str | None = None
 
 
+class QueuePlace(BaseModel):
+    """Where a queued experiment stands in its queue (service/scheduler.py's order)."""
+
+    of_owner: int = Field(description="its place among its owner's queued jobs of the queue, from 1")
+    owner_queued: int = Field(description="its owner's queued jobs in the queue")
+    next_slot_owner: str | None = Field(
+        description="the owner the queue's next free slot goes to (null: nothing waits to be sent)"
+    )
+    text: str = Field(description='the same in words, e.g. "3rd of alice\'s 40; the next slot goes to bob"')
+
+
 class ExperimentOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -605,8 +630,12 @@ class ExperimentOut(BaseModel):
     cancel_requested: bool
     attempts: int
     queue: Resources = Field(description="the queue its messages go to (the spec's resources)")
+    priority: Priority = DEFAULT_PRIORITY
     waiting: str | None = Field(
         None, description="why a queued experiment cannot start, e.g. 'no worker serves queue gpu'; else null"
+    )
+    place: QueuePlace | None = Field(
+        None, description="a queued experiment's place in its queue (GET /experiments/{id} and the submit's answer)"
     )
     resumed_from_epoch: int | None = Field(
         None, description="training: the checkpoint's epoch the latest attempt resumed from (none: from the start)"

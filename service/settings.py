@@ -6,7 +6,7 @@ queue in the data directory, so no external server is needed.
 
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,6 +38,15 @@ class Settings(BaseSettings):
     resend_after: float = Field(300.0, gt=0)
     # A job that keeps losing its worker ends failed after this many attempts.
     max_attempts: int = Field(3, ge=1)
+
+    # Which queued job a free worker slot gets (service/scheduler.py): "fair" shares each queue's
+    # slots across owners (fewest running first, then priority, then age) and keeps only about a
+    # slot's worth of messages in the broker; "fifo" sends every job at its submit, in arrival order.
+    scheduler: Literal["fair", "fifo"] = "fair"
+    # Quotas per owner; unset means no cap. Running: per queue, the scheduler never starts more
+    # (fair only). Queued: a submit or sweep that would take the owner past it is refused (429).
+    max_running_per_owner: int | None = Field(None, ge=1)
+    max_queued_per_owner: int | None = Field(None, ge=1)
 
     # Request bodies above this many bytes are refused (413) before they are read.
     max_body_bytes: int = Field(1 << 20, ge=1024)

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from service.schemas import ExperimentSpec, Name, StorableJSON, Tags, TrainSpec, UFMSpec
+from service.schemas import DEFAULT_PRIORITY, ExperimentSpec, Name, Priority, StorableJSON, Tags, TrainSpec, UFMSpec
 from service.settings import get_settings
 
 SPECS = TypeAdapter(ExperimentSpec)
@@ -35,6 +35,7 @@ class SweepRequest(BaseModel):
 
     name: Name | None = None
     tags: Tags = {}
+    priority: Priority = DEFAULT_PRIORITY  # every member's
     # base, variants and grid are stored as given (Sweep.definition): every key and string in them must be
     # storable, even in a base field that no member uses. An empty list, of variants or of a grid field's
     # values, would make a sweep of no members.

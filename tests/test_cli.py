@@ -68,6 +68,24 @@ def test_a_failed_run_exits_1_and_a_canceled_one_3(stack, tmp_path):
     assert nclab(stack, "wait", quick_id).returncode == 0
 
 
+def test_status_of_a_queued_experiment_shows_its_priority_and_place(embedded, tmp_path):
+    """One slot, taken by an endless run: a solve submitted with --priority waits, and says where."""
+    endless_id = nclab(embedded, "submit", write_json(tmp_path, "endless.json", ENDLESS)).stdout.strip()
+    wait_for_status(embedded.client, endless_id, {"running"})
+    queued = nclab(embedded, "submit", write_json(tmp_path, "quick.json", {"spec": UFM, "priority": 2}),
+                   "--priority", "3")
+    queued_id = queued.stdout.strip()
+    try:
+        shown = nclab(embedded, "status", queued_id)
+        assert shown.returncode == 0, shown.stderr
+        lines = shown.stdout.splitlines()
+        assert any("priority" in line and "3" in line for line in lines), shown.stdout  # the option over the file's
+        assert "1st of anonymous's 1" in shown.stdout  # no keys: everyone is the anonymous admin
+    finally:
+        nclab(embedded, "cancel", queued_id)
+        nclab(embedded, "cancel", endless_id)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["submit", "{missing}"], "No such file"),
     (["submit", "{bad_spec}"], "spec.K: Input should be greater than or equal to 2"),

@@ -64,9 +64,10 @@ def _wait_until_sent(database_url: str, ids: list[str], timeout: float) -> list[
 
 
 def test_concurrent_submits_are_each_sent_once_in_shared_rounds(pg_database, processes):
-    """No worker: the messages stay in Redis, where the test reads them."""
+    """FIFO, no worker: the messages stay in Redis, where the test reads them (the fair scheduler sends none
+    while no worker serves the queue: tests/test_scheduler.py)."""
     broker = fresh_redis_broker()
-    processes.env.update(NCLAB_DATABASE_URL=pg_database, NCLAB_BROKER_URL=broker)
+    processes.env.update(NCLAB_DATABASE_URL=pg_database, NCLAB_BROKER_URL=broker, NCLAB_SCHEDULER="fifo")
     port = free_port()
     api = processes.start("api", "--port", str(port), name="api")
     base_url = f"http://127.0.0.1:{port}"
@@ -87,11 +88,12 @@ def test_concurrent_submits_are_each_sent_once_in_shared_rounds(pg_database, pro
 
 def test_a_submit_while_the_broker_is_down_is_answered_at_once_and_sent_when_it_returns(pg_database, processes):
     """Down as a hung Redis is: it takes connections and never answers, so that a send cannot
-    end, in success or failure, until the test lets it; then gone; then back."""
+    end, in success or failure, until the test lets it; then gone; then back. FIFO: the send is the new job's own,
+    with no worker to give it a slot."""
     broker_port = free_port()
     broker_url = f"redis://127.0.0.1:{broker_port}/0"
     silent = socket.create_server(("127.0.0.1", broker_port))
-    processes.env.update(NCLAB_DATABASE_URL=pg_database, NCLAB_BROKER_URL=broker_url)
+    processes.env.update(NCLAB_DATABASE_URL=pg_database, NCLAB_BROKER_URL=broker_url, NCLAB_SCHEDULER="fifo")
     port = free_port()
     api = processes.start("api", "--port", str(port), name="api")
     base_url = f"http://127.0.0.1:{port}"

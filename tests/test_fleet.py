@@ -121,6 +121,8 @@ def test_jobs_go_to_their_resources_queue_and_say_when_nobody_serves_it(api_each
 def test_the_reconciler_resends_to_the_jobs_queue(api_each_db):
     from service.db import get_sessionmaker
 
+    with get_sessionmaker()() as session:  # a slot of the gpu queue, for the scheduler to send the job to
+        workers.announce(session, "gpu-box", ["gpu"], processes=1, gpus=["0"])
     training = api_each_db.client.post("/experiments", json=TRAIN).json()
     sent = []
     with get_sessionmaker()() as session:
@@ -128,16 +130,18 @@ def test_the_reconciler_resends_to_the_jobs_queue(api_each_db):
         eventually(lambda: session.refresh(job) or job.sent_at, message="the dispatcher never sent it")
         # As if its message had been lost long ago (e.g. with a Redis that restarted).
         session.execute(update(Experiment).where(Experiment.id == job.id).values(
-            sent_at=None, created_at=utcnow() - jobs.FIRST_SEND_GRACE - timedelta(seconds=1)))
+            sent_at=utcnow() - timedelta(seconds=Settings().resend_after + 1)))
         session.commit()
         jobs.reconcile(session, Settings(), lambda experiment_id, queue: sent.append((experiment_id, queue)))
+        workers.withdraw(session, "gpu-box")
     assert (training["id"], "gpu") in sent
 
 
 def test_messages_wait_in_their_own_queue_on_redis(pg_database, processes):
-    """No worker: a solve's message waits in Redis's cpu list, a training run's in gpu."""
+    """No worker: a solve's message waits in Redis's cpu list, a training run's in gpu (FIFO sends every job at its
+    submit; the fair scheduler sends none while no worker serves the queue)."""
     broker = fresh_redis_broker()
-    processes.env.update(NCLAB_DATABASE_URL=pg_database, NCLAB_BROKER_URL=broker)
+    processes.env.update(NCLAB_DATABASE_URL=pg_database, NCLAB_BROKER_URL=broker, NCLAB_SCHEDULER="fifo")
     port = free_port()
     api = processes.start("api", "--port", str(port), "--workers", "1", name="api")
     base_url = f"http://127.0.0.1:{port}"

@@ -81,13 +81,15 @@ def age(session, job: Experiment, seconds: float) -> None:
 
 
 def test_reconciler_requeues_stale_jobs_then_fails_them_at_the_attempt_cap(session):
+    """FIFO: the reconciler itself sends what was never sent (under the fair scheduler a round chooses:
+    tests/test_scheduler.py)."""
     sent = []
     send = lambda experiment_id, _queue: sent.append(experiment_id)  # noqa: E731
     job = created(session)
-    jobs.reconcile(session, settings(), send)
+    jobs.reconcile(session, settings(scheduler="fifo"), send)
     assert sent == []  # new and unsent: the API's dispatcher is about to send it
     age(session, job, jobs.FIRST_SEND_GRACE.total_seconds() + 1)
-    jobs.reconcile(session, settings(), send)  # still never sent (e.g. broker was down): send it
+    jobs.reconcile(session, settings(scheduler="fifo"), send)  # still never sent (e.g. broker was down): send it
     assert sent == [job.id]
 
     for attempt in (1, 2):
@@ -95,7 +97,7 @@ def test_reconciler_requeues_stale_jobs_then_fails_them_at_the_attempt_cap(sessi
         session.execute(update(Experiment).where(Experiment.id == job.id)
                         .values(heartbeat_at=utcnow() - timedelta(seconds=11)))
         session.commit()
-        jobs.reconcile(session, settings(), send)
+        jobs.reconcile(session, settings(scheduler="fifo"), send)
         session.refresh(job)
         if attempt == 1:
             assert (job.status, sent[-1]) == ("queued", job.id)
@@ -114,8 +116,8 @@ def test_reconciler_resends_queued_jobs_with_backoff_and_tolerates_a_dead_broker
     age(session, job, jobs.FIRST_SEND_GRACE.total_seconds() + 1)
     sent = []
     send = lambda *message: sent.append(message)  # noqa: E731
-    jobs.reconcile(session, settings(), send)
-    jobs.reconcile(session, settings(), send)  # sent just now: not again
+    jobs.reconcile(session, settings(scheduler="fifo"), send)
+    jobs.reconcile(session, settings(scheduler="fifo"), send)  # sent just now: not again
     assert sent == [(job.id, "cpu")]  # to the queue its spec names
 
     session.execute(update(Experiment).where(Experiment.id == job.id)

@@ -91,9 +91,13 @@ def _running_with_history(client, experiment_id: str, timeout: float = 60) -> No
 def test_killing_the_pool_process_again_and_again_fails_no_job(faulty_production):
     client, worker = faulty_production.client, faulty_production.worker
     killed = []
-    for _ in range(3):
-        experiment_id = client.post("/experiments", json=TRAINING).json()["id"]
-        _running_with_history(client, experiment_id)
+    for attempt in range(3):
+        # Each a higher priority than the last (no keys: the caller is the anonymous admin): the scheduler
+        # starts it before the killed ones it re-queues, which are older (docs/lifecycle.md, "Scheduling").
+        experiment_id = client.post("/experiments", json={"spec": TRAINING, "priority": attempt + 1}).json()["id"]
+        # A killed job re-queued while the next one ran may have its place in flight already (the one slot's
+        # waiting message): this one then starts after that retry.
+        _running_with_history(client, experiment_id, timeout=300)
         (pool,) = children(worker.pid)  # concurrency 1: one pool process, the one running the job
         os.kill(pool, signal.SIGKILL)
         killed.append(experiment_id)

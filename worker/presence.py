@@ -2,7 +2,9 @@
 
 The worker's main process announces its queues, pool size and GPUs every heartbeat
 interval from a thread of its own, and withdraws as it shuts down; a worker killed
-outright just stops announcing and ages out after the heartbeat timeout.
+outright just stops announcing and ages out after the heartbeat timeout. Its slots count
+for the fair scheduler from its first announcement, which is followed by a scheduling
+round of its queues: a new worker gets jobs at once, not at the reconciler's next round.
 """
 
 import logging
@@ -11,8 +13,9 @@ from typing import ClassVar
 
 from celery import bootsteps
 
-from service import fleet, workers
+from service import fleet, scheduler, workers
 from service.db import get_engine, get_sessionmaker
+from service.queue import enqueue_many
 from service.settings import get_settings
 
 log = logging.getLogger("nclab.worker")
@@ -30,13 +33,17 @@ class Presence(bootsteps.StartStopStep):
         name = worker.hostname
         queues = sorted(worker.app.amqp.queues.consume_from)
         gpus = fleet.pinned_gpus() or None
-        interval = get_settings().heartbeat_interval
+        settings = get_settings()
 
         def announce_forever() -> None:
+            first = True
             while True:
                 try:
                     with get_sessionmaker()() as session:
                         workers.announce(session, name, queues, worker.concurrency, gpus)
+                        if first and settings.scheduler == "fair":
+                            scheduler.run_rounds(session, queues, settings, enqueue_many)
+                        first = False
                 except Exception:
                     # A missed announcement is recoverable: a worker ages out only after the heartbeat timeout.
                     log.exception("could not announce worker %s", name)
@@ -44,7 +51,7 @@ class Presence(bootsteps.StartStopStep):
                     # This is the process that forks the pool: it keeps no connection open between
                     # announcements for a new pool process to inherit (service/db.py).
                     get_engine().dispose()
-                if self._stop.wait(interval):
+                if self._stop.wait(settings.heartbeat_interval):
                     return
 
         self._thread = threading.Thread(target=announce_forever, name="nclab-presence", daemon=True)

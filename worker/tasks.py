@@ -23,10 +23,10 @@ from pydantic import TypeAdapter
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from service import artifacts, fleet, jobs
+from service import artifacts, fleet, jobs, scheduler
 from service.db import bound_connections, get_engine, get_sessionmaker
 from service.lifetime import die_with_parent
-from service.queue import RUN_EXPERIMENT, celery_app
+from service.queue import RUN_EXPERIMENT, celery_app, enqueue_many
 from service.schemas import ExperimentSpec
 from service.settings import get_settings
 from worker import environment, runners
@@ -93,6 +93,25 @@ def run_experiment(self, experiment_id: str) -> None:
     if claim is None:
         log.info("experiment %s is not queued; nothing to do", experiment_id)
         return
+    try:
+        _run_attempt(experiment_id, claim)
+    finally:
+        if get_settings().scheduler == "fair":
+            _schedule_after(claim.queue)
+
+
+def _schedule_after(queue: str) -> None:
+    """This process's slot is free: choose the job that will wait for it (scheduler.AHEAD_PER_SLOT), before
+    the task returns. On a thread of its own the round would run beside the next job and slow it down more
+    than it costs here (bench/fairshare.py); a failed round is the reconciler's to make up."""
+    try:
+        with get_sessionmaker()() as session:
+            scheduler.run_round(session, queue, get_settings(), enqueue_many)
+    except Exception:
+        log.exception("the scheduling round after a job failed; the reconciler's round runs it")
+
+
+def _run_attempt(experiment_id: str, claim: jobs.Claim) -> None:
     attempt = claim.attempts
     log.info("experiment %s: attempt %d starts", experiment_id, attempt)
 

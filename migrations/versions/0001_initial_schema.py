@@ -48,8 +48,9 @@ def upgrade() -> None:
     op.create_index("ix_experiments_created_at_id", "experiments", ["created_at", "id"])
     op.create_table(
         "metrics",
-        sa.Column("experiment_id", sa.String(36), sa.ForeignKey("experiments.id", ondelete="CASCADE"),
-                  primary_key=True),
+        sa.Column(
+            "experiment_id", sa.String(36), sa.ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True
+        ),
         sa.Column("step", sa.Integer, primary_key=True),
         sa.Column("values", json_document, nullable=False),
         sa.Column("recorded_at", timestamp, nullable=False),

@@ -1,6 +1,6 @@
 """The audit: one row per change (submit, sweep, cancel, relabel) and per refusal (401, 403, 429).
 
-Revision ID: 0006_audit
+Revision ID: 0006
 Revises: 0005
 Create Date: 2026-12-05
 """
@@ -8,7 +8,7 @@ Create Date: 2026-12-05
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006_audit"
+revision = "0006"
 down_revision = "0005"
 branch_labels = None
 depends_on = None

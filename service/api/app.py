@@ -8,22 +8,28 @@ from anyio import to_thread
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from service import idempotency, jobs
+from service import idempotency, jobs, scheduler
 from service.api import audit_trail, metrics, problems
 from service.api.guards import RequestGuard
 from service.api.routes import artifacts, audit, docs, experiments, health, identity, search, sweeps, ui
 from service.db import get_sessionmaker
 from service.dispatch import get_dispatcher
 from service.lifetime import die_with_parent, is_spawned_child
-from service.queue import enqueue
+from service.queue import enqueue, enqueue_many
+from service.schemas import QUEUES
 from service.settings import get_settings
 
 log = logging.getLogger("nclab.reconciler")
 
 
 def reconcile_once() -> None:
+    settings = get_settings()
     with get_sessionmaker()() as session:
-        jobs.reconcile(session, get_settings(), enqueue)
+        jobs.reconcile(session, settings, enqueue)
+        if settings.scheduler == "fair":
+            # The fallback for every cue a round may have missed: a slot freed by a worker that died,
+            # a worker that started, a job re-queued above.
+            scheduler.run_rounds(session, QUEUES, settings, enqueue_many)
         idempotency.forget_expired(session)
 
 

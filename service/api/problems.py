@@ -39,11 +39,12 @@ def problem_responses(*statuses: int) -> dict:
     reasons = {
         400: "the request body could not be read",
         401: "no API key, or an unknown one (when API keys are set)",
-        403: "the key's role may not do this (a reader only reads; a member changes only its own work)",
+        403: "the caller's role may not do this: the problem names the owner, the role and the rule",
         404: "no such experiment or sweep",
         409: "the experiment has already finished",
         413: "the request body is over NCLAB_MAX_BODY_BYTES",
         422: "invalid input: the problem names the field and the rule",
+        429: "the owner's queued experiments would pass NCLAB_MAX_QUEUED_PER_OWNER; retry after Retry-After seconds",
         503: "the database is unreachable; retry after Retry-After seconds",
     }
     schema = Problem.model_json_schema()

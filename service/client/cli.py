@@ -150,6 +150,12 @@ def _print_experiment(experiment: dict) -> None:
         ["status", experiment["status"]],
         ["progress", experiment["progress"]],
     ]
+    if experiment.get("priority"):
+        rows.append(["priority", experiment["priority"]])
+    if experiment.get("place"):  # a queued experiment's place in its queue
+        rows.append(["place", experiment["place"]["text"]])
+    if experiment.get("waiting"):
+        rows.append(["waiting", experiment["waiting"]])
     rows += [[key, value] for key, value in result.items()]
     if experiment.get("error"):
         rows.append(["error", experiment["error"]])
@@ -183,6 +189,9 @@ def submit(
     wait: Annotated[bool, typer.Option("--wait", help="follow it to the end; the exit code says how it ended")] = False,
     name: Annotated[str | None, typer.Option(help="a name (over the file's)")] = None,
     tag: Annotated[list[str] | None, typer.Option(help="key=value, repeatable (over the file's)")] = None,
+    priority: Annotated[
+        int | None, typer.Option(min=-10, max=10, help="-10..10 (over the file's); above 0 for admins only")
+    ] = None,
     timeout: Timeout = None,
     url: Url = None,
     api_key: ApiKey = None,
@@ -193,7 +202,12 @@ def submit(
     spec = document["spec"] if labelled else document
     tags = {**(document.get("tags") or {} if labelled else {}), **_tags(tag)}
     with _client(url, api_key) as client:
-        experiment = client.submit(spec, name=name or (document.get("name") if labelled else None), tags=tags or None)
+        experiment = client.submit(
+            spec,
+            name=name or (document.get("name") if labelled else None),
+            tags=tags or None,
+            priority=priority if priority is not None else (document.get("priority") if labelled else None),
+        )
         out.print(experiment["id"], highlight=False)
         if wait:
             final = _follow(client, experiment["id"], timeout)
@@ -224,7 +238,7 @@ def sweep(
     document = _read_json(sweep_file)
     if not isinstance(document, dict):
         raise typer.BadParameter(f"{sweep_file}: a sweep is a JSON object with 'base'")
-    unknown = set(document) - {"name", "tags", "base", "variants", "grid"}
+    unknown = set(document) - {"name", "tags", "priority", "base", "variants", "grid"}
     if unknown:
         raise typer.BadParameter(f"{sweep_file}: unknown keys {sorted(unknown)}")
     with _client(url, api_key) as client:

@@ -195,9 +195,12 @@ class Client:
         name: str | None = None,
         tags: dict[str, str] | None = None,
         idempotency_key: str | None = None,
+        priority: int | None = None,
     ) -> dict:
-        """Queue one experiment; the experiment as stored (``id``, ``status``: queued, the spec with defaults)."""
-        body = _labels(spec=spec, name=name, tags=tags)
+        """Queue one experiment; the experiment as stored (``id``, ``status``: queued, the spec with defaults).
+
+        ``priority``: -10..10 (default 0), above 0 for admins only (else an NclabError, status 403)."""
+        body = _labels(spec=spec, name=name, tags=tags, priority=priority)
         return self._post("/experiments", body, idempotency_key or str(uuid.uuid4()))
 
     def get(self, experiment_id: str) -> dict:
@@ -275,9 +278,11 @@ class Client:
         name: str | None = None,
         tags: dict[str, str] | None = None,
         idempotency_key: str | None = None,
+        priority: int | None = None,
     ) -> dict:
-        """Queue base x each variant x the grid's product; the sweep (``id``, ``size``, ``members``)."""
-        body = _labels(base=base, grid=grid, variants=variants, name=name, tags=tags)
+        """Queue base x each variant x the grid's product; the sweep (``id``, ``size``, ``members``); ``priority``
+        is every member's."""
+        body = _labels(base=base, grid=grid, variants=variants, name=name, tags=tags, priority=priority)
         return self._post("/sweeps", body, idempotency_key or str(uuid.uuid4()))
 
     def get_sweep(self, sweep_id: str) -> dict:

@@ -140,6 +140,7 @@ COLUMN_FIELDS = {
         Field("name", "string"),
         Field("sweep", "string"),
         Field("progress", "number"),
+        Field("priority", "number"),
         Field("created_at", "datetime"),
         Field("started_at", "datetime"),
         Field("finished_at", "datetime"),

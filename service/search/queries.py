@@ -41,6 +41,7 @@ RESOURCE_COLUMNS: list[InstrumentedAttribute[Any] | Label[Any]] = [
     Experiment.cancel_requested,
     Experiment.attempts,
     Experiment.queue,
+    Experiment.priority,
     Experiment.resumed_from_epoch,
     _json_text(Experiment.environment),
     Experiment.created_at,

@@ -128,6 +128,7 @@ _COLUMNS = {
     "name": Experiment.name,
     "sweep": Experiment.sweep,
     "progress": Experiment.progress,
+    "priority": Experiment.priority,
     "created_at": Experiment.created_at,
     "started_at": Experiment.started_at,
     "finished_at": Experiment.finished_at,

@@ -5,7 +5,8 @@ from typing import Annotated
 from fastapi import Body, HTTPException, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from service import idempotency, jobs, permissions, plots, workers
+from service import idempotency, jobs, permissions, plots, scheduler, workers
+from service.api.admission import check_priority, check_queued_quota
 from service.api.deps import (
     ActorDep,
     CallerDep,
@@ -59,7 +60,7 @@ def _get_or_404(session, experiment_id: str) -> Experiment:
     name="experiment.submit",
     status_code=202,
     response_model=ExperimentOut,
-    responses=problem_responses(400, 403),
+    responses=problem_responses(400, 403, 429),
 )
 async def submit(
     submission: Annotated[Submission, Body()],
@@ -67,7 +68,9 @@ async def submit(
     actor: ActorDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    """A spec, bare or as ``{"spec": ..., "name": ..., "tags": {...}}``; recorded with the key's owner.
+    """A spec, bare or as ``{"spec": ..., "name": ..., "tags": {...}, "priority": 0}``; recorded with the key's owner.
+
+    A priority above 0 is for admins (403); a submit past the owner's queued quota is a 429 and stores nothing.
 
     Run in the event loop, as the status read: storing it takes a fraction of a
     millisecond. The experiment's INSERT, its audit row's and the idempotency key's (if
@@ -75,15 +78,21 @@ async def submit(
     """
     permissions.check(caller, "experiment.submit")
     labelled = submission if isinstance(submission, LabelledSubmission) else LabelledSubmission(spec=submission)
+    check_priority(caller, labelled.priority)
     request = labelled.model_dump(mode="json")
     keyed = idempotency.keyed(caller.owner, idempotency_key, "/experiments", request)
+    settings = get_settings()
     with get_engine().connect() as connection:
-        submitted = jobs.submit(connection, request["spec"], caller.owner, labelled.name, labelled.tags, keyed, actor)
+        check_queued_quota(connection, caller.owner, 1, settings)
+        submitted = jobs.submit(
+            connection, request["spec"], caller.owner, labelled.name, labelled.tags, keyed, actor, labelled.priority
+        )
         # A new experiment is answered as it was stored; a replay as it is now.
         item = submitted.stored or queries.resource(connection, submitted.id)
         if item is None:
             raise not_found(Experiment, submitted.id)
-        workers.say_why_waiting(connection, [item], get_settings())
+        workers.say_why_waiting(connection, [item], settings)
+        scheduler.say_place(connection, [item], settings)
     get_dispatcher().send(*submitted.experiments)
     return Response(
         json_bytes(with_documents(item)),
@@ -106,6 +115,7 @@ async def read(experiment_id: str, request: Request) -> Response:
         if item is None:
             raise not_found(Experiment, experiment_id)
         workers.say_why_waiting(connection, [item], get_settings())
+        scheduler.say_place(connection, [item], get_settings())
     return revalidated_json(request, json_bytes(with_documents(item)), final=False)
 
 

@@ -77,6 +77,8 @@ def _page(session, request: Request, format: str | None, tree, order, limit: int
         return _export(tree, order)
     page = queries.search(session, tree, order, limit, cursor)
     items = workers.say_why_waiting(session.connection(), page.items, get_settings())
+    for item in items:
+        item["place"] = None  # a queued experiment's place is read for one at a time (GET /experiments/{id})
     return json_response({"items": [with_documents(item) for item in items], "next_cursor": page.next_cursor})
 
 

@@ -6,6 +6,7 @@ from typing import Annotated
 from fastapi import Query, Response
 
 from service import idempotency, jobs, permissions, sweeps
+from service.api.admission import check_priority, check_queued_quota
 from service.api.deps import (
     ActorDep,
     CallerDep,
@@ -20,13 +21,16 @@ from service.dispatch import get_dispatcher
 from service.models import Sweep, utcnow
 from service.schemas import SweepList, SweepOut
 from service.search import sweeps as sweep_queries
+from service.settings import get_settings
 
 router = api_router("/sweeps", "sweeps")
 NOT_FOUND = problem_responses(404)
 FORBIDDEN = problem_responses(403)
 
 
-@router.post("", name="sweep.submit", status_code=202, response_model=SweepOut, responses=problem_responses(400, 403))
+@router.post(
+    "", name="sweep.submit", status_code=202, response_model=SweepOut, responses=problem_responses(400, 403, 429)
+)
 def submit(
     request: sweeps.SweepRequest,
     session: SessionDep,
@@ -36,8 +40,11 @@ def submit(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> SweepOut:
     """Expand base x variants x grid, validate every member, store them all and the audit row in one
-    transaction; their messages are sent after the response, by the dispatcher."""
+    transaction; their messages are sent after the response, by the dispatcher. ``priority`` is every member's
+    (above 0: admins only, else 403); a sweep that would take the owner past its queued quota is a 429 and stores
+    nothing."""
     permissions.check(caller, "sweep.submit")
+    check_priority(caller, request.priority)
     try:
         specs = sweeps.members(request)
     except sweeps.InvalidMember as exc:
@@ -51,8 +58,9 @@ def submit(
         size=len(specs),
         created_at=utcnow(),
     )
+    check_queued_quota(session, caller.owner, len(specs), get_settings())
     keyed = idempotency.keyed(caller.owner, idempotency_key, "/sweeps", request.model_dump(mode="json"))
-    submitted = jobs.submit_sweep(session, sweep, specs, keyed, actor)
+    submitted = jobs.submit_sweep(session, sweep, specs, keyed, actor, request.priority)
     get_dispatcher().send(*submitted.experiments)
     response.headers.update(submitted_headers(submitted, "/sweeps"))
     return sweep_queries.resource(session, get_or_404(session, Sweep, submitted.id))

@@ -26,7 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 
-from service import jobs, permissions
+from service import jobs, permissions, scheduler
 from service.api.audit_trail import record_refusal
 from service.api.deps import UI_KEY_COOKIE, SessionDep, actor_of, caller_of_key
 from service.db import get_autocommit_engine
@@ -36,6 +36,7 @@ from service.schemas import STATUSES, TERMINAL_STATUSES, ExperimentPatch
 from service.search import queries
 from service.search.fields import SPEC_FIELDS, STEP_UNITS, UnknownField, numeric_result_key
 from service.search.language import FilterError, parse_fields, parse_optional_filter, parse_optional_order_by
+from service.settings import get_settings
 
 HERE = Path(__file__).resolve().parent.parent.parent
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -184,6 +185,8 @@ def experiment(request: Request, experiment_id: str) -> HTMLResponse:
     with get_autocommit_engine().connect() as connection:
         item = queries.resource(connection, experiment_id)
         history = queries.history(connection, experiment_id) if item else []
+        if item is not None:
+            scheduler.say_place(connection, [item], get_settings())
     if item is None:
         return render(request, "missing.html", status_code=404, what=f"no experiment with id {experiment_id!r}")
     item = _documents(item)
