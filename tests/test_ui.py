@@ -15,7 +15,7 @@ pytestmark = pytest.mark.browser
 
 pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[test]')")
 from selenium import webdriver  # noqa: E402
-from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -25,6 +25,8 @@ if not (CHROMIUM and CHROMEDRIVER):
     pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)",
                 allow_module_level=True)
 
+# A page that follows a job's status reloads itself: an element read as it goes is stale, and read again.
+RELOADING = (StaleElementReferenceException,)
 HOSTILE_NAME = "<script>alert('name')</script>"
 HOSTILE_TAG = "<img src=x onerror=alert('tag')>"
 
@@ -160,7 +162,8 @@ def test_cancel_stops_a_running_experiment(lab, driver, screenshots):
     driver.save_screenshot(str(screenshots / "experiment-running.png"))
     driver.find_element(By.ID, "cancel").click()
     # The page follows the status and reloads once the worker has stopped.
-    WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "status").text == "canceled")
+    WebDriverWait(driver, 60, ignored_exceptions=RELOADING).until(
+        lambda d: d.find_element(By.ID, "status").text == "canceled")
     assert not driver.find_elements(By.ID, "cancel")
 
 
@@ -289,14 +292,17 @@ def test_a_reader_sees_no_cancel_or_rename_and_a_member_only_on_its_own_work(tmp
             rename.clear()
             rename.send_keys("bob's, renamed")
             rename.submit()
-            WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "bob's, renamed")
+            WebDriverWait(driver, 30, ignored_exceptions=RELOADING).until(
+                lambda d: d.find_element(By.TAG_NAME, "h1").text == "bob's, renamed")
             driver.find_element(By.ID, "cancel").click()
-            WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "status").text == "canceled")
+            WebDriverWait(driver, 30, ignored_exceptions=RELOADING).until(
+                lambda d: d.find_element(By.ID, "status").text == "canceled")
 
             sign_in(driver, base_url, "ada-key", f"/ui/experiments/{adas}")
             assert driver.find_element(By.ID, "signed-in").text == "ada (member)"
             driver.find_element(By.ID, "cancel").click()
-            WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "status").text == "canceled")
+            WebDriverWait(driver, 60, ignored_exceptions=RELOADING).until(
+                lambda d: d.find_element(By.ID, "status").text == "canceled")
         finally:
             driver.quit()
         with httpx.Client(base_url=base_url, headers={"Authorization": "Bearer ada-key"}) as client:
