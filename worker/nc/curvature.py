@@ -61,7 +61,12 @@ class SymmetryModes:
         classifier, features = point[0], point[1]
         gram = classifier.T @ classifier + features.T @ self._weighted(features)
         eigenvalues, self.basis = torch.linalg.eigh(gram)
-        sums = eigenvalues[:, None] + eigenvalues[None, :]
+        spanned = eigenvalues > 1e-12 * eigenvalues[-1].clamp(min=1e-300)
+        # The rows lie in the span of M's eigenvectors with mu > 0 (W x = H x = 0 where M x = 0), so
+        # only those rows of A's eigenbasis form move them: with d far above K + N the products
+        # are r x d instead of d x d (r = rank M <= K + N).
+        self.spanning = self.basis[:, spanned]
+        sums = eigenvalues[spanned, None] + eigenvalues[None, :]
         self.inverse_sums = torch.where(sums > 1e-12 * eigenvalues[-1].clamp(min=1e-300), 1 / sums, 0.0)
 
     def _weighted(self, features: torch.Tensor) -> torch.Tensor:
@@ -70,9 +75,12 @@ class SymmetryModes:
     def project_out(self, vector: list[torch.Tensor]) -> list[torch.Tensor]:
         classifier, features = self.point[0], self.point[1]
         coupling = classifier.T @ vector[0] + features.T @ self._weighted(vector[1])
-        rotated = self.basis.T @ (coupling - coupling.T) @ self.basis
-        generator = self.basis @ (rotated * self.inverse_sums) @ self.basis.T
-        projected = [vector[0] - classifier @ generator, vector[1] - features @ generator]
+        rotated = self.spanning.T @ (coupling - coupling.T) @ self.basis
+        generator = (rotated * self.inverse_sums) @ self.basis.T  # the spanned rows of A, in that basis
+        projected = [
+            vector[0] - (classifier @ self.spanning) @ generator,
+            vector[1] - (features @ self.spanning) @ generator,
+        ]
         if len(vector) > 2:
             projected.append(vector[2] - vector[2].mean() if self.shifts_bias else vector[2].clone())
         return projected
