@@ -34,16 +34,28 @@ def _json_text(document) -> str:
 
 
 _engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+# Every server connection this process opened (sockets; SQLite's are files and need nothing).
+_sockets: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def _forget_inherited_connections() -> None:
     """In a forked child: new pools for every engine, leaving the parent's connections to the parent.
 
     ``dispose(close=False)`` drops the inherited pool without closing its connections, which
-    would end the parent's sessions on the server (SQLAlchemy's advice for os.fork()).
+    would end the parent's sessions on the server (SQLAlchemy's advice for os.fork()). The
+    inherited sockets themselves, a connection the parent had checked out at the fork
+    included, are pointed at /dev/null in the child: the child holds none of the parent's
+    sessions open, and whatever it writes to one by accident (a finalizer's goodbye) goes nowhere.
     """
     for engine in list(_engines):
         engine.dispose(close=False)
+    inherited = [connection.fileno() for connection in list(_sockets) if not connection.closed]
+    _sockets.clear()
+    if inherited:
+        nowhere = os.open(os.devnull, os.O_RDWR)
+        for descriptor in inherited:
+            os.dup2(nowhere, descriptor)
+        os.close(nowhere)
 
 
 os.register_at_fork(after_in_child=_forget_inherited_connections)
@@ -53,6 +65,8 @@ def make_engine(url: str, autocommit: bool = False) -> Engine:
     """The engine for ``url``; with ``autocommit``, the API's for one-statement requests (see get_autocommit_engine)."""
     engine = _make_engine(url, autocommit)
     _engines.add(engine)
+    if engine.dialect.name == "postgresql":
+        event.listen(engine, "connect", lambda connection, _record: _sockets.add(connection))
     return engine
 
 
