@@ -4,30 +4,17 @@ priority and quotas at submit; the place in the queue; and, end to end, a job th
 import time
 from datetime import timedelta
 
-import pytest
 import redis
 from sqlalchemy import select, update
-from sqlalchemy.orm import sessionmaker
 
-from service import jobs, migrate, scheduler, workers
-from service.db import make_engine
+from service import jobs, scheduler, workers
 from service.models import Experiment, Sweep, WorkerPresence, utcnow
 from service.settings import Settings
 from tests.conftest import fresh_redis_broker, production_stack
 from tests.support import eventually, wait_for_status
+from tests.test_jobs import session  # noqa: F401  (a fixture: a session on SQLite and on PostgreSQL)
 
 SPEC = {"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2, "normalization": "normalized", "resources": "cpu"}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def session(request, tmp_path):
-    url = f"sqlite:///{tmp_path / 'jobs.sqlite'}" if request.param == "sqlite" else request.getfixturevalue(
-        "pg_database")
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    with sessionmaker(engine, expire_on_commit=False)() as session:
-        yield session
-    engine.dispose()
 
 
 def submitted(session, owner: str, count: int = 1, priority: int = 0) -> list[str]:

@@ -36,40 +36,12 @@ json_document = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
 SPEC_COLUMNS = {"logit_scale": sa.Float, "seed": sa.Integer, "epochs": sa.Integer, "lr": sa.Float}
 RESULT_KEYS = (
-    "nc1",
-    "nc1_cdnv",
-    "nc2_equinorm_m",
-    "nc2_equinorm_w",
-    "nc2_equiangle_m",
-    "nc2_equiangle_w",
-    "nc2_etf_m",
-    "nc2_etf_w",
-    "nc3",
-    "nc3_etf",
-    "nc4",
-    "accuracy",
-    "loss",
-    "test_accuracy",
-    "test_loss",
-    "optimality_gap",
+    "nc1", "nc1_cdnv", "nc2_equinorm_m", "nc2_equinorm_w", "nc2_equiangle_m", "nc2_equiangle_w", "nc2_etf_m",
+    "nc2_etf_w", "nc3", "nc3_etf", "nc4", "accuracy", "loss", "test_accuracy", "test_loss", "optimality_gap",
 )
 HISTORY_KEYS = (
-    "nc1",
-    "nc1_cdnv",
-    "nc2_equinorm_m",
-    "nc2_equinorm_w",
-    "nc2_equiangle_m",
-    "nc2_equiangle_w",
-    "nc2_etf_m",
-    "nc2_etf_w",
-    "nc3",
-    "nc3_etf",
-    "nc4",
-    "accuracy",
-    "loss",
-    "train_loss",
-    "train_accuracy",
-    "test_loss",
+    "nc1", "nc1_cdnv", "nc2_equinorm_m", "nc2_equinorm_w", "nc2_equiangle_m", "nc2_equiangle_w", "nc2_etf_m",
+    "nc2_etf_w", "nc3", "nc3_etf", "nc4", "accuracy", "loss", "train_loss", "train_accuracy", "test_loss",
     "test_accuracy",
 )
 INDEXED_METRICS = ("nc1", "nc2_etf_w", "nc3_etf", "accuracy", "test_accuracy", "loss", "test_loss", "optimality_gap")
@@ -78,14 +50,10 @@ INDEXED_METRICS = ("nc1", "nc2_etf_w", "nc3_etf", "accuracy", "test_accuracy", "
 def _number(dialect: str, document: str, key: str) -> str:
     """SQL for the document's value at key where it is a JSON number, else null."""
     if dialect == "postgresql":
-        return (
-            f"CASE WHEN jsonb_typeof({document} -> '{key}') = 'number' "
-            f"THEN CAST(({document} ->> '{key}') AS DOUBLE PRECISION) END"
-        )
-    return (
-        f"CASE WHEN json_type({document}, '$.\"{key}\"') IN ('integer', 'real') "
-        f"THEN json_extract({document}, '$.\"{key}\"') END"
-    )
+        return (f"CASE WHEN jsonb_typeof({document} -> '{key}') = 'number' "
+                f"THEN CAST(({document} ->> '{key}') AS DOUBLE PRECISION) END")
+    return (f"CASE WHEN json_type({document}, '$.\"{key}\"') IN ('integer', 'real') "
+            f"THEN json_extract({document}, '$.\"{key}\"') END")
 
 
 def upgrade() -> None:
@@ -120,19 +88,8 @@ def upgrade() -> None:
     op.execute("CREATE INDEX ix_search_spec ON experiments USING gin (spec jsonb_path_ops)")
     op.execute("CREATE INDEX ix_search_tags ON experiments USING gin (tags jsonb_path_ops)")
     op.execute("CREATE INDEX ix_search_status_created_at_id ON experiments (status, created_at, id)")
-    typed = ", ".join(
-        [
-            "kind",
-            "status",
-            "owner",
-            '"K"',
-            "d",
-            "architecture",
-            *SPEC_COLUMNS,
-            "created_at",
-            *(f"result_{key}" for key in RESULT_KEYS),
-        ]
-    )
+    typed = ", ".join(['kind', 'status', 'owner', '"K"', 'd', 'architecture', *SPEC_COLUMNS, 'created_at',
+                       *(f"result_{key}" for key in RESULT_KEYS)])
     op.execute(f"CREATE INDEX ix_search_comparisons ON experiments (dataset, normalization) INCLUDE ({typed})")
     op.execute(f"CREATE INDEX ix_search_history ON metrics (experiment_id, step) INCLUDE ({', '.join(HISTORY_KEYS)})")
     for key in INDEXED_METRICS:
