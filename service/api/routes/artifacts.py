@@ -72,8 +72,11 @@ def download_artifact(experiment_id: str, name: str, request: Request, session: 
         get_or_404(session, Experiment, experiment_id)
         raise HTTPException(404, f"experiment {experiment_id} has no artifact named {name!r}")
     store = get_store()
+    local_file = store.local_file(experiment_id, name)
     try:
-        size = store.size(experiment_id, name)
+        # One look at a local file: its stat gives the size and serves the response.
+        stat_result = local_file.stat() if local_file is not None else None
+        size = stat_result.st_size if stat_result is not None else store.size(experiment_id, name)
     except FileNotFoundError:
         raise HTTPException(404, f"the file of artifact {name!r} is missing from the artifact store") from None
     headers = {"ETag": f'"{artifact.sha256}"', "Cache-Control": "no-cache"}
@@ -81,10 +84,9 @@ def download_artifact(experiment_id: str, name: str, request: Request, session: 
     if etag_matches(request.headers.get("if-none-match"), headers["ETag"]):
         return Response(status_code=304, headers=headers)
     range_header, if_range = request.headers.get("range"), request.headers.get("if-range")
-    local_file = store.local_file(experiment_id, name)
     if local_file is not None:
         response = ArtifactFile(
-            local_file, stat_result=local_file.stat(), media_type=artifact.media_type, filename=name, headers=headers
+            local_file, stat_result=stat_result, media_type=artifact.media_type, filename=name, headers=headers
         )
         # As FileResponse does: an If-Range naming another version of the file makes the Range void (the whole file).
         if range_header is not None and if_range in (None, headers["ETag"], response.headers["last-modified"]):
