@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, case, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from service import audit, idempotency
 from service.audit import Actor
@@ -36,7 +36,7 @@ from service.models import (
     spec_copies,
     utcnow,
 )
-from service.schemas import MAX_TAGS, TERMINAL_STATUSES, ExperimentPatch
+from service.schemas import MAX_TAGS, TERMINAL_STATUSES, LabelPatch
 from service.search.queries import RESOURCE_COLUMNS, RESOURCE_KEYS
 from service.settings import Settings
 
@@ -457,21 +457,51 @@ class TooManyTags(ValueError):
     pass
 
 
-def relabel(session: Session, experiment: Experiment, patch: ExperimentPatch, actor: Actor | None = None) -> None:
+def relabel(session: Session, experiment: Experiment, patch: LabelPatch, actor: Actor | None = None) -> None:
     """Rename (a null name clears it) and retag (tags merged in, a null value removes that tag); the
     ``actor``'s audit row (if any) is committed with the change. TooManyTags, changing nothing, past MAX_TAGS."""
+    _apply_labels(experiment, patch)
+    if actor is not None:
+        audit.record(session, actor.entry("experiment.relabel", experiment.id, 200, _changes(patch)))
+    session.commit()
+
+
+def relabel_sweep(session: Session, sweep: Sweep, patch: LabelPatch, actor: Actor | None = None) -> int:
+    """Relabel the sweep and, the same way, each of its members: its tags are merged into every member's,
+    and a member still named as the sweep was takes its new name (one renamed on its own keeps its name).
+    All or nothing, with the ``actor``'s audit row; TooManyTags, changing nothing, if any member would pass
+    MAX_TAGS. The number of members relabeled."""
+    old_name = sweep.name
+    members = session.scalars(
+        select(Experiment).where(Experiment.sweep == sweep.id).options(load_only(Experiment.name, Experiment.tags))
+    ).all()
+    try:
+        _apply_labels(sweep, patch)
+        for member in members:
+            _apply_labels(member, patch, rename="name" in patch.model_fields_set and member.name == old_name)
+    except TooManyTags:
+        session.rollback()
+        raise
+    if actor is not None:
+        changes = f"{_changes(patch)} on {len(members)} experiments"
+        audit.record(session, actor.entry("sweep.relabel", sweep.id, 200, changes))
+    session.commit()
+    return len(members)
+
+
+def _apply_labels(target: Experiment | Sweep, patch: LabelPatch, rename: bool | None = None) -> None:
     if patch.tags:
-        tags = {**experiment.tags, **patch.tags}
+        tags = {**target.tags, **patch.tags}
         tags = {key: value for key, value in tags.items() if value is not None}
         if len(tags) > MAX_TAGS:
             raise TooManyTags(f"at most {MAX_TAGS} tags; this would make {len(tags)}")
-        experiment.tags = tags
-    if "name" in patch.model_fields_set:
-        experiment.name = patch.name
-    if actor is not None:
-        changes = json.dumps(patch.model_dump(mode="json", exclude_unset=True), ensure_ascii=False)
-        audit.record(session, actor.entry("experiment.relabel", experiment.id, 200, changes))
-    session.commit()
+        target.tags = tags
+    if "name" in patch.model_fields_set if rename is None else rename:
+        target.name = patch.name
+
+
+def _changes(patch: LabelPatch) -> str:
+    return json.dumps(patch.model_dump(mode="json", exclude_unset=True), ensure_ascii=False)
 
 
 def running_count(session: Session) -> int:

@@ -23,12 +23,13 @@ Action = Literal[
     "experiment.relabel",
     "sweep.submit",
     "sweep.cancel",
+    "sweep.relabel",
     "audit.read",
     "read",
 ]
 ACTIONS: tuple[str, ...] = get_args(Action)
 # The actions on work that someone owns: a member may take them on its own work only.
-_ON_OWNED_WORK = {"experiment.cancel", "experiment.relabel", "sweep.cancel"}
+_ON_OWNED_WORK = {"experiment.cancel", "experiment.relabel", "sweep.cancel", "sweep.relabel"}
 
 
 class Forbidden(HTTPException):

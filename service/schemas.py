@@ -583,8 +583,9 @@ Submission = Annotated[
 ]
 
 
-class ExperimentPatch(BaseModel):
-    """PATCH /experiments/{id}: a new name (null clears it) and tags merged in (a null value removes that tag)."""
+class LabelPatch(BaseModel):
+    """PATCH /experiments/{id} and /sweeps/{id}: a new name (null clears it) and tags merged in (a null value
+    removes that tag)."""
 
     model_config = ConfigDict(extra="forbid")
 

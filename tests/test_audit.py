@@ -55,6 +55,7 @@ def test_each_change_is_one_row_with_who_what_and_the_outcome(lab):
     sweep = lab.post("/sweeps", json={"base": SPEC, "grid": {"seed": [0, 1, 2]}}, headers=ALICE).json()["id"]
     assert lab.patch(f"/experiments/{submitted}", json={"name": "n", "tags": {"fig": "2"}}, headers=ALICE).is_success
     assert lab.post(f"/experiments/{submitted}/cancel", headers=ALICE).is_success
+    assert lab.patch(f"/sweeps/{sweep}", json={"tags": {"fig": "3"}}, headers=ALICE).is_success
     assert lab.post(f"/sweeps/{sweep}/cancel", headers=ROOT).is_success
 
     rows = new_rows(lab, 0)
@@ -63,11 +64,12 @@ def test_each_change_is_one_row_with_who_what_and_the_outcome(lab):
         ("alice", "member", "sweep.submit", sweep, "testclient", 202),
         ("alice", "member", "experiment.relabel", submitted, "testclient", 200),
         ("alice", "member", "experiment.cancel", submitted, "testclient", 200),
+        ("alice", "member", "sweep.relabel", sweep, "testclient", 200),
         ("root", "admin", "sweep.cancel", sweep, "testclient", 200),
     ]
     assert [row["detail"] for row in rows] == [
         "ufm on queue cpu", "3 experiments", '{"name": "n", "tags": {"fig": "2"}}', "canceled",
-        "3 canceled, 0 asked to stop"]
+        '{"tags": {"fig": "3"}} on 3 experiments', "3 canceled, 0 asked to stop"]
     assert all(start <= datetime.fromisoformat(row["at"]) <= datetime.now().astimezone() for row in rows)
 
 

@@ -159,13 +159,18 @@ def test_sweep_wait_ls_history_and_compare_write_tables_csv_and_png(stack, tmp_p
     assert shown.stdout.count("normalized") == 2 and shown.stdout.count("regularized") == 2
 
 
-def test_cancel_of_a_sweep_reaches_every_member(embedded, tmp_path):
+def test_label_and_cancel_a_sweep_and_its_members(embedded, tmp_path):
     sweep_file = write_json(tmp_path, "endless.json", {"base": ENDLESS, "grid": {"seed": [0, 1, 2]}})
     created = nclab(embedded, "sweep", sweep_file)
     sweep_id = created.stdout.split()[1].rstrip(":")
+    labeled = nclab(embedded, "label", sweep_id, "--name", "endless", "--tag", "fig=2")
+    assert labeled.returncode == 0 and labeled.stdout.strip() == f"{sweep_id} endless: fig=2", labeled
     canceled = nclab(embedded, "cancel", sweep_id)
     assert canceled.returncode == 0 and canceled.stdout.startswith(f"sweep {sweep_id}:")
     members = embedded.client.get(f"/sweeps/{sweep_id}").json()["members"]
+    assert {embedded.client.get(f"/experiments/{m}").json()["name"] for m in members} == {"endless"}
+    relabeled = nclab(embedded, "label", members[0], "--clear-name", "--untag", "fig", "--tag", "one=1")
+    assert relabeled.stdout.strip() == f"{members[0]} (no name): one=1", relabeled
     assert [wait_for_status(embedded.client, m, {"canceled", "succeeded", "failed"}, 30)["status"]
             for m in members] == ["canceled"] * 3
 

@@ -56,6 +56,8 @@ def test_a_reader_reads_and_changes_nothing(lab):
             f"wall (reader) may not relabel experiment {experiment['id']}: a reader only reads")
     refused(lab.post(f"/sweeps/{sweep['id']}/cancel", headers=WALL),
             f"wall (reader) may not cancel sweep {sweep['id']}: a reader only reads")
+    refused(lab.patch(f"/sweeps/{sweep['id']}", json={"tags": {"a": "b"}}, headers=WALL),
+            f"wall (reader) may not relabel sweep {sweep['id']}: a reader only reads")
 
     listed = lab.get("/experiments", headers=WALL).json()["items"]
     assert len(listed) == 3  # the experiment and the sweep's two: nothing more was stored
@@ -74,6 +76,8 @@ def test_a_member_changes_its_own_work_only_and_an_admin_anyones(lab):
             f"bob (member) may not relabel experiment {experiment}: it is alice's")
     refused(lab.post(f"/sweeps/{sweep}/cancel", headers=BOB),
             f"bob (member) may not cancel sweep {sweep}: it is alice's")
+    refused(lab.patch(f"/sweeps/{sweep}", json={"name": "bob's"}, headers=BOB),
+            f"bob (member) may not relabel sweep {sweep}: it is alice's")
     refused(lab.get("/audit", headers=BOB), "bob (member) may not read the audit: only an admin may")
     assert lab.get(f"/experiments/{experiment}", headers=BOB).json()["status"] == "queued"
     assert lab.get(f"/sweeps/{sweep}", headers=BOB).json()["status_counts"]["queued"] == 2
@@ -81,6 +85,7 @@ def test_a_member_changes_its_own_work_only_and_an_admin_anyones(lab):
     relabelled = lab.patch(f"/experiments/{experiment}", json={"name": "hers", "tags": {"fig": "2"}}, headers=ALICE)
     assert relabelled.status_code == 200 and relabelled.json()["name"] == "hers"
     assert lab.post(f"/experiments/{experiment}/cancel", headers=ALICE).json()["status"] == "canceled"
+    assert lab.patch(f"/sweeps/{sweep}", json={"tags": {"fig": "3"}}, headers=ALICE).json()["tags"] == {"fig": "3"}
 
     bobs = lab.post("/experiments", json=SPEC, headers=BOB).json()["id"]
     assert lab.patch(f"/experiments/{bobs}", json={"name": "root's label"}, headers=ROOT).json()["name"] \
@@ -93,7 +98,7 @@ def test_the_openapi_document_declares_403_where_it_can_be_answered(lab):
     paths = lab.get("/openapi.json", headers=ALICE).json()["paths"]
     for path, method in (("/experiments", "post"), ("/experiments/{experiment_id}", "patch"),
                          ("/experiments/{experiment_id}/cancel", "post"), ("/sweeps", "post"),
-                         ("/sweeps/{sweep_id}/cancel", "post"), ("/audit", "get")):
+                         ("/sweeps/{sweep_id}", "patch"), ("/sweeps/{sweep_id}/cancel", "post"), ("/audit", "get")):
         assert "403" in paths[path][method]["responses"], (path, method)
     assert "403" not in paths["/experiments/{experiment_id}"]["get"]["responses"]
 

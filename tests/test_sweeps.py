@@ -58,6 +58,31 @@ def test_an_invalid_member_is_a_422_naming_it_and_nothing_is_stored(api_each_db)
     assert _count(client, "/experiments") == experiments_before and _count(client, "/sweeps") == sweeps_before
 
 
+def test_a_relabel_reaches_the_sweep_and_every_member_or_none(api_each_db):
+    client = api_each_db.client
+    sweep = client.post("/sweeps", json={"name": "lr", "tags": {"paper": "fig1", "draft": "yes"},
+                                         "base": {**BASE, "K": 3}, "grid": {"seed": [0, 1, 2]}}).json()
+    first, *others = sweep["members"]
+    client.patch(f"/experiments/{first}", json={"name": "the odd one", "tags": {"mine": "1"}})
+
+    relabeled = client.patch(f"/sweeps/{sweep['id']}", json={"name": "lr study", "tags": {"paper": "fig2", "draft": None}})
+    assert relabeled.status_code == 200, relabeled.text
+    assert (relabeled.json()["name"], relabeled.json()["tags"]) == ("lr study", {"paper": "fig2"})
+    members = {i: client.get(f"/experiments/{i}").json() for i in sweep["members"]}
+    assert members[first]["name"] == "the odd one" and members[first]["tags"] == {"paper": "fig2", "mine": "1"}
+    assert all(members[i]["name"] == "lr study" and members[i]["tags"] == {"paper": "fig2"} for i in others)
+    found = client.get("/experiments", params={"where": "tags.paper = 'fig2'", "limit": 100}).json()["items"]
+    assert sorted(item["id"] for item in found) == sorted(sweep["members"])
+
+    # One member past the tag limit refuses the whole change: the sweep and every member keep their labels.
+    client.patch(f"/experiments/{first}", json={"tags": {f"t{i}": "x" for i in range(30)}})
+    refused = client.patch(f"/sweeps/{sweep['id']}", json={"name": "no", "tags": {"a": "1", "b": "2"}})
+    assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "tags"
+    assert client.get(f"/sweeps/{sweep['id']}").json()["name"] == "lr study"
+    assert [client.get(f"/experiments/{i}").json()["name"] for i in others] == ["lr study"] * len(others)
+    assert client.patch("/sweeps/nope", json={"name": "x"}).status_code == 404
+
+
 def test_cancel_reaches_every_member(production):
     client = production.client
     sweep = client.post("/sweeps", json={"base": ENDLESS, "grid": {"seed": [0, 1, 2]}}).json()

@@ -211,35 +211,41 @@ def test_a_phone_width_window_scrolls_the_table_not_the_page(lab, screenshots):
         driver.quit()
 
 
-def test_with_keys_the_dashboard_asks_for_one_and_keeps_it_in_a_cookie(tmp_path):
-    with running(make_processes(tmp_path)) as processes:
-        processes.env["NCLAB_API_KEYS"] = "ada:secret-key"
+@pytest.fixture(scope="module")
+def keyed_lab(tmp_path_factory) -> dict:
+    """`nclab serve` with the keys of a member ada (who owns an experiment that succeeded), a member bob and
+    a reader wall; no other work yet."""
+    with running(make_processes(tmp_path_factory.mktemp("keyed"))) as processes:
+        processes.env["NCLAB_API_KEYS"] = "ada:ada-key, bob:bob-key, wall:wall-key:reader"
         port = free_port()
         serve = processes.start("serve", "--port", str(port), name="serve")
         base_url = f"http://127.0.0.1:{port}"
         wait_ready(base_url, serve)
-        with httpx.Client(base_url=base_url, headers={"Authorization": "Bearer secret-key"}) as client:
-            experiment_id = client.post("/experiments", json={"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2}).json()[
-                "id"]
-            wait_for_status(client, experiment_id, {"succeeded"}, timeout=60)
-        driver = browser()
-        try:
-            driver.get(f"{base_url}/ui/experiments/{experiment_id}")
-            assert "/ui/login" in driver.current_url
-            key = driver.find_element(By.ID, "key")
-            key.send_keys("wrong")
-            key.submit()
-            assert driver.find_element(By.ID, "error").text == "unknown API key"
-            key = driver.find_element(By.ID, "key")
-            key.send_keys("secret-key")
-            key.submit()
-            assert driver.find_element(By.ID, "experiment-id").text == experiment_id  # back where it started
-            assert images_loaded(driver) == []  # the plots came with the cookie
-            cookie = driver.get_cookie("nclab_api_key")
-            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
-        finally:
-            driver.quit()
+        with httpx.Client(base_url=base_url, timeout=30, headers={"Authorization": "Bearer ada-key"}) as client:
+            finished = client.post("/experiments", json={"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2}).json()["id"]
+            wait_for_status(client, finished, {"succeeded"}, timeout=60)
+            yield {"url": base_url, "ada": client, "finished": finished}
 
+
+def test_with_keys_the_dashboard_asks_for_one_and_keeps_it_in_a_cookie(keyed_lab):
+    base_url, experiment_id = keyed_lab["url"], keyed_lab["finished"]
+    driver = browser()
+    try:
+        driver.get(f"{base_url}/ui/experiments/{experiment_id}")
+        assert "/ui/login" in driver.current_url
+        key = driver.find_element(By.ID, "key")
+        key.send_keys("wrong")
+        key.submit()
+        assert driver.find_element(By.ID, "error").text == "unknown API key"
+        key = driver.find_element(By.ID, "key")
+        key.send_keys("ada-key")
+        key.submit()
+        assert driver.find_element(By.ID, "experiment-id").text == experiment_id  # back where it started
+        assert images_loaded(driver) == []  # the plots came with the cookie
+        cookie = driver.get_cookie("nclab_api_key")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    finally:
+        driver.quit()
 
 
 def sign_in(driver, base_url: str, key: str, page: str) -> None:
@@ -260,51 +266,76 @@ def post_from_the_page(driver, path: str) -> int:
         ".then(r => done(r.status));", path)
 
 
-def test_a_reader_sees_no_cancel_or_rename_and_a_member_only_on_its_own_work(tmp_path, screenshots):
-    with running(make_processes(tmp_path)) as processes:
-        processes.env["NCLAB_API_KEYS"] = "ada:ada-key, bob:bob-key, wall:wall-key:reader"
-        port = free_port()
-        serve = processes.start("serve", "--port", str(port), name="serve")
-        base_url = f"http://127.0.0.1:{port}"
-        wait_ready(base_url, serve)
-        with httpx.Client(base_url=base_url, timeout=30, headers={"Authorization": "Bearer ada-key"}) as client:
-            adas = client.post("/experiments", json={"spec": ENDLESS, "name": "ada's"}).json()["id"]
-            bobs = client.post("/experiments", json={"spec": ENDLESS, "name": "bob's"},
-                               headers={"Authorization": "Bearer bob-key"}).json()["id"]
-            wait_for_status(client, adas, {"running"}, timeout=60)
-        driver = browser()
-        driver.set_script_timeout(30)
-        try:
-            sign_in(driver, base_url, "wall-key", f"/ui/experiments/{adas}")
-            assert driver.find_element(By.ID, "signed-in").text == "wall (reader)"
-            assert driver.find_element(By.ID, "status").text.startswith("running")
-            assert not driver.find_elements(By.ID, "cancel") and not driver.find_elements(By.ID, "rename-form")
-            driver.save_screenshot(str(screenshots / "experiment-reader.png"))
-            assert post_from_the_page(driver, f"/ui/experiments/{adas}/cancel") == 403
-            assert post_from_the_page(driver, f"/ui/experiments/{adas}/name") == 403
+def edit_labels(driver, name: str, tags: str) -> None:
+    field = driver.find_element(By.ID, "rename")
+    field.clear()
+    field.send_keys(name)
+    editor = driver.find_element(By.ID, "tags-editor")
+    editor.clear()
+    editor.send_keys(tags)
+    driver.find_element(By.ID, "save-labels").click()
 
-            sign_in(driver, base_url, "bob-key", f"/ui/experiments/{adas}")
-            assert driver.find_element(By.ID, "signed-in").text == "bob (member)"
-            assert not driver.find_elements(By.ID, "cancel") and not driver.find_elements(By.ID, "rename-form")
-            assert post_from_the_page(driver, f"/ui/experiments/{adas}/cancel") == 403
-            driver.get(f"{base_url}/ui/experiments/{bobs}")  # bob's own, queued behind ada's
-            rename = driver.find_element(By.ID, "rename")
-            rename.clear()
-            rename.send_keys("bob's, renamed")
-            rename.submit()
-            WebDriverWait(driver, 30, ignored_exceptions=RELOADING).until(
-                lambda d: d.find_element(By.TAG_NAME, "h1").text == "bob's, renamed")
-            driver.find_element(By.ID, "cancel").click()
-            WebDriverWait(driver, 30, ignored_exceptions=RELOADING).until(
-                lambda d: d.find_element(By.ID, "status").text == "canceled")
 
-            sign_in(driver, base_url, "ada-key", f"/ui/experiments/{adas}")
-            assert driver.find_element(By.ID, "signed-in").text == "ada (member)"
-            driver.find_element(By.ID, "cancel").click()
-            WebDriverWait(driver, 60, ignored_exceptions=RELOADING).until(
-                lambda d: d.find_element(By.ID, "status").text == "canceled")
-        finally:
-            driver.quit()
-        with httpx.Client(base_url=base_url, headers={"Authorization": "Bearer ada-key"}) as client:
-            # The reader's and bob's POSTs changed nothing: ada's run was stopped by ada, and kept its name.
-            assert client.get(f"/experiments/{adas}").json()["name"] == "ada's"
+def tags_shown(driver) -> list[str]:
+    return [tag.text for tag in driver.find_elements(By.CSS_SELECTOR, "#tags .tag")]
+
+
+def test_a_reader_sees_no_cancel_or_labels_and_a_member_only_on_its_own_work(keyed_lab, screenshots):
+    base_url, ada = keyed_lab["url"], keyed_lab["ada"]
+    adas = ada.post("/experiments", json={"spec": ENDLESS, "name": "ada's"}).json()["id"]
+    bobs = ada.post("/experiments", json={"spec": ENDLESS, "name": "bob's", "tags": {"old": "1"}},
+                    headers={"Authorization": "Bearer bob-key"}).json()["id"]
+    sweep = ada.post("/sweeps", json={"name": "ada's sweep", "base": ENDLESS, "grid": {"seed": [1, 2]}}).json()
+    wait_for_status(ada, adas, {"running"}, timeout=60)
+    driver = browser()
+    driver.set_script_timeout(30)
+    try:
+        sign_in(driver, base_url, "wall-key", f"/ui/experiments/{adas}")
+        assert driver.find_element(By.ID, "signed-in").text == "wall (reader)"
+        assert driver.find_element(By.ID, "status").text.startswith("running")
+        assert not driver.find_elements(By.ID, "cancel") and not driver.find_elements(By.ID, "labels-form")
+        driver.save_screenshot(str(screenshots / "experiment-reader.png"))
+        assert post_from_the_page(driver, f"/ui/experiments/{adas}/cancel") == 403
+        assert post_from_the_page(driver, f"/ui/experiments/{adas}/labels") == 403
+        driver.get(f"{base_url}/ui/sweeps/{sweep['id']}")
+        assert not driver.find_elements(By.ID, "cancel-sweep") and not driver.find_elements(By.ID, "labels-form")
+        assert post_from_the_page(driver, f"/ui/sweeps/{sweep['id']}/cancel") == 403
+        assert post_from_the_page(driver, f"/ui/sweeps/{sweep['id']}/labels") == 403
+
+        sign_in(driver, base_url, "bob-key", f"/ui/experiments/{adas}")
+        assert driver.find_element(By.ID, "signed-in").text == "bob (member)"
+        assert not driver.find_elements(By.ID, "cancel") and not driver.find_elements(By.ID, "labels-form")
+        assert post_from_the_page(driver, f"/ui/experiments/{adas}/cancel") == 403
+        driver.get(f"{base_url}/ui/experiments/{bobs}")  # bob's own, queued behind ada's
+        edit_labels(driver, "bob's, renamed", "fig=2\n\nbad key=3")
+        assert WebDriverWait(driver, 30, ignored_exceptions=RELOADING).until(
+            lambda d: d.find_element(By.ID, "labels-error").text).startswith("tags.bad key")
+        assert tags_shown(driver) == ["old=1"]  # the refused labels changed nothing
+        edit_labels(driver, "bob's, renamed", "fig=2\nrun = second ")
+        WebDriverWait(driver, 30, ignored_exceptions=RELOADING).until(
+            lambda d: d.find_element(By.TAG_NAME, "h1").text == "bob's, renamed")
+        assert tags_shown(driver) == ["fig=2", "run=second"]  # old=1 was left out, so removed
+        driver.find_element(By.ID, "cancel").click()
+        WebDriverWait(driver, 30, ignored_exceptions=RELOADING).until(
+            lambda d: d.find_element(By.ID, "status").text == "canceled")
+        driver.get(f"{base_url}/ui/sweeps/{sweep['id']}")
+        assert not driver.find_elements(By.ID, "cancel-sweep") and not driver.find_elements(By.ID, "labels-form")
+
+        sign_in(driver, base_url, "ada-key", f"/ui/sweeps/{sweep['id']}")
+        edit_labels(driver, "ada's sweep", "paper=fig3")
+        WebDriverWait(driver, 30, ignored_exceptions=RELOADING).until(lambda d: tags_shown(d) == ["paper=fig3"])
+        driver.find_element(By.ID, "cancel-sweep").click()
+        WebDriverWait(driver, 30, ignored_exceptions=RELOADING).until(
+            lambda d: "2 canceled" in d.find_element(By.ID, "counts").text)
+        assert not driver.find_elements(By.ID, "cancel-sweep")
+        driver.get(f"{base_url}/ui/experiments/{adas}")
+        driver.find_element(By.ID, "cancel").click()
+        WebDriverWait(driver, 60, ignored_exceptions=RELOADING).until(
+            lambda d: d.find_element(By.ID, "status").text == "canceled")
+    finally:
+        driver.quit()
+    # The reader's and bob's POSTs changed nothing: ada's run was stopped by ada, and kept its name; her
+    # sweep's members took its tags.
+    assert ada.get(f"/experiments/{adas}").json()["name"] == "ada's"
+    assert ada.get(f"/experiments/{bobs}").json()["tags"] == {"fig": "2", "run": "second"}
+    assert [ada.get(f"/experiments/{m}").json()["tags"] for m in sweep["members"]] == [{"paper": "fig3"}] * 2

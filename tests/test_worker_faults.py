@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 
 from service.db import make_engine
 from service.lifetime import children
@@ -38,13 +38,16 @@ def _admin_url(database_url: str) -> str:
     return database_url.replace("postgresql+psycopg://", "postgresql://")
 
 
-def _socket_holders() -> dict[int, set[int]]:
-    """Local TCP port -> the pids holding a socket bound to it, read from /proc."""
+def _socket_holders(server_port: int) -> dict[int, set[int]]:
+    """Local TCP port of each client socket connected to ``server_port`` -> the pids holding it, read from
+    /proc. The remote port matters: Linux gives the same local port to sockets bound for other servers
+    (a Redis connection may share a PostgreSQL connection's local port)."""
     inode_port = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            inode_port[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
+            if int(fields[2].rsplit(":", 1)[1], 16) == server_port:
+                inode_port[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
     holders: dict[int, set[int]] = {}
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):
         try:
@@ -67,7 +70,7 @@ def _connections_by_process(database_url: str, waiting_for_a_lock: bool = False)
             "AND pid <> pg_backend_pid() AND client_port IS NOT NULL AND (%s OR wait_event_type = 'Lock')",
             [not waiting_for_a_lock],
         ).fetchall()
-    holders = _socket_holders()
+    holders = _socket_holders(make_url(database_url).port or 5432)
     return {backend: holders.get(port, set()) for backend, port in rows}
 
 

@@ -1,4 +1,4 @@
-"""The lab's commands, built on service.client: submit, sweep, status, wait, cancel, ls, history, compare,
+"""The lab's commands, built on service.client: submit, sweep, status, wait, cancel, label, ls, history, compare,
 artifacts, download, whoami, audit.
 
 They talk to a running service (``--url``, else NCLAB_URL, else http://127.0.0.1:8000)
@@ -21,6 +21,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import EllipsisType
 from typing import Annotated, Any
 
 import typer
@@ -315,6 +316,31 @@ def cancel(
     out.print(f"{experiment['id']} {experiment['status']}{stopping}", highlight=False)
 
 
+def label(
+    resource_id: Annotated[str, typer.Argument(metavar="ID", help="an experiment's or a sweep's id")],
+    name: Annotated[str | None, typer.Option(help="the new name")] = None,
+    clear_name: Annotated[bool, typer.Option("--clear-name", help="remove the name")] = False,
+    tag: Annotated[list[str] | None, typer.Option(help="key=value, merged into the tags (repeatable)")] = None,
+    untag: Annotated[list[str] | None, typer.Option(help="a tag's key to remove (repeatable)")] = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Rename or retag an experiment, or a sweep and its members (its owner's members and the admins may)."""
+    if name is not None and clear_name:
+        raise typer.BadParameter("--name and --clear-name: give one")
+    new_name: str | EllipsisType | None = None if clear_name else (name if name is not None else ...)
+    tags: dict[str, str | None] = {**_tags(tag), **dict.fromkeys(untag or [])}
+    with _client(url, api_key) as client:
+        try:
+            labeled = client.relabel(resource_id, new_name, tags)
+        except NclabError as exc:
+            if exc.status != 404:
+                raise
+            labeled = client.relabel_sweep(resource_id, new_name, tags)
+    tag_text = " ".join(f"{key}={value}" for key, value in labeled["tags"].items()) or "no tags"
+    out.print(f"{labeled['id']} {labeled['name'] or '(no name)'}: {tag_text}", highlight=False)
+
+
 def ls(
     where: Where = None,
     order_by: Annotated[str | None, typer.Option(help="e.g. result.nc1,-created_at [default: -created_at]")] = None,
@@ -482,7 +508,7 @@ def audit(
     out.print(_table(f"{len(rows)} audit rows", list(AUDIT_COLUMNS), rows))
 
 
-COMMANDS = (submit, sweep, status, wait, cancel, ls, history, compare, artifacts, download, whoami, audit)
+COMMANDS = (submit, sweep, status, wait, cancel, label, ls, history, compare, artifacts, download, whoami, audit)
 DISTRIBUTION = "nclab"
 # The extra that the server's commands need: the server's, but `serve` runs a worker too, and a worker runs torch.
 SERVER_EXTRA = "server"

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from types import EllipsisType
 from typing import Any, overload
 
 import httpx
@@ -158,7 +159,7 @@ class Client:
 
         ``stream``: the body is left unread, for the caller to read and close (``download``).
         """
-        retryable = method == "GET" or idempotency_key is not None
+        retryable = method in ("GET", "PATCH") or idempotency_key is not None
         headers = {**(headers or {}), **({"Idempotency-Key": idempotency_key} if idempotency_key else {})}
         request = self._http.build_request(method, path, params=_labels(**(params or {})), json=json, headers=headers)
         for attempt in range(self.retries + 1):
@@ -209,6 +210,19 @@ class Client:
     def cancel(self, experiment_id: str) -> dict:
         """Cancel a queued or running experiment (a running one stops within seconds); Conflict if finished."""
         return self._post(f"/experiments/{experiment_id}/cancel", None)
+
+    def relabel(
+        self, experiment_id: str, name: str | EllipsisType | None = ..., tags: dict[str, str | None] | None = None
+    ) -> dict:
+        """Rename (``name=None`` clears the name; left out, it stays) and retag: ``tags`` are merged in, a None
+        value removes that tag. The experiment as it is now."""
+        return self._patch(f"/experiments/{experiment_id}", name, tags)
+
+    def _patch(self, path: str, name: str | EllipsisType | None, tags: dict[str, str | None] | None) -> dict:
+        body: dict[str, Any] = {} if name is ... else {"name": name}
+        if tags:
+            body["tags"] = tags
+        return self._request("PATCH", path, json=body).json()
 
     def history(self, experiment_id: str, after: int | None = None) -> list[dict]:
         """The metric rows in step order, ``{"step", "loss", "nc1", ...}``; ``after``: only later steps."""
@@ -288,6 +302,13 @@ class Client:
     def get_sweep(self, sweep_id: str) -> dict:
         """The sweep with ``status_counts``, ``progress`` and its ``members``' ids."""
         return self._get(f"/sweeps/{sweep_id}")
+
+    def relabel_sweep(
+        self, sweep_id: str, name: str | EllipsisType | None = ..., tags: dict[str, str | None] | None = None
+    ) -> dict:
+        """Relabel a sweep and its members (``relabel``'s arguments): its tags are merged into every member's, and
+        a member still named as the sweep was takes the new name. The sweep as it is now."""
+        return self._patch(f"/sweeps/{sweep_id}", name, tags)
 
     def cancel_sweep(self, sweep_id: str) -> dict:
         return self._post(f"/sweeps/{sweep_id}/cancel", None)

@@ -37,8 +37,8 @@ from service.models import INTEGER_MAX, Experiment
 from service.schemas import (
     TERMINAL_STATUSES,
     ExperimentOut,
-    ExperimentPatch,
     LabelledSubmission,
+    LabelPatch,
     MetricHistory,
     Submission,
 )
@@ -128,7 +128,7 @@ async def read(experiment_id: str, request: Request) -> Response:
     responses={**NOT_FOUND, **FORBIDDEN, **problem_responses(400)},
 )
 def relabel(
-    experiment_id: str, patch: ExperimentPatch, session: SessionDep, caller: CallerDep, actor: ActorDep
+    experiment_id: str, patch: LabelPatch, session: SessionDep, caller: CallerDep, actor: ActorDep
 ) -> Experiment:
     """Rename (``"name": null`` clears it) and retag: tags are merged in, a null value removes that tag.
 

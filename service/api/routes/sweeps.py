@@ -19,7 +19,7 @@ from service.api.deps import (
 from service.api.problems import InvalidField, problem_responses
 from service.dispatch import get_dispatcher
 from service.models import Sweep, utcnow
-from service.schemas import SweepList, SweepOut
+from service.schemas import LabelPatch, SweepList, SweepOut
 from service.search import sweeps as sweep_queries
 from service.settings import get_settings
 
@@ -83,6 +83,27 @@ def list_sweeps(
     except sweep_queries.UnknownCursor as exc:
         raise InvalidField("cursor", str(exc)) from None
     return SweepList(items=items, next_cursor=next_cursor)
+
+
+@router.patch(
+    "/{sweep_id}",
+    name="sweep.relabel",
+    response_model=SweepOut,
+    responses={**NOT_FOUND, **FORBIDDEN, **problem_responses(400)},
+)
+def relabel(sweep_id: str, patch: LabelPatch, session: SessionDep, caller: CallerDep, actor: ActorDep) -> SweepOut:
+    """Rename (``"name": null`` clears it) and retag the sweep and its members: tags are merged into each (a null
+    value removes that tag); a member still named as the sweep was takes the new name.
+
+    Its owner's members and the admins may; the change, on all of them, and its audit row are one commit.
+    """
+    sweep = get_or_404(session, Sweep, sweep_id)
+    permissions.check(caller, "sweep.relabel", sweep_id, sweep.owner)
+    try:
+        jobs.relabel_sweep(session, sweep, patch, actor)
+    except jobs.TooManyTags as exc:
+        raise InvalidField("tags", str(exc)) from None
+    return sweep_queries.resource(session, sweep)
 
 
 @router.post("/{sweep_id}/cancel", name="sweep.cancel", response_model=SweepOut, responses={**NOT_FOUND, **FORBIDDEN})

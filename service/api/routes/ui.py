@@ -24,6 +24,7 @@ from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from service import jobs, permissions, scheduler
@@ -32,7 +33,7 @@ from service.api.deps import UI_KEY_COOKIE, SessionDep, actor_of, caller_of_key
 from service.db import get_autocommit_engine
 from service.identity import Caller
 from service.models import Experiment, Sweep
-from service.schemas import STATUSES, TERMINAL_STATUSES, ExperimentPatch
+from service.schemas import STATUSES, TERMINAL_STATUSES, LabelPatch
 from service.search import queries
 from service.search.fields import SPEC_FIELDS, STEP_UNITS, UnknownField, numeric_result_key
 from service.search.language import FilterError, parse_fields, parse_optional_filter, parse_optional_order_by
@@ -180,8 +181,12 @@ def experiments(
     )
 
 
+# What the labels form's POST sends back when it refused the labels (the redirect's query string).
+LabelsError = Annotated[str | None, Query(max_length=1000)]
+
+
 @signed_in_router.get("/experiments/{experiment_id}")
-def experiment(request: Request, experiment_id: str) -> HTMLResponse:
+def experiment(request: Request, experiment_id: str, labels_error: LabelsError = None) -> HTMLResponse:
     with get_autocommit_engine().connect() as connection:
         item = queries.resource(connection, experiment_id)
         history = queries.history(connection, experiment_id) if item else []
@@ -201,6 +206,7 @@ def experiment(request: Request, experiment_id: str) -> HTMLResponse:
         history_keys=keys,
         step_unit=STEP_UNITS[item["spec"]["kind"]],
         terminal=TERMINAL_STATUSES,
+        labels_error=labels_error,
         spec_json=json.dumps(item["spec"], indent=2),
         result_json=json.dumps(item["result"], indent=2) if item["result"] is not None else None,
     )
@@ -226,18 +232,82 @@ def cancel(request: Request, experiment_id: str, session: SessionDep) -> Redirec
     return RedirectResponse(f"/ui/experiments/{experiment_id}", status_code=303)
 
 
-@signed_in_router.post("/experiments/{experiment_id}/name", name="experiment.relabel")
-def rename(
-    request: Request, experiment_id: str, session: SessionDep, name: Annotated[str, Form(max_length=200)] = ""
+LabelsForm = Annotated[str, Form(max_length=20_000)]
+
+
+@signed_in_router.post("/experiments/{experiment_id}/labels", name="experiment.relabel")
+def relabel(
+    request: Request, experiment_id: str, session: SessionDep, name: LabelsForm = "", tags: LabelsForm = ""
 ) -> RedirectResponse:
-    """The experiment's name (blank clears it), by the roles' rule, as PATCH /experiments/{id} renames it."""
-    caller = request.state.caller
+    """The labels form: the experiment's name (blank clears it) and its tags as they should be, by the roles'
+    rule, as PATCH /experiments/{id} relabels it."""
+    page = f"/ui/experiments/{experiment_id}"
     experiment = session.get(Experiment, experiment_id)
     if experiment is not None:
-        permissions.check(caller, "experiment.relabel", experiment_id, experiment.owner)
-        patch = ExperimentPatch(name=name.strip() or None)
-        jobs.relabel(session, experiment, patch, actor_of(request, caller))
-    return RedirectResponse(f"/ui/experiments/{experiment_id}", status_code=303)
+        permissions.check(request.state.caller, "experiment.relabel", experiment_id, experiment.owner)
+        return _relabel(request, session, experiment, name, tags, page)
+    return RedirectResponse(page, status_code=303)
+
+
+@signed_in_router.post("/sweeps/{sweep_id}/labels", name="sweep.relabel")
+def relabel_sweep(
+    request: Request, sweep_id: str, session: SessionDep, name: LabelsForm = "", tags: LabelsForm = ""
+) -> RedirectResponse:
+    """The sweep's labels form: as PATCH /sweeps/{id}, the sweep's and its members' labels."""
+    page = f"/ui/sweeps/{sweep_id}"
+    sweep = session.get(Sweep, sweep_id)
+    if sweep is not None:
+        permissions.check(request.state.caller, "sweep.relabel", sweep_id, sweep.owner)
+        return _relabel(request, session, sweep, name, tags, page)
+    return RedirectResponse(page, status_code=303)
+
+
+def _relabel(
+    request: Request, session, target: Experiment | Sweep, name: str, tags_text: str, page: str
+) -> RedirectResponse:
+    """Apply the form's labels: the tags it lists replace the target's (a tag left out is removed). A label
+    the API would refuse comes back to the page as its error, changing nothing."""
+    try:
+        tags = _parse_tags(tags_text)
+        patch = LabelPatch(name=name.strip() or None, tags={**dict.fromkeys(target.tags), **tags})
+        actor = actor_of(request, request.state.caller)
+        if isinstance(target, Sweep):
+            jobs.relabel_sweep(session, target, patch, actor)
+        else:
+            jobs.relabel(session, target, patch, actor)
+    except (ValueError, jobs.TooManyTags) as exc:  # pydantic's ValidationError is a ValueError
+        return RedirectResponse(link(page, labels_error=_first_line(exc)), status_code=303)
+    return RedirectResponse(page, status_code=303)
+
+
+def _parse_tags(text: str) -> dict[str, str]:
+    """``key=value`` per line (blank lines skipped)."""
+    tags = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            key, sep, value = line.partition("=")
+            if not sep:
+                raise ValueError(f"tags, line {number}: write key=value")
+            tags[key.strip()] = value.strip()
+    return tags
+
+
+def _first_line(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        error = exc.errors()[0]
+        return f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+    return str(exc)
+
+
+@signed_in_router.post("/sweeps/{sweep_id}/cancel", name="sweep.cancel")
+def cancel_sweep(request: Request, sweep_id: str, session: SessionDep) -> RedirectResponse:
+    """Cancel every unfinished member, by the roles' rule, as POST /sweeps/{id}/cancel does."""
+    caller = request.state.caller
+    owner = session.scalar(select(Sweep.owner).where(Sweep.id == sweep_id))
+    if owner is not None:
+        permissions.check(caller, "sweep.cancel", sweep_id, owner)
+        jobs.cancel_sweep(session, sweep_id, actor_of(request, caller))
+    return RedirectResponse(f"/ui/sweeps/{sweep_id}", status_code=303)
 
 
 @signed_in_router.get("/compare")
@@ -276,7 +346,7 @@ def sweeps(request: Request, session: SessionDep, limit: Annotated[int, Query(ge
 
 
 @signed_in_router.get("/sweeps/{sweep_id}")
-def sweep(request: Request, session: SessionDep, sweep_id: str) -> HTMLResponse:
+def sweep(request: Request, session: SessionDep, sweep_id: str, labels_error: LabelsError = None) -> HTMLResponse:
     found = session.get(Sweep, sweep_id)
     if found is None:
         return render(request, "missing.html", status_code=404, what=f"no sweep with id {sweep_id!r}")
@@ -306,6 +376,8 @@ def sweep(request: Request, session: SessionDep, sweep_id: str) -> HTMLResponse:
             metric="nc1",
         ),
         terminal=TERMINAL_STATUSES,
+        unfinished=sum(counts[status] for status in STATUSES if status not in TERMINAL_STATUSES),
+        labels_error=labels_error,
     )
 
 
