@@ -189,6 +189,37 @@ def test_merged_class_means_are_a_strict_saddle_measured_as_the_dense_hessian_sa
     assert certificate.curvature.smallest == pytest.approx(float(reference[0]), rel=1e-9)
 
 
+def collapsed_points():
+    """(problem, point) pairs whose features are collapsed exactly: the ETF (imbalanced classes, one of
+    them a single sample, so not a minimum of this problem) and the merged-means saddle above."""
+    etf_problem = UFMProblem(5, 6, (3, 1, 4, 2, 3), "normalized", logit_scale=5.0)
+    classifier = simplex_etf(5, 6)
+    yield etf_problem, [classifier, classifier[class_labels(etf_problem, torch.device("cpu"))].clone()]
+    saddle_problem = UFMProblem(3, 3, 2, "normalized", logit_scale=3.0)
+    axis = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    classifier = torch.stack([axis, axis, -axis])
+    yield saddle_problem, [classifier, classifier[class_labels(saddle_problem, torch.device("cpu"))].clone()]
+
+
+@pytest.mark.parametrize("problem, point", list(collapsed_points()), ids=["etf", "saddle"])
+def test_a_collapsed_point_is_certified_through_the_merged_problem_as_the_dense_hessian_says(problem, point):
+    full, _ = formulation_and_point(problem, merged=False)
+    merged, _ = formulation_and_point(problem, merged=True)
+    grad_norm = gradient_norm(full, point)
+    assert curvature.collapsed_point(merged, point) is not None
+    through_merged = curvature.certify(problem, full, point, grad_norm, problem.tol, merged)
+    reference = dense_restricted_hessian_eigenvalues(problem, full, point)
+    assert through_merged.critical_point == curvature.certify(problem, full, point, grad_norm, problem.tol).critical_point
+    assert through_merged.curvature.smallest == pytest.approx(float(reference[0]), rel=1e-8, abs=1e-12)
+    # Lanczos stops on the smallest value's residual; the largest converges first, but to fewer digits.
+    assert through_merged.curvature.largest == pytest.approx(float(reference[-1]), rel=1e-6)
+
+    # A feature off its class's by one rounding step: not collapsed exactly, measured on the full problem.
+    nudged = [point[0], point[1].clone(), *point[2:]]
+    nudged[1][0] = torch.nextafter(nudged[1][0], torch.full_like(nudged[1][0], 2.0))
+    assert curvature.collapsed_point(merged, nudged) is None
+
+
 @pytest.mark.parametrize("case", ["normalized, bias", "regularized, bias, imbalanced"])
 def test_a_random_point_is_not_critical(case):
     problem, _ = HESSIAN_CASES[case]

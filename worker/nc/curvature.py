@@ -11,9 +11,19 @@ is invariant under W -> W Q, H -> H Q for orthogonal Q. At a critical point this
 the d(d-1)/2 zero-curvature directions (W A, H A), A skew, which would read as a zero
 eigenvalue at every minimum; `SymmetryModes` removes them. Without decay on the bias,
 softmax's invariance under b -> b + c 1 adds one more.
+
+At a point whose features are collapsed exactly (each class's rows equal, as a merged
+run leaves them), the Hessian splits: the directions that move a class's features
+together are the merged problem's (worker.nc.merging, its weighted metric), and those
+that split them see only one sample's term, the same d x d block C_k for each of the
+class's n_k - 1 differences (the loss is a sum over samples, and the classifier sees
+only their sum). `certify` then runs Lanczos on the merged problem, K rows instead of N,
+and Lanczos again on the blocks C_k, which one product with the merged problem applies
+to every class at once: the same spectrum, a fraction of the work.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -100,17 +110,11 @@ def hessian_extremes(
     formulation: Formulation, point: Point, shifts_bias: bool, *, seed: int = 0, max_steps: int = LANCZOS_MAX_ITERS
 ) -> Curvature:
     """Lanczos on Pi Hess Pi, Pi the projection onto the tangent space without the
-    symmetry directions, started from a seeded random tangent vector.
-
-    Every Lanczos vector is reorthogonalized against all earlier ones, twice, in the
-    manifolds' metric: without it, rounding brings back copies of converged Ritz values
-    and loses the smallest one among them.
-    """
+    symmetry directions, started from a seeded random tangent vector."""
     manifolds = formulation.manifolds
     hessian = riemannian_hessian(formulation.objective, formulation.hessian, manifolds, point)
     modes = SymmetryModes(formulation, point, shifts_bias)
-    shapes = [block.shape for block in point]
-    sizes = [block.numel() for block in point]
+    blocks = _Blocks(point)
     metric = torch.cat(
         [
             (
@@ -122,32 +126,100 @@ def hessian_extremes(
         ]
     )
 
-    def flatten(blocks: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([block.reshape(-1) for block in blocks])
+    def restricted(flat: torch.Tensor) -> torch.Tensor:
+        vector = [m.project(x, v.clone()) for m, x, v in zip(manifolds, point, blocks.unflatten(flat))]
+        return blocks.flatten(modes.project_out(vector))
 
-    def unflatten(flat: torch.Tensor) -> list[torch.Tensor]:
-        return [piece.reshape(shape) for piece, shape in zip(torch.split(flat, sizes), shapes)]
+    def operator(flat: torch.Tensor) -> torch.Tensor:
+        return restricted(blocks.flatten(hessian(blocks.unflatten(flat))))
+
+    return _lanczos(operator, restricted, metric, blocks.size, seed, max_steps)
+
+
+def split_extremes(
+    merged: Formulation, point: Point, *, seed: int = 0, max_steps: int = LANCZOS_MAX_ITERS
+) -> Curvature | None:
+    """The extreme curvatures along the directions that split a class's collapsed features (the eigenvalues
+    of the blocks C_k on their tangent spaces, over the classes with two samples or more), or None where
+    no class has two.
+
+    In the merged problem's metric the Hessian's feature-feature block at row k is C_k (the
+    objective weighs the row n_k times, the metric too), and rows do not couple: the
+    feature part of one product with (0, U, 0) applies every C_k to its row of U at once,
+    an operator that Lanczos takes as it takes the Hessian.
+    """
+    features, manifold = point[1], merged.manifolds[1]
+    counts = getattr(manifold, "row_weights", None)
+    if counts is None or not bool((counts > 1).any()):
+        return None
+    hessian = riemannian_hessian(merged.objective, merged.hessian, merged.manifolds, point)
+    splittable = (counts > 1).to(features.dtype)[:, None]
 
     def restricted(flat: torch.Tensor) -> torch.Tensor:
-        blocks = [m.project(x, v.clone()) for m, x, v in zip(manifolds, point, unflatten(flat))]
-        return flatten(modes.project_out(blocks))
+        return manifold.project(features, flat.reshape(features.shape) * splittable).reshape(-1)
 
-    generator = torch.Generator(device=point[0].device).manual_seed(seed)
-    start = restricted(torch.randn(sum(sizes), generator=generator, dtype=torch.float64, device=point[0].device))
-    dimension = sum(sizes)
+    def operator(flat: torch.Tensor) -> torch.Tensor:
+        vector = [torch.zeros_like(point[0]), flat.reshape(features.shape).clone(), *map(torch.zeros_like, point[2:])]
+        return restricted(hessian(vector)[1].reshape(-1))
+
+    return _lanczos(operator, restricted, None, features.numel(), seed, max_steps)
+
+
+class _Blocks:
+    """A point's blocks as one flat vector, and back."""
+
+    def __init__(self, point: Point):
+        self.shapes = [block.shape for block in point]
+        self.sizes = [block.numel() for block in point]
+        self.size = sum(self.sizes)
+
+    def flatten(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([block.reshape(-1) for block in blocks])
+
+    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [piece.reshape(shape) for piece, shape in zip(torch.split(flat, self.sizes), self.shapes)]
+
+
+def _lanczos(
+    operator: Callable[[torch.Tensor], torch.Tensor],
+    restricted: Callable[[torch.Tensor], torch.Tensor],
+    metric: torch.Tensor | None,
+    dimension: int,
+    seed: int,
+    max_steps: int,
+) -> Curvature:
+    """The extreme Ritz values of the symmetric `operator` on the subspace that `restricted` projects onto
+    (`metric`: the inner product's weights, None for ones), from a seeded random start.
+
+    Every Lanczos vector is reorthogonalized against all earlier ones, twice, in the
+    metric: without it, rounding brings back copies of converged Ritz values and loses
+    the smallest one among them.
+    """
+    device = torch.get_default_device() if metric is None else metric.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    start = restricted(torch.randn(dimension, generator=generator, dtype=torch.float64, device=device))
+
+    def weighted(vector: torch.Tensor) -> torch.Tensor:
+        return vector if metric is None else metric * vector
+
     max_iters = max(2, min(max_steps, dimension, LANCZOS_BASIS_BYTES // (8 * dimension)))
-    basis = torch.empty((max_iters, dimension), dtype=torch.float64, device=point[0].device)
+    basis = torch.empty((max_iters, dimension), dtype=torch.float64, device=device)
     alphas: list[float] = []
     betas: list[float] = []
-    vector = start / math.sqrt(float(torch.dot(start, metric * start)))
+    vector = start / math.sqrt(float(torch.dot(start, weighted(start))))
     smallest = largest = residual = math.nan
     for step in range(max_iters):
         basis[step] = vector
-        image = restricted(flatten(hessian(unflatten(vector))))
-        alphas.append(float(torch.dot(image, metric * vector)))
+        image = operator(vector)
+        alphas.append(float(torch.dot(image, weighted(vector))))
         for _ in range(2):
-            image -= basis[: step + 1].T @ (basis[: step + 1] @ (metric * image))
-        beta = math.sqrt(max(float(torch.dot(image, metric * image)), 0.0))
+            image -= basis[: step + 1].T @ (basis[: step + 1] @ weighted(image))
+        # Projected again: the reorthogonalization subtracts vectors whose rounding leaves the subspace, and
+        # dividing by beta would magnify that part by |image| / beta every step (by 10 a step, measured), until
+        # the normal directions of the spheres, or the symmetries', showed as eigenvalues near 0. The projection
+        # is self-adjoint in the metric, so the image stays orthogonal to the basis.
+        image = restricted(image)
+        beta = math.sqrt(max(float(torch.dot(image, weighted(image))), 0.0))
         tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if step:
             off = torch.tensor(betas, dtype=torch.float64)
@@ -162,6 +234,18 @@ def hessian_extremes(
         betas.append(beta)
         vector = image / beta
     return Curvature(smallest, largest, residual, len(alphas))
+
+
+def collapsed_point(merged: Formulation | None, point: Point) -> Point | None:
+    """The merged problem's point where `point`'s features are collapsed exactly (each class's rows equal),
+    else None."""
+    if merged is None or merged.sample_rows is None:
+        return None
+    rows = merged.sample_rows
+    one_sample_per_row = torch.empty(int(rows.max()) + 1, dtype=torch.long, device=rows.device)
+    one_sample_per_row.scatter_(0, rows, torch.arange(rows.numel(), device=rows.device))
+    merged_point = [point[0], point[1].index_select(0, one_sample_per_row), *point[2:]]
+    return merged_point if torch.equal(merged.expand(merged_point)[1], point[1]) else None
 
 
 def bias_shift_is_free(problem: UFMProblem) -> bool:
@@ -190,14 +274,34 @@ class SecondOrderCertificate:
 
 
 def certify(
-    problem: UFMProblem, formulation: Formulation, point: Point, grad_norm: float, grad_tol: float
+    problem: UFMProblem,
+    formulation: Formulation,
+    point: Point,
+    grad_norm: float,
+    grad_tol: float,
+    merged: Formulation | None = None,
 ) -> SecondOrderCertificate:
     """Classify `point`: not critical where grad_norm > grad_tol; otherwise a strict saddle
     where the smallest curvature is below -NEGATIVE_CURVATURE_TOL times the largest, and
-    a local minimum where it is not."""
+    a local minimum where it is not. With the problem's `merged` formulation, a point whose
+    features are collapsed exactly is measured through it (the module's docstring)."""
     critical = grad_norm <= grad_tol
     steps = LANCZOS_MAX_ITERS if critical else NOT_CRITICAL_LANCZOS_STEPS
-    curvature = hessian_extremes(formulation, point, bias_shift_is_free(problem), max_steps=steps)
+    shifts_bias = bias_shift_is_free(problem)
+    merged_point = collapsed_point(merged, point)
+    if merged is None or merged_point is None:
+        curvature = hessian_extremes(formulation, point, shifts_bias, max_steps=steps)
+    else:
+        curvature = hessian_extremes(merged, merged_point, shifts_bias, max_steps=steps)
+        split = split_extremes(merged, merged_point, max_steps=steps)
+        if split is not None:
+            lowest = min(curvature, split, key=lambda part: part.smallest)
+            curvature = Curvature(
+                lowest.smallest,
+                max(curvature.largest, split.largest),
+                lowest.residual,
+                curvature.iterations + split.iterations,
+            )
     curvature_tol = NEGATIVE_CURVATURE_TOL * abs(curvature.largest)
     if not critical:
         kind = NOT_CRITICAL

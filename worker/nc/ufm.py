@@ -231,7 +231,8 @@ def _solve_once(
     row = report(run.result.last, full, last=True)
     assert row is not None, "report returns the row of the last iterate"
     last = run.result.last
-    return _Outcome(row, run.result, run.merged_at, certify(problem, full, last.point, last.grad_norm, problem.tol))
+    certificate_of_last = certify(problem, full, last.point, last.grad_norm, problem.tol, merged)
+    return _Outcome(row, run.result, run.merged_at, certificate_of_last)
 
 
 class _CollapseCertificate:
