@@ -13,6 +13,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
 from service.idempotency import KeyReused
+from service.schemas import SPEC_KINDS
 from service.search.language import FilterError
 
 PROBLEM_JSON = "application/problem+json"
@@ -87,7 +88,7 @@ def _field_name(loc: tuple, error_type: str) -> str:
         spec_at = 1 if parts[:1] == ["spec"] else None
     else:
         spec_at = 0 if in_body else None
-    if spec_at is not None and len(parts) > spec_at and parts[spec_at] in {"ufm", "train"}:
+    if spec_at is not None and len(parts) > spec_at and parts[spec_at] in SPEC_KINDS:
         del parts[spec_at]
         parts = parts or ["spec"]  # a bare spec's own error (a labelled one's is at "spec" already)
     if error_type.startswith("union_tag"):

@@ -3,9 +3,10 @@
 from typing import Annotated
 
 from fastapi import Body, HTTPException, Query, Request, Response
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from service import idempotency, jobs, permissions, plots, scheduler, workers
+from service import analysis, idempotency, jobs, permissions, plots, scheduler, workers
 from service.api.admission import check_priority, check_queued_quota
 from service.api.deps import (
     ActorDep,
@@ -84,6 +85,9 @@ async def submit(
     settings = get_settings()
     with get_engine().connect() as connection:
         check_queued_quota(connection, caller.owner, 1, settings)
+        if request["spec"]["kind"] == "analysis":
+            prefix = "spec." if isinstance(submission, LabelledSubmission) else ""
+            request["spec"] = await run_in_threadpool(_resolved, request["spec"], prefix)
         submitted = jobs.submit(
             connection, request["spec"], caller.owner, labelled.name, labelled.tags, keyed, actor, labelled.priority
         )
@@ -102,6 +106,15 @@ async def submit(
         headers=submitted_headers(submitted, "/experiments"),
         media_type="application/json",
     )
+
+
+def _resolved(spec: dict, prefix: str) -> dict:
+    """An analysis's spec with its source's K and d, or a 422 naming the field (``source.upload``, ...)."""
+    with Session(get_engine()) as session:
+        try:
+            return analysis.resolve(session, spec)
+        except analysis.InvalidSource as exc:
+            raise InvalidField(prefix + exc.field, exc.message) from None
 
 
 @router.get("/{experiment_id}", response_model=ExperimentOut, responses=NOT_FOUND)
