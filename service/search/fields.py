@@ -80,6 +80,7 @@ RESULT_TYPES: dict[str, FieldType] = {
             "saddles_found",  # UFM
             "epochs",
             "parameters",  # training
+            "checkpoints",  # analysis
         )
     },
     "converged": "bool",
