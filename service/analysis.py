@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from service.artifacts import get_store
-from service.feature_files import BadFeatureFile, count_classes, inspect
+from service.feature_files import BadFeatureFile, Layout, count_classes, inspect, network_classifier
 from service.models import Artifact, Upload
 
 
@@ -73,8 +73,22 @@ def source_files(session: Session, source: dict) -> list[SourceFile]:
     try:
         with store.open(experiment_id, name) as file:
             layout = inspect(file, store.size(experiment_id, name))
-            return [SourceFile(layout.describe(), count_classes(file, layout))]
+            classes = count_classes(file, layout)
     except FileNotFoundError:
         raise InvalidSource("source.artifact", f"the file of artifact {name!r} is missing from the store") from None
     except BadFeatureFile as exc:
         raise InvalidSource("source.artifact", f"{name}: {exc}") from None
+    model = source.get("model")
+    if model is None:
+        return [SourceFile(layout.describe(), classes)]
+    if session.get(Artifact, (experiment_id, model)) is None:
+        raise InvalidSource("source.model", f"experiment {experiment_id!r} has no artifact named {model!r}")
+    try:
+        with store.open(experiment_id, model) as file:
+            tensors = network_classifier(file, store.size(experiment_id, model), layout)
+    except FileNotFoundError:
+        raise InvalidSource("source.model", f"the file of artifact {model!r} is missing from the store") from None
+    except BadFeatureFile as exc:
+        raise InvalidSource("source.model", f"{model}: {exc}") from None
+    with_classifier = Layout(layout.format, tensors, layout.steps, layout.samples, layout.dim)
+    return [SourceFile(with_classifier.describe(), tensors["classifier"].shape[-2])]

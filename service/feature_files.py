@@ -279,6 +279,22 @@ def _chunks(stream: IO[bytes], start: int, length: int) -> Iterator[bytes]:
         yield chunk
 
 
+# A network's classifier in its state_dict (worker/nc/models.py: NCModel.classifier, an nn.Linear).
+CLASSIFIER_KEYS = {"classifier": "classifier.weight", "bias": "classifier.bias"}
+
+
+def network_classifier(file: IO[bytes], size: int, features: Layout) -> dict[str, StoredTensor]:
+    """The classifier and bias of a network's safetensors state_dict, checked against the features: K x d, K."""
+    file.seek(0)
+    tensors = _safetensors_tensors(file, size, file.read(8))
+    found = {}
+    for name, key in CLASSIFIER_KEYS.items():
+        if key not in tensors:
+            raise BadFeatureFile(key, "missing: the network's state_dict has no such tensor")
+        found[name] = tensors[key]
+    return _checked_layout(features.format, {**features.tensors, **found}).tensors
+
+
 def count_classes(file: IO[bytes], layout: Layout) -> int:
     """K: the classifier's rows where there is one, else the largest label + 1 (a label below 0 or
     past K fails the analysis, which names it)."""

@@ -500,6 +500,11 @@ def _artifacts_capped(size: int, what: str) -> None:
         )
 
 
+# The files a training run keeps (worker/nc/train.py writes them; tests/test_analysis.py checks the names agree).
+TRAINING_FEATURES = "features.safetensors"
+TRAINING_MODEL = "model.safetensors"
+
+
 class UploadSource(BaseModel):
     """Uploaded files of features (POST /uploads): one, or one per checkpoint, in step order."""
 
@@ -521,7 +526,12 @@ class ExperimentSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     experiment: str = Field(description="the experiment's id")
-    artifact: str = Field("features.safetensors", description="the name of its artifact")
+    artifact: str = Field(TRAINING_FEATURES, description="the name of its artifact of features")
+    model: str | None = Field(
+        None,
+        description="the name of its artifact holding the network (a state_dict): its classifier.weight and "
+        "classifier.bias are the classifier and bias",
+    )
 
 
 def _source_form(source: Any) -> str:
@@ -552,6 +562,9 @@ class AnalysisSpec(SpecBase):
     K: int | None = Field(None, ge=2, description="classes; filled in at submit from the file")
     d: int | None = Field(None, ge=1, description="feature dimension; filled in at submit from the file")
     logit_scale: float = Field(1.0, gt=0, le=1000, description="the logits are logit_scale * W h + b")
+    normalize_classifier: bool = Field(
+        False, description="the classifier's rows on the unit sphere: a normalized network's effective classifier"
+    )
     steps: list[int] | None = Field(
         None,
         max_length=MAX_ANALYSIS_STEPS,

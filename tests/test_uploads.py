@@ -9,11 +9,23 @@ import numpy as np
 import pytest
 
 from service.db import make_engine
+from tests.conftest import in_process_api
 from tests.feature_files import npz_bytes, safetensors_bytes, simplex_collapse, with_header
 
 FEATURES, LABELS, CLASSIFIER = simplex_collapse(num_classes=3, dim=5, per_class=4, noise=0.1)
 GOOD = safetensors_bytes(features=FEATURES.astype(np.float32), labels=LABELS, classifier=CLASSIFIER)
 OCTET = {"Content-Type": "application/octet-stream"}
+CAP = 2 << 20
+# float64 features: 1.5 MiB, over the 1 MiB of other bodies (NCLAB_MAX_BODY_BYTES) and under the cap; and over it.
+UNDER = safetensors_bytes(features=np.zeros((24_576, 8)), labels=np.arange(24_576) % 2)
+OVER = safetensors_bytes(features=np.zeros((32_768, 8)), labels=np.arange(32_768) % 2)
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    """The API in-process on SQLite with an upload cap of 2 MiB, shared by the module's tests."""
+    with in_process_api(tmp_path_factory.mktemp("api"), NCLAB_MAX_UPLOAD_BYTES=str(CAP)) as app:
+        yield app
 
 
 def uploads_dir(api) -> Path:
@@ -59,6 +71,17 @@ def test_an_upload_is_stored_whole_with_its_size_sha256_and_layout(api):
     assert api.client.get(f"/uploads/{body['id']}").json() == body
     [entry] = api.client.get("/audit", params={"where": f"target = '{body['id']}'"}).json()["items"]
     assert entry["action"] == "upload.submit" and entry["status"] == 201
+
+
+def test_a_file_over_the_upload_cap_is_a_413_declared_or_streamed_and_nothing_is_kept(api):
+    assert len(UNDER) > 1 << 20 and len(OVER) > CAP
+    before = stored_uploads(api)
+    declared = upload(api, OVER)
+    assert declared.status_code == 413 and "NCLAB_MAX_UPLOAD_BYTES" in declared.json()["detail"]
+    streamed = api.client.post("/uploads", content=iter([OVER[: 1 << 20], OVER[1 << 20 :]]), headers=OCTET)
+    assert streamed.status_code == 413 and "NCLAB_MAX_UPLOAD_BYTES" in streamed.json()["detail"]
+    assert stored_uploads(api) == before
+    assert upload(api, UNDER).status_code == 201
 
 
 def _lying_offsets(header):

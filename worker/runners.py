@@ -105,6 +105,7 @@ def run_analysis(
         spec["K"],
         spec["steps"] or list(range(len(found))),
         spec["logit_scale"],
+        spec["normalize_classifier"],
         on_checkpoint,
         on_progress,
         should_stop,

@@ -13,7 +13,7 @@ from functools import partial
 from typing import IO
 
 from service.artifacts import ArtifactStore
-from service.feature_files import Layout, inspect
+from service.feature_files import CLASSIFIER_KEYS, Layout, inspect, network_classifier
 from worker.nc.analysis import Checkpoint
 from worker.nc.stored_tensors import Opener, StoredTensor
 
@@ -24,13 +24,32 @@ def checkpoints(store: ArtifactStore, source: dict) -> list[Checkpoint]:
     """The source's checkpoints in step order: each file's, each slice of a file's leading axis."""
     found: list[Checkpoint] = []
     for open_file in _files(store, source):
-        with open_file() as file:
-            file.seek(0, 2)
-            layout = inspect(file, file.tell())
+        layout = _layout(open_file)
         tensors = {name: _stored(name, open_file, layout) for name in layout.tensors}
+        if source.get("model") is not None:
+            tensors.update(_network_classifier(partial(store.open, source["experiment"], source["model"]), layout))
         for step in range(layout.steps):
             found.append(Checkpoint(**{name: _step_of(name, tensor, step) for name, tensor in tensors.items()}))
     return found
+
+
+def _layout(open_file: FileOpener) -> Layout:
+    with open_file() as file:
+        file.seek(0, 2)
+        return inspect(file, file.tell())
+
+
+def _network_classifier(open_file: FileOpener, features: Layout) -> dict[str, StoredTensor]:
+    """The classifier and bias of a network's state_dict (a training run's model.safetensors)."""
+    with open_file() as file:
+        file.seek(0, 2)
+        size = file.tell()
+        tensors = network_classifier(file, size, features)
+    return {
+        name: StoredTensor(name, _opener(open_file, None), where.offset, where.dtype, where.shape)
+        for name, where in tensors.items()
+        if name in CLASSIFIER_KEYS
+    }
 
 
 def _files(store: ArtifactStore, source: dict) -> list[FileOpener]:

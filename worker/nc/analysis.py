@@ -48,12 +48,14 @@ def analyse(
     num_classes: int,
     steps: list[int],
     logit_scale: float = 1.0,
+    normalize_classifier: bool = False,
     on_checkpoint: Callable[[int, dict], None] = lambda step, row: None,
     on_progress: Callable[[float], None] = lambda fraction: None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> dict:
     """Each checkpoint's catalogue, given to ``on_checkpoint(step, row)`` in order; returns the last row and the
-    number of checkpoints. ``should_stop`` is asked between blocks (Stopped)."""
+    number of checkpoints. ``normalize_classifier``: its rows on the unit sphere (a normalized network's effective
+    classifier, Yaras et al. 2022). ``should_stop`` is asked between blocks (Stopped)."""
     total_rows = sum(_rows_read(checkpoint) for checkpoint in checkpoints)
     done = 0
 
@@ -67,6 +69,8 @@ def analyse(
     row: dict = {}
     for step, checkpoint in zip(steps, checkpoints, strict=True):
         classifier = _loaded(checkpoint.classifier)
+        if classifier is not None and normalize_classifier:
+            classifier = classifier / np.linalg.norm(classifier.astype(np.float64), axis=1, keepdims=True)
         bias = _loaded(checkpoint.bias)
         row = catalogue(checkpoint.features, checkpoint.labels, num_classes, classifier, bias, logit_scale, read)
         if checkpoint.test_features is not None and checkpoint.test_labels is not None:

@@ -1,41 +1,15 @@
-"""Client.analyze and `nclab analyze` (issue 26): arrays (numpy or torch) written as safetensors, uploaded and
-analysed; the catalogue the worker returns is the float64 reference's."""
+"""`nclab analyze` (issue 26) against the embedded service: .npy arrays written as safetensors, uploaded and
+analysed, or a whole file uploaded as it is; the catalogue the worker returns is the float64 reference's."""
 
 import numpy as np
 import pytest
-import torch
 
-from service.client import Client, InvalidRequest
 from tests.feature_files import safetensors_bytes, simplex_collapse
 from tests.test_analysis import NOISY_CLASSIFIER
 from tests.test_cli import nclab
 from tests.test_metrics import assert_matches_reference, reference_metrics
 
 FEATURES, LABELS, _ = simplex_collapse(num_classes=4, dim=6, per_class=30, noise=0.3)
-
-
-@pytest.fixture
-def client(api) -> Client:
-    """A Client whose requests the in-process app answers (as tests/test_artifacts_http.py's)."""
-    in_process = Client(api.base_url)
-    in_process.close()
-    in_process._http = api.client
-    return in_process
-
-
-def test_client_analyze_takes_torch_tensors_and_numpy_arrays(api, client):
-    features = torch.from_numpy(FEATURES).to(torch.float32).requires_grad_()  # as straight from a network
-    queued = client.analyze(features, torch.from_numpy(LABELS), NOISY_CLASSIFIER, name="vit", tags={"lab": "x"},
-                            model="vit_b16", dataset="imagenet", logit_scale=0.5)
-    assert queued["spec"]["model"] == "vit_b16" and queued["name"] == "vit" and queued["tags"] == {"lab": "x"}
-    done = api.run(queued["id"])
-    assert done["status"] == "succeeded", done["error"]
-    want = reference_metrics(FEATURES.astype(np.float32), LABELS, NOISY_CLASSIFIER, K=4, scale=0.5)
-    assert_matches_reference({key: done["result"][key] for key in want}, want)
-
-    with pytest.raises(InvalidRequest) as refused:  # the upload's 422, through the client
-        client.analyze(FEATURES, LABELS[:-1])
-    assert refused.value.errors[0]["field"] == "labels"
 
 
 def test_nclab_analyze_of_npy_arrays_and_of_a_whole_file_waits_for_the_catalogue(embedded, tmp_path):
