@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, overload
+from typing import Any, overload
 
 import httpx
 
@@ -93,6 +93,10 @@ _ERRORS = {
 }
 
 
+# The pieces an upload is sent in.
+UPLOAD_PIECE = 1 << 20
+
+
 def _error(response: httpx.Response) -> NclabError:
     try:
         problem = response.json()
@@ -151,7 +155,7 @@ class Client:
         *,
         params: dict | None = None,
         json: Any = None,
-        content: IO[bytes] | None = None,
+        content: Iterator[bytes] | None = None,
         idempotency_key: str | None = None,
         headers: dict[str, str] | None = None,
         stream: bool = False,
@@ -278,10 +282,12 @@ class Client:
     def upload(self, path: str | os.PathLike[str]) -> dict:
         """Upload a file of features (safetensors or npz: features, labels, optionally classifier, bias,
         test_features, test_labels), streamed from disk; ``{"id", "bytes", "sha256", "layout", ...}``."""
+        size = os.path.getsize(path)
         with open(path, "rb") as file:
-            return self._request(
-                "POST", "/uploads", content=file, headers={"Content-Type": "application/octet-stream"}
-            ).json()
+            # 1 MiB at a time: httpx reads a file 64 KiB at a time, a send (and its framing) each.
+            pieces = iter(lambda: file.read(UPLOAD_PIECE), b"")
+            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+            return self._request("POST", "/uploads", content=pieces, headers=headers).json()
 
     def analyze(
         self,
