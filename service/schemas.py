@@ -505,19 +505,26 @@ TRAINING_FEATURES = "features.safetensors"
 TRAINING_MODEL = "model.safetensors"
 
 
+# An analysis's steps: the checkpoints of one file's leading axis, or one file each.
+MAX_ANALYSIS_STEPS = 10_000
+
+
+def _upload_ids(value: Any) -> Any:
+    """One clear error for an upload id or a list of them, instead of one per member of the union."""
+    ids = value if isinstance(value, list) else [value]
+    if not all(isinstance(upload_id, str) for upload_id in ids) or not 1 <= len(ids) <= MAX_ANALYSIS_STEPS:
+        raise ValueError(f"must be an upload's id, or a list of 1 to {MAX_ANALYSIS_STEPS} ids")
+    return value
+
+
 class UploadSource(BaseModel):
     """Uploaded files of features (POST /uploads): one, or one per checkpoint, in step order."""
 
     model_config = ConfigDict(extra="forbid")
 
-    upload: str | list[str] = Field(description="an upload's id, or a list of ids: one file per step")
-
-    @field_validator("upload")
-    @classmethod
-    def _one_to_max_steps(cls, upload: str | list[str]) -> str | list[str]:
-        if isinstance(upload, list) and not 1 <= len(upload) <= MAX_ANALYSIS_STEPS:
-            raise ValueError(f"a list of 1 to {MAX_ANALYSIS_STEPS} upload ids")
-        return upload
+    upload: Annotated[str | list[str], BeforeValidator(_upload_ids)] = Field(
+        description="an upload's id, or a list of ids: one file per step"
+    )
 
 
 class ExperimentSource(BaseModel):
@@ -534,14 +541,15 @@ class ExperimentSource(BaseModel):
     )
 
 
+SOURCE_FORMS = (["upload"], ["experiment"])  # the tags of an analysis's source, as parts of an error's location
+
+
 def _source_form(source: Any) -> str:
     # A dict when validating, the model when serializing.
     is_experiment = isinstance(source, ExperimentSource) or (isinstance(source, dict) and "experiment" in source)
     return "experiment" if is_experiment else "upload"
 
 
-# An analysis's steps: the checkpoints of one file's leading axis, or one file each.
-MAX_ANALYSIS_STEPS = 10_000
 Description = Annotated[str, StringConstraints(min_length=1, max_length=200), StorableText]
 
 

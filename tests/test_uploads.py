@@ -142,6 +142,8 @@ def test_an_analysis_names_a_missing_or_inconsistent_source_at_submit(api):
         ({"source": {"upload": upload_id}, "steps": [0, 1]}, "steps", "2 steps given; the source holds 1"),
         ({"source": {"upload": upload_id}, "K": 4}, "K", "the classifier has 3 rows"),
         ({"source": {"upload": upload_id}, "steps": [3, 2]}, "steps", "must increase strictly"),
+        ({"source": {"upload": 5}}, "source.upload", "must be an upload's id, or a list of 1 to"),
+        ({"source": {"experiment": "x", "bogus": 1}}, "source.bogus", "Extra inputs are not permitted"),
     ]
     for spec, field, message in cases:
         response = api.client.post("/experiments", json={"kind": "analysis", **spec})
