@@ -17,6 +17,7 @@ from tests.feature_files import npz_bytes, safetensors_bytes, simplex_collapse
 from tests.test_metrics import assert_matches_reference, reference_metrics
 from tests.test_uploads import OCTET
 from worker.nc import analysis, train
+from worker.nc.errors import Stopped
 from worker.nc.stored_tensors import StoredTensor
 
 K, D, PER_CLASS, SCALE = 4, 6, 30, 2.0
@@ -186,3 +187,29 @@ def test_a_run_without_saved_features_or_no_run_at_all_is_refused(api):
     refused = api.client.post(f"/experiments/{ufm['id']}/reanalyze")
     assert refused.status_code == 409 and "save_features" in refused.json()["detail"]
     assert api.client.post("/experiments/nope/reanalyze").status_code == 404
+
+
+def test_progress_runs_to_one_over_both_passes_and_a_stop_request_ends_the_analysis_between_blocks(monkeypatch):
+    data = safetensors_bytes(features=FEATURES, labels=LABELS, test_features=TEST_FEATURES, test_labels=TEST_LABELS)
+    layout = inspect(io.BytesIO(data), len(data))
+
+    @contextlib.contextmanager
+    def opener():
+        yield io.BytesIO(data)
+
+    stored = {name: StoredTensor(name, opener, t.offset, t.dtype, t.shape) for name, t in layout.tensors.items()}
+    checkpoint = analysis.Checkpoint(**stored)
+    monkeypatch.setattr(analysis, "BLOCK_ENTRIES", 16 * D)
+    fractions: list[float] = []
+    analysis.analyse([checkpoint], K, [0], on_progress=fractions.append)
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    blocks_read = 0
+
+    def stop_after_three() -> bool:
+        nonlocal blocks_read
+        blocks_read += 1
+        return blocks_read > 3
+
+    with pytest.raises(Stopped):
+        analysis.analyse([checkpoint], K, [0], should_stop=stop_after_three)
+    assert blocks_read == 4
