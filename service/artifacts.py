@@ -164,7 +164,7 @@ class ArtifactStore:
     def receive_upload(self, upload_id: str) -> IO[bytes]:
         """A new file to write an upload's bytes into, under its partial name."""
         self.fs.makedirs(posixpath.join(self.root, UPLOADS), exist_ok=True)
-        return self.fs.open(self._upload_path(upload_id, partial=True), "wb", block_size=READ_CHUNK)
+        return self.fs.open(self._upload_path(upload_id, partial=True), "wb")  # a remote store's own part size
 
     def open_upload(self, upload_id: str, partial: bool = False) -> IO[bytes]:
         return self.fs.open(self._upload_path(upload_id, partial), "rb", block_size=READ_CHUNK)
