@@ -90,10 +90,11 @@ async def _receive(request: Request, store: ArtifactStore, upload_id: str, cap: 
     """Write the body into the store's partial file as it arrives: its size and sha256; 413 past ``cap``.
 
     Pipelined: while two threads hash and write one piece (hashlib and the write both let go of the GIL),
-    the event loop receives the next; each piece waits for the one before, so they keep their order.
+    the event loop receives the next; each piece waits for the one before, so they keep their order. A
+    piece is the server's chunks as they came, never joined: no byte is copied on the way.
     """
     digest = hashlib.sha256()
-    size, pending = 0, bytearray()
+    size, pending, pending_size = 0, [], 0
     writing: asyncio.Future | None = None  # the piece being hashed and written
     file = await run_in_threadpool(store.receive_upload, upload_id)
     try:
@@ -101,22 +102,29 @@ async def _receive(request: Request, store: ArtifactStore, upload_id: str, cap: 
             size += len(chunk)
             if size > cap:
                 raise HTTPException(413, f"the file passed {cap} bytes, the most taken (NCLAB_MAX_UPLOAD_BYTES)")
-            pending += chunk
-            if len(pending) >= WRITE_SIZE:
+            pending.append(chunk)
+            pending_size += len(chunk)
+            if pending_size >= WRITE_SIZE:
                 if writing is not None:
                     await writing
-                piece = bytes(pending)
-                writing = asyncio.gather(run_in_threadpool(digest.update, piece), run_in_threadpool(file.write, piece))
-                pending.clear()
+                writing = asyncio.gather(
+                    run_in_threadpool(_hash, digest, pending), run_in_threadpool(file.writelines, pending)
+                )
+                pending, pending_size = [], 0
         if writing is not None:
             await writing
-        digest.update(pending)  # the last piece, under WRITE_SIZE
-        await run_in_threadpool(file.write, bytes(pending))
+        _hash(digest, pending)  # the last piece, under WRITE_SIZE
+        await run_in_threadpool(file.writelines, pending)
     finally:
         if writing is not None:
             await asyncio.gather(writing, return_exceptions=True)  # the file is not closed under a write
         await run_in_threadpool(file.close)
     return size, digest.hexdigest()
+
+
+def _hash(digest, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        digest.update(chunk)
 
 
 def _check(store: ArtifactStore, upload_id: str, size: int) -> tuple[dict, int]:
