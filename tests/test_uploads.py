@@ -69,6 +69,8 @@ def test_an_upload_is_stored_whole_with_its_size_sha256_and_layout(api):
         },
     }
     assert api.client.get(f"/uploads/{body['id']}").json() == body
+    form = api.client.post("/uploads", files={"file": GOOD})
+    assert form.status_code == 422 and form.json()["errors"][0]["field"] == "Content-Type"
     [entry] = api.client.get("/audit", params={"where": f"target = '{body['id']}'"}).json()["items"]
     assert entry["action"] == "upload.submit" and entry["status"] == 201
 

@@ -53,9 +53,13 @@ async def upload(request: Request, session: SessionDep, caller: CallerDep, actor
     tensor (``features``, ``labels``, ...) and the rule. Neither keeps anything.
     """
     permissions.check(caller, "upload.submit")
+    # Any body is taken as the file's bytes (curl --data-binary says application/x-www-form-urlencoded), but a
+    # form's: its bytes are the form's envelope, not the file.
     content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
-    if content_type != "application/octet-stream":
-        raise InvalidField("Content-Type", f"{content_type!r}: send the file as application/octet-stream")
+    if content_type.startswith("multipart/"):
+        raise InvalidField(
+            "Content-Type", f"{content_type!r}: send the file itself as the body (application/octet-stream)"
+        )
     upload_id = str(uuid.uuid4())
     store = get_store()
     try:
