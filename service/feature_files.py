@@ -72,7 +72,7 @@ class BadFeatureFile(ValueError):
 
 
 @dataclass(frozen=True)
-class StoredTensor:
+class TensorLocation:
     """Where a tensor's bytes are: C order, from ``offset`` of the file, or of the npz ``member``."""
 
     dtype: np.dtype
@@ -90,7 +90,7 @@ class Layout:
     """A file's tensors, checked against each other; ``steps`` is 1 for a file of one checkpoint."""
 
     format: str  # "safetensors" or "npz"
-    tensors: dict[str, StoredTensor]
+    tensors: dict[str, TensorLocation]
     steps: int
     samples: int
     dim: int
@@ -119,7 +119,7 @@ def inspect(file: IO[bytes], size: int) -> Layout:
     return _checked_layout(format, tensors)
 
 
-def _safetensors_tensors(file: IO[bytes], size: int, start: bytes) -> dict[str, StoredTensor]:
+def _safetensors_tensors(file: IO[bytes], size: int, start: bytes) -> dict[str, TensorLocation]:
     (header_length,) = struct.unpack("<Q", start)
     if header_length > min(size - 8, MAX_SAFETENSORS_HEADER):
         raise BadFeatureFile(
@@ -146,7 +146,7 @@ def _safetensors_tensors(file: IO[bytes], size: int, start: bytes) -> dict[str, 
             raise BadFeatureFile(name, f"shape {shape!r} is not a list of non-negative integers")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(n) for n in offsets):
             raise BadFeatureFile(name, f"data_offsets {offsets!r} is not two non-negative integers")
-        tensor = StoredTensor(np.dtype(SAFETENSORS_DTYPES[dtype]), tuple(shape), data_start + offsets[0])
+        tensor = TensorLocation(np.dtype(SAFETENSORS_DTYPES[dtype]), tuple(shape), data_start + offsets[0])
         if offsets[1] - offsets[0] != tensor.nbytes:
             raise BadFeatureFile(
                 name,
@@ -165,12 +165,12 @@ def _safetensors_tensors(file: IO[bytes], size: int, start: bytes) -> dict[str, 
     return tensors
 
 
-def _npz_tensors(file: IO[bytes], size: int) -> dict[str, StoredTensor]:
+def _npz_tensors(file: IO[bytes], size: int) -> dict[str, TensorLocation]:
     try:
         archive = zipfile.ZipFile(file)
     except zipfile.BadZipFile as exc:
         raise BadFeatureFile(None, f"not a readable npz (zip) file: {exc}") from None
-    tensors: dict[str, StoredTensor] = {}
+    tensors: dict[str, TensorLocation] = {}
     with archive:
         for info in archive.infolist():
             name = info.filename.removesuffix(".npy")
@@ -200,7 +200,7 @@ def _npz_tensors(file: IO[bytes], size: int) -> dict[str, StoredTensor]:
                 raise BadFeatureFile(name, "is in Fortran order: save it C-contiguous (np.ascontiguousarray)")
             if dtype.byteorder == ">":
                 raise BadFeatureFile(name, f"dtype {dtype.str} is big-endian: save it little-endian")
-            tensor = StoredTensor(dtype, tuple(shape), header_length, info.filename)
+            tensor = TensorLocation(dtype, tuple(shape), header_length, info.filename)
             if info.file_size != header_length + tensor.nbytes:
                 raise BadFeatureFile(
                     name,
@@ -215,9 +215,9 @@ def _natural(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _checked_layout(format: str, found: dict[str, StoredTensor]) -> Layout:
+def _checked_layout(format: str, found: dict[str, TensorLocation]) -> Layout:
     """The tensors under their own names, each of its dtype and rank, and their sizes consistent."""
-    tensors: dict[str, StoredTensor] = {}
+    tensors: dict[str, TensorLocation] = {}
     for name, tensor in found.items():
         own = ALIASES.get(name, name)
         if own not in RULES:
@@ -259,7 +259,7 @@ def _checked_layout(format: str, found: dict[str, StoredTensor]) -> Layout:
     return Layout(format, tensors, sizes.get("S", 1), sizes["N"], sizes["d"])
 
 
-def read_blocks(file: IO[bytes], tensor: StoredTensor, start: int, length: int) -> Iterator[bytes]:
+def _tensor_bytes(file: IO[bytes], tensor: TensorLocation, start: int, length: int) -> Iterator[bytes]:
     """``length`` bytes of the tensor from byte ``start`` of its data, a chunk at a time (an npz member is
     decompressed as it is read)."""
     if tensor.member is None:
@@ -283,7 +283,7 @@ def _chunks(stream: IO[bytes], start: int, length: int) -> Iterator[bytes]:
 CLASSIFIER_KEYS = {"classifier": "classifier.weight", "bias": "classifier.bias"}
 
 
-def network_classifier(file: IO[bytes], size: int, features: Layout) -> dict[str, StoredTensor]:
+def network_classifier(file: IO[bytes], size: int, features: Layout) -> dict[str, TensorLocation]:
     """The classifier and bias of a network's safetensors state_dict, checked against the features: K x d, K."""
     file.seek(0)
     tensors = _safetensors_tensors(file, size, file.read(8))
@@ -303,7 +303,7 @@ def count_classes(file: IO[bytes], layout: Layout) -> int:
     labels = layout.tensors["labels"]
     largest = -1
     remainder = b""
-    for chunk in read_blocks(file, labels, 0, labels.nbytes):
+    for chunk in _tensor_bytes(file, labels, 0, labels.nbytes):
         chunk = remainder + chunk
         whole = len(chunk) - len(chunk) % labels.dtype.itemsize
         values = np.frombuffer(chunk[:whole], dtype=labels.dtype)
