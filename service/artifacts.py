@@ -11,6 +11,10 @@ is saved, so that an attempt on another host resumes from it, and the artifacts 
 uploaded before the job's end is recorded. Either way the ``artifacts`` table is the list:
 the worker records each file's size and sha256 as the job ends, and the API lists and
 serves what the table names, so a file still being written (a checkpoint) is never offered.
+
+Files users upload for analysis (``POST /uploads``) are ``<root>/uploads/<upload id>``: received
+under a partial name (``.<id>.part``), renamed once their header is checked, removed if it is
+refused; the ``uploads`` table lists the kept ones.
 """
 
 import hashlib
@@ -34,6 +38,8 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 MEDIA_TYPES = {".safetensors": "application/octet-stream", ".json": "application/json", ".csv": "text/csv"}
 READ_CHUNK = 1 << 20
+# The folder of the root that holds the uploads (experiment ids are UUIDs: no experiment's folder has this name).
+UPLOADS = "uploads"
 
 
 def media_type(name: str) -> str:
@@ -149,6 +155,29 @@ class ArtifactStore:
             while remaining > 0 and (chunk := file.read(min(READ_CHUNK, remaining))):
                 remaining -= len(chunk)
                 yield chunk
+
+    # Uploads (POST /uploads).
+
+    def _upload_path(self, upload_id: str, partial: bool = False) -> str:
+        return posixpath.join(self.root, UPLOADS, f".{upload_id}.part" if partial else upload_id)
+
+    def receive_upload(self, upload_id: str) -> IO[bytes]:
+        """A new file to write an upload's bytes into, under its partial name."""
+        self.fs.makedirs(posixpath.join(self.root, UPLOADS), exist_ok=True)
+        return self.fs.open(self._upload_path(upload_id, partial=True), "wb")  # a remote store's own part size
+
+    def open_upload(self, upload_id: str, partial: bool = False) -> IO[bytes]:
+        return self.fs.open(self._upload_path(upload_id, partial), "rb", block_size=READ_CHUNK)
+
+    def keep_upload(self, upload_id: str) -> None:
+        """The partial file, checked, under its own name."""
+        self.fs.mv(self._upload_path(upload_id, partial=True), self._upload_path(upload_id))
+
+    def discard_upload(self, upload_id: str) -> None:
+        """An upload refused or abandoned: no file of it is left, partial or kept."""
+        for path in (self._upload_path(upload_id, partial=True), self._upload_path(upload_id)):
+            if self.fs.exists(path):
+                self.fs.rm_file(path)
 
 
 def get_store() -> ArtifactStore:

@@ -255,6 +255,24 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class Upload(Base):
+    """A file of features a user uploaded (POST /uploads), kept under NCLAB_ARTIFACT_ROOT/uploads/<id>.
+
+    The row is written once the file is stored and its header checked (service/feature_files.py):
+    ``layout`` is what the header showed, ``classes`` the number of classes (K).
+    """
+
+    __tablename__ = "uploads"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200), index=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    layout: Mapped[dict] = mapped_column(JSONDocument)
+    classes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class WorkerPresence(Base):
     """A live worker and the queues it serves, refreshed every heartbeat interval by the worker's main process.
 

@@ -1,7 +1,7 @@
 """Who may do what: the one rule of the roles (DESIGN.md, "Identity, roles and scheduling").
 
 - ``reader``: reads everything, changes nothing;
-- ``member``: reads everything, submits, and cancels or relabels what it owns;
+- ``member``: reads everything, submits (experiments, sweeps, uploads), and cancels or relabels what it owns;
 - ``admin``: everything, others' work and the audit included.
 
 Every route and dashboard page that changes something asks ``check`` (or ``may``, to
@@ -24,6 +24,7 @@ Action = Literal[
     "sweep.submit",
     "sweep.cancel",
     "sweep.relabel",
+    "upload.submit",
     "audit.read",
     "read",
 ]
@@ -40,6 +41,7 @@ class Forbidden(HTTPException):
         what = {
             "experiment.submit": "submit experiments",
             "sweep.submit": "submit sweeps",
+            "upload.submit": "upload files",
             "audit.read": "read the audit",
         }.get(action) or f"{verb} {noun} {target}"
         if caller.role == "reader":

@@ -70,6 +70,27 @@ def _field_name(info: ValidationInfo) -> str:
     return info.field_name
 
 
+def _storable_text(text: str) -> str:
+    """Text both databases can store: PostgreSQL's text and JSONB hold no NUL character, and a
+    lone surrogate (which JSON's \\ud800 escapes can carry) has no UTF-8 form, in either database."""
+    if "\x00" in text:
+        raise PydanticCustomError("unstorable_text", "contains a NUL character (\\u0000), which cannot be stored")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            "unstorable_text",
+            "contains a lone surrogate ({character}), which cannot be stored",
+            {"character": ascii(text[exc.start])},
+        ) from None
+    return text
+
+
+# The character rule of every string the user gives. It goes after a string's own
+# constraints, so that theirs keep the messages of a string ("at most 200 characters").
+StorableText = AfterValidator(_storable_text)
+
+
 class SpecBase(BaseModel):
     # Infinity and NaN are no sizes, rates or tolerances: a 422 naming the field, at the edge.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -479,28 +500,109 @@ def _artifacts_capped(size: int, what: str) -> None:
         )
 
 
-ExperimentSpec = Annotated[UFMSpec | TrainSpec, Field(discriminator="kind")]
+# The files a training run keeps (worker/nc/train.py writes them; tests/test_analysis.py checks the names agree).
+TRAINING_FEATURES = "features.safetensors"
+TRAINING_MODEL = "model.safetensors"
 
 
-def _storable_text(text: str) -> str:
-    """Text both databases can store: PostgreSQL's text and JSONB hold no NUL character, and a
-    lone surrogate (which JSON's \\ud800 escapes can carry) has no UTF-8 form, in either database."""
-    if "\x00" in text:
-        raise PydanticCustomError("unstorable_text", "contains a NUL character (\\u0000), which cannot be stored")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise PydanticCustomError(
-            "unstorable_text",
-            "contains a lone surrogate ({character}), which cannot be stored",
-            {"character": ascii(text[exc.start])},
-        ) from None
-    return text
+# An analysis's steps: the checkpoints of one file's leading axis, or one file each.
+MAX_ANALYSIS_STEPS = 10_000
 
 
-# The character rule of every string the user gives. It goes after a string's own
-# constraints, so that theirs keep the messages of a string ("at most 200 characters").
-StorableText = AfterValidator(_storable_text)
+def _upload_ids(value: Any) -> Any:
+    """One clear error for an upload id or a list of them, instead of one per member of the union."""
+    ids = value if isinstance(value, list) else [value]
+    if not all(isinstance(upload_id, str) for upload_id in ids) or not 1 <= len(ids) <= MAX_ANALYSIS_STEPS:
+        raise ValueError(f"must be an upload's id, or a list of 1 to {MAX_ANALYSIS_STEPS} ids")
+    return value
+
+
+class UploadSource(BaseModel):
+    """Uploaded files of features (POST /uploads): one, or one per checkpoint, in step order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    upload: Annotated[str | list[str], BeforeValidator(_upload_ids)] = Field(
+        description="an upload's id, or a list of ids: one file per step"
+    )
+
+
+class ExperimentSource(BaseModel):
+    """A file of features another experiment kept (a training run's, with save_features)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: str = Field(description="the experiment's id")
+    artifact: str = Field(TRAINING_FEATURES, description="the name of its artifact of features")
+    model: str | None = Field(
+        None,
+        description="the name of its artifact holding the network (a state_dict): its classifier.weight and "
+        "classifier.bias are the classifier and bias",
+    )
+
+
+SOURCE_FORMS = (["upload"], ["experiment"])  # the tags of an analysis's source, as parts of an error's location
+
+
+def _source_form(source: Any) -> str:
+    # A dict when validating, the model when serializing.
+    is_experiment = isinstance(source, ExperimentSource) or (isinstance(source, dict) and "experiment" in source)
+    return "experiment" if is_experiment else "upload"
+
+
+Description = Annotated[str, StringConstraints(min_length=1, max_length=200), StorableText]
+
+
+class AnalysisSpec(SpecBase):
+    """The metric catalogue of features computed elsewhere, in float64, from a stored file.
+
+    The file holds ``features`` (N x d, or S x N x d: one slice per checkpoint) and ``labels``,
+    optionally ``classifier``, ``bias`` and held-out ``test_features`` / ``test_labels``
+    (service/feature_files.py). ``K`` and ``d`` are the file's: the API fills them in at submit.
+    ``model``, ``dataset``, ``architecture`` and ``epoch`` describe what was analysed, for search.
+    """
+
+    kind: Literal["analysis"]
+    source: Annotated[
+        Annotated[UploadSource, Tag("upload")] | Annotated[ExperimentSource, Tag("experiment")],
+        Discriminator(_source_form),
+    ] = Field(description='{"upload": id or [ids]}, or {"experiment": id, "artifact": name}')
+    K: int | None = Field(None, ge=2, description="classes; filled in at submit from the file")
+    d: int | None = Field(None, ge=1, description="feature dimension; filled in at submit from the file")
+    logit_scale: float = Field(1.0, gt=0, le=1000, description="the logits are logit_scale * W h + b")
+    normalize_classifier: bool = Field(
+        False, description="the classifier's rows on the unit sphere: a normalized network's effective classifier"
+    )
+    steps: list[int] | None = Field(
+        None,
+        max_length=MAX_ANALYSIS_STEPS,
+        description="the history's step of each checkpoint, increasing (e.g. epochs); default 0, 1, 2, ...",
+    )
+    model: Description | None = Field(None, description="free text: the model analysed, e.g. vit_b16")
+    dataset: Annotated[str, StringConstraints(min_length=1, max_length=32), StorableText] | None = Field(
+        None, description="free text: the data set, e.g. imagenet"
+    )
+    architecture: Annotated[str, StringConstraints(min_length=1, max_length=32), StorableText] | None = Field(
+        None, description="free text: the architecture, e.g. vit"
+    )
+    epoch: int | None = Field(None, ge=0, description="the training epoch the features are from")
+    resources: Resources = Field("cpu", description=RESOURCES_DESCRIPTION)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_increase(cls, steps: list[int] | None) -> list[int] | None:
+        if steps is not None and any(later <= earlier for earlier, later in itertools.pairwise(steps)):
+            raise ValueError(f"must increase strictly; got {steps[:20]}")
+        if steps is not None and any(step < 0 for step in steps):
+            raise ValueError("must be at least 0")
+        return steps
+
+
+ExperimentSpec = Annotated[UFMSpec | TrainSpec | AnalysisSpec, Field(discriminator="kind")]
+SPEC_KINDS: tuple[str, ...] = tuple(
+    typing.get_args(model.model_fields["kind"].annotation)[0]
+    for model in typing.get_args(UFMSpec | TrainSpec | AnalysisSpec)
+)
 
 
 def _storable_json(document: Any) -> Any:
@@ -693,6 +795,22 @@ class ArtifactList(BaseModel):
     """An experiment's artifacts, ordered by name."""
 
     items: list[ArtifactOut]
+
+
+class UploadOut(BaseModel):
+    """A file of features uploaded for analysis (POST /uploads): analyse it with ``{"source": {"upload": id}}``."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    bytes: int = Field(description="its size")
+    sha256: str = Field(description="the SHA-256 of its bytes, in hex")
+    owner: str
+    classes: int = Field(description="K: the classifier's rows, or the largest label + 1")
+    layout: dict[str, Any] = Field(
+        description="what its header shows: format, steps, samples, dim and each tensor's dtype and shape"
+    )
+    created_at: datetime
 
 
 class Me(BaseModel):

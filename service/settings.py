@@ -50,6 +50,8 @@ class Settings(BaseSettings):
 
     # Request bodies above this many bytes are refused (413) before they are read.
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    # ... but the body of POST /uploads (a file of features, streamed to the artifact store): this many.
+    max_upload_bytes: int = Field(8 * 2**30, ge=1024)
     # Database connections per API process, and as many threads for its blocking routes:
     # a thread never waits for a connection, and no connection is opened and closed per request.
     api_connections: int = Field(16, ge=1)

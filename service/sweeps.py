@@ -16,11 +16,25 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from service.schemas import DEFAULT_PRIORITY, ExperimentSpec, Name, Priority, StorableJSON, Tags, TrainSpec, UFMSpec
+from service.schemas import (
+    DEFAULT_PRIORITY,
+    AnalysisSpec,
+    ExperimentSpec,
+    Name,
+    Priority,
+    StorableJSON,
+    Tags,
+    TrainSpec,
+    UFMSpec,
+)
 from service.settings import get_settings
 
 SPECS = TypeAdapter(ExperimentSpec)
-SPEC_MODELS: dict[str, type[UFMSpec] | type[TrainSpec]] = {"ufm": UFMSpec, "train": TrainSpec}
+SPEC_MODELS: dict[str, type[UFMSpec] | type[TrainSpec] | type[AnalysisSpec]] = {
+    "ufm": UFMSpec,
+    "train": TrainSpec,
+    "analysis": AnalysisSpec,
+}
 
 
 def _no_variants() -> list[dict[str, Any]]:

@@ -130,3 +130,29 @@ def test_a_run_killed_on_one_host_resumes_on_another_from_the_bucket_and_is_serv
         assert _names(bucket, f"{s3_store.url}/{solve}") == ["solution.safetensors"]
         solution = client.get(f"/experiments/{solve}/artifacts/solution.safetensors").content
         assert load(solution)["W"].shape == (4, 6)
+
+
+def test_an_upload_is_kept_in_the_bucket_and_analysed_from_it_a_block_at_a_time(s3_store, tmp_path, monkeypatch):
+    """POST /uploads's store operations and the worker's reads of an upload, on S3 (issue 26)."""
+    import numpy as np
+
+    from tests.feature_files import npz_bytes, simplex_collapse
+    from tests.test_metrics import assert_matches_reference, reference_metrics
+    from worker import sources
+    from worker.nc import analysis
+
+    features, labels, _ = simplex_collapse(num_classes=3, dim=5, per_class=40, noise=0.2)
+    data = npz_bytes(True, features=features.astype(np.float32), labels=labels)
+    store = ArtifactStore(s3_store.url, s3_store.options, tmp_path / "scratch")
+    with store.receive_upload("u1") as file:
+        file.write(data)
+    store.keep_upload("u1")
+    with store.open_upload("u1") as file:
+        assert file.read() == data
+    monkeypatch.setattr(analysis, "BLOCK_ENTRIES", 7 * 5)  # several blocks of the compressed member
+    found = sources.checkpoints(store, {"upload": "u1"})
+    result = analysis.analyse(found, 3, [0])
+    want = reference_metrics(features.astype(np.float32), labels)
+    assert_matches_reference({key: result[key] for key in want}, want)
+    store.discard_upload("u1")
+    assert _names(s3_store.filesystem(), f"{s3_store.url}/uploads") == []

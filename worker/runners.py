@@ -6,9 +6,11 @@ from pathlib import Path
 
 import torch
 
+from service import artifacts
 from service.artifacts import CHECKPOINT_NAME
 from service.settings import get_settings
-from worker.nc import checkpoint, train, ufm
+from worker import sources
+from worker.nc import analysis, checkpoint, train, ufm
 
 HistorySink = Callable[[int, dict], None]
 ProgressSink = Callable[[float], None]
@@ -87,7 +89,30 @@ def run_train(
     )
 
 
-RUNNERS = {"ufm": run_ufm, "train": run_train}
+def run_analysis(
+    spec: dict,
+    run_dir: Path,
+    on_checkpoint: HistorySink,
+    on_progress: ProgressSink,
+    should_stop: Callable[[], bool],
+    keep_checkpoint: CheckpointCopy,
+) -> dict:
+    """The catalogue of the source's files, read from the artifact store in blocks, one history row per checkpoint
+    (steps 0, 1, ... unless the spec gives them). Keeps no files, and no checkpoint: it starts again."""
+    found = sources.checkpoints(artifacts.get_store(), spec["source"])
+    return analysis.analyse(
+        found,
+        spec["K"],
+        spec["steps"] or list(range(len(found))),
+        spec["logit_scale"],
+        spec["normalize_classifier"],
+        on_checkpoint,
+        on_progress,
+        should_stop,
+    )
+
+
+RUNNERS = {"ufm": run_ufm, "train": run_train, "analysis": run_analysis}
 
 
 def resume_point(kind: str, run_dir: Path) -> int | None:

@@ -32,6 +32,7 @@ from service.settings import get_settings
 from worker import environment, runners
 from worker.heartbeat import Heartbeat
 from worker.memory import retain_freed_memory
+from worker.nc.analysis import BadData
 from worker.nc.ufm import Diverged, Stopped
 
 log = logging.getLogger("nclab.worker")
@@ -199,6 +200,8 @@ def _run(experiment_id: str, spec: dict, run_dir, record, set_progress, should_s
         return dict(status="canceled")
     except Diverged as exc:
         return dict(status="failed", error=f"diverged: {exc}")
+    except BadData as exc:
+        return dict(status="failed", error=f"bad data: {exc}")
     except Exception as exc:
         log.exception("experiment %s failed", experiment_id)
         return dict(status="failed", error=f"{exc.__class__.__name__}: {exc}\n{traceback.format_exc(limit=3)}")

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from service import idempotency, jobs, scheduler
 from service.api import audit_trail, metrics, problems
 from service.api.guards import RequestGuard
-from service.api.routes import artifacts, audit, docs, experiments, health, identity, search, sweeps, ui
+from service.api.routes import artifacts, audit, docs, experiments, health, identity, search, sweeps, ui, uploads
 from service.db import get_sessionmaker
 from service.dispatch import get_dispatcher
 from service.lifetime import die_with_parent, is_spawned_child
@@ -69,7 +69,9 @@ def create_app() -> FastAPI:
     )
     problems.install(app)
     audit_trail.install(app)
-    app.add_middleware(RequestGuard, max_body_bytes=get_settings().max_body_bytes)
+    app.add_middleware(
+        RequestGuard, max_body_bytes=get_settings().max_body_bytes, max_upload_bytes=get_settings().max_upload_bytes
+    )
     metrics.install(app)
     app.include_router(health.router)
     app.include_router(docs.router)
@@ -77,6 +79,7 @@ def create_app() -> FastAPI:
     app.include_router(experiments.router)
     app.include_router(artifacts.router)
     app.include_router(sweeps.router)
+    app.include_router(uploads.router)
     app.include_router(identity.router)
     app.include_router(audit.router)
     ui.install(app)

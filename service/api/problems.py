@@ -13,6 +13,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
 from service.idempotency import KeyReused
+from service.schemas import SOURCE_FORMS, SPEC_KINDS
 from service.search.language import FilterError
 
 PROBLEM_JSON = "application/problem+json"
@@ -87,9 +88,13 @@ def _field_name(loc: tuple, error_type: str) -> str:
         spec_at = 1 if parts[:1] == ["spec"] else None
     else:
         spec_at = 0 if in_body else None
-    if spec_at is not None and len(parts) > spec_at and parts[spec_at] in {"ufm", "train"}:
-        del parts[spec_at]
+    if spec_at is not None and len(parts) > spec_at and parts[spec_at] in SPEC_KINDS:
+        kind = parts.pop(spec_at)
         parts = parts or ["spec"]  # a bare spec's own error (a labelled one's is at "spec" already)
+        # An analysis's source is a union too, tagged by its form: source.upload, not source.upload.upload.
+        source_at = spec_at if spec_at < len(parts) and parts[spec_at] == "source" else None
+        if kind == "analysis" and source_at is not None and parts[source_at + 1 : source_at + 2] in SOURCE_FORMS:
+            del parts[source_at + 1]
     if error_type.startswith("union_tag"):
         parts.append("kind")
     return ".".join(parts) or ("body" if in_body else "")

@@ -508,7 +508,87 @@ def audit(
     out.print(_table(f"{len(rows)} audit rows", list(AUDIT_COLUMNS), rows))
 
 
-COMMANDS = (submit, sweep, status, wait, cancel, label, ls, history, compare, artifacts, download, whoami, audit)
+ArrayFile = Annotated[Path | None, typer.Option(help="a .npy file (with --labels)", exists=True, dir_okay=False)]
+
+
+def analyze(
+    features: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FEATURES",
+            help="a safetensors or .npz file holding features, labels, ... (uploaded as it is); or, with --labels, "
+            "a .npy of the features (N x d, or S x N x d for S checkpoints)",
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
+    labels: ArrayFile = None,
+    classifier: ArrayFile = None,
+    bias: ArrayFile = None,
+    test_features: ArrayFile = None,
+    test_labels: ArrayFile = None,
+    model: Annotated[str | None, typer.Option(help="what was analysed, e.g. vit_b16 (searchable: spec.model)")] = None,
+    dataset: Annotated[str | None, typer.Option(help="e.g. imagenet (spec.dataset)")] = None,
+    epoch: Annotated[int | None, typer.Option(help="the epoch the features are from (spec.epoch)")] = None,
+    logit_scale: Annotated[float | None, typer.Option(help="the logits are logit_scale * W h + b [default: 1]")] = None,
+    name: Annotated[str | None, typer.Option(help="a name")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="key=value, repeatable")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="follow it to the end; the exit code says how it ended")] = False,
+    timeout: Timeout = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Analyse features trained elsewhere: upload them and queue their metric catalogue; prints its id."""
+    arrays = {"classifier": classifier, "bias": bias, "test_features": test_features, "test_labels": test_labels}
+    given = [f"--{key.replace('_', '-')}" for key, path in arrays.items() if path is not None]
+    if labels is None and given:
+        raise typer.BadParameter(f"{', '.join(given)} go with --labels: FEATURES is then a .npy", param_hint="FEATURES")
+    spec = {"model": model, "dataset": dataset, "epoch": epoch, "logit_scale": logit_scale}
+    spec = {key: value for key, value in spec.items() if value is not None}
+    with _client(url, api_key) as client:
+        if labels is None:
+            upload = client.upload(features)
+            experiment = client.submit(
+                {"kind": "analysis", "source": {"upload": upload["id"]}, **spec}, name=name, tags=_tags(tag) or None
+            )
+        else:
+            import numpy as np  # the analyze extra's: a client-only install has none
+
+            def load(path: Path | None):
+                # Memory-mapped: safetensors copies it into the file a block at a time.
+                return None if path is None else np.load(path, mmap_mode="r", allow_pickle=False)
+
+            experiment = client.analyze(
+                load(features),
+                load(labels),
+                **{key: load(path) for key, path in arrays.items()},
+                name=name,
+                tags=_tags(tag) or None,
+                **spec,
+            )
+        out.print(experiment["id"], highlight=False)
+        if wait:
+            final = _follow(client, experiment["id"], timeout)
+            _print_experiment(final)
+            raise typer.Exit(_exit_code([final["status"]]))
+
+
+COMMANDS = (
+    submit,
+    sweep,
+    status,
+    wait,
+    cancel,
+    label,
+    ls,
+    history,
+    compare,
+    artifacts,
+    download,
+    whoami,
+    audit,
+    analyze,
+)
 DISTRIBUTION = "nclab"
 # The extra that the server's commands need: the server's, but `serve` runs a worker too, and a worker runs torch.
 SERVER_EXTRA = "server"

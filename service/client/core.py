@@ -9,6 +9,7 @@ import hashlib
 import os
 import random
 import re
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -93,6 +94,10 @@ _ERRORS = {
 }
 
 
+# The pieces an upload is sent in.
+UPLOAD_PIECE = 1 << 20
+
+
 def _error(response: httpx.Response) -> NclabError:
     try:
         problem = response.json()
@@ -151,17 +156,21 @@ class Client:
         *,
         params: dict | None = None,
         json: Any = None,
+        content: Iterator[bytes] | None = None,
         idempotency_key: str | None = None,
         headers: dict[str, str] | None = None,
         stream: bool = False,
     ) -> httpx.Response:
         """The response, retried on connection errors and 503s when that is safe; an NclabError for an error.
 
-        ``stream``: the body is left unread, for the caller to read and close (``download``).
+        ``content``: a file to stream as the body (never retried: it is read once). ``stream``: the body is
+        left unread, for the caller to read and close (``download``).
         """
-        retryable = method in ("GET", "PATCH") or idempotency_key is not None
+        retryable = (method in ("GET", "PATCH") or idempotency_key is not None) and content is None
         headers = {**(headers or {}), **({"Idempotency-Key": idempotency_key} if idempotency_key else {})}
-        request = self._http.build_request(method, path, params=_labels(**(params or {})), json=json, headers=headers)
+        request = self._http.build_request(
+            method, path, params=_labels(**(params or {})), json=json, content=content, headers=headers
+        )
         for attempt in range(self.retries + 1):
             last_try = not retryable or attempt == self.retries
             try:
@@ -281,6 +290,52 @@ class Client:
             finally:
                 partial.unlink(missing_ok=True)
         return target
+
+    # -- analyses of features trained elsewhere
+
+    def upload(self, path: str | os.PathLike[str]) -> dict:
+        """Upload a file of features (safetensors or npz: features, labels, optionally classifier, bias,
+        test_features, test_labels), streamed from disk; ``{"id", "bytes", "sha256", "layout", ...}``."""
+        size = os.path.getsize(path)
+        with open(path, "rb") as file:
+            # 1 MiB at a time: httpx reads a file 64 KiB at a time, a send (and its framing) each.
+            pieces = iter(lambda: file.read(UPLOAD_PIECE), b"")
+            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+            return self._request("POST", "/uploads", content=pieces, headers=headers).json()
+
+    def analyze(
+        self,
+        features,
+        labels,
+        classifier=None,
+        bias=None,
+        test_features=None,
+        test_labels=None,
+        *,
+        name: str | None = None,
+        tags: dict[str, str] | None = None,
+        **spec,
+    ) -> dict:
+        """Queue the metric catalogue of features (N x d, or S x N x d for S checkpoints) with their labels (N),
+        numpy arrays or torch tensors; the experiment as stored. ``spec``: the analysis's other fields
+        (``model``, ``dataset``, ``epoch``, ``logit_scale``, ``steps``, ...).
+
+        The tensors are written to a temporary safetensors file, which is uploaded (``upload``). Needs numpy
+        and safetensors (``pip install 'nclab[analyze]'``).
+        """
+        arrays = {
+            "features": features,
+            "labels": labels,
+            "classifier": classifier,
+            "bias": bias,
+            "test_features": test_features,
+            "test_labels": test_labels,
+        }
+        with tempfile.TemporaryDirectory(prefix="nclab-") as folder:
+            path = Path(folder) / "features.safetensors"
+            _write_safetensors(path, {key: value for key, value in arrays.items() if value is not None})
+            upload = self.upload(path)
+        return self.submit({"kind": "analysis", "source": {"upload": upload["id"]}, **spec}, name=name, tags=tags)
 
     # -- sweeps
 
@@ -469,6 +524,24 @@ class Client:
             "/experiments/curves.png",
             params={"where": where, "group_by": group_by, "metric": metric, "width": width, "height": height},
         ).content
+
+
+def _write_safetensors(path: Path, arrays: dict) -> None:
+    """numpy arrays or torch tensors (read through their numpy view, on the CPU) as a safetensors file."""
+    try:
+        import numpy as np
+        from safetensors.numpy import save_file
+    except ImportError as exc:
+        raise ImportError(f"Client.analyze needs numpy and safetensors: pip install 'nclab[analyze]' ({exc})") from exc
+
+    def as_numpy(value):
+        if hasattr(value, "detach"):  # a torch tensor; bfloat16 has no numpy type
+            value = value.detach().cpu()
+            value = value.float() if str(value.dtype) == "torch.bfloat16" else value
+            value = value.numpy()
+        return np.ascontiguousarray(value)
+
+    save_file({key: as_numpy(value) for key, value in arrays.items()}, str(path))
 
 
 def _sha256_etag(response: httpx.Response, name: str) -> str:

@@ -21,7 +21,7 @@ from typing import Literal
 
 from service.identity import ROLES
 from service.permissions import ACTIONS
-from service.schemas import STATUSES, TrainSpec, UFMSpec
+from service.schemas import STATUSES, AnalysisSpec, TrainSpec, UFMSpec
 
 FieldType = Literal["number", "string", "bool", "datetime"]
 
@@ -80,6 +80,7 @@ RESULT_TYPES: dict[str, FieldType] = {
             "saddles_found",  # UFM
             "epochs",
             "parameters",  # training
+            "checkpoints",  # analysis
         )
     },
     "converged": "bool",
@@ -109,7 +110,7 @@ ENVIRONMENT_TYPES: dict[str, FieldType] = {
 }
 
 # The step of a history row counts iterations for a UFM solve and epochs for training.
-STEP_UNITS = {"ufm": "iteration", "train": "epoch"}
+STEP_UNITS = {"ufm": "iteration", "train": "epoch", "analysis": "step"}
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ COLUMN_FIELDS = {
     for field in (
         Field("id", "string"),
         Field("status", "string", STATUSES),
-        Field("kind", "string", ("ufm", "train")),
+        Field("kind", "string", tuple(STEP_UNITS)),
         Field("owner", "string"),
         Field("name", "string"),
         Field("sweep", "string"),
@@ -149,7 +150,7 @@ COLUMN_FIELDS = {
 
 
 def _spec_field(name: str, annotation) -> Field:
-    """The type of a spec field from its pydantic annotation."""
+    """The type of a spec field from its pydantic annotation (an object or a list is exported as JSON text)."""
     args = [arg for arg in typing.get_args(annotation) if arg is not type(None)] or [annotation]
     if typing.get_origin(annotation) is Literal:
         return Field(f"spec.{name}", "string", tuple(args))
@@ -165,12 +166,14 @@ def _spec_field(name: str, annotation) -> Field:
 
 def _spec_fields() -> dict[str, Field]:
     fields: dict[str, Field] = {}
-    for model in (UFMSpec, TrainSpec):
+    for model in (UFMSpec, TrainSpec, AnalysisSpec):
         for name, info in model.model_fields.items():
             field = _spec_field(name, info.annotation)
             known = fields.get(field.name)
-            if known is not None and known.choices and field.choices:
-                field = Field(field.name, field.type, tuple(dict.fromkeys(known.choices + field.choices)))
+            if known is not None:
+                # A closed set of values only where every kind's field has one (an analysis's dataset is free text).
+                choices = known.choices + field.choices if known.choices and field.choices else None
+                field = Field(field.name, field.type, tuple(dict.fromkeys(choices)) if choices else None)
             fields[field.name] = field
     return fields
 

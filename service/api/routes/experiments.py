@@ -3,9 +3,11 @@
 from typing import Annotated
 
 from fastapi import Body, HTTPException, Query, Request, Response
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from service import idempotency, jobs, permissions, plots, scheduler, workers
+from service import analysis, idempotency, jobs, permissions, plots, scheduler, workers
 from service.api.admission import check_priority, check_queued_quota
 from service.api.deps import (
     ActorDep,
@@ -31,11 +33,16 @@ from service.api.formats import (
     with_documents,
 )
 from service.api.problems import InvalidField, problem_responses
+from service.audit import Actor
 from service.db import get_autocommit_engine, get_engine
 from service.dispatch import get_dispatcher
-from service.models import INTEGER_MAX, Experiment
+from service.identity import Caller
+from service.models import INTEGER_MAX, Artifact, Experiment
 from service.schemas import (
+    MAX_TAGS,
     TERMINAL_STATUSES,
+    TRAINING_FEATURES,
+    TRAINING_MODEL,
     ExperimentOut,
     LabelledSubmission,
     LabelPatch,
@@ -78,12 +85,22 @@ async def submit(
     """
     permissions.check(caller, "experiment.submit")
     labelled = submission if isinstance(submission, LabelledSubmission) else LabelledSubmission(spec=submission)
+    field_prefix = "spec." if isinstance(submission, LabelledSubmission) else ""
+    return await _queue(labelled, caller, actor, idempotency_key, field_prefix)
+
+
+async def _queue(
+    labelled: LabelledSubmission, caller: Caller, actor: Actor, idempotency_key: str | None, field_prefix: str
+) -> Response:
+    """Store a validated submission and answer 202 with it; its message is sent after the response."""
     check_priority(caller, labelled.priority)
     request = labelled.model_dump(mode="json")
     keyed = idempotency.keyed(caller.owner, idempotency_key, "/experiments", request)
     settings = get_settings()
     with get_engine().connect() as connection:
         check_queued_quota(connection, caller.owner, 1, settings)
+        if request["spec"]["kind"] == "analysis":
+            request["spec"] = await run_in_threadpool(_resolved, request["spec"], field_prefix)
         submitted = jobs.submit(
             connection, request["spec"], caller.owner, labelled.name, labelled.tags, keyed, actor, labelled.priority
         )
@@ -102,6 +119,63 @@ async def submit(
         headers=submitted_headers(submitted, "/experiments"),
         media_type="application/json",
     )
+
+
+@router.post(
+    "/{experiment_id}/reanalyze",
+    name="experiment.reanalyze",
+    status_code=202,
+    response_model=ExperimentOut,
+    responses={**NOT_FOUND, **problem_responses(403, 409, 429)},
+)
+async def reanalyze(experiment_id: str, caller: CallerDep, actor: ActorDep) -> Response:
+    """A new analysis experiment: the catalogue of a training run's saved features (``save_features``) with
+    today's metric code, judged by its network's final classifier, as the run measured its last epoch.
+
+    Its source names the run (``spec.source.experiment``) and it carries the run's tags plus
+    ``reanalysis_of: <id>``, so ``tags.reanalysis_of = '<id>'`` finds every reanalysis of a run. A run that kept
+    no features is a 409.
+    """
+    permissions.check(caller, "experiment.submit")
+    with Session(get_engine()) as session:
+        run = _get_or_404(session, experiment_id)
+        kept = {name for (name,) in session.execute(select(Artifact.name).where(Artifact.experiment_id == run.id))}
+    if run.kind != "train" or TRAINING_FEATURES not in kept:
+        raise HTTPException(
+            409,
+            f"experiment {experiment_id} kept no {TRAINING_FEATURES}: only a training run with save_features "
+            "can be reanalysed",
+        )
+    spec = {
+        "kind": "analysis",
+        "source": {
+            "experiment": run.id,
+            "artifact": TRAINING_FEATURES,
+            "model": TRAINING_MODEL if TRAINING_MODEL in kept else None,
+        },
+        "K": run.num_classes,
+        "logit_scale": run.logit_scale if run.normalization == "normalized" else 1.0,
+        "normalize_classifier": run.normalization == "normalized",
+        "dataset": run.dataset,
+        "architecture": run.architecture,
+        "epoch": run.epochs,
+    }
+    tags = {**run.tags, "reanalysis_of": run.id}
+    if len(tags) > MAX_TAGS:
+        raise InvalidField("tags", f"the run has {len(run.tags)} tags: with reanalysis_of, more than {MAX_TAGS}")
+    labelled = LabelledSubmission.model_validate(
+        {"spec": spec, "name": f"reanalysis of {run.name or run.id}", "tags": tags}
+    )
+    return await _queue(labelled, caller, actor, None, "spec.")
+
+
+def _resolved(spec: dict, prefix: str) -> dict:
+    """An analysis's spec with its source's K and d, or a 422 naming the field (``source.upload``, ...)."""
+    with Session(get_engine()) as session:
+        try:
+            return analysis.resolve(session, spec)
+        except analysis.InvalidSource as exc:
+            raise InvalidField(prefix + exc.field, exc.message) from None
 
 
 @router.get("/{experiment_id}", response_model=ExperimentOut, responses=NOT_FOUND)

@@ -91,7 +91,7 @@ def list_experiments(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: str | None = None,
     format: Format = None,
-    kind: Literal["ufm", "train"] | None = None,
+    kind: Literal["ufm", "train", "analysis"] | None = None,
     status: Status | None = None,
     normalization: Literal["normalized", "regularized", "none"] | None = None,
     K: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,

@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import Query, Response
 
-from service import idempotency, jobs, permissions, sweeps
+from service import analysis, idempotency, jobs, permissions, sweeps
 from service.api.admission import check_priority, check_queued_quota
 from service.api.deps import (
     ActorDep,
@@ -47,6 +47,9 @@ def submit(
     check_priority(caller, request.priority)
     try:
         specs = sweeps.members(request)
+        for index, spec in enumerate(specs):
+            if spec["kind"] == "analysis":
+                specs[index] = _resolved_member(session, index, spec)
     except sweeps.InvalidMember as exc:
         raise InvalidField(f"members[{exc.index}].{exc.field}" if exc.index >= 0 else exc.field, str(exc)) from None
     sweep = Sweep(
@@ -116,3 +119,11 @@ def cancel(sweep_id: str, session: SessionDep, caller: CallerDep, actor: ActorDe
     permissions.check(caller, "sweep.cancel", sweep_id, sweep.owner)
     jobs.cancel_sweep(session, sweep.id, actor)
     return sweep_queries.resource(session, sweep)
+
+
+def _resolved_member(session, index: int, spec: dict) -> dict:
+    """An analysis member with its source's K and d (service/analysis.py)."""
+    try:
+        return analysis.resolve(session, spec)
+    except analysis.InvalidSource as exc:
+        raise sweeps.InvalidMember(index, {"source": spec["source"]}, exc.field, exc.message) from None

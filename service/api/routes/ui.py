@@ -62,6 +62,7 @@ COLUMNS = [
 # The experiment page's charts: history metrics drawn together.
 CHARTS = {
     "ufm": ["nc1", "nc2_etf_m,nc2_etf_w", "nc3,nc3_etf", "loss", "accuracy"],
+    "analysis": ["nc1,test_nc1", "nc2_etf_m,nc2_etf_w", "nc3,nc3_etf", "loss,test_loss", "accuracy,test_accuracy"],
     "train": [
         "nc1,test_nc1",
         "nc2_etf_m,nc2_etf_w",

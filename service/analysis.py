@@ -1,0 +1,94 @@
+"""An analysis's source, looked up at submit: the files exist, agree with each other, and give K and d.
+
+A spec of kind ``analysis`` names uploads (service/api/routes/uploads.py) or another
+experiment's artifact. What their headers show is known here, before anything is queued: a
+missing upload or artifact, files that disagree (another d, another classifier's K), or
+``steps`` that do not count the checkpoints are a 422 at submit naming the field. K and d are
+written into the stored spec (the typed columns and spec.K / spec.d of the filter language).
+"""
+
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from service.artifacts import get_store
+from service.feature_files import BadFeatureFile, Layout, count_classes, inspect, network_classifier
+from service.models import Artifact, Upload
+
+
+class InvalidSource(ValueError):
+    """The source of an analysis cannot be analysed: ``field`` of the spec, and why."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file of an analysis's source, as its header shows it."""
+
+    layout: dict
+    classes: int
+
+
+def resolve(session: Session, spec: dict) -> dict:
+    """The spec with K and d filled in from its source's files, or InvalidSource."""
+    files = source_files(session, spec["source"])
+    dims = {file.layout["dim"] for file in files}
+    if len(dims) > 1:
+        raise InvalidSource("source.upload", f"the files' features have different dimensions {sorted(dims)}")
+    classifier_classes = {file.classes for file in files if "classifier" in file.layout["tensors"]}
+    if len(classifier_classes) > 1:
+        raise InvalidSource("source.upload", f"the files' classifiers have different K {sorted(classifier_classes)}")
+    num_classes = spec["K"] or max(file.classes for file in files)
+    if classifier_classes and num_classes not in classifier_classes:
+        raise InvalidSource("K", f"{num_classes}, but the classifier has {classifier_classes.pop()} rows")
+    if num_classes < 2:
+        raise InvalidSource("K", f"the labels name {num_classes} class; the catalogue needs at least 2")
+    steps = sum(file.layout["steps"] for file in files)
+    if spec["steps"] is not None and len(spec["steps"]) != steps:
+        raise InvalidSource("steps", f"{len(spec['steps'])} steps given; the source holds {steps} checkpoints")
+    (dim,) = dims
+    if spec["d"] is not None and spec["d"] != dim:
+        raise InvalidSource("d", f"{spec['d']}, but the features have dimension {dim}")
+    return {**spec, "K": num_classes, "d": dim}
+
+
+def source_files(session: Session, source: dict) -> list[SourceFile]:
+    """The files a source names, in step order."""
+    if "upload" in source:
+        ids = source["upload"] if isinstance(source["upload"], list) else [source["upload"]]
+        files = []
+        for upload_id in ids:
+            upload = session.get(Upload, upload_id)
+            if upload is None:
+                raise InvalidSource("source.upload", f"no upload with id {upload_id!r}")
+            files.append(SourceFile(upload.layout, upload.classes))
+        return files
+    experiment_id, name = source["experiment"], source["artifact"]
+    if session.get(Artifact, (experiment_id, name)) is None:
+        raise InvalidSource("source.artifact", f"experiment {experiment_id!r} has no artifact named {name!r}")
+    store = get_store()
+    try:
+        with store.open(experiment_id, name) as file:
+            layout = inspect(file, store.size(experiment_id, name))
+            classes = count_classes(file, layout)
+    except FileNotFoundError:
+        raise InvalidSource("source.artifact", f"the file of artifact {name!r} is missing from the store") from None
+    except BadFeatureFile as exc:
+        raise InvalidSource("source.artifact", f"{name}: {exc}") from None
+    model = source.get("model")
+    if model is None:
+        return [SourceFile(layout.describe(), classes)]
+    if session.get(Artifact, (experiment_id, model)) is None:
+        raise InvalidSource("source.model", f"experiment {experiment_id!r} has no artifact named {model!r}")
+    try:
+        with store.open(experiment_id, model) as file:
+            tensors = network_classifier(file, store.size(experiment_id, model), layout)
+    except FileNotFoundError:
+        raise InvalidSource("source.model", f"the file of artifact {model!r} is missing from the store") from None
+    except BadFeatureFile as exc:
+        raise InvalidSource("source.model", f"{model}: {exc}") from None
+    with_classifier = Layout(layout.format, tensors, layout.steps, layout.samples, layout.dim)
+    return [SourceFile(with_classifier.describe(), tensors["classifier"].shape[-2])]

@@ -1,0 +1,141 @@
+"""/uploads: files of features for analysis, streamed to the artifact store and checked before they are kept.
+
+The body is the file itself (``application/octet-stream``), written to the store as it
+arrives, under a partial name, and hashed on the way. Then its header is checked
+(service/feature_files.py) from the stored copy; a file that passes is renamed and its
+row and audit row committed together, a refused or broken-off one is removed: nothing of
+a refusal is kept.
+"""
+
+import asyncio
+import hashlib
+import uuid
+
+from fastapi import HTTPException, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from service import audit, permissions
+from service.api.deps import ActorDep, CallerDep, SessionDep, api_router, get_or_404
+from service.api.formats import json_bytes
+from service.api.problems import InvalidField, problem_responses
+from service.artifacts import ArtifactStore, get_store
+from service.feature_files import BadFeatureFile, count_classes, inspect
+from service.models import Upload, utcnow
+from service.schemas import UploadOut
+from service.settings import get_settings
+
+router = api_router("/uploads", "uploads")
+# The body arrives in the server's pieces (64 KiB); each write to the store is a hop to a thread and back,
+# so they are gathered to this size first.
+WRITE_SIZE = 4 << 20
+FILE_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "the file: safetensors or npz holding features, labels and optionally classifier, bias, "
+        "test_features, test_labels (docs/api.md)",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+@router.post(
+    "",
+    name="upload.submit",
+    status_code=201,
+    response_model=UploadOut,
+    responses=problem_responses(403, 413, 422),
+    openapi_extra=FILE_BODY,
+)
+async def upload(request: Request, session: SessionDep, caller: CallerDep, actor: ActorDep) -> Response:
+    """Store a file of features; ``201`` with its id, size and sha256 (and what its header shows).
+
+    Over NCLAB_MAX_UPLOAD_BYTES is a 413; a file whose header breaks a rule is a 422 naming the
+    tensor (``features``, ``labels``, ...) and the rule. Neither keeps anything.
+    """
+    permissions.check(caller, "upload.submit")
+    # Any body is taken as the file's bytes (curl --data-binary says application/x-www-form-urlencoded), but a
+    # form's: its bytes are the form's envelope, not the file.
+    content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
+    if content_type.startswith("multipart/"):
+        raise InvalidField(
+            "Content-Type", f"{content_type!r}: send the file itself as the body (application/octet-stream)"
+        )
+    upload_id = str(uuid.uuid4())
+    store = get_store()
+    try:
+        size, sha256 = await _receive(request, store, upload_id, get_settings().max_upload_bytes)
+        layout, classes = await run_in_threadpool(_check, store, upload_id, size)
+        await run_in_threadpool(store.keep_upload, upload_id)
+        row = Upload(
+            id=upload_id,
+            owner=caller.owner,
+            bytes=size,
+            sha256=sha256,
+            layout=layout,
+            classes=classes,
+            created_at=utcnow(),
+        )
+        session.add(row)
+        audit.record(session, actor.entry("upload.submit", upload_id, 201, f"{size} bytes, {layout['format']}"))
+        await run_in_threadpool(session.commit)
+    except BaseException:
+        await run_in_threadpool(store.discard_upload, upload_id)
+        raise
+    body = json_bytes(UploadOut.model_validate(row).model_dump(mode="json"))
+    return Response(body, status_code=201, headers={"Location": f"/uploads/{upload_id}"}, media_type="application/json")
+
+
+@router.get("/{upload_id}", response_model=UploadOut, responses=problem_responses(404))
+def read(upload_id: str, session: SessionDep) -> Upload:
+    return get_or_404(session, Upload, upload_id)
+
+
+async def _receive(request: Request, store: ArtifactStore, upload_id: str, cap: int) -> tuple[int, str]:
+    """Write the body into the store's partial file as it arrives: its size and sha256; 413 past ``cap``.
+
+    Pipelined: while two threads hash and write one piece (hashlib and the write both let go of the GIL),
+    the event loop receives the next; each piece waits for the one before, so they keep their order. A
+    piece is the server's chunks as they came, never joined: no byte is copied on the way.
+    """
+    digest = hashlib.sha256()
+    size, pending, pending_size = 0, [], 0
+    writing: asyncio.Future | None = None  # the piece being hashed and written
+    file = await run_in_threadpool(store.receive_upload, upload_id)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise HTTPException(413, f"the file passed {cap} bytes, the most taken (NCLAB_MAX_UPLOAD_BYTES)")
+            pending.append(chunk)
+            pending_size += len(chunk)
+            if pending_size >= WRITE_SIZE:
+                if writing is not None:
+                    await writing
+                writing = asyncio.gather(
+                    run_in_threadpool(_hash, digest, pending), run_in_threadpool(file.writelines, pending)
+                )
+                pending, pending_size = [], 0
+        if writing is not None:
+            await writing
+        _hash(digest, pending)  # the last piece, under WRITE_SIZE
+        await run_in_threadpool(file.writelines, pending)
+    finally:
+        if writing is not None:
+            await asyncio.gather(writing, return_exceptions=True)  # the file is not closed under a write
+        await run_in_threadpool(file.close)
+    return size, digest.hexdigest()
+
+
+def _hash(digest, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        digest.update(chunk)
+
+
+def _check(store: ArtifactStore, upload_id: str, size: int) -> tuple[dict, int]:
+    """The stored file's layout and number of classes, or a 422 naming the tensor and the rule."""
+    try:
+        with store.open_upload(upload_id, partial=True) as file:
+            layout = inspect(file, size)
+            return layout.describe(), count_classes(file, layout)
+    except BadFeatureFile as exc:
+        raise InvalidField(exc.tensor or "body", exc.message) from None
