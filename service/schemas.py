@@ -149,7 +149,43 @@ def _declare_cross_field_rules(schema: dict, model: type[SpecBase]) -> None:
     schema["allOf"] = rules
 
 
-class UFMSpec(SpecBase):
+class LossChoice(BaseModel):
+    """The loss of the logits, the same for both kinds (docs/closed-forms.md): the
+    cross-entropy, the squared error against the one-hot target (``mse``, Zhou et al.
+    2022), or the cross-entropy against targets smoothed by ``label_smoothing``
+    (PyTorch's ``label_smoothing``; Guo et al. 2024).
+
+    A spec's FIELD_OWNERS include LOSS_FIELD_OWNERS, its SCHEMA_RULES LOSS_RULE.
+    """
+
+    loss: Literal["cross_entropy", "mse", "label_smoothing"] = Field(
+        "cross_entropy", description="cross_entropy; mse: half the squared error to the one-hot target; label_smoothing"
+    )
+    label_smoothing: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        validate_default=True,
+        description="label_smoothing only, and required with it: eps, targets (1 - eps) e_y + eps/K",
+    )
+
+    @field_validator("label_smoothing")
+    @classmethod
+    def _given_with_its_loss(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is None and info.data.get("loss") == "label_smoothing":
+            raise ValueError("required with loss 'label_smoothing': the smoothing eps, 0 < eps < 1")
+        return value
+
+
+LOSS_FIELD_OWNERS: FieldOwners = {"label_smoothing": ("loss", ("label_smoothing",))}
+# label_smoothing is required with its loss: a rule the JSON Schema states too.
+LOSS_RULE = {
+    "if": {"properties": {"loss": {"const": "label_smoothing"}}, "required": ["loss"]},
+    "then": {"required": ["label_smoothing"], "properties": {"label_smoothing": {"type": "number"}}},
+}
+
+
+class UFMSpec(SpecBase, LossChoice):
     """Unconstrained feature model: features H and classifier W are free variables.
 
     ``normalized``: rows of W and H on the unit sphere, logits ``logit_scale * <w_k, h>``
@@ -161,13 +197,15 @@ class UFMSpec(SpecBase):
     FIELD_OWNERS: ClassVar[FieldOwners] = {
         "logit_scale": ("normalization", ("normalized",)),
         **{field: ("normalization", ("regularized",)) for field in ("lambda_w", "lambda_h", "lambda_b")},
+        **LOSS_FIELD_OWNERS,
     }
     # Normalized (the default) needs d >= 2: a rule the JSON Schema states too.
     SCHEMA_RULES: ClassVar[list] = [
         {
             "if": {"properties": {"normalization": {"const": "normalized"}}},
             "then": {"properties": {"d": {"minimum": 2}}},
-        }
+        },
+        LOSS_RULE,
     ]
     model_config = ConfigDict(json_schema_extra=_declare_cross_field_rules)
 
@@ -258,10 +296,11 @@ _TRAIN_FIELD_OWNERS: FieldOwners = {
         field: ("dataset", ("gaussian",))
         for field in ("gaussian_dim", "gaussian_train_per_class", "gaussian_test_per_class", "gaussian_noise")
     },
+    **LOSS_FIELD_OWNERS,
 }
 
 
-class TrainSpec(SpecBase):
+class TrainSpec(SpecBase, LossChoice):
     """A deep network trained on real data, NC metrics on the training set every epoch.
 
     ``normalized``: penultimate features and classifier rows on the unit sphere, logits
@@ -271,6 +310,7 @@ class TrainSpec(SpecBase):
     """
 
     FIELD_OWNERS: ClassVar[FieldOwners] = _TRAIN_FIELD_OWNERS
+    SCHEMA_RULES: ClassVar[list] = [LOSS_RULE]
     model_config = ConfigDict(json_schema_extra=_declare_cross_field_rules)
 
     kind: Literal["train"]

@@ -10,7 +10,7 @@ The symmetries: the objective depends on W and H only through the logits W h_i, 
 is invariant under W -> W Q, H -> H Q for orthogonal Q. At a critical point this gives
 the d(d-1)/2 zero-curvature directions (W A, H A), A skew, which would read as a zero
 eigenvalue at every minimum; `SymmetryModes` removes them. Without decay on the bias,
-softmax's invariance under b -> b + c 1 adds one more.
+softmax's invariance under b -> b + c 1 adds one more (not under the squared error).
 """
 
 import math
@@ -165,8 +165,9 @@ def hessian_extremes(
 
 
 def bias_shift_is_free(problem: UFMProblem) -> bool:
-    """Whether b -> b + c 1 leaves the objective unchanged: a bias without decay."""
-    return problem.bias and (problem.normalization == "normalized" or problem.lambda_b == 0)
+    """Whether b -> b + c 1 leaves the objective unchanged: a bias without decay, under a
+    softmax loss (the squared error sees every logit)."""
+    return problem.bias and problem.loss != "mse" and (problem.normalization == "normalized" or problem.lambda_b == 0)
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,9 @@ without augmentation, from the features as fed to the classifier and the effecti
 classifier (unit rows and scale s when normalized): on the training set, and on the test
 set as the same keys prefixed `test_` (`test_nc1`, ..., `test_loss`, `test_accuracy`).
 The reported `loss` and `accuracy` are the training set's eval-mode cross-entropy and
-accuracy, while `train_loss` / `train_accuracy` are the running figures of the epoch's
-mini-batches (the cross-entropy alone, without the decay terms, so that the modes
+accuracy, whatever `loss` the run trains with (so that runs of different losses compare),
+while `train_loss` / `train_accuracy` are the running figures of the epoch's mini-batches
+(the trained loss alone, `batch_loss`, without the decay terms, so that the modes
 compare).
 
 With a `checkpoint_path`, the run is saved there every `checkpoint_every` epochs and
@@ -53,6 +54,7 @@ from worker.nc.metrics import collapse_metrics
 from worker.nc.models import NCModel, build_model
 from worker.nc.tensor_files import write_tensors
 from worker.nc.ufm import Diverged, Stopped
+from worker.nc.ufm_problem import LOSSES
 
 NORMALIZATIONS = ("normalized", "regularized", "none")
 OPTIMIZERS = ("sgd", "adam")
@@ -118,6 +120,8 @@ class TrainConfig:
     gaussian_noise: float = 1.0
     checkpoint_every: int = 1  # epochs between checkpoints (with a checkpoint path)
     save_features: bool = False  # keep the penultimate features and labels (with an outputs directory)
+    loss: str = "cross_entropy"  # LOSSES
+    label_smoothing: float | None = None  # eps, with loss "label_smoothing" only
 
     def __post_init__(self):
         for field, value, allowed in (
@@ -126,6 +130,7 @@ class TrainConfig:
             ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
             ("weight_decay_scope", self.weight_decay_scope, (None, *WEIGHT_DECAY_SCOPES)),
             ("feature_decay_reduction", self.feature_decay_reduction, ("mean", "sum")),
+            ("loss", self.loss, LOSSES),
         ):
             if value not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
@@ -135,6 +140,10 @@ class TrainConfig:
             raise ValueError("batch_size must be at least 2: BatchNorm needs two samples")
         if self.epochs < 1 or self.metrics_every < 1 or self.checkpoint_every < 1:
             raise ValueError("epochs, metrics_every and checkpoint_every must be at least 1")
+        if (self.loss == "label_smoothing") != (self.label_smoothing is not None):
+            raise ValueError("label_smoothing is required with loss 'label_smoothing', and only with it")
+        if self.label_smoothing is not None and not 0 < self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must lie strictly between 0 and 1, got {self.label_smoothing}")
 
     @property
     def decay_scope(self) -> str:
@@ -173,6 +182,19 @@ def make_optimizer(config: TrainConfig, model: NCModel) -> torch.optim.Optimizer
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.lr)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+
+
+def batch_loss(config: TrainConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean over the batch of `config.loss` (docs/closed-forms.md): the cross-entropy,
+    half the squared error to the one-hot target (Zhou et al. 2022), or the cross-entropy
+    against targets smoothed by `label_smoothing`."""
+    if config.loss == "mse":
+        targets = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+        return F.mse_loss(logits, targets, reduction="sum") / (2 * len(labels))
+    if config.loss == "label_smoothing":
+        assert config.label_smoothing is not None, "TrainConfig requires it with loss 'label_smoothing'"
+        return F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+    return F.cross_entropy(logits, labels)
 
 
 def feature_penalty(config: TrainConfig, features: torch.Tensor) -> torch.Tensor | float:
@@ -306,7 +328,7 @@ def train(
             x, y = train_x[indices], train_y[indices]
             features = model.features(x)
             logits = model.classify(features)
-            loss = F.cross_entropy(logits, y)
+            loss = batch_loss(config, logits, y)
             objective = loss + feature_penalty(config, features)
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
@@ -338,7 +360,7 @@ def train(
             save_checkpoint(checkpoint_path, state, epoch, row, run_config)
             if on_checkpoint_saved is not None:
                 on_checkpoint_saved(checkpoint_path)
-    _check_learned(row["train_loss"], config.num_classes)
+    _check_learned(row["train_loss"], config)
     if outputs is not None:
         if config.save_features and last_features is None:  # no metrics, or resumed after the last epoch
             last_features = penultimate_features(model, train_x), penultimate_features(model, test_x)
@@ -370,22 +392,25 @@ def write_outputs(
         )
 
 
-# A uniform guess scores ln K; a run that ends far above it did worse than guessing.
+# A run that ends far above a uniform guess's loss did worse than guessing.
 LEARNED_NOTHING_FACTOR = 2.0
 
 
-def _check_learned(final_train_loss: float, num_classes: int) -> None:
+def _check_learned(final_train_loss: float, config: TrainConfig) -> None:
     """Raise Diverged for a run whose last epoch's training loss is above twice a uniform guess's.
 
     Such a run (Adam at lr = 100, say) has finite losses but has learned nothing, and its
-    metrics would be reported as if it had.
+    metrics would be reported as if it had. Equal logits score ln K under either
+    cross-entropy, and zero logits 1/2 under the squared error.
     """
-    chance = math.log(num_classes)
+    if config.loss == "mse":
+        chance, name, guess = 0.5, "1/2", "zero logits score 1/2"
+    else:
+        chance, name, guess = math.log(config.num_classes), "ln K", "a uniform guess scores ln K"
     if final_train_loss > LEARNED_NOTHING_FACTOR * chance:
         raise Diverged(
             f"the last epoch's training loss is {final_train_loss:.4g}, above {LEARNED_NOTHING_FACTOR:g} "
-            f"x ln K = {LEARNED_NOTHING_FACTOR * chance:.3g} (a uniform guess scores ln K): "
-            "the run learned nothing"
+            f"x {name} = {LEARNED_NOTHING_FACTOR * chance:.3g} ({guess}): the run learned nothing"
         )
 
 

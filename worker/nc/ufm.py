@@ -28,6 +28,7 @@ from worker.nc.formulation import Formulation, class_labels, formulate
 from worker.nc.manifolds import Euclidean, Point, RowSphere
 from worker.nc.merging import descend, merged_formulation
 from worker.nc.metrics import collapse_metrics
+from worker.nc.objectives import mean_smooth_loss
 from worker.nc.stopping import Certificate
 from worker.nc.tensor_files import write_tensors
 from worker.nc.ufm_problem import UFMProblem, optimal_loss
@@ -328,8 +329,10 @@ def initial_point(problem: UFMProblem, seed: int, device: str | torch.device) ->
 
 
 def _metrics_row(problem: UFMProblem, labels: torch.Tensor, point: Point, grad_norm: float) -> dict:
-    """The history row of `point`: collapse_metrics (with the whole objective as `loss`
-    for "regularized"), the smallest angle between classifier rows and the gradient norm."""
+    """The history row of `point`: collapse_metrics, with `loss` the mean of the
+    problem's loss (plus the weight decays: the whole objective, for "regularized", whose
+    row keeps the logits' cross-entropy as `cross_entropy`), the smallest angle between
+    classifier rows and the gradient norm."""
     classifier, features = point[0], point[1]
     bias = point[2] if problem.bias else None
     if problem.normalization == "normalized":
@@ -337,9 +340,12 @@ def _metrics_row(problem: UFMProblem, labels: torch.Tensor, point: Point, grad_n
     else:
         row = collapse_metrics(features, labels, classifier, bias, problem.num_classes)
         row["cross_entropy"] = row["loss"]
+    if problem.loss != "cross_entropy":
+        row["loss"] = mean_smooth_loss(problem, labels, point)
+    if problem.normalization == "regularized":
         decays = [problem.lambda_w, problem.lambda_h] + [problem.lambda_b] * problem.bias
         penalty = sum(decay / 2 * float((block**2).sum()) for decay, block in zip(decays, point))
-        row["loss"] = row["cross_entropy"] + penalty
+        row["loss"] += penalty
     row["w_min_angle_deg"] = min_angle_degrees(classifier)
     row["grad_norm"] = grad_norm
     return row

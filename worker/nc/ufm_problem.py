@@ -13,6 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 NORMALIZATIONS = ("normalized", "regularized")
+# The per-sample loss of the logits (docs/closed-forms.md): the cross-entropy, the squared
+# error against the one-hot target (Zhou et al. 2022), or the cross-entropy against the
+# targets smoothed by `label_smoothing` (Guo et al. 2024).
+LOSSES = ("cross_entropy", "mse", "label_smoothing")
 # The optimizer: "first_order" is the preconditioned Riemannian gradient descent
 # (worker.nc.descent), "trust_region" the Riemannian trust-region method
 # (worker.nc.trust_region), and "auto" the first where it converges fast and the second
@@ -31,8 +35,12 @@ class UFMProblem:
     one int, so it compares, hashes and solves exactly like it.
 
     `tol` bounds the norm of the Riemannian gradient at the returned point: of log L for
-    "normalized" (whose gradient, unlike that of L, does not vanish as the loss
-    saturates at large logit scales) and of the full objective for "regularized". A
+    "normalized" under the cross-entropy (whose gradient, unlike that of L, does not
+    vanish as the loss saturates at large logit scales), of L under the other losses
+    (which do not saturate), and of the full objective for "regularized".
+
+    `loss` picks the per-sample loss of the logits (LOSSES); `label_smoothing` is its
+    eps, given with "label_smoothing" only. A
     normalized problem with a closed form must also be collapsed to count as converged
     (see worker.nc.ufm.solve). Rounding puts the floor of the gradient norm near 1e-15,
     so much smaller values are not reachable; docs/solver.md says what the default
@@ -60,6 +68,8 @@ class UFMProblem:
     checkpoint_every: int | None = None
     restarts: int = 1
     solver: str = "first_order"
+    loss: str = "cross_entropy"
+    label_smoothing: float | None = None
 
     def __post_init__(self):
         if self.num_classes < 2:
@@ -91,6 +101,12 @@ class UFMProblem:
             raise ValueError(f"restarts must be >= 1, got {self.restarts}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if (self.loss == "label_smoothing") != (self.label_smoothing is not None):
+            raise ValueError("label_smoothing is required with loss 'label_smoothing', and only with it")
+        if self.label_smoothing is not None and not 0 < self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must lie strictly between 0 and 1, got {self.label_smoothing}")
 
     def _validated_counts(self) -> int | tuple[int, ...]:
         if not isinstance(self.n_per_class, Sequence):
@@ -135,6 +151,10 @@ def optimal_loss(problem: UFMProblem) -> float | None:
     n = problem.n_per_class
     if not isinstance(n, int):  # imbalanced: problem.balanced is False
         return None
+    if problem.loss == "mse":
+        return _squared_error_optimum(problem, n) if problem.normalization == "regularized" else None
+    if problem.loss == "label_smoothing":
+        return None
     K, d = problem.num_classes, problem.dim
     if problem.normalization == "normalized":
         if d + 1 < K:
@@ -149,3 +169,34 @@ def optimal_loss(problem: UFMProblem) -> float | None:
     squared_norm = (K - 1) / (K * balance) * math.log(1 / strength - (K - 1))
     margin = balance * squared_norm * K / (K - 1)
     return math.log1p((K - 1) * math.exp(-margin)) + problem.lambda_w * K * squared_norm
+
+
+def _squared_error_optimum(problem: UFMProblem, n: int) -> float | None:
+    """The global minimum of the regularized UFM under the squared error (Zhou et al.,
+    ICML 2022), or None where it needs more dimensions than d; derived in
+    docs/closed-forms.md.
+
+    With beta = sqrt(n lambda_w lambda_h) the problem reduces to the logits' class matrix
+    Z = W [h_1 .. h_K] + b 1^T and min (1/(2K)) ||Z - I||^2 + beta ||W H||_* (+ the bias'
+    decay). Without a bias: f* = (K - r)/(2K) + r beta (1 - K beta / 2), r = min(d, K),
+    when K beta < 1, and 1/2 (W = H = 0) otherwise. With a bias: the class-mean part of
+    Z goes to the bias while lambda_b (1 - K beta) <= K beta, and the rest is a simplex
+    ETF of K - 1 dimensions; beyond that, the shared part splits between W H and b.
+    """
+    K, d = problem.num_classes, problem.dim
+    beta = math.sqrt(n * problem.lambda_w * problem.lambda_h)
+    if not problem.bias:
+        if K * beta >= 1:
+            return 0.5
+        rank = min(d, K)
+        return (K - rank) / (2 * K) + rank * beta * (1 - K * beta / 2)
+    lambda_b = problem.lambda_b
+    spread = max(1 - K * beta, 0.0)  # the singular value of Z on the centred directions
+    if lambda_b * (1 - K * beta) <= K * beta:
+        if spread > 0 and d < K - 1:
+            return None
+        centred = (K - 1) * ((spread - 1) ** 2 / (2 * K) + beta * spread)
+        return centred + lambda_b / (2 * K * (1 + lambda_b))
+    if d < K:
+        return None
+    return K * beta * (1 - K * beta / 2) - K * beta**2 / (2 * lambda_b)
