@@ -149,6 +149,10 @@ def _declare_cross_field_rules(schema: dict, model: type[SpecBase]) -> None:
     schema["allOf"] = rules
 
 
+# The deep UFM's most layers: the catalogue of each is a set of searchable keys (search/fields.py).
+MAX_LAYERS = 6
+
+
 class LossChoice(BaseModel):
     """The loss of the logits, the same for both kinds (docs/closed-forms.md): the
     cross-entropy, the squared error against the one-hot target (``mse``, Zhou et al.
@@ -206,6 +210,21 @@ class UFMSpec(SpecBase, LossChoice):
             "then": {"properties": {"d": {"minimum": 2}}},
         },
         LOSS_RULE,
+        # One layer (the default) unless regularized and first order; the hidden layers' fields
+        # keep their defaults with one layer. lambda_layers' length (layers - 1) is checked only
+        # by the API.
+        {
+            "if": {"properties": {"normalization": {"const": "normalized"}}},
+            "then": {"properties": {"layers": {"maximum": 1}}},
+        },
+        {
+            "if": {"properties": {"solver": {"enum": ["auto", "trust_region"]}}, "required": ["solver"]},
+            "then": {"properties": {"layers": {"maximum": 1}}},
+        },
+        {
+            "if": {"properties": {"layers": {"maximum": 1}}},
+            "then": {"properties": {"layer_activation": {"const": "linear"}, "lambda_layers": {"const": None}}},
+        },
     ]
     model_config = ConfigDict(json_schema_extra=_declare_cross_field_rules)
 
@@ -232,12 +251,49 @@ class UFMSpec(SpecBase, LossChoice):
         None, ge=1, description="iterations between history rows; default a 1-2-5 log schedule"
     )
     restarts: int = Field(1, ge=1, description="independent random starts; the best run is kept")
+    layers: int = Field(
+        1,
+        ge=1,
+        le=MAX_LAYERS,
+        description="linear maps from the features to the logits, the classifier included: 1 is W H; L > 1 puts "
+        "L - 1 d x d layers between them (the deep UFM; regularized, first_order only)",
+    )
+    layer_activation: Literal["linear", "relu"] = Field(
+        "linear", description="layers > 1 only: the activation after each layer but the classifier"
+    )
+    lambda_layers: list[Annotated[float, Field(ge=1e-12, le=1e6)]] | None = Field(
+        None, description="layers > 1 only: the weight decay of each of the L - 1 hidden layers; default lambda_w each"
+    )
     solver: Literal["auto", "first_order", "trust_region"] = Field(
         "first_order",
         description="the optimizer: preconditioned Riemannian gradient descent, Riemannian trust regions, "
         "or auto (trust regions where first order would crawl: K > d + 1, or sublinear progress)",
     )
     resources: Resources = Field("cpu", description=RESOURCES_DESCRIPTION)
+
+    @field_validator("layers")
+    @classmethod
+    def _deep_is_regularized(cls, layers: int, info: ValidationInfo) -> int:
+        if layers > 1 and info.data.get("normalization") != "regularized":
+            raise ValueError("more than 1 needs normalization 'regularized': the deep UFM is posed with weight decay")
+        return layers
+
+    @field_validator("layer_activation", "lambda_layers")
+    @classmethod
+    def _only_with_hidden_layers(cls, value: Any, info: ValidationInfo) -> Any:
+        layers = info.data.get("layers")
+        if value != cls.model_fields[_field_name(info)].default and layers == 1:
+            raise ValueError("applies only with layers > 1")
+        if _field_name(info) == "lambda_layers" and value is not None and layers and len(value) != layers - 1:
+            raise ValueError(f"needs one decay per hidden layer: layers - 1 = {layers - 1}, {len(value)} given")
+        return value
+
+    @field_validator("solver")
+    @classmethod
+    def _one_layer_for_second_order(cls, solver: str, info: ValidationInfo) -> str:
+        if solver != "first_order" and (info.data.get("layers") or 1) > 1:
+            raise ValueError("must be 'first_order' with layers > 1: the trust regions know the one-layer Hessian only")
+        return solver
 
     @field_validator("d")
     @classmethod

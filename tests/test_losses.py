@@ -85,10 +85,11 @@ def test_squared_error_closed_forms_by_hand():
 def reference_optimum(problem: UFMProblem, starts: int = 2) -> float:
     """The lowest value scipy's L-BFGS finds from `starts` random starts, on the objective
     written with torch's losses and differentiated by autograd, in float64: normalized
-    rows as x / ||x|| of free rows."""
+    rows as x / ||x|| of free rows; a deep UFM's hidden layers after the bias."""
     K, d, N = problem.num_classes, problem.dim, problem.num_samples
     labels = torch.arange(K).repeat_interleave(torch.tensor(problem.class_counts))
-    sizes = [K * d, N * d] + [K] * problem.bias
+    sizes = [K * d, N * d] + [K] * problem.bias + [d * d] * (problem.layers - 1)
+    activation = torch.relu if problem.layer_activation == "relu" else (lambda x: x)
 
     def objective(flat: np.ndarray) -> tuple[float, np.ndarray]:
         x = torch.tensor(flat, requires_grad=True)
@@ -99,6 +100,8 @@ def reference_optimum(problem: UFMProblem, starts: int = 2) -> float:
             features = features / features.norm(dim=1, keepdim=True)
             logits = problem.logit_scale * features @ classifier.T
         else:
+            for layer in blocks[2 + problem.bias :]:
+                features = activation(features @ layer.reshape(d, d).T)
             logits = features @ classifier.T
         if problem.bias:
             logits = logits + blocks[2]
@@ -106,9 +109,10 @@ def reference_optimum(problem: UFMProblem, starts: int = 2) -> float:
             targets = torch.nn.functional.one_hot(labels, K).to(torch.float64)
             value = ((logits - targets) ** 2).sum() / (2 * N)
         else:
-            value = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=problem.label_smoothing)
+            value = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=problem.label_smoothing or 0.0)
         if problem.normalization == "regularized":
-            decays = [problem.lambda_w, problem.lambda_h, problem.lambda_b]
+            decays = [problem.lambda_w, problem.lambda_h] + [problem.lambda_b] * problem.bias
+            decays += [problem.lambda_layers[i] if problem.lambda_layers else problem.lambda_w for i in range(problem.layers - 1)]
             value = value + sum(decay / 2 * (block**2).sum() for decay, block in zip(decays, blocks))
         (grad,) = torch.autograd.grad(value, x)
         return value.item(), grad.numpy()

@@ -106,6 +106,11 @@ def test_cancel_stops_a_running_job_within_seconds_and_keeps_its_history(product
         ({"loss": "label_smoothing", "label_smoothing": 1.0}, "label_smoothing"),  # 0 < eps < 1
         ({"loss": "label_smoothing", "label_smoothing": 0}, "label_smoothing"),
         ({"loss": "mse", "label_smoothing": 0.1}, "label_smoothing"),  # only with its loss
+        ({"layers": 2}, "layers"),  # the deep UFM is regularized
+        ({"normalization": "regularized", "layers": 7}, "layers"),
+        ({"normalization": "regularized", "layers": 2, "solver": "trust_region"}, "solver"),
+        ({"normalization": "regularized", "layers": 3, "lambda_layers": [1e-3]}, "lambda_layers"),
+        ({"layer_activation": "relu"}, "layer_activation"),  # only with layers > 1
     ],
 )
 def test_invalid_specs_are_422_problems_naming_the_field_and_store_nothing(api_each_db, spec, field):

@@ -21,7 +21,7 @@ from typing import Literal
 
 from service.identity import ROLES
 from service.permissions import ACTIONS
-from service.schemas import STATUSES, TrainSpec, UFMSpec
+from service.schemas import MAX_LAYERS, STATUSES, TrainSpec, UFMSpec
 
 FieldType = Literal["number", "string", "bool", "datetime"]
 
@@ -45,9 +45,15 @@ CATALOGUE_METRICS = (
     "accuracy",
     "loss",
 )
+# A deep UFM's (spec.layers > 1) catalogue of the class means at each hidden layer, the
+# unconstrained features being layer 1: nc1_layer1, ..., nc2_etf_m_layer7 (the plain keys
+# are the classifier's input).
+LAYER_METRICS = ("nc1", "nc1_cdnv", "nc2_equinorm_m", "nc2_equiangle_m", "nc2_etf_m")
+LAYER_KEYS = tuple(f"{key}_layer{layer}" for layer in range(1, MAX_LAYERS) for key in LAYER_METRICS)
 # Keys of a history row, beside its step.
 HISTORY_KEYS = (
     *CATALOGUE_METRICS,
+    *LAYER_KEYS,
     "cross_entropy",
     "grad_norm",
     "w_min_angle_deg",  # UFM checkpoints

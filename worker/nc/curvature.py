@@ -97,10 +97,21 @@ class Curvature:
 
 
 def hessian_extremes(
-    formulation: Formulation, point: Point, shifts_bias: bool, *, seed: int = 0, max_steps: int = LANCZOS_MAX_ITERS
+    formulation: Formulation,
+    point: Point,
+    shifts_bias: bool,
+    *,
+    seed: int = 0,
+    max_steps: int = LANCZOS_MAX_ITERS,
+    rotates: bool = True,
 ) -> Curvature:
     """Lanczos on Pi Hess Pi, Pi the projection onto the tangent space without the
     symmetry directions, started from a seeded random tangent vector.
+
+    `rotates`: whether the point is [W, H, (b)] of the one-layer model, whose symmetries
+    SymmetryModes knows. A deep UFM's are others (rotations between linear layers), and
+    none are projected out: their zero modes stay, so the smallest eigenvalue at one of
+    its minima is ~0, which tells a minimum from a strict saddle all the same.
 
     Every Lanczos vector is reorthogonalized against all earlier ones, twice, in the
     manifolds' metric: without it, rounding brings back copies of converged Ritz values
@@ -108,7 +119,7 @@ def hessian_extremes(
     """
     manifolds = formulation.manifolds
     hessian = riemannian_hessian(formulation.objective, formulation.hessian, manifolds, point)
-    modes = SymmetryModes(formulation, point, shifts_bias)
+    modes = SymmetryModes(formulation, point, shifts_bias) if rotates else None
     shapes = [block.shape for block in point]
     sizes = [block.numel() for block in point]
     metric = torch.cat(
@@ -130,7 +141,7 @@ def hessian_extremes(
 
     def restricted(flat: torch.Tensor) -> torch.Tensor:
         blocks = [m.project(x, v.clone()) for m, x, v in zip(manifolds, point, unflatten(flat))]
-        return flatten(modes.project_out(blocks))
+        return flatten(blocks if modes is None else modes.project_out(blocks))
 
     generator = torch.Generator(device=point[0].device).manual_seed(seed)
     start = restricted(torch.randn(sum(sizes), generator=generator, dtype=torch.float64, device=point[0].device))
@@ -198,7 +209,9 @@ def certify(
     a local minimum where it is not."""
     critical = grad_norm <= grad_tol
     steps = LANCZOS_MAX_ITERS if critical else NOT_CRITICAL_LANCZOS_STEPS
-    curvature = hessian_extremes(formulation, point, bias_shift_is_free(problem), max_steps=steps)
+    curvature = hessian_extremes(
+        formulation, point, bias_shift_is_free(problem), max_steps=steps, rotates=problem.layers == 1
+    )
     curvature_tol = NEGATIVE_CURVATURE_TOL * abs(curvature.largest)
     if not critical:
         kind = NOT_CRITICAL
