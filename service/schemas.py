@@ -429,7 +429,28 @@ class TrainSpec(SpecBase, LossChoice):
     save_features: bool = Field(
         False, description="keep the penultimate features and labels of both sets as an artifact (features.safetensors)"
     )
+    metrics_layers: list[str] | None = Field(
+        None,
+        max_length=40,
+        description="layers whose outputs are measured too, on the training set (the class means' catalogue, keys "
+        "<key>_<layer>): mlp layer1 ... layer<mlp_depth>, resnet stem, stage1 ... stage4, vgg11 block1 ... block5; "
+        '["all"] for every one',
+    )
     resources: Resources = Field("gpu", description=RESOURCES_DESCRIPTION)
+
+    @field_validator("metrics_layers")
+    @classmethod
+    def _layers_exist(cls, names: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        architecture = info.data.get("architecture")
+        if names is None or names == ["all"] or architecture is None:
+            return names
+        known = architecture_layers(architecture, info.data.get("mlp_depth") or 3)
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise ValueError(
+                f"{architecture} has no layer {', '.join(unknown)}: its layers are {', '.join(known)}, or all"
+            )
+        return names
 
     @field_validator("dataset")
     @classmethod
@@ -559,6 +580,16 @@ class TrainSpec(SpecBase, LossChoice):
             job_size.train_artifact_bytes(spec, class_counts), "the weights and, with save_features, the features"
         )
         return self
+
+
+def architecture_layers(architecture: str, mlp_depth: int) -> tuple[str, ...]:
+    """The layers of an architecture that metrics_layers names, input to output (the
+    engine's worker.nc.models.layer_names; tests/test_layer_metrics.py keeps them equal)."""
+    if architecture == "mlp":
+        return tuple(f"layer{index}" for index in range(1, mlp_depth + 1))
+    if architecture in ("resnet18", "resnet50"):
+        return ("stem", "stage1", "stage2", "stage3", "stage4")
+    return ("block1", "block2", "block3", "block4", "block5")
 
 
 def _gib(size: int) -> str:

@@ -11,10 +11,10 @@ from service import schemas
 from tests.test_losses import reference_optimum
 from worker.nc import curvature
 from worker.nc.formulation import class_labels, formulate
-from worker.nc.metrics import MEAN_KEYS, collapse_metrics
+from worker.nc.metrics import MEAN_KEYS, collapse_metrics, layer_key
 from worker.nc.objectives import riemannian_hessian, value_and_riemannian_grad
 from worker.nc.ufm import UFMProblem, initial_point, optimal_loss, solve
-from worker.nc.ufm_problem import MAX_LAYERS, layer_key
+from worker.nc.ufm_problem import MAX_LAYERS
 from worker.runners import engine_config
 
 
@@ -49,7 +49,7 @@ def test_deep_linear_squared_error_reaches_its_closed_form_collapsed_at_every_la
     assert abs(result["optimality_gap"]) <= 1e-10 * result["optimal_loss"]
     assert result["critical_point"] == curvature.LOCAL_MINIMUM
     for layer in range(1, problem.layers):
-        assert result[layer_key("nc1", layer)] < 1e-18
+        assert result[layer_key("nc1", f"layer{layer}")] < 1e-18
     assert result["nc1"] < 1e-18
     if geometry == "orthogonal":
         assert result["nc2_equiangle_w"] == pytest.approx(1 / (problem.num_classes - 1), rel=1e-8)
@@ -93,10 +93,10 @@ def test_the_layers_catalogue_is_measured_on_each_layers_features():
     for layer, layer_input in by_layer.items():
         expected = collapse_metrics(layer_input, labels, None, None, 3)
         for key in MEAN_KEYS:
-            assert rows[0][layer_key(key, layer)] == pytest.approx(expected[key], rel=1e-12)
+            assert rows[0][layer_key(key, f"layer{layer}")] == pytest.approx(expected[key], rel=1e-12)
     classifier_input = torch.relu(by_layer[2] @ second.T)
     assert rows[0]["nc1"] == pytest.approx(collapse_metrics(classifier_input, labels, None, None, 3)["nc1"], rel=1e-12)
-    assert layer_key("nc1", 3) not in rows[0]  # the classifier's input has the plain keys
+    assert layer_key("nc1", "layer3") not in rows[0]  # the classifier's input has the plain keys
 
 
 @pytest.mark.parametrize(
@@ -125,11 +125,14 @@ def test_deep_hessian_matches_central_differences_of_the_gradient(problem):
 
 
 def test_every_key_of_a_deep_result_is_searchable():
-    from service.search.fields import RESULT_TYPES
+    from service.search.fields import history_key, lookup
 
     result = solve(deep(3, 4, 2, 6, max_iters=3))
-    assert {key for key in result if key not in RESULT_TYPES} == set()
-    assert layer_key("nc2_etf_m", 5) in result
+    for key, value in result.items():
+        field = lookup(f"result.{key}")
+        assert value is None or field.type == {str: "string", bool: "bool"}.get(type(value), "number"), key
+    assert history_key(layer_key("nc1", "layer5")) == "nc1_layer5"
+    assert layer_key("nc2_etf_m", "layer5") in result
 
 
 def test_deep_problems_are_refused_where_they_are_not_posed():

@@ -50,8 +50,8 @@ from torch.nn import functional as F
 
 from worker.nc.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from worker.nc.data import load_dataset
-from worker.nc.metrics import collapse_metrics
-from worker.nc.models import NCModel, build_model
+from worker.nc.metrics import MEAN_KEYS, CollapseAccumulator, collapse_metrics, layer_key
+from worker.nc.models import NCModel, build_model, layer_names
 from worker.nc.tensor_files import write_tensors
 from worker.nc.ufm import Diverged, Stopped
 from worker.nc.ufm_problem import LOSSES
@@ -122,6 +122,8 @@ class TrainConfig:
     save_features: bool = False  # keep the penultimate features and labels (with an outputs directory)
     loss: str = "cross_entropy"  # LOSSES
     label_smoothing: float | None = None  # eps, with loss "label_smoothing" only
+    # Names of models.layer_names(architecture) whose outputs are measured too, or ("all",).
+    metrics_layers: tuple[str, ...] | None = None
 
     def __post_init__(self):
         for field, value, allowed in (
@@ -144,6 +146,19 @@ class TrainConfig:
             raise ValueError("label_smoothing is required with loss 'label_smoothing', and only with it")
         if self.label_smoothing is not None and not 0 < self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must lie strictly between 0 and 1, got {self.label_smoothing}")
+        if self.metrics_layers is not None:
+            object.__setattr__(self, "metrics_layers", tuple(self.metrics_layers))
+            unknown = set(self.metrics_layers) - {"all", *layer_names(self.architecture, self.mlp_depth)}
+            if unknown:
+                raise ValueError(f"metrics_layers: {self.architecture} has no layer {', '.join(sorted(unknown))}")
+
+    @property
+    def measured_layers(self) -> tuple[str, ...]:
+        """The layers whose outputs are measured besides the classifier's input, in order."""
+        names = layer_names(self.architecture, self.mlp_depth)
+        if self.metrics_layers == ("all",):
+            return names
+        return tuple(name for name in names if name in (self.metrics_layers or ()))
 
     @property
     def decay_scope(self) -> str:
@@ -350,8 +365,12 @@ def train(
             "train_accuracy": correct.item() / num_samples,
         }
         if compute_metrics and (epoch % config.metrics_every == 0 or epoch == config.epochs):
-            last_features = penultimate_features(model, train_x), penultimate_features(model, test_x)
+            taps = LayerTaps(model, config.measured_layers, train_y, config.num_classes)
+            with taps:
+                train_features = penultimate_features(model, train_x, taps)
+            last_features = train_features, penultimate_features(model, test_x)
             row.update(measure(model, *last_features, train_y, test_y, config.num_classes))
+            row.update(taps.metrics())
             if epoch < config.epochs:
                 last_features = None  # not held while the next epoch trains
         if on_epoch is not None:
@@ -437,11 +456,66 @@ def evaluate(model: NCModel, train_x, train_y, test_x, test_y, num_classes: int)
 
 
 @torch.no_grad()
-def penultimate_features(model: NCModel, x: torch.Tensor) -> torch.Tensor:
+def penultimate_features(model: NCModel, x: torch.Tensor, taps: "LayerTaps | None" = None) -> torch.Tensor:
     """The features of `x` as fed to the classifier, in eval mode (BatchNorm's running
-    statistics), computed EVAL_BATCH_SIZE samples at a time."""
+    statistics), computed EVAL_BATCH_SIZE samples at a time; `taps` sees every block."""
     model.eval()
-    return torch.cat([model.features(block) for block in x.split(EVAL_BATCH_SIZE)])
+    blocks = []
+    for start, block in zip(range(0, len(x), EVAL_BATCH_SIZE), x.split(EVAL_BATCH_SIZE)):
+        if taps is not None:
+            taps.start_block(start, len(block))
+        blocks.append(model.features(block))
+    return torch.cat(blocks)
+
+
+class LayerTaps:
+    """The class-mean catalogue (MEAN_KEYS) at the outputs of named layers, from forward
+    hooks on the evaluation pass over the training set: each layer's output feeds its own
+    streaming CollapseAccumulator, so that memory stays O(K d + d^2) per layer whatever N.
+
+    A convolutional output (B x C x H x W) is measured as its global average over space (C
+    features), as the penultimate features of the conv nets are; a flat one as it is. The
+    accumulators form their scatters in float32 (CollapseAccumulator's scatter_dtype):
+    with four wide layers the float64 products made a metric epoch 1.53x as long as the
+    penultimate-only one (bench/train.py --layers).
+    """
+
+    def __init__(self, model: NCModel, names: tuple[str, ...], labels: torch.Tensor, num_classes: int):
+        self.model, self.names, self.labels, self.num_classes = model, names, labels, num_classes
+        self.accumulators: dict[str, CollapseAccumulator] = {}
+        self.block_labels: torch.Tensor | None = None
+        self.handles: list = []
+
+    def __enter__(self) -> "LayerTaps":
+        self.handles = [self.model.layers[name].register_forward_hook(self._hook(name)) for name in self.names]
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def start_block(self, start: int, size: int) -> None:
+        """The next forward pass holds samples start .. start + size - 1."""
+        self.block_labels = self.labels[start : start + size]
+
+    def _hook(self, name: str):
+        def record(_module, _inputs, output: torch.Tensor) -> None:
+            features = output.mean(dim=(2, 3)) if output.dim() == 4 else output
+            if name not in self.accumulators:
+                self.accumulators[name] = CollapseAccumulator(
+                    self.num_classes, features.shape[1], features.device, scatter_dtype=torch.float32
+                )
+            self.accumulators[name].update(features, self.block_labels)
+
+        return record
+
+    def metrics(self) -> dict[str, float]:
+        """MEAN_KEYS of every measured layer, as `layer_key`s."""
+        row: dict[str, float] = {}
+        for name, accumulator in self.accumulators.items():
+            metrics = accumulator.compute()
+            row |= {layer_key(key, name): metrics[key] for key in MEAN_KEYS}
+        return row
 
 
 @torch.no_grad()

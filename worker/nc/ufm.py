@@ -28,11 +28,11 @@ from worker.nc.errors import Diverged, Stopped
 from worker.nc.formulation import Formulation, class_labels, formulate
 from worker.nc.manifolds import Euclidean, Point, RowSphere
 from worker.nc.merging import descend, merged_formulation
-from worker.nc.metrics import MEAN_KEYS, collapse_metrics
+from worker.nc.metrics import MEAN_KEYS, collapse_metrics, layer_key
 from worker.nc.objectives import mean_smooth_loss
 from worker.nc.stopping import Certificate
 from worker.nc.tensor_files import write_tensors
-from worker.nc.ufm_problem import UFMProblem, layer_key, optimal_loss
+from worker.nc.ufm_problem import UFMProblem, optimal_loss
 from worker.nc.work import threads_for, work_per_product
 
 __all__ = ["SOLUTION_FILE", "Diverged", "Stopped", "UFMProblem", "min_angle_degrees", "optimal_loss", "solve"]
@@ -355,7 +355,7 @@ def _metrics_row(problem: UFMProblem, labels: torch.Tensor, point: Point, grad_n
         row["loss"] += penalty
     for layer, layer_input in enumerate(hidden_features, start=1):
         layer_row = collapse_metrics(layer_input, labels, None, None, problem.num_classes)
-        row |= {layer_key(key, layer): layer_row[key] for key in MEAN_KEYS}
+        row |= {layer_key(key, f"layer{layer}"): layer_row[key] for key in MEAN_KEYS}
     row["w_min_angle_deg"] = min_angle_degrees(classifier)
     row["grad_norm"] = grad_norm
     return row

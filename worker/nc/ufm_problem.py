@@ -22,8 +22,7 @@ NORMALIZATIONS = ("normalized", "regularized")
 LOSSES = ("cross_entropy", "mse", "label_smoothing")
 # The deep UFM (Sukenik, Mondelli & Lampert 2023): `layers` linear maps from the
 # unconstrained features to the logits, the classifier included, with this activation
-# after each but the classifier. At most MAX_LAYERS: the catalogue of each layer is a
-# set of searchable keys (`layer_key`).
+# after each but the classifier. At most MAX_LAYERS.
 LAYER_ACTIVATIONS = ("linear", "relu")
 MAX_LAYERS = 6
 # The optimizer: "first_order" is the preconditioned Riemannian gradient descent
@@ -174,12 +173,6 @@ class UFMProblem:
     def decays(self) -> list[float]:
         """The weight decay of each block of the point [W, H, (b), V_1, ..., V_{L-1}] (regularized)."""
         return [self.lambda_w, self.lambda_h] + [self.lambda_b] * self.bias + list(self.hidden_decays)
-
-
-def layer_key(key: str, layer: int) -> str:
-    """The name of catalogue key `key` measured on the features of hidden `layer` (1 = the
-    unconstrained features H): nc1_layer1, ... The plain keys are the classifier's input."""
-    return f"{key}_layer{layer}"
 
 
 def optimal_loss(problem: UFMProblem) -> float | None:
