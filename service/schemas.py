@@ -210,15 +210,10 @@ class UFMSpec(SpecBase, LossChoice):
             "then": {"properties": {"d": {"minimum": 2}}},
         },
         LOSS_RULE,
-        # One layer (the default) unless regularized and first order; the hidden layers' fields
-        # keep their defaults with one layer. lambda_layers' length (layers - 1) is checked only
-        # by the API.
+        # One layer (the default) unless regularized; the hidden layers' fields keep their
+        # defaults with one layer. lambda_layers' length (layers - 1) is checked only by the API.
         {
             "if": {"properties": {"normalization": {"const": "normalized"}}},
-            "then": {"properties": {"layers": {"maximum": 1}}},
-        },
-        {
-            "if": {"properties": {"solver": {"enum": ["auto", "trust_region"]}}, "required": ["solver"]},
             "then": {"properties": {"layers": {"maximum": 1}}},
         },
         {
@@ -256,7 +251,7 @@ class UFMSpec(SpecBase, LossChoice):
         ge=1,
         le=MAX_LAYERS,
         description="linear maps from the features to the logits, the classifier included: 1 is W H; L > 1 puts "
-        "L - 1 d x d layers between them (the deep UFM; regularized, first_order only)",
+        "L - 1 d x d layers between them (the deep UFM; regularized only)",
     )
     layer_activation: Literal["linear", "relu"] = Field(
         "linear", description="layers > 1 only: the activation after each layer but the classifier"
@@ -287,13 +282,6 @@ class UFMSpec(SpecBase, LossChoice):
         if _field_name(info) == "lambda_layers" and value is not None and layers and len(value) != layers - 1:
             raise ValueError(f"needs one decay per hidden layer: layers - 1 = {layers - 1}, {len(value)} given")
         return value
-
-    @field_validator("solver")
-    @classmethod
-    def _one_layer_for_second_order(cls, solver: str, info: ValidationInfo) -> str:
-        if solver != "first_order" and (info.data.get("layers") or 1) > 1:
-            raise ValueError("must be 'first_order' with layers > 1: the trust regions know the one-layer Hessian only")
-        return solver
 
     @field_validator("d")
     @classmethod

@@ -72,6 +72,15 @@ def test_deep_linear_closed_form_by_hand():
     assert optimal_loss(deep(3, 4, 2, 2)) is None  # cross-entropy
 
 
+def test_trust_regions_reach_the_deep_linear_closed_form():
+    """Their Hessian-vector products are autograd's, as the first-order descent's gradient is."""
+    problem = deep(4, 6, 3, 3, loss="mse", solver="trust_region")
+    result = solve(problem)
+    assert result["converged"] and result["critical_point"] == curvature.LOCAL_MINIMUM
+    assert abs(result["optimality_gap"]) <= 1e-10 * result["optimal_loss"]
+    assert result["iterations"] <= 40  # the first-order descent takes ~120 here
+
+
 @pytest.mark.parametrize(
     "problem",
     [deep(3, 4, 2, 2), deep(3, 6, 2, 2, layer_activation="relu", restarts=3)],
@@ -138,8 +147,6 @@ def test_every_key_of_a_deep_result_is_searchable():
 def test_deep_problems_are_refused_where_they_are_not_posed():
     with pytest.raises(ValueError, match="normalization 'regularized'"):
         UFMProblem(3, 4, 2, "normalized", layers=2)
-    with pytest.raises(ValueError, match="solver 'first_order'"):
-        deep(3, 4, 2, 2, solver="trust_region")
     with pytest.raises(ValueError, match="lambda_layers needs layers - 1 = 2"):
         deep(3, 4, 2, 3, lambda_layers=(1e-3,))
     with pytest.raises(ValueError, match=f"layers must lie in 1..{MAX_LAYERS}"):

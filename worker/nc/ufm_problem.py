@@ -127,8 +127,6 @@ class UFMProblem:
             raise ValueError(f"layer_activation must be one of {LAYER_ACTIVATIONS}, got {self.layer_activation!r}")
         if self.layers > 1 and self.normalization != "regularized":
             raise ValueError("layers > 1 needs normalization 'regularized'")
-        if self.layers > 1 and self.solver != "first_order":
-            raise ValueError("layers > 1 needs solver 'first_order': the trust regions know the one-layer Hessian only")
         if self.lambda_layers is not None:
             object.__setattr__(self, "lambda_layers", tuple(self.lambda_layers))
             if len(self.lambda_layers) != self.layers - 1 or not all(
