@@ -54,7 +54,7 @@ from worker.nc.metrics import MEAN_KEYS, CollapseAccumulator, collapse_metrics, 
 from worker.nc.models import NCModel, build_model, layer_names
 from worker.nc.tensor_files import write_tensors
 from worker.nc.ufm import Diverged, Stopped
-from worker.nc.ufm_problem import LOSSES
+from worker.nc.ufm_problem import check_loss
 
 NORMALIZATIONS = ("normalized", "regularized", "none")
 OPTIMIZERS = ("sgd", "adam")
@@ -120,7 +120,7 @@ class TrainConfig:
     gaussian_noise: float = 1.0
     checkpoint_every: int = 1  # epochs between checkpoints (with a checkpoint path)
     save_features: bool = False  # keep the penultimate features and labels (with an outputs directory)
-    loss: str = "cross_entropy"  # LOSSES
+    loss: str = "cross_entropy"  # worker.nc.ufm_problem.LOSSES
     label_smoothing: float | None = None  # eps, with loss "label_smoothing" only
     # Names of models.layer_names(architecture) whose outputs are measured too, or ("all",).
     metrics_layers: tuple[str, ...] | None = None
@@ -132,7 +132,6 @@ class TrainConfig:
             ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
             ("weight_decay_scope", self.weight_decay_scope, (None, *WEIGHT_DECAY_SCOPES)),
             ("feature_decay_reduction", self.feature_decay_reduction, ("mean", "sum")),
-            ("loss", self.loss, LOSSES),
         ):
             if value not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
@@ -142,10 +141,7 @@ class TrainConfig:
             raise ValueError("batch_size must be at least 2: BatchNorm needs two samples")
         if self.epochs < 1 or self.metrics_every < 1 or self.checkpoint_every < 1:
             raise ValueError("epochs, metrics_every and checkpoint_every must be at least 1")
-        if (self.loss == "label_smoothing") != (self.label_smoothing is not None):
-            raise ValueError("label_smoothing is required with loss 'label_smoothing', and only with it")
-        if self.label_smoothing is not None and not 0 < self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must lie strictly between 0 and 1, got {self.label_smoothing}")
+        check_loss(self.loss, self.label_smoothing)
         if self.metrics_layers is not None:
             object.__setattr__(self, "metrics_layers", tuple(self.metrics_layers))
             unknown = set(self.metrics_layers) - {"all", *layer_names(self.architecture, self.mlp_depth)}

@@ -112,12 +112,7 @@ class UFMProblem:
             raise ValueError(f"restarts must be >= 1, got {self.restarts}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if (self.loss == "label_smoothing") != (self.label_smoothing is not None):
-            raise ValueError("label_smoothing is required with loss 'label_smoothing', and only with it")
-        if self.label_smoothing is not None and not 0 < self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must lie strictly between 0 and 1, got {self.label_smoothing}")
+        check_loss(self.loss, self.label_smoothing)
         self._validate_layers()
 
     def _validate_layers(self) -> None:
@@ -171,6 +166,17 @@ class UFMProblem:
     def decays(self) -> list[float]:
         """The weight decay of each block of the point [W, H, (b), V_1, ..., V_{L-1}] (regularized)."""
         return [self.lambda_w, self.lambda_h] + [self.lambda_b] * self.bias + list(self.hidden_decays)
+
+
+def check_loss(loss: str, label_smoothing: float | None) -> None:
+    """Raise ValueError unless `loss` is one of LOSSES, with its eps 0 < eps < 1 given
+    exactly when it is "label_smoothing" (for the UFM and for training alike)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if (loss == "label_smoothing") != (label_smoothing is not None):
+        raise ValueError("label_smoothing is required with loss 'label_smoothing', and only with it")
+    if label_smoothing is not None and not 0 < label_smoothing < 1:
+        raise ValueError(f"label_smoothing must lie strictly between 0 and 1, got {label_smoothing}")
 
 
 def optimal_loss(problem: UFMProblem) -> float | None:
