@@ -284,14 +284,11 @@ def smooth_loss_objective(
     Normalized problems minimize the mean loss L itself, not log L as the cross-entropy
     does: log L is there for a loss that saturates towards 0, and these do not (the
     smoothed one is bounded below by the entropy of its targets), while the squared
-    error can reach 0 exactly (K < d, logit scale >= 1), where log L has no minimum.
+    error can reach 0 exactly (d >= K + 1, logit scale >= 1), where log L has no minimum.
     """
     loss = smooth_loss(problem, labels)
     scale = problem.logit_scale if problem.normalization == "normalized" else 1.0
-    if problem.normalization == "regularized":
-        decays = [problem.lambda_w, problem.lambda_h] + [problem.lambda_b] * problem.bias
-    else:
-        decays = [0.0] * (2 + problem.bias)
+    decays = problem.decays if problem.normalization == "regularized" else [0.0] * (2 + problem.bias)
     sample_weights = torch.full_like(labels, 1.0, dtype=torch.float64) if row_weights is None else row_weights
     sample_weights = (sample_weights / problem.num_samples)[:, None]
 
