@@ -149,7 +149,7 @@ def _declare_cross_field_rules(schema: dict, model: type[SpecBase]) -> None:
     schema["allOf"] = rules
 
 
-# The deep UFM's most layers: the catalogue of each is a set of searchable keys (search/fields.py).
+# The deep UFM's most layers (worker.nc.ufm_problem.MAX_LAYERS, kept equal by tests/test_deep_ufm.py).
 MAX_LAYERS = 6
 
 
@@ -271,6 +271,10 @@ class UFMSpec(SpecBase, LossChoice):
     def _deep_is_regularized(cls, layers: int, info: ValidationInfo) -> int:
         if layers > 1 and info.data.get("normalization") != "regularized":
             raise ValueError("more than 1 needs normalization 'regularized': the deep UFM is posed with weight decay")
+        hidden = (layers - 1) * info.data.get("d", 1) ** 2
+        cap = get_settings().max_ufm_elements
+        if hidden > cap:
+            raise ValueError(f"(layers - 1) * d^2 = {hidden} exceeds the cap {cap} (NCLAB_MAX_UFM_ELEMENTS)")
         return layers
 
     @field_validator("layer_activation", "lambda_layers")
@@ -312,7 +316,9 @@ class UFMSpec(SpecBase, LossChoice):
     @model_validator(mode="after")
     def _solution_capped(self) -> "UFMSpec":
         samples = sum(self.n_per_class) if isinstance(self.n_per_class, list) else self.K * self.n_per_class
-        _artifacts_capped(job_size.ufm_artifact_bytes(self.K, self.d, samples, self.bias), "the solution W, H, b")
+        _artifacts_capped(
+            job_size.ufm_artifact_bytes(self.K, self.d, samples, self.bias, self.layers), "the solution W, H, b, V"
+        )
         return self
 
     @field_validator(*FIELD_OWNERS)

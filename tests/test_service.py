@@ -108,6 +108,7 @@ def test_cancel_stops_a_running_job_within_seconds_and_keeps_its_history(product
         ({"loss": "mse", "label_smoothing": 0.1}, "label_smoothing"),  # only with its loss
         ({"layers": 2}, "layers"),  # the deep UFM is regularized
         ({"normalization": "regularized", "layers": 7}, "layers"),
+        ({"normalization": "regularized", "layers": 3, "d": 6000, "n_per_class": 1}, "layers"),  # 2 d^2 > 5e7
         ({"normalization": "regularized", "layers": 3, "lambda_layers": [1e-3]}, "lambda_layers"),
         ({"layer_activation": "relu"}, "layer_activation"),  # only with layers > 1
     ],
