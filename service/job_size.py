@@ -179,6 +179,8 @@ def train_artifact_bytes(spec: dict, class_counts: tuple[int, ...] | None) -> in
     return kept
 
 
-def ufm_artifact_bytes(num_classes: int, dim: int, samples: int, bias: bool) -> int:
-    """What a UFM solve keeps: solution.safetensors (float64 W, H and b, int64 labels)."""
-    return 8 * (num_classes * dim + samples * dim + num_classes * bias) + 8 * samples
+def ufm_artifact_bytes(num_classes: int, dim: int, samples: int, bias: bool, layers: int = 1) -> int:
+    """What a UFM solve keeps: solution.safetensors (float64 W, H, b and the deep UFM's
+    d x d hidden layers, int64 labels)."""
+    hidden = (layers - 1) * dim * dim
+    return 8 * (num_classes * dim + samples * dim + num_classes * bias + hidden) + 8 * samples

@@ -1,7 +1,8 @@
 """PNG plots of histories and curves, drawn with matplotlib's Agg backend in the API process.
 
 NC metrics fall over orders of magnitude on the way to collapse, so their axis is
-logarithmic; accuracies, losses and learning rates are drawn on a linear one.
+logarithmic; accuracies, losses and learning rates are drawn on a linear one. Legends sit
+below the axes, off the data they name.
 """
 
 import io
@@ -11,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # after choosing the backend
 from matplotlib.ticker import MaxNLocator
+
+from service.schemas import TrainSpec, UFMSpec
 
 DPI = 100
 
@@ -38,6 +41,37 @@ def _axes(width: int, height: int, title: str, step_unit: str, metric_label: str
     return figure, axes
 
 
+def _legend_beside(figure: Figure, axes) -> None:
+    """The legend outside the axes, below them in two columns: the constrained layout
+    shortens the axes to make room, so that no curve runs under it."""
+    handles, labels = axes.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(2, len(labels)), fontsize="small")
+
+
+def group_label(group: dict) -> str:
+    """A group's legend entry: `field=value` for each field of the group that its members
+    use, "all" for the one group of everything.
+
+    A field that only some settings use (the specs' FIELD_OWNERS: logit_scale, normalized
+    only) is left out where the group's own value of that setting does not use it: a
+    regularized arm is not labelled with the logit scale it ignores.
+    """
+    used = [name for name in group if not _unused_in(name, group)]
+    return ", ".join(f"{name.removeprefix('spec.')}={group[name]}" for name in used) or "all"
+
+
+def _unused_in(name: str, group: dict) -> bool:
+    field = name.removeprefix("spec.")
+    for spec_model in (UFMSpec, TrainSpec):
+        owner_and_allowed = spec_model.FIELD_OWNERS.get(field)
+        if owner_and_allowed is None:
+            continue
+        owner, allowed = owner_and_allowed
+        if f"spec.{owner}" in group and group[f"spec.{owner}"] not in allowed:
+            return True
+    return False
+
+
 def history_png(
     rows: list[dict], metrics: list[str], title: str, step_unit: str, width: int = 800, height: int = 500
 ) -> bytes:
@@ -49,16 +83,21 @@ def history_png(
         if logarithmic:
             points = [(step, value) for step, value in points if value > 0]
         axes.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=metric)
-    axes.legend()
+    _legend_beside(figure, axes)
     return _png(figure)
 
 
 def curves_png(items: list[dict], metric: str, step_unit: str, width: int = 800, height: int = 500) -> bytes:
     """One line per group: the mean over its experiments, with a shaded band of ± one std."""
+    return _png(curves_figure(items, metric, step_unit, width, height))
+
+
+def curves_figure(items: list[dict], metric: str, step_unit: str, width: int = 800, height: int = 500) -> Figure:
+    """The figure of `curves_png`."""
     logarithmic = log_scale(metric)
     figure, axes = _axes(width, height, f"{metric}: mean ± std over experiments", step_unit, metric, logarithmic)
     for item in items:
-        label = ", ".join(str(value) for value in item["group"].values()) or "all"  # the legend's title names them
+        label = group_label(item["group"])
         points = [p for p in item["points"] if p["mean"] is not None and (not logarithmic or p["mean"] > 0)]
         steps = [p["step"] for p in points]
         means = [p["mean"] for p in points]
@@ -70,5 +109,5 @@ def curves_png(items: list[dict], metric: str, step_unit: str, width: int = 800,
         (line,) = axes.plot(steps, means, label=label)
         axes.fill_between(steps, lower, [m + s for m, s in zip(means, spreads)], color=line.get_color(), alpha=0.2)
     if items:
-        axes.legend(title=", ".join(items[0]["group"]) or None)
-    return _png(figure)
+        _legend_beside(figure, axes)
+    return figure

@@ -170,7 +170,47 @@ def _declare_cross_field_rules(schema: dict, model: type[SpecBase]) -> None:
     schema["allOf"] = rules
 
 
-class UFMSpec(SpecBase):
+# The deep UFM's most layers (worker.nc.ufm_problem.MAX_LAYERS, kept equal by tests/test_deep_ufm.py).
+MAX_LAYERS = 6
+
+
+class LossChoice(BaseModel):
+    """The loss of the logits, the same for both kinds (docs/closed-forms.md): the
+    cross-entropy, the squared error against the one-hot target (``mse``, Zhou et al.
+    2022), or the cross-entropy against targets smoothed by ``label_smoothing``
+    (PyTorch's ``label_smoothing``; Guo et al. 2024).
+
+    A spec's FIELD_OWNERS include LOSS_FIELD_OWNERS, its SCHEMA_RULES LOSS_RULE.
+    """
+
+    loss: Literal["cross_entropy", "mse", "label_smoothing"] = Field(
+        "cross_entropy", description="cross_entropy; mse: half the squared error to the one-hot target; label_smoothing"
+    )
+    label_smoothing: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        validate_default=True,
+        description="label_smoothing only, and required with it: eps, targets (1 - eps) e_y + eps/K",
+    )
+
+    @field_validator("label_smoothing")
+    @classmethod
+    def _given_with_its_loss(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is None and info.data.get("loss") == "label_smoothing":
+            raise ValueError("required with loss 'label_smoothing': the smoothing eps, 0 < eps < 1")
+        return value
+
+
+LOSS_FIELD_OWNERS: FieldOwners = {"label_smoothing": ("loss", ("label_smoothing",))}
+# label_smoothing is required with its loss: a rule the JSON Schema states too.
+LOSS_RULE = {
+    "if": {"properties": {"loss": {"const": "label_smoothing"}}, "required": ["loss"]},
+    "then": {"required": ["label_smoothing"], "properties": {"label_smoothing": {"type": "number"}}},
+}
+
+
+class UFMSpec(SpecBase, LossChoice):
     """Unconstrained feature model: features H and classifier W are free variables.
 
     ``normalized``: rows of W and H on the unit sphere, logits ``logit_scale * <w_k, h>``
@@ -182,13 +222,25 @@ class UFMSpec(SpecBase):
     FIELD_OWNERS: ClassVar[FieldOwners] = {
         "logit_scale": ("normalization", ("normalized",)),
         **{field: ("normalization", ("regularized",)) for field in ("lambda_w", "lambda_h", "lambda_b")},
+        **LOSS_FIELD_OWNERS,
     }
     # Normalized (the default) needs d >= 2: a rule the JSON Schema states too.
     SCHEMA_RULES: ClassVar[list] = [
         {
             "if": {"properties": {"normalization": {"const": "normalized"}}},
             "then": {"properties": {"d": {"minimum": 2}}},
-        }
+        },
+        LOSS_RULE,
+        # One layer (the default) unless regularized; the hidden layers' fields keep their
+        # defaults with one layer. lambda_layers' length (layers - 1) is checked only by the API.
+        {
+            "if": {"properties": {"normalization": {"const": "normalized"}}},
+            "then": {"properties": {"layers": {"maximum": 1}}},
+        },
+        {
+            "if": {"properties": {"layers": {"maximum": 1}}},
+            "then": {"properties": {"layer_activation": {"const": "linear"}, "lambda_layers": {"const": None}}},
+        },
     ]
     model_config = ConfigDict(json_schema_extra=_declare_cross_field_rules)
 
@@ -215,12 +267,46 @@ class UFMSpec(SpecBase):
         None, ge=1, description="iterations between history rows; default a 1-2-5 log schedule"
     )
     restarts: int = Field(1, ge=1, description="independent random starts; the best run is kept")
+    layers: int = Field(
+        1,
+        ge=1,
+        le=MAX_LAYERS,
+        description="linear maps from the features to the logits, the classifier included: 1 is W H; L > 1 puts "
+        "L - 1 d x d layers between them (the deep UFM; regularized only)",
+    )
+    layer_activation: Literal["linear", "relu"] = Field(
+        "linear", description="layers > 1 only: the activation after each layer but the classifier"
+    )
+    lambda_layers: list[Annotated[float, Field(ge=1e-12, le=1e6)]] | None = Field(
+        None, description="layers > 1 only: the weight decay of each of the L - 1 hidden layers; default lambda_w each"
+    )
     solver: Literal["auto", "first_order", "trust_region"] = Field(
         "first_order",
         description="the optimizer: preconditioned Riemannian gradient descent, Riemannian trust regions, "
         "or auto (trust regions where first order would crawl: K > d + 1, or sublinear progress)",
     )
     resources: Resources = Field("cpu", description=RESOURCES_DESCRIPTION)
+
+    @field_validator("layers")
+    @classmethod
+    def _deep_is_regularized(cls, layers: int, info: ValidationInfo) -> int:
+        if layers > 1 and info.data.get("normalization") != "regularized":
+            raise ValueError("more than 1 needs normalization 'regularized': the deep UFM is posed with weight decay")
+        hidden = (layers - 1) * info.data.get("d", 1) ** 2
+        cap = get_settings().max_ufm_elements
+        if hidden > cap:
+            raise ValueError(f"(layers - 1) * d^2 = {hidden} exceeds the cap {cap} (NCLAB_MAX_UFM_ELEMENTS)")
+        return layers
+
+    @field_validator("layer_activation", "lambda_layers")
+    @classmethod
+    def _only_with_hidden_layers(cls, value: Any, info: ValidationInfo) -> Any:
+        layers = info.data.get("layers")
+        if value != cls.model_fields[_field_name(info)].default and layers == 1:
+            raise ValueError("applies only with layers > 1")
+        if _field_name(info) == "lambda_layers" and value is not None and layers and len(value) != layers - 1:
+            raise ValueError(f"needs one decay per hidden layer: layers - 1 = {layers - 1}, {len(value)} given")
+        return value
 
     @field_validator("d")
     @classmethod
@@ -251,7 +337,9 @@ class UFMSpec(SpecBase):
     @model_validator(mode="after")
     def _solution_capped(self) -> "UFMSpec":
         samples = sum(self.n_per_class) if isinstance(self.n_per_class, list) else self.K * self.n_per_class
-        _artifacts_capped(job_size.ufm_artifact_bytes(self.K, self.d, samples, self.bias), "the solution W, H, b")
+        _artifacts_capped(
+            job_size.ufm_artifact_bytes(self.K, self.d, samples, self.bias, self.layers), "the solution W, H, b, V"
+        )
         return self
 
     @field_validator(*FIELD_OWNERS)
@@ -279,10 +367,11 @@ _TRAIN_FIELD_OWNERS: FieldOwners = {
         field: ("dataset", ("gaussian",))
         for field in ("gaussian_dim", "gaussian_train_per_class", "gaussian_test_per_class", "gaussian_noise")
     },
+    **LOSS_FIELD_OWNERS,
 }
 
 
-class TrainSpec(SpecBase):
+class TrainSpec(SpecBase, LossChoice):
     """A deep network trained on real data, NC metrics on the training set every epoch.
 
     ``normalized``: penultimate features and classifier rows on the unit sphere, logits
@@ -292,6 +381,7 @@ class TrainSpec(SpecBase):
     """
 
     FIELD_OWNERS: ClassVar[FieldOwners] = _TRAIN_FIELD_OWNERS
+    SCHEMA_RULES: ClassVar[list] = [LOSS_RULE]
     model_config = ConfigDict(json_schema_extra=_declare_cross_field_rules)
 
     kind: Literal["train"]
@@ -354,7 +444,28 @@ class TrainSpec(SpecBase):
     save_features: bool = Field(
         False, description="keep the penultimate features and labels of both sets as an artifact (features.safetensors)"
     )
+    metrics_layers: list[str] | None = Field(
+        None,
+        max_length=40,
+        description="layers whose outputs are measured too, on the training set (the class means' catalogue, keys "
+        "<key>_<layer>): mlp layer1 ... layer<mlp_depth>, resnet stem, stage1 ... stage4, vgg11 block1 ... block5; "
+        '["all"] for every one',
+    )
     resources: Resources = Field("gpu", description=RESOURCES_DESCRIPTION)
+
+    @field_validator("metrics_layers")
+    @classmethod
+    def _layers_exist(cls, names: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        architecture = info.data.get("architecture")
+        if names is None or names == ["all"] or architecture is None:
+            return names
+        known = architecture_layers(architecture, info.data.get("mlp_depth") or 3)
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise ValueError(
+                f"{architecture} has no layer {', '.join(unknown)}: its layers are {', '.join(known)}, or all"
+            )
+        return names
 
     @field_validator("dataset")
     @classmethod
@@ -484,6 +595,16 @@ class TrainSpec(SpecBase):
             job_size.train_artifact_bytes(spec, class_counts), "the weights and, with save_features, the features"
         )
         return self
+
+
+def architecture_layers(architecture: str, mlp_depth: int) -> tuple[str, ...]:
+    """The layers of an architecture that metrics_layers names, input to output (the
+    engine's worker.nc.models.layer_names; tests/test_layer_metrics.py keeps them equal)."""
+    if architecture == "mlp":
+        return tuple(f"layer{index}" for index in range(1, mlp_depth + 1))
+    if architecture in ("resnet18", "resnet50"):
+        return ("stem", "stage1", "stage2", "stage3", "stage4")
+    return ("block1", "block2", "block3", "block4", "block5")
 
 
 def _gib(size: int) -> str:

@@ -198,7 +198,8 @@ def _arm(spec: dict) -> tuple:
 
 
 @pytest.mark.parametrize(("name", "members"), [
-    ("ufm.json", 1), ("landscape-probe.json", 1), ("digits-three-modes.json", 9),
+    ("ufm.json", 1), ("landscape-probe.json", 1), ("digits-three-modes.json", 9), ("losses.json", 18),
+    ("layers.json", 6),
     ("paper/fast-collapse-fashion-mnist-mlp.json", 21), ("paper/fast-collapse-mnist-resnet18.json", 21),
     ("paper/paper-settings-cifar10-resnet18.json", 6), ("paper/paper-settings-cifar100-resnet18.json", 6)])
 def test_each_example_is_a_valid_request(data_dir, name, members):

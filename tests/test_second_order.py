@@ -11,6 +11,7 @@ from worker.nc.manifolds import RowSphere
 from worker.nc.objectives import riemannian_hessian, value_and_riemannian_grad
 from worker.nc.ufm_problem import UFMProblem
 
+SMOOTHED = {"loss": "label_smoothing", "label_smoothing": 0.15}
 # (problem, merged): every objective the solver handles; merged rows stand for their class's samples.
 HESSIAN_CASES = {
     "normalized": (UFMProblem(5, 4, 3, "normalized", logit_scale=7.0), False),
@@ -21,6 +22,19 @@ HESSIAN_CASES = {
     "regularized": (UFMProblem(5, 4, 3, "regularized", lambda_w=0.02, lambda_h=0.01), False),
     "regularized, bias, imbalanced": (
         UFMProblem(4, 3, (1, 2, 5, 3), "regularized", bias=True, lambda_w=0.02, lambda_h=0.01, lambda_b=0.3),
+        False,
+    ),
+    "normalized, mse, bias": (UFMProblem(5, 4, 3, "normalized", logit_scale=3.0, bias=True, loss="mse"), False),
+    "normalized, label smoothing, merged rows": (
+        UFMProblem(4, 3, (1, 2, 5, 3), "normalized", logit_scale=4.0, bias=True, **SMOOTHED),
+        True,
+    ),
+    "regularized, mse, bias, imbalanced": (
+        UFMProblem(4, 3, (1, 2, 5, 3), "regularized", bias=True, lambda_w=0.02, lambda_h=0.01, lambda_b=0.3, loss="mse"),
+        False,
+    ),
+    "regularized, label smoothing, bias": (
+        UFMProblem(5, 4, 3, "regularized", bias=True, lambda_w=0.02, lambda_h=0.01, lambda_b=0.3, **SMOOTHED),
         False,
     ),
 }
@@ -53,17 +67,25 @@ def random_tangent(formulation, point, seed: int = 1) -> list[torch.Tensor]:
 
 
 def autograd_objective(problem: UFMProblem, formulation, point) -> torch.Tensor:
-    """The objective, written with torch's cross-entropy, for autograd."""
+    """The objective, written with torch's losses, for autograd: log of the mean
+    cross-entropy, or the mean of the other losses, when normalized."""
     classifier, features = point[0], point[1]
     scale = problem.logit_scale if problem.normalization == "normalized" else 1.0
     logits = scale * features @ classifier.T
     if problem.bias:
         logits = logits + point[2]
-    losses = torch.nn.functional.cross_entropy(logits, formulation.labels, reduction="none")
+    if problem.loss == "mse":
+        targets = torch.nn.functional.one_hot(formulation.labels, problem.num_classes).to(torch.float64)
+        losses = torch.nn.functional.mse_loss(logits, targets, reduction="none").sum(dim=1) / 2
+    else:
+        losses = torch.nn.functional.cross_entropy(
+            logits, formulation.labels, reduction="none", label_smoothing=problem.label_smoothing or 0.0
+        )
     weights = formulation.manifolds[1].row_weights if problem.normalization == "normalized" else None
     total = losses.sum() if weights is None else (losses * weights).sum()
     if problem.normalization == "normalized":
-        return torch.log(total / problem.num_samples)
+        mean = total / problem.num_samples
+        return torch.log(mean) if problem.loss == "cross_entropy" else mean
     decays = [problem.lambda_w, problem.lambda_h, problem.lambda_b]
     return total / problem.num_samples + sum(decay / 2 * (block**2).sum() for decay, block in zip(decays, point))
 

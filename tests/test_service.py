@@ -101,6 +101,16 @@ def test_cancel_stops_a_running_job_within_seconds_and_keeps_its_history(product
         ({"K": "ten"}, "K"),
         ({"learning_rate": 0.1}, "learning_rate"),
         ({"kind": "gan"}, "kind"),
+        ({"loss": "hinge"}, "loss"),
+        ({"loss": "label_smoothing"}, "label_smoothing"),  # required with its loss
+        ({"loss": "label_smoothing", "label_smoothing": 1.0}, "label_smoothing"),  # 0 < eps < 1
+        ({"loss": "label_smoothing", "label_smoothing": 0}, "label_smoothing"),
+        ({"loss": "mse", "label_smoothing": 0.1}, "label_smoothing"),  # only with its loss
+        ({"layers": 2}, "layers"),  # the deep UFM is regularized
+        ({"normalization": "regularized", "layers": 7}, "layers"),
+        ({"normalization": "regularized", "layers": 3, "d": 6000, "n_per_class": 1}, "layers"),  # 2 d^2 > 5e7
+        ({"normalization": "regularized", "layers": 3, "lambda_layers": [1e-3]}, "lambda_layers"),
+        ({"layer_activation": "relu"}, "layer_activation"),  # only with layers > 1
     ],
 )
 def test_invalid_specs_are_422_problems_naming_the_field_and_store_nothing(api_each_db, spec, field):

@@ -1,6 +1,7 @@
 """The `kind: "train"` engine: models, data loaders and the training loop (one test on CUDA)."""
 
 import gzip
+from dataclasses import replace as dataclass_replace
 import math
 import pickle
 from pathlib import Path
@@ -351,3 +352,36 @@ def test_missing_files_are_all_named(tmp_path, name, folder, files):
     for file in files:
         assert str(tmp_path / folder / file) in str(error.value)
     assert str(error.value).count(str(tmp_path)) == len(files)
+
+
+def test_batch_loss_of_each_loss_matches_its_definition():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 1, 0])
+    targets = torch.eye(4, dtype=torch.float64)[labels]
+    squared = train_module.batch_loss(small_config(loss="mse"), logits, labels)
+    assert float(squared) == pytest.approx(float(((logits - targets) ** 2).sum()) / 12, rel=1e-14)
+    eps = 0.3
+    smoothed = train_module.batch_loss(small_config(loss="label_smoothing", label_smoothing=eps), logits, labels)
+    soft_targets = (1 - eps) * targets + eps / 4
+    expected = -(soft_targets * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    assert float(smoothed) == pytest.approx(float(expected), rel=1e-14)
+
+
+@pytest.mark.parametrize("loss,smoothing", [("mse", None), ("label_smoothing", 0.1)])
+def test_gaussian_mixture_trains_under_each_loss(loss, smoothing):
+    """The trained loss is `train_loss` (below zero logits' 1/2 for the squared error, and
+    above the smoothed targets' entropy for label smoothing); `loss` stays the cross-entropy."""
+    config = TrainConfig(dataset="gaussian", architecture="mlp", normalization="regularized",
+                         num_classes=3, dim=8, mlp_width=32, epochs=6, batch_size=50,
+                         gaussian_dim=6, gaussian_train_per_class=40, gaussian_test_per_class=10,
+                         lr_schedule="constant", loss=loss, label_smoothing=smoothing)
+    result = train(config, "/unused")
+    assert result["accuracy"] > 0.9
+    if loss == "mse":
+        assert result["train_loss"] < 0.5
+    else:
+        targets = torch.tensor([1 - 0.1 + 0.1 / 3, 0.1 / 3, 0.1 / 3])
+        assert result["train_loss"] > float(-(targets * targets.log()).sum())
+    baseline = train(dataclass_replace(config, loss="cross_entropy", label_smoothing=None), "/unused")
+    assert result["loss"] != baseline["loss"]  # the same measure of a differently trained model

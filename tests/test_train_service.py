@@ -61,6 +61,10 @@ def test_missing_data_files_are_a_422_naming_them_at_submit_time(api_each_db):
         ({"dataset": "imagenet"}, "dataset"),
         ({"dataset": "digits", "architecture": "resnet34"}, "architecture"),
         ({"dataset": "digits", "lr_schedule": "warmup"}, "lr_schedule"),
+        ({"dataset": "digits", "loss": "mse", "label_smoothing": 0.1}, "label_smoothing"),
+        ({"dataset": "digits", "loss": "label_smoothing"}, "label_smoothing"),
+        ({"dataset": "digits", "metrics_layers": ["layer4"]}, "metrics_layers"),  # mlp_depth 3
+        ({"dataset": "digits", "architecture": "vgg11", "metrics_layers": ["stage1"]}, "metrics_layers"),
     ],
 )
 def test_invalid_train_specs_are_422_naming_the_field(api_each_db, spec, field):

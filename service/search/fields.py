@@ -45,6 +45,15 @@ CATALOGUE_METRICS = (
     "accuracy",
     "loss",
 )
+# The catalogue of the class means at a named layer (the plain keys are the classifier's
+# input): a deep UFM's hidden layers (spec.layers > 1; layer1 the free features) and a
+# network's spec.metrics_layers (an MLP's layer1 ..., a ResNet's stem and stage1 ... stage4,
+# VGG-11's block1 ... block5): nc1_layer2, nc2_etf_m_stage3, ... Number keys of results and
+# history rows like the others, matched by this pattern rather than listed (nor exported
+# as CSV columns).
+LAYER_METRICS = ("nc1", "nc1_cdnv", "nc2_equinorm_m", "nc2_equiangle_m", "nc2_etf_m")
+LAYER_KEY = re.compile(rf"({'|'.join(LAYER_METRICS)})_(layer[1-9][0-9]?|stem|stage[1-4]|block[1-5])")
+LAYER_KEY_HELP = f"a layer's {'/'.join(LAYER_METRICS)} as <key>_<layer> (nc1_layer2, nc1_stage3)"
 # Keys of a history row, beside its step.
 HISTORY_KEYS = (
     *CATALOGUE_METRICS,
@@ -208,8 +217,12 @@ def lookup(name: str) -> Field:
         raise UnknownField(name, f"unknown field '{name}': a tag key is letters, digits and '_', at most 64")
     if scope == "spec":
         raise UnknownField(name, f"unknown field '{name}': spec fields are {', '.join(k[5:] for k in SPEC_FIELDS)}")
+    if scope == "result" and LAYER_KEY.fullmatch(key):
+        return Field(name, "number")
     if scope == "result":
-        raise UnknownField(name, f"unknown field '{name}': result keys are {', '.join(RESULT_TYPES)}")
+        raise UnknownField(
+            name, f"unknown field '{name}': result keys are {', '.join(RESULT_TYPES)}, and {LAYER_KEY_HELP}"
+        )
     if scope == "environment":
         raise UnknownField(name, f"unknown field '{name}': environment keys are {', '.join(ENVIRONMENT_TYPES)}")
     raise UnknownField(
@@ -250,15 +263,17 @@ def names(text: str | None) -> list[str]:
 def history_key(name: str) -> str:
     """A history metric by name (``nc1`` or ``result.nc1``), or UnknownField."""
     key = name.removeprefix("result.")
-    if key not in HISTORY_KEYS:
-        raise UnknownField(name, f"unknown history metric '{name}': use one of {', '.join(HISTORY_KEYS)}")
+    if key not in HISTORY_KEYS and not LAYER_KEY.fullmatch(key):
+        raise UnknownField(
+            name, f"unknown history metric '{name}': use one of {', '.join(HISTORY_KEYS)}, or {LAYER_KEY_HELP}"
+        )
     return key
 
 
 def numeric_result_key(name: str) -> str:
     """A numeric result key by name (``nc1`` or ``result.nc1``), or UnknownField."""
     key = name.removeprefix("result.")
-    if RESULT_TYPES.get(key) != "number":
+    if RESULT_TYPES.get(key) != "number" and not LAYER_KEY.fullmatch(key):
         numeric = [k for k, kind in RESULT_TYPES.items() if kind == "number"]
         raise UnknownField(name, f"unknown metric '{name}': use a numeric result key, one of {', '.join(numeric)}")
     return key

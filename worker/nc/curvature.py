@@ -10,7 +10,7 @@ The symmetries: the objective depends on W and H only through the logits W h_i, 
 is invariant under W -> W Q, H -> H Q for orthogonal Q. At a critical point this gives
 the d(d-1)/2 zero-curvature directions (W A, H A), A skew, which would read as a zero
 eigenvalue at every minimum; `SymmetryModes` removes them. Without decay on the bias,
-softmax's invariance under b -> b + c 1 adds one more.
+softmax's invariance under b -> b + c 1 adds one more (not under the squared error).
 
 At a point whose features are collapsed exactly (each class's rows equal, as a merged
 run leaves them), the Hessian splits: the directions that move a class's features
@@ -107,13 +107,25 @@ class Curvature:
 
 
 def hessian_extremes(
-    formulation: Formulation, point: Point, shifts_bias: bool, *, seed: int = 0, max_steps: int = LANCZOS_MAX_ITERS
+    formulation: Formulation,
+    point: Point,
+    shifts_bias: bool,
+    *,
+    seed: int = 0,
+    max_steps: int = LANCZOS_MAX_ITERS,
+    rotates: bool = True,
 ) -> Curvature:
     """Lanczos on Pi Hess Pi, Pi the projection onto the tangent space without the
-    symmetry directions, started from a seeded random tangent vector."""
+    symmetry directions, started from a seeded random tangent vector.
+
+    `rotates`: whether the point is [W, H, (b)] of the one-layer model, whose symmetries
+    SymmetryModes knows. A deep UFM's are others (rotations between linear layers), and
+    none are projected out: their zero modes stay, so the smallest eigenvalue at one of
+    its minima is ~0, which tells a minimum from a strict saddle all the same.
+    """
     manifolds = formulation.manifolds
     hessian = riemannian_hessian(formulation.objective, formulation.hessian, manifolds, point)
-    modes = SymmetryModes(formulation, point, shifts_bias)
+    modes = SymmetryModes(formulation, point, shifts_bias) if rotates else None
     blocks = _Blocks(point)
     metric = torch.cat(
         [
@@ -128,7 +140,7 @@ def hessian_extremes(
 
     def restricted(flat: torch.Tensor) -> torch.Tensor:
         vector = [m.project(x, v.clone()) for m, x, v in zip(manifolds, point, blocks.unflatten(flat))]
-        return blocks.flatten(modes.project_out(vector))
+        return blocks.flatten(vector if modes is None else modes.project_out(vector))
 
     def operator(flat: torch.Tensor) -> torch.Tensor:
         return restricted(blocks.flatten(hessian(blocks.unflatten(flat))))
@@ -162,7 +174,14 @@ def split_extremes(
         vector = [torch.zeros_like(point[0]), flat.reshape(features.shape).clone(), *map(torch.zeros_like, point[2:])]
         return restricted(hessian(vector)[1].reshape(-1))
 
-    return _lanczos(operator, restricted, None, features.numel(), seed, max_steps)
+    return _lanczos(
+        operator,
+        restricted,
+        torch.ones(features.numel(), dtype=torch.float64, device=features.device),
+        features.numel(),
+        seed,
+        max_steps,
+    )
 
 
 class _Blocks:
@@ -183,43 +202,39 @@ class _Blocks:
 def _lanczos(
     operator: Callable[[torch.Tensor], torch.Tensor],
     restricted: Callable[[torch.Tensor], torch.Tensor],
-    metric: torch.Tensor | None,
+    metric: torch.Tensor,
     dimension: int,
     seed: int,
     max_steps: int,
 ) -> Curvature:
     """The extreme Ritz values of the symmetric `operator` on the subspace that `restricted` projects onto
-    (`metric`: the inner product's weights, None for ones), from a seeded random start.
+    (`metric`: the inner product's weights), from a seeded random start.
 
     Every Lanczos vector is reorthogonalized against all earlier ones, twice, in the
     metric: without it, rounding brings back copies of converged Ritz values and loses
     the smallest one among them.
     """
-    device = torch.get_default_device() if metric is None else metric.device
+    device = metric.device
     generator = torch.Generator(device=device).manual_seed(seed)
     start = restricted(torch.randn(dimension, generator=generator, dtype=torch.float64, device=device))
-
-    def weighted(vector: torch.Tensor) -> torch.Tensor:
-        return vector if metric is None else metric * vector
-
     max_iters = max(2, min(max_steps, dimension, LANCZOS_BASIS_BYTES // (8 * dimension)))
     basis = torch.empty((max_iters, dimension), dtype=torch.float64, device=device)
     alphas: list[float] = []
     betas: list[float] = []
-    vector = start / math.sqrt(float(torch.dot(start, weighted(start))))
+    vector = start / math.sqrt(float(torch.dot(start, metric * start)))
     smallest = largest = residual = math.nan
     for step in range(max_iters):
         basis[step] = vector
         image = operator(vector)
-        alphas.append(float(torch.dot(image, weighted(vector))))
+        alphas.append(float(torch.dot(image, metric * vector)))
         for _ in range(2):
-            image -= basis[: step + 1].T @ (basis[: step + 1] @ weighted(image))
+            image -= basis[: step + 1].T @ (basis[: step + 1] @ (metric * image))
         # Projected again: the reorthogonalization subtracts vectors whose rounding leaves the subspace, and
         # dividing by beta would magnify that part by |image| / beta every step (by 10 a step, measured), until
         # the normal directions of the spheres, or the symmetries', showed as eigenvalues near 0. The projection
         # is self-adjoint in the metric, so the image stays orthogonal to the basis.
         image = restricted(image)
-        beta = math.sqrt(max(float(torch.dot(image, weighted(image))), 0.0))
+        beta = math.sqrt(max(float(torch.dot(image, metric * image)), 0.0))
         tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if step:
             off = torch.tensor(betas, dtype=torch.float64)
@@ -249,8 +264,9 @@ def collapsed_point(merged: Formulation | None, point: Point) -> Point | None:
 
 
 def bias_shift_is_free(problem: UFMProblem) -> bool:
-    """Whether b -> b + c 1 leaves the objective unchanged: a bias without decay."""
-    return problem.bias and (problem.normalization == "normalized" or problem.lambda_b == 0)
+    """Whether b -> b + c 1 leaves the objective unchanged: a bias without decay, under a
+    softmax loss (the squared error sees every logit)."""
+    return problem.bias and problem.loss != "mse" and (problem.normalization == "normalized" or problem.lambda_b == 0)
 
 
 @dataclass(frozen=True)
@@ -290,7 +306,7 @@ def certify(
     shifts_bias = bias_shift_is_free(problem)
     merged_point = collapsed_point(merged, point)
     if merged is None or merged_point is None:
-        curvature = hessian_extremes(formulation, point, shifts_bias, max_steps=steps)
+        curvature = hessian_extremes(formulation, point, shifts_bias, max_steps=steps, rotates=problem.layers == 1)
     else:
         curvature = hessian_extremes(merged, merged_point, shifts_bias, max_steps=steps)
         split = split_extremes(merged, merged_point, max_steps=steps)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.nc.deep_ufm import deep_objective
 from worker.nc.manifolds import Euclidean, Manifold, Point, RowSphere
 from worker.nc.objectives import (
     HessianAt,
@@ -16,6 +17,7 @@ from worker.nc.objectives import (
     normalized_objective,
     regularized_hessian,
     regularized_objective,
+    smooth_loss_objective,
 )
 from worker.nc.preconditioner import Preconditioner, class_coupling, feature_step_scale
 from worker.nc.ufm_problem import UFMProblem
@@ -63,17 +65,24 @@ def formulate(
     `row_weights` (float64, one per row) and `sample_rows` make a merged formulation:
     row j stands for row_weights[j] samples, and sample i is row sample_rows[i].
     """
-    if problem.normalization == "normalized":
+    if problem.layers > 1:
+        objective, hessian = deep_objective(problem, labels)
+    elif problem.loss != "cross_entropy":
+        objective, hessian = smooth_loss_objective(problem, labels, row_weights)
+    elif problem.normalization == "normalized":
         objective = normalized_objective(problem, labels, row_weights)
         hessian = normalized_hessian(problem, labels, row_weights)
-        manifolds: list[Manifold] = [RowSphere(), RowSphere(row_weights)]
     else:
         objective = regularized_objective(problem, labels)
         hessian = regularized_hessian(problem, labels)
+    if problem.normalization == "normalized":
+        manifolds: list[Manifold] = [RowSphere(), RowSphere(row_weights)]
+    else:
         manifolds = [Euclidean(), Euclidean()]
-    manifolds += [Euclidean()] * problem.bias
+    hidden_layers = problem.layers - 1
+    manifolds += [Euclidean()] * (problem.bias + hidden_layers)
     preconditioner = Preconditioner(
-        [1.0, feature_step_scale(problem)] + [1.0] * problem.bias,
+        [1.0, feature_step_scale(problem)] + [1.0] * (problem.bias + hidden_layers),
         manifolds,
         labels,
         problem.num_classes,

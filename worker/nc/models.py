@@ -30,12 +30,35 @@ RESNET50_BLOCKS = (3, 4, 6, 3)
 VGG11_LAYERS = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
-class NCModel(nn.Module):
-    """backbone: input -> features (N x d); classifier: nn.Linear(d, K) with bias."""
+def layer_names(architecture: str, mlp_depth: int = 3) -> tuple[str, ...]:
+    """The named layers of an architecture, input to output, whose outputs `metrics_layers`
+    measures: an MLP's hidden layers (`layer1`, ...), a ResNet's stem and stages (`stem`,
+    `stage1` ... `stage4`), VGG-11's blocks between max-pools (`block1` ... `block5`)."""
+    if architecture == "mlp":
+        return tuple(f"layer{index}" for index in range(1, mlp_depth + 1))
+    if architecture in ("resnet18", "resnet50"):
+        return ("stem", *(f"stage{index}" for index in range(1, len(RESNET18_BLOCKS) + 1)))
+    return tuple(f"block{index}" for index in range(1, VGG11_LAYERS.count("M") + 1))
 
-    def __init__(self, backbone: nn.Module, dim: int, num_classes: int, normalized: bool, logit_scale: float):
+
+class NCModel(nn.Module):
+    """backbone: input -> features (N x d); classifier: nn.Linear(d, K) with bias.
+
+    `layers` maps each name of `layer_names` to the module whose output is that layer's.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        dim: int,
+        num_classes: int,
+        normalized: bool,
+        logit_scale: float,
+        layers: dict[str, nn.Module],
+    ):
         super().__init__()
         self.backbone = backbone
+        self.layers = layers
         self.classifier = nn.Linear(dim, num_classes)
         self.normalized = normalized
         self.logit_scale = logit_scale
@@ -99,7 +122,23 @@ def build_model(
         backbone = vgg11(in_channels, image_size, dim)
     else:
         raise ValueError(f"unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")
-    return NCModel(backbone, dim, num_classes, normalization == "normalized", logit_scale)
+    layers = dict(zip(layer_names(architecture, mlp_depth), layer_outputs(architecture, backbone), strict=True))
+    return NCModel(backbone, dim, num_classes, normalization == "normalized", logit_scale, layers)
+
+
+def layer_outputs(architecture: str, backbone: nn.Sequential) -> list[nn.Module]:
+    """The modules whose outputs are the layers of `layer_names`, in order: an MLP's ReLUs;
+    a ResNet's stem ReLU and the last block of each stage; the last ReLU before each of
+    VGG-11's max-pools (in its configuration, whether or not a small input skips the pool)."""
+    relus: list[nn.Module] = [module for module in backbone if isinstance(module, nn.ReLU)]
+    if architecture == "mlp":
+        return relus
+    if architecture in ("resnet18", "resnet50"):
+        blocks = [module for module in backbone if isinstance(module, BasicBlock | Bottleneck)]
+        per_stage = RESNET18_BLOCKS if architecture == "resnet18" else RESNET50_BLOCKS
+        return [relus[0]] + [blocks[end - 1] for end in itertools.accumulate(per_stage)]
+    convolutions_before_pools = list(itertools.accumulate(layer != "M" for layer in VGG11_LAYERS))
+    return [relus[convolutions_before_pools[index] - 1] for index, layer in enumerate(VGG11_LAYERS) if layer == "M"]
 
 
 def mlp(in_features: int, depth: int, width: int, dim: int) -> nn.Sequential:

@@ -222,6 +222,127 @@ def _cross_entropy_hessian(
     return at
 
 
+class SquaredError:
+    """l_i = ||z_i - e_{y_i}||^2 / 2, the squared error against the one-hot target (Zhou
+    et al., ICML 2022): gradient z_i - e_{y_i}, Hessian the identity."""
+
+    def __init__(self, labels: torch.Tensor, num_classes: int):
+        self.targets = torch.nn.functional.one_hot(labels, num_classes).to(torch.float64)
+
+    def losses(self, logits: torch.Tensor) -> torch.Tensor:
+        return (logits - self.targets).square_().sum(dim=1) / 2
+
+    def gradients(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits - self.targets
+
+    def curvature(self, logits: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda logit_change: logit_change
+
+
+class SmoothedCrossEntropy:
+    """The cross-entropy against the targets q_i = (1 - eps) e_{y_i} + eps/K, as PyTorch's
+    `label_smoothing` (Szegedy et al. 2016; its collapse: Guo et al. 2024):
+    l_i = logsumexp(z_i) - <q_i, z_i>, gradient p_i - q_i, Hessian diag(p_i) - p_i p_i^T.
+
+    Its minimum over z_i is the entropy of q_i > 0, at finite logits: it never saturates
+    the way the plain cross-entropy does, so it needs none of `CrossEntropy`'s care.
+    """
+
+    def __init__(self, labels: torch.Tensor, num_classes: int, smoothing: float):
+        one_hot = torch.nn.functional.one_hot(labels, num_classes).to(torch.float64)
+        self.targets = one_hot * (1 - smoothing) + smoothing / num_classes
+
+    def losses(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(logits, dim=1) - (self.targets * logits).sum(dim=1)
+
+    def gradients(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=1) - self.targets
+
+    def curvature(self, logits: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        probs = torch.softmax(logits, dim=1)
+        return lambda logit_change: probs * (logit_change - (probs * logit_change).sum(dim=1, keepdim=True))
+
+
+SmoothLoss = SquaredError | SmoothedCrossEntropy
+
+
+def smooth_loss(problem: UFMProblem, labels: torch.Tensor) -> SmoothLoss:
+    """The per-sample loss of `problem.loss`, for every loss but the cross-entropy (`CrossEntropy`)."""
+    if problem.loss == "mse":
+        return SquaredError(labels, problem.num_classes)
+    assert problem.label_smoothing is not None, "UFMProblem requires it with loss 'label_smoothing'"
+    return SmoothedCrossEntropy(labels, problem.num_classes, problem.label_smoothing)
+
+
+def smooth_loss_objective(
+    problem: UFMProblem, labels: torch.Tensor, row_weights: torch.Tensor | None = None
+) -> tuple[Objective, HessianAt]:
+    """The weighted mean of `smooth_loss` over the logits s <w_k, h_i> (+ b_k) (s the
+    logit scale when normalized, 1 when regularized), plus the weight decays when
+    regularized; its gradient and Hessian in closed form.
+
+    Normalized problems minimize the mean loss L itself, not log L as the cross-entropy
+    does: log L is there for a loss that saturates towards 0, and these do not (the
+    smoothed one is bounded below by the entropy of its targets), while the squared
+    error can reach 0 exactly (d >= K + 1, logit scale >= 1), where log L has no minimum.
+    """
+    loss = smooth_loss(problem, labels)
+    scale = problem.logit_scale if problem.normalization == "normalized" else 1.0
+    decays = problem.decays if problem.normalization == "regularized" else [0.0] * (2 + problem.bias)
+    sample_weights = torch.full_like(labels, 1.0, dtype=torch.float64) if row_weights is None else row_weights
+    sample_weights = (sample_weights / problem.num_samples)[:, None]
+
+    def through_logits(logit_grads: torch.Tensor, point: Point) -> list[torch.Tensor]:
+        """The gradient of the blocks from that of the logits."""
+        grads = [logit_grads.T @ point[1] * scale, logit_grads @ point[0] * scale]
+        if problem.bias:
+            grads.append(logit_grads.sum(dim=0))
+        return grads
+
+    def evaluate(point: Point) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        logits = _smooth_loss_logits(problem, point)
+        value = (loss.losses(logits) * sample_weights[:, 0]).sum()
+        grads = through_logits(loss.gradients(logits) * sample_weights, point)
+        for decay, block, grad in zip(decays, point, grads):
+            value = value + decay / 2 * torch.vdot(block.reshape(-1), block.reshape(-1))
+            grad.add_(block, alpha=decay)
+        return value, grads
+
+    def hessian_at(point: Point) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+        logits = _smooth_loss_logits(problem, point)
+        logit_grads = loss.gradients(logits) * sample_weights
+        curvature = loss.curvature(logits)
+
+        def hvp(vector: list[torch.Tensor]) -> list[torch.Tensor]:
+            direction_w, direction_h = vector[0], vector[1]
+            logit_change = torch.mm(direction_h, point[0].T).add_(torch.mm(point[1], direction_w.T)).mul_(scale)
+            if problem.bias:
+                logit_change.add_(vector[2])
+            grads = through_logits(curvature(logit_change) * sample_weights, point)
+            # the logits are bilinear in W and H: their second derivative couples the two blocks
+            grads[0].add_(logit_grads.T @ direction_h, alpha=scale)
+            grads[1].add_(logit_grads @ direction_w, alpha=scale)
+            for grad, decay, block in zip(grads, decays, vector):
+                grad.add_(block, alpha=decay)
+            return grads
+
+        return hvp
+
+    return evaluate, hessian_at
+
+
+def mean_smooth_loss(problem: UFMProblem, labels: torch.Tensor, point: Point) -> float:
+    """The mean of `smooth_loss` over the samples of `point` (one feature row each)."""
+    return float(smooth_loss(problem, labels).losses(_smooth_loss_logits(problem, point)).mean())
+
+
+def _smooth_loss_logits(problem: UFMProblem, point: Point) -> torch.Tensor:
+    """s <w_k, h_i> (+ b_k): s the logit scale when normalized, 1 when regularized."""
+    scale = problem.logit_scale if problem.normalization == "normalized" else 1.0
+    logits = torch.mm(point[1], (scale * point[0]).T)
+    return logits.add_(point[2]) if problem.bias else logits
+
+
 def _logits_buffer(problem: UFMProblem, labels: torch.Tensor) -> torch.Tensor:
     """The rows x K array that every evaluation overwrites with the logits and their
     gradient.

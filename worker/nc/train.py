@@ -24,8 +24,9 @@ without augmentation, from the features as fed to the classifier and the effecti
 classifier (unit rows and scale s when normalized): on the training set, and on the test
 set as the same keys prefixed `test_` (`test_nc1`, ..., `test_loss`, `test_accuracy`).
 The reported `loss` and `accuracy` are the training set's eval-mode cross-entropy and
-accuracy, while `train_loss` / `train_accuracy` are the running figures of the epoch's
-mini-batches (the cross-entropy alone, without the decay terms, so that the modes
+accuracy, whatever `loss` the run trains with (so that runs of different losses compare),
+while `train_loss` / `train_accuracy` are the running figures of the epoch's mini-batches
+(the trained loss alone, `batch_loss`, without the decay terms, so that the modes
 compare).
 
 With a `checkpoint_path`, the run is saved there every `checkpoint_every` epochs and
@@ -49,10 +50,11 @@ from torch.nn import functional as F
 
 from worker.nc.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from worker.nc.data import load_dataset
-from worker.nc.metrics import collapse_metrics
-from worker.nc.models import NCModel, build_model
+from worker.nc.metrics import MEAN_KEYS, CollapseAccumulator, collapse_metrics, layer_key
+from worker.nc.models import NCModel, build_model, layer_names
 from worker.nc.tensor_files import write_tensors
 from worker.nc.ufm import Diverged, Stopped
+from worker.nc.ufm_problem import check_loss
 
 NORMALIZATIONS = ("normalized", "regularized", "none")
 OPTIMIZERS = ("sgd", "adam")
@@ -118,6 +120,10 @@ class TrainConfig:
     gaussian_noise: float = 1.0
     checkpoint_every: int = 1  # epochs between checkpoints (with a checkpoint path)
     save_features: bool = False  # keep the penultimate features and labels (with an outputs directory)
+    loss: str = "cross_entropy"  # worker.nc.ufm_problem.LOSSES
+    label_smoothing: float | None = None  # eps, with loss "label_smoothing" only
+    # Names of models.layer_names(architecture) whose outputs are measured too, or ("all",).
+    metrics_layers: tuple[str, ...] | None = None
 
     def __post_init__(self):
         for field, value, allowed in (
@@ -135,6 +141,20 @@ class TrainConfig:
             raise ValueError("batch_size must be at least 2: BatchNorm needs two samples")
         if self.epochs < 1 or self.metrics_every < 1 or self.checkpoint_every < 1:
             raise ValueError("epochs, metrics_every and checkpoint_every must be at least 1")
+        check_loss(self.loss, self.label_smoothing)
+        if self.metrics_layers is not None:
+            object.__setattr__(self, "metrics_layers", tuple(self.metrics_layers))
+            unknown = set(self.metrics_layers) - {"all", *layer_names(self.architecture, self.mlp_depth)}
+            if unknown:
+                raise ValueError(f"metrics_layers: {self.architecture} has no layer {', '.join(sorted(unknown))}")
+
+    @property
+    def measured_layers(self) -> tuple[str, ...]:
+        """The layers whose outputs are measured besides the classifier's input, in order."""
+        names = layer_names(self.architecture, self.mlp_depth)
+        if self.metrics_layers == ("all",):
+            return names
+        return tuple(name for name in names if name in (self.metrics_layers or ()))
 
     @property
     def decay_scope(self) -> str:
@@ -173,6 +193,19 @@ def make_optimizer(config: TrainConfig, model: NCModel) -> torch.optim.Optimizer
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.lr)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+
+
+def batch_loss(config: TrainConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean over the batch of `config.loss` (docs/closed-forms.md): the cross-entropy,
+    half the squared error to the one-hot target (Zhou et al. 2022), or the cross-entropy
+    against targets smoothed by `label_smoothing`."""
+    if config.loss == "mse":
+        targets = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+        return F.mse_loss(logits, targets, reduction="sum") / (2 * len(labels))
+    if config.loss == "label_smoothing":
+        assert config.label_smoothing is not None, "TrainConfig requires it with loss 'label_smoothing'"
+        return F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+    return F.cross_entropy(logits, labels)
 
 
 def feature_penalty(config: TrainConfig, features: torch.Tensor) -> torch.Tensor | float:
@@ -306,7 +339,7 @@ def train(
             x, y = train_x[indices], train_y[indices]
             features = model.features(x)
             logits = model.classify(features)
-            loss = F.cross_entropy(logits, y)
+            loss = batch_loss(config, logits, y)
             objective = loss + feature_penalty(config, features)
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
@@ -328,8 +361,12 @@ def train(
             "train_accuracy": correct.item() / num_samples,
         }
         if compute_metrics and (epoch % config.metrics_every == 0 or epoch == config.epochs):
-            last_features = penultimate_features(model, train_x), penultimate_features(model, test_x)
+            taps = LayerTaps(model, config.measured_layers, train_y, config.num_classes)
+            with taps:
+                train_features = penultimate_features(model, train_x, taps)
+            last_features = train_features, penultimate_features(model, test_x)
             row.update(measure(model, *last_features, train_y, test_y, config.num_classes))
+            row.update(taps.metrics())
             if epoch < config.epochs:
                 last_features = None  # not held while the next epoch trains
         if on_epoch is not None:
@@ -338,7 +375,7 @@ def train(
             save_checkpoint(checkpoint_path, state, epoch, row, run_config)
             if on_checkpoint_saved is not None:
                 on_checkpoint_saved(checkpoint_path)
-    _check_learned(row["train_loss"], config.num_classes)
+    _check_learned(row["train_loss"], config)
     if outputs is not None:
         if config.save_features and last_features is None:  # no metrics, or resumed after the last epoch
             last_features = penultimate_features(model, train_x), penultimate_features(model, test_x)
@@ -370,22 +407,25 @@ def write_outputs(
         )
 
 
-# A uniform guess scores ln K; a run that ends far above it did worse than guessing.
+# A run that ends far above a uniform guess's loss did worse than guessing.
 LEARNED_NOTHING_FACTOR = 2.0
 
 
-def _check_learned(final_train_loss: float, num_classes: int) -> None:
+def _check_learned(final_train_loss: float, config: TrainConfig) -> None:
     """Raise Diverged for a run whose last epoch's training loss is above twice a uniform guess's.
 
     Such a run (Adam at lr = 100, say) has finite losses but has learned nothing, and its
-    metrics would be reported as if it had.
+    metrics would be reported as if it had. Equal logits score ln K under either
+    cross-entropy, and zero logits 1/2 under the squared error.
     """
-    chance = math.log(num_classes)
+    if config.loss == "mse":
+        chance, name, guess = 0.5, "1/2", "zero logits score 1/2"
+    else:
+        chance, name, guess = math.log(config.num_classes), "ln K", "a uniform guess scores ln K"
     if final_train_loss > LEARNED_NOTHING_FACTOR * chance:
         raise Diverged(
             f"the last epoch's training loss is {final_train_loss:.4g}, above {LEARNED_NOTHING_FACTOR:g} "
-            f"x ln K = {LEARNED_NOTHING_FACTOR * chance:.3g} (a uniform guess scores ln K): "
-            "the run learned nothing"
+            f"x {name} = {LEARNED_NOTHING_FACTOR * chance:.3g} ({guess}): the run learned nothing"
         )
 
 
@@ -412,11 +452,66 @@ def evaluate(model: NCModel, train_x, train_y, test_x, test_y, num_classes: int)
 
 
 @torch.no_grad()
-def penultimate_features(model: NCModel, x: torch.Tensor) -> torch.Tensor:
+def penultimate_features(model: NCModel, x: torch.Tensor, taps: "LayerTaps | None" = None) -> torch.Tensor:
     """The features of `x` as fed to the classifier, in eval mode (BatchNorm's running
-    statistics), computed EVAL_BATCH_SIZE samples at a time."""
+    statistics), computed EVAL_BATCH_SIZE samples at a time; `taps` sees every block."""
     model.eval()
-    return torch.cat([model.features(block) for block in x.split(EVAL_BATCH_SIZE)])
+    blocks = []
+    for start, block in zip(range(0, len(x), EVAL_BATCH_SIZE), x.split(EVAL_BATCH_SIZE)):
+        if taps is not None:
+            taps.start_block(start, len(block))
+        blocks.append(model.features(block))
+    return torch.cat(blocks)
+
+
+class LayerTaps:
+    """The class-mean catalogue (MEAN_KEYS) at the outputs of named layers, from forward
+    hooks on the evaluation pass over the training set: each layer's output feeds its own
+    streaming CollapseAccumulator, so that memory stays O(K d + d^2) per layer whatever N.
+
+    A convolutional output (B x C x H x W) is measured as its global average over space (C
+    features), as the penultimate features of the conv nets are; a flat one as it is. The
+    accumulators form their scatters in float32 (CollapseAccumulator's scatter_dtype):
+    with four wide layers the float64 products made a metric epoch 1.53x as long as the
+    penultimate-only one (bench/train.py --layers).
+    """
+
+    def __init__(self, model: NCModel, names: tuple[str, ...], labels: torch.Tensor, num_classes: int):
+        self.model, self.names, self.labels, self.num_classes = model, names, labels, num_classes
+        self.accumulators: dict[str, CollapseAccumulator] = {}
+        self.block_labels: torch.Tensor | None = None
+        self.handles: list = []
+
+    def __enter__(self) -> "LayerTaps":
+        self.handles = [self.model.layers[name].register_forward_hook(self._hook(name)) for name in self.names]
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def start_block(self, start: int, size: int) -> None:
+        """The next forward pass holds samples start .. start + size - 1."""
+        self.block_labels = self.labels[start : start + size]
+
+    def _hook(self, name: str):
+        def record(_module, _inputs, output: torch.Tensor) -> None:
+            features = output.mean(dim=(2, 3)) if output.dim() == 4 else output
+            if name not in self.accumulators:
+                self.accumulators[name] = CollapseAccumulator(
+                    self.num_classes, features.shape[1], features.device, scatter_dtype=torch.float32
+                )
+            self.accumulators[name].update(features, self.block_labels)
+
+        return record
+
+    def metrics(self) -> dict[str, float]:
+        """MEAN_KEYS of every measured layer, as `layer_key`s."""
+        row: dict[str, float] = {}
+        for name, accumulator in self.accumulators.items():
+            metrics = accumulator.compute()
+            row |= {layer_key(key, name): metrics[key] for key in MEAN_KEYS}
+        return row
 
 
 @torch.no_grad()

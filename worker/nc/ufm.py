@@ -22,12 +22,14 @@ import numpy as np
 import torch
 
 from worker.nc.curvature import LOCAL_MINIMUM, STRICT_SADDLE, SecondOrderCertificate, certify
+from worker.nc.deep_ufm import layer_features
 from worker.nc.descent import Iterate, SolveResult
 from worker.nc.errors import Diverged, Stopped
 from worker.nc.formulation import Formulation, class_labels, formulate
 from worker.nc.manifolds import Euclidean, Point, RowSphere
 from worker.nc.merging import descend, merged_formulation
-from worker.nc.metrics import collapse_metrics
+from worker.nc.metrics import MEAN_KEYS, collapse_metrics, layer_key
+from worker.nc.objectives import mean_smooth_loss
 from worker.nc.stopping import Certificate
 from worker.nc.tensor_files import write_tensors
 from worker.nc.ufm_problem import UFMProblem, optimal_loss
@@ -144,7 +146,7 @@ def solve(
             on_checkpoint(step, row)
     progress.finish()
     if outputs is not None:
-        save_solution(outputs / SOLUTION_FILE, best.result.last.point, labels)
+        save_solution(problem, outputs / SOLUTION_FILE, best.result.last.point, labels)
 
     optimum = optimal_loss(problem)
     minima = [outcome for outcome in outcomes if outcome.certificate.critical_point == LOCAL_MINIMUM]
@@ -173,9 +175,10 @@ def solve(
     }
 
 
-def save_solution(path: Path, point: Point, labels: torch.Tensor) -> None:
-    """The solution [W, H] or [W, H, b] and the class of each feature row, as safetensors."""
-    tensors = dict(zip(("W", "H", "b"), point)) | {"labels": labels}
+def save_solution(problem: UFMProblem, path: Path, point: Point, labels: torch.Tensor) -> None:
+    """The solution [W, H, (b), (V_1, ..., V_{L-1})] and the class of each feature row, as safetensors."""
+    names = ["W", "H"] + ["b"] * problem.bias + [f"V{layer}" for layer in range(1, problem.layers)]
+    tensors = dict(zip(names, point)) | {"labels": labels}
     write_tensors(path, tensors)
 
 
@@ -325,22 +328,35 @@ def initial_point(problem: UFMProblem, seed: int, device: str | torch.device) ->
         start = [Euclidean().random(shape, generator) * 0.1 / math.sqrt(problem.dim) for shape in shapes]
     if problem.bias:
         start.append(torch.zeros(problem.num_classes, dtype=torch.float64))
+    # The hidden layers of a deep UFM at the scale that keeps the features' norms: near 0
+    # the origin is a saddle of order L, where every gradient step is ~0.
+    start += [
+        Euclidean().random((problem.dim, problem.dim), generator) / math.sqrt(problem.dim)
+        for _ in range(problem.layers - 1)
+    ]
     return [block.to(device) for block in start]
 
 
 def _metrics_row(problem: UFMProblem, labels: torch.Tensor, point: Point, grad_norm: float) -> dict:
-    """The history row of `point`: collapse_metrics (with the whole objective as `loss`
-    for "regularized"), the smallest angle between classifier rows and the gradient norm."""
-    classifier, features = point[0], point[1]
-    bias = point[2] if problem.bias else None
+    """The history row of `point`: collapse_metrics, with `loss` the mean of the
+    problem's loss (plus the weight decays: the whole objective, for "regularized", whose
+    row keeps the logits' cross-entropy as `cross_entropy`), the smallest angle between
+    classifier rows and the gradient norm."""
+    classifier, bias = point[0], point[2] if problem.bias else None
+    *hidden_features, features = layer_features(problem, point)  # features: the classifier's input
     if problem.normalization == "normalized":
         row = collapse_metrics(features, labels, classifier, bias, problem.num_classes, problem.logit_scale)
     else:
         row = collapse_metrics(features, labels, classifier, bias, problem.num_classes)
         row["cross_entropy"] = row["loss"]
-        decays = [problem.lambda_w, problem.lambda_h] + [problem.lambda_b] * problem.bias
-        penalty = sum(decay / 2 * float((block**2).sum()) for decay, block in zip(decays, point))
-        row["loss"] = row["cross_entropy"] + penalty
+    if problem.loss != "cross_entropy":
+        row["loss"] = mean_smooth_loss(problem, labels, [classifier, features, *point[2:3]])
+    if problem.normalization == "regularized":
+        penalty = sum(decay / 2 * float((block**2).sum()) for decay, block in zip(problem.decays, point))
+        row["loss"] += penalty
+    for layer, layer_input in enumerate(hidden_features, start=1):
+        layer_row = collapse_metrics(layer_input, labels, None, None, problem.num_classes)
+        row |= {layer_key(key, f"layer{layer}"): layer_row[key] for key in MEAN_KEYS}
     row["w_min_angle_deg"] = min_angle_degrees(classifier)
     row["grad_norm"] = grad_norm
     return row

@@ -9,10 +9,22 @@ their closed forms.
 
 import math
 import operator
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import scipy.optimize
+
 NORMALIZATIONS = ("normalized", "regularized")
+# The per-sample loss of the logits (docs/closed-forms.md): the cross-entropy, the squared
+# error against the one-hot target (Zhou et al. 2022), or the cross-entropy against the
+# targets smoothed by `label_smoothing` (Guo et al. 2024).
+LOSSES = ("cross_entropy", "mse", "label_smoothing")
+# The deep UFM (Sukenik, Mondelli & Lampert 2023): `layers` linear maps from the
+# unconstrained features to the logits, the classifier included, with this activation
+# after each but the classifier. At most MAX_LAYERS.
+LAYER_ACTIVATIONS = ("linear", "relu")
+MAX_LAYERS = 6
 # The optimizer: "first_order" is the preconditioned Riemannian gradient descent
 # (worker.nc.descent), "trust_region" the Riemannian trust-region method
 # (worker.nc.trust_region), and "auto" the first where it converges fast and the second
@@ -31,8 +43,12 @@ class UFMProblem:
     one int, so it compares, hashes and solves exactly like it.
 
     `tol` bounds the norm of the Riemannian gradient at the returned point: of log L for
-    "normalized" (whose gradient, unlike that of L, does not vanish as the loss
-    saturates at large logit scales) and of the full objective for "regularized". A
+    "normalized" under the cross-entropy (whose gradient, unlike that of L, does not
+    vanish as the loss saturates at large logit scales), of L under the other losses
+    (which do not saturate), and of the full objective for "regularized".
+
+    `loss` picks the per-sample loss of the logits (LOSSES); `label_smoothing` is its
+    eps, given with "label_smoothing" only. A
     normalized problem with a closed form must also be collapsed to count as converged
     (see worker.nc.ufm.solve). Rounding puts the floor of the gradient norm near 1e-15,
     so much smaller values are not reachable; docs/solver.md says what the default
@@ -60,6 +76,11 @@ class UFMProblem:
     checkpoint_every: int | None = None
     restarts: int = 1
     solver: str = "first_order"
+    loss: str = "cross_entropy"
+    label_smoothing: float | None = None
+    layers: int = 1
+    layer_activation: str = "linear"
+    lambda_layers: tuple[float, ...] | None = None  # the hidden layers' decays; None: lambda_w each
 
     def __post_init__(self):
         if self.num_classes < 2:
@@ -91,6 +112,22 @@ class UFMProblem:
             raise ValueError(f"restarts must be >= 1, got {self.restarts}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        check_loss(self.loss, self.label_smoothing)
+        self._validate_layers()
+
+    def _validate_layers(self) -> None:
+        if not 1 <= self.layers <= MAX_LAYERS:
+            raise ValueError(f"layers must lie in 1..{MAX_LAYERS}, got {self.layers}")
+        if self.layer_activation not in LAYER_ACTIVATIONS:
+            raise ValueError(f"layer_activation must be one of {LAYER_ACTIVATIONS}, got {self.layer_activation!r}")
+        if self.layers > 1 and self.normalization != "regularized":
+            raise ValueError("layers > 1 needs normalization 'regularized'")
+        if self.lambda_layers is not None:
+            object.__setattr__(self, "lambda_layers", tuple(self.lambda_layers))
+            if len(self.lambda_layers) != self.layers - 1 or not all(
+                0 < decay < math.inf for decay in self.lambda_layers
+            ):
+                raise ValueError(f"lambda_layers needs layers - 1 = {self.layers - 1} positive, finite decays")
 
     def _validated_counts(self) -> int | tuple[int, ...]:
         if not isinstance(self.n_per_class, Sequence):
@@ -120,6 +157,27 @@ class UFMProblem:
     def num_samples(self) -> int:
         return sum(self.class_counts)
 
+    @property
+    def hidden_decays(self) -> tuple[float, ...]:
+        """The weight decay of each layer between the features and the classifier."""
+        return self.lambda_layers or (self.lambda_w,) * (self.layers - 1)
+
+    @property
+    def decays(self) -> list[float]:
+        """The weight decay of each block of the point [W, H, (b), V_1, ..., V_{L-1}] (regularized)."""
+        return [self.lambda_w, self.lambda_h] + [self.lambda_b] * self.bias + list(self.hidden_decays)
+
+
+def check_loss(loss: str, label_smoothing: float | None) -> None:
+    """Raise ValueError unless `loss` is one of LOSSES, with its eps 0 < eps < 1 given
+    exactly when it is "label_smoothing" (for the UFM and for training alike)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if (loss == "label_smoothing") != (label_smoothing is not None):
+        raise ValueError("label_smoothing is required with loss 'label_smoothing', and only with it")
+    if label_smoothing is not None and not 0 < label_smoothing < 1:
+        raise ValueError(f"label_smoothing must lie strictly between 0 and 1, got {label_smoothing}")
+
 
 def optimal_loss(problem: UFMProblem) -> float | None:
     """The global minimum from the closed forms of docs/closed-forms.md, or None where
@@ -135,6 +193,10 @@ def optimal_loss(problem: UFMProblem) -> float | None:
     n = problem.n_per_class
     if not isinstance(n, int):  # imbalanced: problem.balanced is False
         return None
+    if problem.loss == "mse":
+        return _squared_error_optimum(problem, n) if problem.normalization == "regularized" else None
+    if problem.loss == "label_smoothing" or problem.layers > 1:
+        return None
     K, d = problem.num_classes, problem.dim
     if problem.normalization == "normalized":
         if d + 1 < K:
@@ -149,3 +211,70 @@ def optimal_loss(problem: UFMProblem) -> float | None:
     squared_norm = (K - 1) / (K * balance) * math.log(1 / strength - (K - 1))
     margin = balance * squared_norm * K / (K - 1)
     return math.log1p((K - 1) * math.exp(-margin)) + problem.lambda_w * K * squared_norm
+
+
+def _squared_error_optimum(problem: UFMProblem, n: int) -> float | None:
+    """The global minimum of the regularized UFM under the squared error (Zhou et al.,
+    ICML 2022), or None where it needs more dimensions than d; derived in
+    docs/closed-forms.md.
+
+    With beta = sqrt(n lambda_w lambda_h) the problem reduces to the logits' class matrix
+    Z = W [h_1 .. h_K] + b 1^T and min (1/(2K)) ||Z - I||^2 + beta ||W H||_* (+ the bias'
+    decay). Without a bias: f* = (K - r)/(2K) + r beta (1 - K beta / 2), r = min(d, K),
+    when K beta < 1, and 1/2 (W = H = 0) otherwise. With a bias: the class-mean part of
+    Z goes to the bias while lambda_b (1 - K beta) <= K beta, and the rest is a simplex
+    ETF of K - 1 dimensions; beyond that, the shared part splits between W H and b.
+    """
+    K, d = problem.num_classes, problem.dim
+    if problem.layers > 1:
+        return _deep_linear_squared_error_optimum(problem, n)
+    beta = math.sqrt(n * problem.lambda_w * problem.lambda_h)
+    if not problem.bias:
+        if K * beta >= 1:
+            return 0.5
+        rank = min(d, K)
+        return (K - rank) / (2 * K) + rank * beta * (1 - K * beta / 2)
+    lambda_b = problem.lambda_b
+    spread = max(1 - K * beta, 0.0)  # the singular value of Z on the centred directions
+    if lambda_b * (1 - K * beta) <= K * beta:
+        if spread > 0 and d < K - 1:
+            return None
+        centred = (K - 1) * ((spread - 1) ** 2 / (2 * K) + beta * spread)
+        return centred + lambda_b / (2 * K * (1 + lambda_b))
+    if d < K:
+        return None
+    return K * beta * (1 - K * beta / 2) - K * beta**2 / (2 * lambda_b)
+
+
+def _deep_linear_squared_error_optimum(problem: UFMProblem, n: int) -> float | None:
+    """The global minimum of the deep linear regularized UFM under the squared error
+    (Dang et al., ICML 2023), without a bias or with a free one (lambda_b = 0); None
+    otherwise, and for ReLU layers. Derived in docs/closed-forms.md.
+
+    With M = L + 1 factors (the L layers and the class means), their decays a_m
+    (lambda_w, lambda_layers, n lambda_h) and c = (M/2) (prod a_m)^(1/M), the problem
+    reduces to each singular value sigma of the product, which costs
+    g(sigma) = (sigma - 1)^2 / (2K) + c sigma^(2/M); r = min(d, K) of them (min(d, K - 1)
+    with a free bias, which takes the class mean) are set to g's minimizer if it beats
+    g(0) = 1/(2K), and to 0 otherwise.
+    """
+    if problem.layer_activation != "linear" or (problem.bias and problem.lambda_b != 0):
+        return None
+    K = problem.num_classes
+    decays = [problem.lambda_w, *problem.hidden_decays, n * problem.lambda_h]
+    factors = len(decays)
+    cost = factors / 2 * math.prod(decays) ** (1 / factors)
+    exponent = 2 / factors
+
+    def slope(sigma: float) -> float:  # K g'(sigma)
+        return sigma - 1 + K * cost * exponent * sigma ** (exponent - 1)
+
+    # K g' falls and then rises on (0, 1] (exponent < 1): its minimum is at sigma_low, and a
+    # positive root above it, if any, is g's local minimum.
+    sigma_low = (K * cost * exponent * (1 - exponent)) ** (1 / (2 - exponent))
+    best = 1 / (2 * K)
+    if sigma_low < 1 and slope(sigma_low) < 0:
+        sigma = scipy.optimize.brentq(slope, sigma_low, 1.0, xtol=1e-16, rtol=4 * sys.float_info.epsilon)
+        best = min(best, (sigma - 1) ** 2 / (2 * K) + cost * sigma**exponent)
+    rank = min(problem.dim, K - 1 if problem.bias else K)
+    return (K - (1 if problem.bias else 0) - rank) / (2 * K) + rank * best
