@@ -6,14 +6,12 @@ below the axes, off the data they name.
 """
 
 import io
-
-import matplotlib
-
-matplotlib.use("Agg")
-from matplotlib.figure import Figure  # after choosing the backend
-from matplotlib.ticker import MaxNLocator
+from typing import TYPE_CHECKING
 
 from service.schemas import TrainSpec, UFMSpec
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DPI = 100
 
@@ -22,13 +20,18 @@ def log_scale(metric: str) -> bool:
     return metric.startswith("nc") or metric in ("grad_norm", "optimality_gap")
 
 
-def _png(figure: Figure) -> bytes:
+def _png(figure: "Figure") -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)
     return buffer.getvalue()
 
 
 def _axes(width: int, height: int, title: str, step_unit: str, metric_label: str, logarithmic: bool):
+    # Imported on the first plot, not with the API: most API processes never draw one, and importing matplotlib
+    # cost each of them a third of a second of its start. A Figure draws with the Agg canvas; no backend is chosen.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
     axes = figure.add_subplot()
     axes.set_title(title)
@@ -41,7 +44,7 @@ def _axes(width: int, height: int, title: str, step_unit: str, metric_label: str
     return figure, axes
 
 
-def _legend_beside(figure: Figure, axes) -> None:
+def _legend_beside(figure: "Figure", axes) -> None:
     """The legend outside the axes, below them in two columns: the constrained layout
     shortens the axes to make room, so that no curve runs under it."""
     handles, labels = axes.get_legend_handles_labels()
@@ -92,7 +95,7 @@ def curves_png(items: list[dict], metric: str, step_unit: str, width: int = 800,
     return _png(curves_figure(items, metric, step_unit, width, height))
 
 
-def curves_figure(items: list[dict], metric: str, step_unit: str, width: int = 800, height: int = 500) -> Figure:
+def curves_figure(items: list[dict], metric: str, step_unit: str, width: int = 800, height: int = 500) -> "Figure":
     """The figure of `curves_png`."""
     logarithmic = log_scale(metric)
     figure, axes = _axes(width, height, f"{metric}: mean ± std over experiments", step_unit, metric, logarithmic)

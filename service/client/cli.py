@@ -32,9 +32,9 @@ from typer.core import TyperGroup
 
 from service.client import STATUSES, TERMINAL_STATUSES, Client, NclabError, WaitTimeout
 
-# Piped output keeps one row per line (rich would fold tables to 80 columns).
+# Piped output keeps one row per line (rich would fold tables to 80 columns), and a message's path whole.
 out = Console() if sys.stdout.isatty() else Console(width=400)
-err = Console(stderr=True)
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=400)
 
 SUCCEEDED, FAILED, USAGE_OR_HTTP, CANCELED = 0, 1, 2, 3
 # The columns of `nclab ls` and `nclab status`: (heading, dotted path in an experiment).
