@@ -53,6 +53,23 @@ def _unavailable(what: str, exc: Exception) -> None:
     pytest.skip(message)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Solve on one thread, and restore torch's setting after the test (modules of small solves use it).
+
+    These problems are small enough that threads buy nothing, and on a busy two-core
+    machine every parallel region of a tiny matrix product can wait a scheduler tick
+    for its second thread: we measured tests/test_ufm.py at 5 s on one thread and over
+    60 s on two while another process kept a core busy.
+    """
+    import torch  # here, not at the top: most test modules never need it
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def pg_admin() -> str:
     try:

@@ -18,13 +18,7 @@ from worker.nc.ufm_problem import MAX_LAYERS
 from worker.runners import engine_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: threads buy nothing (see tests/test_ufm.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def deep(K, d, n, layers, **options) -> UFMProblem:

@@ -14,13 +14,7 @@ from worker.nc.ufm import UFMProblem, initial_point, optimal_loss, solve
 SMOOTHED = {"loss": "label_smoothing", "label_smoothing": 0.1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: threads buy nothing (see tests/test_ufm.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def squared_error(K, d, n, lambda_wh, bias=False, lambda_b=5e-4, **options) -> UFMProblem:

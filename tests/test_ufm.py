@@ -26,19 +26,7 @@ COLLAPSE_KEYS = ("nc1", "nc2_etf_w", "nc3_etf")
 ROW_KEYS = {"grad_norm", "w_min_angle_deg"}  # what the solver adds to collapse_metrics
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Solve on one thread, and restore torch's setting after each test.
-
-    These problems are small enough that threads buy nothing, and on a busy two-core
-    machine every parallel region of a tiny matrix product can wait a scheduler tick
-    for its second thread: we measured this file at 5 s on one thread and over 60 s on
-    two while another process kept a core busy.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def assert_reaches_collapsed_optimum(result):
