@@ -143,7 +143,7 @@ def hessian_extremes(
         return blocks.flatten(vector if modes is None else modes.project_out(vector))
 
     def operator(flat: torch.Tensor) -> torch.Tensor:
-        return restricted(blocks.flatten(hessian(blocks.unflatten(flat))))
+        return blocks.flatten(hessian(blocks.unflatten(flat)))
 
     return _lanczos(operator, restricted, metric, blocks.size, seed, max_steps)
 
@@ -172,7 +172,7 @@ def split_extremes(
 
     def operator(flat: torch.Tensor) -> torch.Tensor:
         vector = [torch.zeros_like(point[0]), flat.reshape(features.shape).clone(), *map(torch.zeros_like, point[2:])]
-        return restricted(hessian(vector)[1].reshape(-1))
+        return hessian(vector)[1].reshape(-1)
 
     return _lanczos(
         operator,
@@ -208,7 +208,9 @@ def _lanczos(
     max_steps: int,
 ) -> Curvature:
     """The extreme Ritz values of the symmetric `operator` on the subspace that `restricted` projects onto
-    (`metric`: the inner product's weights), from a seeded random start.
+    (`metric`: the inner product's weights), from a seeded random start. The operator's image need not lie in
+    the subspace: each new vector is projected after its reorthogonalization, which gives the same vector,
+    since the projection is self-adjoint in the metric and leaves the basis as it is.
 
     Every Lanczos vector is reorthogonalized against all earlier ones, twice, in the
     metric: without it, rounding brings back copies of converged Ritz values and loses
