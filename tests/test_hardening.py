@@ -16,7 +16,7 @@ import psycopg
 import pydantic
 import pytest
 
-from tests.conftest import fresh_pg_database, fresh_redis_broker
+from tests.conftest import fresh_pg_database
 from service.lifetime import children
 from service.schemas import TrainSpec, UFMSpec
 from tests.support import ENDLESS, eventually, free_port, queued_messages, redis_server, wait_ready, wait_for_status
@@ -129,11 +129,6 @@ def _alive(pids: set[int]) -> set[int]:
     return alive
 
 
-def _wait_for_children(pid: int, count: int) -> set[int]:
-    return eventually(lambda: found if len(found := children(pid)) >= count else None, timeout=60, interval=0.2,
-                      message=lambda: f"{pid} has children {children(pid)}, wanted {count}")
-
-
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -186,22 +181,19 @@ def test_api_workers_end_when_their_supervisor_is_killed(processes):
     assert {pid: endings[pid] for pid in workers} == {pid: -signal.SIGTERM for pid in workers}
 
 
-def test_a_pool_process_ends_at_once_when_its_worker_is_killed(pg_database, processes):
-    processes.env.update(NCLAB_DATABASE_URL=pg_database, NCLAB_BROKER_URL=fresh_redis_broker())
-    worker = processes.start("worker", name="worker")
-    pool = _wait_for_children(worker.pid, 1)
-    # A kill before the pool process's start-up (worker_process_init: the PR_SET_PDEATHSIG
-    # request) races it; Celery's "ready" can come first on a loaded machine, this line cannot.
-    log = processes.log_dir / "worker.log"
-    started = [f"pool process {pid} started: it ends with its worker" for pid in pool]
-    eventually(lambda: all(line in log.read_text(errors="replace") for line in started), timeout=60,
-               message="the pool process never said it started")
+def test_a_pool_process_ends_at_once_when_its_worker_is_killed(own_production):
+    """With a job running: a pool process busy with one reads none of its pipes, so only the
+    kernel can end it at once (PR_SET_PDEATHSIG, SIGKILL), not its finding them closed. (An
+    idle one could see its pipes close and exit 0 before the signal comes: the kernel
+    closes a dying process's files before it signals the children.)"""
+    client, worker = own_production.client, own_production.worker
+    endless = client.post("/experiments", json=ENDLESS).json()["id"]
+    wait_for_status(client, endless, {"running"}, timeout=60)
+    pool = children(worker.pid)  # concurrency 1: the pool process running the job
     with _adopting_orphans():
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait()
         endings = _endings(pool)
-    # "At once": killed by the kernel as its worker died (PR_SET_PDEATHSIG, SIGKILL), not ended
-    # later by itself on finding its pipes closed.
     assert endings == {pid: -signal.SIGKILL for pid in pool}
 
 
