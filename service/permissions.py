@@ -2,7 +2,7 @@
 
 - ``reader``: reads everything, changes nothing;
 - ``member``: reads everything, submits (experiments, sweeps, uploads), and cancels or relabels what it owns;
-- ``admin``: everything, others' work and the audit included.
+- ``admin``: everything, others' work and the audit included, and a priority above the default.
 
 Every route and dashboard page that changes something asks ``check`` (or ``may``, to
 decide what to show) with its action, and the refusal it raises names the caller's owner
@@ -29,6 +29,9 @@ Action = Literal[
     "read",
 ]
 ACTIONS: tuple[str, ...] = get_args(Action)
+# A job's priority orders an owner's own queued jobs and breaks ties between owners (service/scheduler.py);
+# above the default only for admins (check_priority).
+DEFAULT_PRIORITY = 0
 # The actions on work that someone owns: a member may take them on its own work only.
 _ON_OWNED_WORK = {"experiment.cancel", "experiment.relabel", "sweep.cancel", "sweep.relabel"}
 
@@ -36,20 +39,31 @@ _ON_OWNED_WORK = {"experiment.cancel", "experiment.relabel", "sweep.cancel", "sw
 class Forbidden(HTTPException):
     """A 403 whose detail names the caller's owner and role, and what it may not do."""
 
-    def __init__(self, caller: Caller, action: Action, target: str | None = None, owner: str | None = None):
+    def __init__(
+        self,
+        caller: Caller,
+        action: Action,
+        target: str | None = None,
+        owner: str | None = None,
+        *,
+        what: str | None = None,
+        why: str | None = None,
+    ):
         noun, _, verb = action.partition(".")
-        what = {
-            "experiment.submit": "submit experiments",
-            "sweep.submit": "submit sweeps",
-            "upload.submit": "upload files",
-            "audit.read": "read the audit",
-        }.get(action) or f"{verb} {noun} {target}"
-        if caller.role == "reader":
+        what = (
+            what
+            or {
+                "experiment.submit": "submit experiments",
+                "sweep.submit": "submit sweeps",
+                "upload.submit": "upload files",
+                "audit.read": "read the audit",
+            }.get(action)
+            or f"{verb} {noun} {target}"
+        )
+        if why is None and caller.role == "reader":
             why = "a reader only reads"
-        elif action in _ON_OWNED_WORK:
-            why = f"it is {owner}'s"
-        else:
-            why = "only an admin may"
+        elif why is None:
+            why = f"it is {owner}'s" if action in _ON_OWNED_WORK else "only an admin may"
         super().__init__(403, f"{caller.owner} ({caller.role}) may not {what}: {why}")
 
 
@@ -66,3 +80,14 @@ def check(caller: Caller, action: Action, target: str | None = None, owner: str 
     """Nothing if the caller may take the action; else Forbidden."""
     if not may(caller, action, owner):
         raise Forbidden(caller, action, target, owner)
+
+
+def check_priority(caller: Caller, action: Action, priority: int) -> None:
+    """A submit's priority above the default is for admins; else Forbidden, naming the priority."""
+    if priority > DEFAULT_PRIORITY and caller.role != "admin":
+        raise Forbidden(
+            caller,
+            action,
+            what=f"submit with priority {priority}",
+            why=f"a priority above {DEFAULT_PRIORITY} is for admins",
+        )

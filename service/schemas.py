@@ -26,7 +26,7 @@ from service import job_size
 from service.datasets import DATASETS
 from service.identity import Role
 from service.models import INTEGER_MAX, INTEGER_MIN
-from service.permissions import Action
+from service.permissions import DEFAULT_PRIORITY, Action
 from service.settings import get_settings
 
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
@@ -770,9 +770,6 @@ def _at_most_max_tags(tags: dict) -> dict:
 
 Tags = Annotated[dict[TagKey, TagValue], AfterValidator(_at_most_max_tags)]
 
-# A job's priority: it orders an owner's own queued jobs and breaks ties between owners (service/scheduler.py).
-# Above DEFAULT_PRIORITY only for admins (service/api/admission.py).
-DEFAULT_PRIORITY = 0
 Priority = Annotated[
     int,
     Field(

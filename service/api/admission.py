@@ -1,27 +1,16 @@
-"""What a submit (an experiment or a sweep) must pass before anything is stored: who may set a priority, and the
-owner's queued quota. Each refusal is an HTTPException, so that it is answered (and audited) as problem+json."""
+"""What a submit (an experiment or a sweep) must pass before anything is stored, beside the roles' rule
+(service/permissions.py): the owner's queued quota. Its refusal is an HTTPException, so that it is answered (and
+audited) as problem+json."""
 
 from fastapi import HTTPException
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from service import scheduler
-from service.identity import Caller
-from service.schemas import DEFAULT_PRIORITY
 from service.settings import Settings
 
 # A full queue frees as its owner's jobs start: no time can be promised, this is how soon asking again is reasonable.
 QUEUE_FULL_RETRY_SECONDS = 30
-
-
-def check_priority(caller: Caller, priority: int) -> None:
-    """A priority above the default is for admins: a 403 naming the owner, the role and the rule."""
-    if priority > DEFAULT_PRIORITY and caller.role != "admin":
-        raise HTTPException(
-            403,
-            f"{caller.owner} ({caller.role}) may not submit with priority {priority}: "
-            f"a priority above {DEFAULT_PRIORITY} is for admins",
-        )
 
 
 def check_queued_quota(connection: Connection | Session, owner: str, adding: int, settings: Settings) -> None:

@@ -15,6 +15,7 @@ import csv
 import functools
 import importlib.metadata
 import io
+import itertools
 import json
 import re
 import sys
@@ -357,17 +358,19 @@ def ls(
         if as_csv:
             _write_csv_rows(client.search_csv(where, order_by), limit)
             return
-        experiments = []
-        for experiment in client.search(where, order_by, page_size=min(limit, 500) if limit else 500):
-            experiments.append(experiment)
-            if limit and len(experiments) == limit:
-                break
+        experiments = _first(client.search, where, order_by, limit)
     if as_json:
         for experiment in experiments:
             sys.stdout.write(json.dumps(experiment) + "\n")
         return
     rows = [[_field(e, path) for _heading, path in LIST_COLUMNS] for e in experiments]
     out.print(_table(f"{len(rows)} experiments", [heading for heading, _path in LIST_COLUMNS], rows))
+
+
+def _first(pages, where: str | None, order_by: str | None, limit: int) -> list[dict]:
+    """The first ``limit`` items (0: all) of a paged listing (Client.search, Client.audit), no page past them."""
+    page_size = min(limit, 500) if limit else 500
+    return list(itertools.islice(pages(where, order_by, page_size=page_size), limit or None))
 
 
 def _write_csv_rows(text: str, limit: int) -> None:
@@ -500,11 +503,7 @@ def audit(
         if as_csv:
             _write_csv_rows(client.audit_csv(where, order_by), limit)
             return
-        rows = []
-        for entry in client.audit(where, order_by, page_size=min(limit, 500) if limit else 500):
-            rows.append([entry[column] for column in AUDIT_COLUMNS])
-            if limit and len(rows) == limit:
-                break
+        rows = [[entry[column] for column in AUDIT_COLUMNS] for entry in _first(client.audit, where, order_by, limit)]
     out.print(_table(f"{len(rows)} audit rows", list(AUDIT_COLUMNS), rows))
 
 

@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service import analysis, idempotency, jobs, permissions, plots, scheduler, workers
-from service.api.admission import check_priority, check_queued_quota
+from service.api.admission import check_queued_quota
 from service.api.deps import (
     ActorDep,
     CallerDep,
@@ -93,7 +93,7 @@ async def _queue(
     labelled: LabelledSubmission, caller: Caller, actor: Actor, idempotency_key: str | None, field_prefix: str
 ) -> Response:
     """Store a validated submission and answer 202 with it; its message is sent after the response."""
-    check_priority(caller, labelled.priority)
+    permissions.check_priority(caller, "experiment.submit", labelled.priority)
     request = labelled.model_dump(mode="json")
     keyed = idempotency.keyed(caller.owner, idempotency_key, "/experiments", request)
     settings = get_settings()

@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import Query, Response
 
 from service import analysis, idempotency, jobs, permissions, sweeps
-from service.api.admission import check_priority, check_queued_quota
+from service.api.admission import check_queued_quota
 from service.api.deps import (
     ActorDep,
     CallerDep,
@@ -44,7 +44,7 @@ def submit(
     (above 0: admins only, else 403); a sweep that would take the owner past its queued quota is a 429 and stores
     nothing."""
     permissions.check(caller, "sweep.submit")
-    check_priority(caller, request.priority)
+    permissions.check_priority(caller, "sweep.submit", request.priority)
     try:
         specs = sweeps.members(request)
         for index, spec in enumerate(specs):
