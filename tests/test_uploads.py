@@ -75,6 +75,20 @@ def test_an_upload_is_stored_whole_with_its_size_sha256_and_layout(api):
     assert entry["action"] == "upload.submit" and entry["status"] == 201
 
 
+def test_a_file_of_many_pieces_is_hashed_and_written_in_order(api, monkeypatch):
+    """More pieces than the pipeline holds at once, each of many chunks: the stored file and its hash are the file."""
+    from service.api.routes import uploads
+
+    monkeypatch.setattr(uploads, "WRITE_SIZE", 4096)
+    chunks = (UNDER[start : start + 1000] for start in range(0, len(UNDER), 1000))
+    response = api.client.post("/uploads", content=chunks, headers=OCTET)
+    assert response.status_code == 201
+    body = response.json()
+    assert body["bytes"] == len(UNDER) and body["sha256"] == hashlib.sha256(UNDER).hexdigest()
+    assert (uploads_dir(api) / body["id"]).read_bytes() == UNDER
+    assert len(UNDER) // 4096 > 10 * uploads.PIECES_IN_FLIGHT
+
+
 def test_a_file_over_the_upload_cap_is_a_413_declared_or_streamed_and_nothing_is_kept(api):
     assert len(UNDER) > 1 << 20 and len(OVER) > CAP
     before = stored_uploads(api)

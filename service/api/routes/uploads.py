@@ -10,6 +10,8 @@ a refusal is kept.
 import asyncio
 import hashlib
 import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import HTTPException, Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -28,6 +30,10 @@ router = api_router("/uploads", "uploads")
 # The body arrives in the server's pieces (64 KiB); each write to the store is a hop to a thread and back,
 # so they are gathered to this size first.
 WRITE_SIZE = 4 << 20
+# Pieces received but not yet hashed and written: the hash is the slowest stage for a moment now and then,
+# and a queue this deep keeps the receiving going meanwhile (one piece deep, 1 GB took a third longer).
+# An upload holds at most this many pieces plus one in memory.
+PIECES_IN_FLIGHT = 8
 FILE_BODY = {
     "requestBody": {
         "required": True,
@@ -93,36 +99,40 @@ def read(upload_id: str, session: SessionDep) -> Upload:
 async def _receive(request: Request, store: ArtifactStore, upload_id: str, cap: int) -> tuple[int, str]:
     """Write the body into the store's partial file as it arrives: its size and sha256; 413 past ``cap``.
 
-    Pipelined: while two threads hash and write one piece (hashlib and the write both let go of the GIL),
-    the event loop receives the next; each piece waits for the one before, so they keep their order. A
-    piece is the server's chunks as they came, never joined: no byte is copied on the way.
+    Pipelined: one thread hashes and another writes (hashlib and the write both let go of the GIL) while
+    the event loop receives; each thread takes the pieces in order. The loop waits only when
+    PIECES_IN_FLIGHT pieces are queued, which bounds the memory an upload holds. A piece is the server's
+    chunks as they came, never joined: no byte is copied on the way.
     """
     digest = hashlib.sha256()
     size, pending, pending_size = 0, [], 0
-    writing: asyncio.Future | None = None  # the piece being hashed and written
+    in_flight: deque[asyncio.Future] = deque()  # pieces handed to the threads, oldest first
     file = await run_in_threadpool(store.receive_upload, upload_id)
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cap:
-                raise HTTPException(413, f"the file passed {cap} bytes, the most taken (NCLAB_MAX_UPLOAD_BYTES)")
-            pending.append(chunk)
-            pending_size += len(chunk)
-            if pending_size >= WRITE_SIZE:
-                if writing is not None:
-                    await writing
-                writing = asyncio.gather(
-                    run_in_threadpool(_hash, digest, pending), run_in_threadpool(file.writelines, pending)
-                )
-                pending, pending_size = [], 0
-        if writing is not None:
-            await writing
-        _hash(digest, pending)  # the last piece, under WRITE_SIZE
-        await run_in_threadpool(file.writelines, pending)
-    finally:
-        if writing is not None:
-            await asyncio.gather(writing, return_exceptions=True)  # the file is not closed under a write
-        await run_in_threadpool(file.close)
+    with ThreadPoolExecutor(1, "upload-hash") as hasher, ThreadPoolExecutor(1, "upload-write") as writer:
+
+        def hand_over(chunks: list[bytes]) -> None:
+            hashed = asyncio.wrap_future(hasher.submit(_hash, digest, chunks))
+            written = asyncio.wrap_future(writer.submit(file.writelines, chunks))
+            in_flight.append(asyncio.gather(hashed, written))
+
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cap:
+                    raise HTTPException(413, f"the file passed {cap} bytes, the most taken (NCLAB_MAX_UPLOAD_BYTES)")
+                pending.append(chunk)
+                pending_size += len(chunk)
+                if pending_size >= WRITE_SIZE:
+                    hand_over(pending)
+                    pending, pending_size = [], 0
+                    if len(in_flight) > PIECES_IN_FLIGHT:
+                        await in_flight.popleft()
+            hand_over(pending)
+            while in_flight:
+                await in_flight.popleft()
+        finally:
+            await asyncio.gather(*in_flight, return_exceptions=True)  # the file is not closed under a write
+            await run_in_threadpool(file.close)
     return size, digest.hexdigest()
 
 
