@@ -9,11 +9,13 @@ written into the stored spec (the typed columns and spec.K / spec.d of the filte
 
 from dataclasses import dataclass
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.artifacts import get_store
 from service.feature_files import BadFeatureFile, Layout, count_classes, inspect, network_classifier
-from service.models import Artifact, Upload
+from service.models import Artifact, Experiment, Upload
+from service.schemas import TERMINAL_STATUSES
 
 
 class InvalidSource(ValueError):
@@ -58,9 +60,8 @@ def resolve(session: Session, spec: dict) -> dict:
 def source_files(session: Session, source: dict) -> list[SourceFile]:
     """The files a source names, in step order."""
     if "upload" in source:
-        ids = source["upload"] if isinstance(source["upload"], list) else [source["upload"]]
         files = []
-        for upload_id in ids:
+        for upload_id in upload_ids(source):
             upload = session.get(Upload, upload_id)
             if upload is None:
                 raise InvalidSource("source.upload", f"no upload with id {upload_id!r}")
@@ -92,3 +93,19 @@ def source_files(session: Session, source: dict) -> list[SourceFile]:
         raise InvalidSource("source.model", f"{model}: {exc}") from None
     with_classifier = Layout(layout.format, tensors, layout.steps, layout.samples, layout.dim)
     return [SourceFile(with_classifier.describe(), tensors["classifier"].shape[-2])]
+
+
+def upload_ids(source: dict) -> list[str]:
+    """The uploads a source names (one id or a list of them, in step order); none for another experiment's artifact."""
+    named = source.get("upload", [])
+    return named if isinstance(named, list) else [named]
+
+
+def unfinished_readers(session: Session, upload_id: str) -> list[str]:
+    """The ids of the queued or running analyses whose source names the upload."""
+    unfinished = session.execute(
+        select(Experiment.id, Experiment.spec).where(
+            Experiment.kind == "analysis", Experiment.status.not_in(TERMINAL_STATUSES)
+        )
+    )
+    return [experiment_id for experiment_id, spec in unfinished if upload_id in upload_ids(spec["source"])]

@@ -1,7 +1,8 @@
 """Who may do what: the one rule of the roles (DESIGN.md, "Identity, roles and scheduling").
 
 - ``reader``: reads everything, changes nothing;
-- ``member``: reads everything, submits (experiments, sweeps, uploads), and cancels or relabels what it owns;
+- ``member``: reads everything, submits (experiments, sweeps, uploads), and cancels, relabels or deletes what
+  it owns;
 - ``admin``: everything, others' work and the audit included, and a priority above the default.
 
 Every route and dashboard page that changes something asks ``check`` (or ``may``, to
@@ -25,6 +26,7 @@ Action = Literal[
     "sweep.cancel",
     "sweep.relabel",
     "upload.submit",
+    "upload.delete",
     "audit.read",
     "read",
 ]
@@ -33,7 +35,7 @@ ACTIONS: tuple[str, ...] = get_args(Action)
 # above the default only for admins (check_priority).
 DEFAULT_PRIORITY = 0
 # The actions on work that someone owns: a member may take them on its own work only.
-_ON_OWNED_WORK = {"experiment.cancel", "experiment.relabel", "sweep.cancel", "sweep.relabel"}
+_ON_OWNED_WORK = {"experiment.cancel", "experiment.relabel", "sweep.cancel", "sweep.relabel", "upload.delete"}
 
 
 class Forbidden(HTTPException):

@@ -931,6 +931,11 @@ class UploadOut(BaseModel):
     created_at: datetime
 
 
+class UploadList(BaseModel):
+    items: list[UploadOut]
+    next_cursor: str | None
+
+
 class Me(BaseModel):
     """Who the key names (GET /me): the anonymous admin where no keys are set."""
 

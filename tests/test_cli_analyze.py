@@ -33,3 +33,11 @@ def test_nclab_analyze_of_npy_arrays_and_of_a_whole_file_waits_for_the_catalogue
     assert done.returncode == 0, done.stderr
     shown = embedded.client.get(f"/experiments/{done.stdout.split()[0]}").json()
     assert shown["result"]["nc1"] == pytest.approx(reference_metrics(FEATURES, LABELS)["nc1"], rel=1e-9)
+
+    upload_id = shown["spec"]["source"]["upload"]
+    listed = nclab(embedded, "uploads", "--limit", "1")
+    assert listed.returncode == 0, listed.stderr
+    assert upload_id in listed.stdout and f"{len(LABELS)} x 6 safetensors" in listed.stdout
+    deleted = nclab(embedded, "delete-upload", upload_id)
+    assert deleted.returncode == 0 and deleted.stderr.strip() == f"deleted upload {upload_id}", deleted.stderr
+    assert embedded.client.get(f"/uploads/{upload_id}").status_code == 404

@@ -21,7 +21,7 @@ log = logging.getLogger("nclab.audit")
 
 REFUSALS = (401, 403, 429)
 # The path parameters that name the target of a route.
-TARGETS = ("experiment_id", "sweep_id")
+TARGETS = ("experiment_id", "sweep_id", "upload_id")
 
 
 def record_refusal(request: Request, status: int, detail: str) -> None:

@@ -507,6 +507,38 @@ def audit(
     out.print(_table(f"{len(rows)} audit rows", list(AUDIT_COLUMNS), rows))
 
 
+def uploads(
+    owner: Annotated[str | None, typer.Option(help="only this owner's uploads")] = None,
+    limit: Annotated[int, typer.Option(help="at most this many rows; 0 for all")] = 50,
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """List uploaded files of features, newest first: id, owner, bytes, what they hold, when."""
+    with _client(url, api_key) as client:
+        items = list(itertools.islice(client.uploads(owner), limit or None))
+    rows = [
+        [item["id"], item["owner"], item["bytes"], _holds(item["layout"]), item["classes"], item["created_at"]]
+        for item in items
+    ]
+    out.print(_table(f"{len(rows)} uploads", ["id", "owner", "bytes", "holds", "K", "created"], rows))
+
+
+def _holds(layout: dict) -> str:
+    steps = f"{layout['steps']} x " if layout["steps"] > 1 else ""
+    return f"{steps}{layout['samples']} x {layout['dim']} {layout['format']}"
+
+
+def delete_upload(
+    upload_id: Annotated[str, typer.Argument(metavar="ID")],
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Delete an uploaded file (yours, or any as an admin); refused while an unfinished analysis reads it."""
+    with _client(url, api_key) as client:
+        client.delete_upload(upload_id)
+    err.print(f"deleted upload {upload_id}", highlight=False)
+
+
 ArrayFile = Annotated[Path | None, typer.Option(help="a .npy file (with --labels)", exists=True, dir_okay=False)]
 
 
@@ -587,6 +619,8 @@ COMMANDS = (
     whoami,
     audit,
     analyze,
+    uploads,
+    delete_upload,
 )
 DISTRIBUTION = "nclab"
 # The extra that the server's commands need: the server's, but `serve` runs a worker too, and a worker runs torch.

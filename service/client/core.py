@@ -303,6 +303,15 @@ class Client:
             headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
             return self._request("POST", "/uploads", content=pieces, headers=headers).json()
 
+    def uploads(self, owner: str | None = None) -> Iterator[dict]:
+        """Every upload (only ``owner``'s, if given), newest first."""
+        return self._pages("/uploads", {"limit": 100, "owner": owner})
+
+    def delete_upload(self, upload_id: str) -> None:
+        """Delete an upload (its owner or an admin); Conflict while an unfinished analysis reads it. Not retried:
+        a second try after a lost answer would read 404 for a delete that happened."""
+        self._request("DELETE", f"/uploads/{upload_id}")
+
     def analyze(
         self,
         features,

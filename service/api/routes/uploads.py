@@ -1,4 +1,5 @@
-"""/uploads: files of features for analysis, streamed to the artifact store and checked before they are kept.
+"""/uploads: files of features for analysis, streamed to the artifact store and checked before they are kept;
+listed newest first, and deleted by their owner (or an admin) once no unfinished analysis reads them.
 
 The body is the file itself (``application/octet-stream``), written to the store as it
 arrives, under a partial name, and hashed on the way. Then its header is checked
@@ -12,18 +13,20 @@ import hashlib
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
 
-from fastapi import HTTPException, Request, Response
+from fastapi import HTTPException, Query, Request, Response
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from service import audit, permissions
+from service import analysis, audit, permissions
 from service.api.deps import ActorDep, CallerDep, SessionDep, api_router, get_or_404
 from service.api.formats import json_bytes
 from service.api.problems import InvalidField, problem_responses
 from service.artifacts import ArtifactStore, get_store
 from service.feature_files import BadFeatureFile, count_classes, inspect
 from service.models import Upload, utcnow
-from service.schemas import UploadOut
+from service.schemas import UploadList, UploadOut
 from service.settings import get_settings
 
 router = api_router("/uploads", "uploads")
@@ -94,6 +97,46 @@ async def upload(request: Request, session: SessionDep, caller: CallerDep, actor
 @router.get("/{upload_id}", response_model=UploadOut, responses=problem_responses(404))
 def read(upload_id: str, session: SessionDep) -> Upload:
     return get_or_404(session, Upload, upload_id)
+
+
+@router.get("", response_model=UploadList)
+def list_uploads(
+    session: SessionDep,
+    owner: Annotated[str | None, Query(description="only this owner's uploads")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> UploadList:
+    """Newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
+    query = select(Upload).order_by(Upload.created_at.desc(), Upload.id.desc())
+    if owner is not None:
+        query = query.where(Upload.owner == owner)
+    if cursor is not None:
+        last = session.get(Upload, cursor)
+        if last is None:
+            raise InvalidField("cursor", "not a cursor returned by this API")
+        query = query.where(
+            (Upload.created_at < last.created_at) | ((Upload.created_at == last.created_at) & (Upload.id < last.id))
+        )
+    rows = session.scalars(query.limit(limit + 1)).all()
+    next_cursor = rows[limit - 1].id if len(rows) > limit else None
+    return UploadList(items=[UploadOut.model_validate(row) for row in rows[:limit]], next_cursor=next_cursor)
+
+
+@router.delete("/{upload_id}", name="upload.delete", status_code=204, responses=problem_responses(403, 404, 409))
+def delete(upload_id: str, session: SessionDep, caller: CallerDep, actor: ActorDep) -> Response:
+    """Delete the file and its record. Its owner's members and the admins may; an unfinished analysis that
+    reads it is a 409 (cancel it first). Finished analyses keep their results; they cannot be re-run."""
+    upload = get_or_404(session, Upload, upload_id)
+    permissions.check(caller, "upload.delete", upload_id, upload.owner)
+    readers = analysis.unfinished_readers(session, upload_id)
+    if readers:
+        raise HTTPException(409, f"upload {upload_id} is read by the unfinished analyses {', '.join(readers)}")
+    session.delete(upload)
+    audit.record(session, actor.entry("upload.delete", upload_id, 204, f"{upload.bytes} bytes"))
+    session.commit()
+    # After the commit: a file without its row is never analysed, whereas a row without its file would be.
+    get_store().discard_upload(upload_id)
+    return Response(status_code=204)
 
 
 async def _receive(request: Request, store: ArtifactStore, upload_id: str, cap: int) -> tuple[int, str]:
