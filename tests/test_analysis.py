@@ -213,3 +213,32 @@ def test_progress_runs_to_one_over_both_passes_and_a_stop_request_ends_the_analy
     with pytest.raises(Stopped):
         analysis.analyse([checkpoint], K, [0], should_stop=stop_after_three)
     assert blocks_read == 4
+
+
+def test_a_sweep_of_analyses_resolves_each_members_source_and_runs_each_against_the_reference(api):
+    """One member per upload, a grid over the logit scale: each member's K and d come from its own file, a bad
+    member's source is a 422 naming it (and nothing of the sweep is kept), and each catalogue is the reference's."""
+    noisier, _, _ = simplex_collapse(K, D, PER_CLASS, noise=0.6, seed=3)
+    ids = [
+        api.client.post("/uploads", content=safetensors_bytes(features=features, labels=LABELS), headers=OCTET)
+        .raise_for_status()
+        .json()["id"]
+        for features in (FEATURES, noisier)
+    ]
+    base = {"kind": "analysis", "source": {"upload": ids[0]}, "model": "mlp"}
+    bad = api.client.post("/sweeps", json={"base": base, "variants": [{}, {"source": {"upload": "nope"}}]})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "members[1].source.upload", bad.text
+    assert api.client.get("/sweeps").json()["items"] == []
+
+    variants = [{"source": {"upload": upload_id}} for upload_id in ids]
+    sweep = api.client.post("/sweeps", json={"base": base, "variants": variants, "grid": {"logit_scale": [1.0, 2.0]}})
+    assert sweep.status_code == 202, sweep.text
+    members = sweep.json()["members"]
+    assert len(members) == 4
+    for member_id in members:
+        done = api.run(member_id)
+        assert done["status"] == "succeeded", done["error"]
+        assert done["spec"]["K"] == K and done["spec"]["d"] == D and done["spec"]["model"] == "mlp"
+        features = FEATURES if done["spec"]["source"]["upload"] == ids[0] else noisier
+        want = reference_metrics(features, LABELS, None, None, K, done["spec"]["logit_scale"])
+        assert_matches_reference({key: done["result"][key] for key in want}, want)
