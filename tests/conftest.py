@@ -27,6 +27,7 @@ import psycopg
 import pytest
 import redis
 
+import worker  # noqa: F401  (first of the project: its OpenMP wait policy is set before any test loads torch)
 from tests.support import free_port, wait_ready
 
 if TYPE_CHECKING:
