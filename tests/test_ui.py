@@ -255,7 +255,12 @@ def sign_in(driver, base_url: str, key: str, page: str) -> None:
     field = driver.find_element(By.ID, "key")
     field.send_keys(key)
     field.submit()
-    WebDriverWait(driver, 30).until(lambda d: d.current_url.endswith(page))
+    # The new page's address comes before its document: wait for the document, signed in.
+    WebDriverWait(driver, 30, ignored_exceptions=RELOADING).until(
+        lambda d: d.current_url.endswith(page)
+        and d.execute_script("return document.readyState") == "complete"
+        and d.find_element(By.ID, "signed-in")
+    )
 
 
 def post_from_the_page(driver, path: str) -> int:
