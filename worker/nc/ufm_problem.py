@@ -30,7 +30,7 @@ MAX_LAYERS = 6
 # (worker.nc.trust_region), and "auto" the first where it converges fast and the second
 # where it would crawl (worker.nc.merging.starts_second_order, and the sublinear rule).
 # The default stays "first_order" until trust regions are fast on K > d + 1
-# (docs/solver.md, "Trust regions: measurements").
+# (docs/solver.md, "Second order (issue 25)").
 SOLVERS = ("auto", "first_order", "trust_region")
 
 
