@@ -1,5 +1,6 @@
 """Second order: the closed-form Hessians of the UFM objectives, on their manifolds."""
 
+import dataclasses
 import math
 
 import pytest
@@ -364,3 +365,63 @@ def test_auto_hands_over_to_trust_regions_where_first_order_stops_for_sublinear_
     result = solve(UFMProblem(6, 8, 3, "normalized", solver="auto"))
     assert result["converged"] is True and result["iterations"] > 4
     assert abs(result["optimality_gap"]) <= 1e-10
+
+
+@pytest.mark.parametrize(
+    "problem",
+    [UFMProblem(10, 32, 5, "normalized"), UFMProblem(4, 3, (1, 2, 5, 3), "normalized", logit_scale=4.0, bias=True)],
+    ids=["normalized", "imbalanced, bias"],
+)
+def test_lbfgs_reaches_the_closed_form_optimum(problem):
+    """minimize_lbfgs alone, from a random start, to tol and the closed-form loss (where
+    there is one), the first iterates descending; a step is counted where accepted."""
+    from worker.nc.lbfgs import minimize_lbfgs
+    from worker.nc.stopping import StoppingRules
+    from worker.nc.ufm import initial_point
+    from worker.nc.ufm_problem import optimal_loss
+
+    formulation = formulate(problem, class_labels(problem, torch.device("cpu")))
+    values = []
+    result = minimize_lbfgs(
+        formulation,
+        initial_point(problem, 0, torch.device("cpu")),
+        StoppingRules(problem.tol, 500),
+        on_iterate=lambda iterate: values.append(iterate.value),
+    )
+    assert result.converged and result.last.grad_norm <= problem.tol
+    assert len(values) == result.last.step
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(values, values[1:]))
+    optimum = optimal_loss(problem)
+    if optimum is not None:
+        assert math.exp(result.last.value) == pytest.approx(optimum, rel=1e-9)
+
+
+def test_auto_collapses_by_first_order_and_arranges_the_merged_classes_by_lbfgs(monkeypatch):
+    """K > d + 1 on a problem that merges (the merge threshold lowered to let a small one):
+    auto's first phase is the first-order descent, to the very step at which first order
+    merges, and the merged problem's phase is L-BFGS, to a certified local minimum."""
+    from worker.nc import merging
+    from worker.nc.ufm import solve
+
+    monkeypatch.setattr(merging, "SMALL_WORK", 0)
+    phases = []
+
+    def recorded(optimizer, name):
+        def run(formulation, start, stopping, **options):
+            result = optimizer(formulation, start, stopping, **options)
+            phases.append((name, formulation.sample_rows is not None, result.last.step))
+            return result
+
+        return run
+
+    monkeypatch.setattr(merging, "minimize", recorded(merging.minimize, "first order"))
+    monkeypatch.setattr(merging, "minimize_lbfgs", recorded(merging.minimize_lbfgs, "L-BFGS"))
+    problem = UFMProblem(12, 4, 5, "normalized")  # K = 12 > d + 1 = 5
+    first_order = solve(problem)
+    phases.clear()
+    result = solve(dataclasses.replace(problem, solver="auto"))
+    merged_at = first_order["features_merged_at"]
+    assert result["features_merged_at"] == merged_at
+    assert phases[:2] == [("first order", False, merged_at), ("L-BFGS", True, phases[1][2])]
+    assert result["converged"] is True and result["grad_norm"] <= problem.tol
+    assert result["critical_point"] == curvature.LOCAL_MINIMUM
