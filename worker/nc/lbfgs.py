@@ -1,4 +1,5 @@
-"""Riemannian L-BFGS: the optimizer of the merged phase where no simplex ETF fits.
+"""Riemannian L-BFGS: where no simplex ETF fits, what an "auto" run goes on with once
+first order crawls on the merged problem (worker.nc.merging).
 
 With more classes than an ETF fits (K > d + 1), once the features have collapsed the merged
 problem follows a long, nearly flat and curved valley: its curvatures along the arrangement
@@ -15,9 +16,9 @@ Hessian gamma P (P the descent's preconditioner, gamma = <s, y> / <y, P y> from 
 pair), the direction projected onto the tangent space, and an Armijo backtracking line
 search from the unit step. The curvature pairs are ambient differences of iterates and
 of Riemannian gradients, as the descent's Barzilai-Borwein steps have them (tangent
-vectors live in the ambient space, worker.nc.manifolds): at (300, 128, 10) this took
-5,544 steps where pairs carried to each new tangent space by projection took 7,877, at
-half the cost a step. A pair with <s, y> <= 0 is not kept; where the direction is not a
+vectors live in the ambient space, worker.nc.manifolds): at (300, 128, 10), from the
+merge, this took 5,544 steps where pairs carried to each new tangent space by projection
+took 7,877, at half the cost a step. A pair with <s, y> <= 0 is not kept; where the direction is not a
 descent direction, the memory is cleared and the step is -P grad.
 
 `minimize_lbfgs` has `minimize`'s signature and result: a step is an accepted step, and

@@ -87,7 +87,7 @@ def descend(
     predecessor's last, which is not reported.
     """
     sublinear_progress = SublinearProgress()  # one per run: its windows span the phases
-    optimizer = starting_optimizer(problem, merges=merged is not None, merged_phase=False)
+    optimizer = starting_optimizer(problem, merges=merged is not None)
 
     def phase(
         formulation: Formulation,
@@ -111,7 +111,8 @@ def descend(
             return optimizer(formulation, start, stopping, first_step=first_step, on_iterate=report)
         result = minimize(formulation, start, stopping, first_step=first_step, on_iterate=report)
         if result.stop_reason is StopReason.SUBLINEAR and problem.solver == "auto":
-            optimizer = minimize_trust_region  # for this phase from here, and the phases after it
+            # for this phase from here, and the phases after it
+            optimizer = optimizer_past_crawl(problem, merged_phase=formulation is merged)
             stopping = dataclasses.replace(stopping, sublinear_progress=None)
             last = result.last
             result = optimizer(formulation, last.point, stopping, first_step=last.step, on_iterate=report)
@@ -131,7 +132,6 @@ def descend(
         return RunResult(collapsing, merged_at=None)
     assert merged is not None, "merged_start is set only by merge_if_collapsed, passed only with `merged`"
     merged_at = collapsing.last.step
-    optimizer = starting_optimizer(problem, merges=True, merged_phase=True) or optimizer
     # The merged problem has K feature rows: its products are K d K multiply-adds.
     with threads_for(problem.num_classes**2 * problem.dim, merged_start[1].device):
         collapsed = phase(merged, merged_start, merged_at)
@@ -139,26 +139,36 @@ def descend(
     return RunResult(certified, merged_at)
 
 
-def starting_optimizer(problem: UFMProblem, *, merges: bool, merged_phase: bool) -> Optimizer | None:
-    """The optimizer a phase starts with (and the phases after it, unless they name
-    another); None for the first-order descent, which an "auto" run leaves for trust
-    regions where it stops for sublinear progress.
+def starting_optimizer(problem: UFMProblem, *, merges: bool) -> Optimizer | None:
+    """The optimizer a run starts with; None for the first-order descent, which an "auto"
+    run leaves where it stops for sublinear progress (`optimizer_past_crawl`).
 
-    "trust_region": trust regions in every phase. "auto", where the normalized problem
-    has more classes than a simplex ETF fits (K > d + 1), whose descent crawls past
-    strict saddles (docs/solver.md): on a run that `merges`, first order until the
-    features collapse (9 steps at (K, d, n) = (300, 128, 10), against 61 trust-region
-    steps and 95 s), then L-BFGS on the merged problem's long flat valley, where trust
-    regions and first order crawl; on a run that does not, trust regions from the start.
+    "trust_region": trust regions in every phase. "auto": trust regions from the start
+    where the normalized problem has more classes than a simplex ETF fits (K > d + 1),
+    whose descent crawls past strict saddles (docs/solver.md), unless the run `merges`:
+    there first order collapses the features in a few steps (9 at (K, d, n) = (300, 128,
+    10), against 61 trust-region steps and 95 s) and often converges on the merged
+    problem too, and faster.
     """
     if problem.solver == "trust_region":
         return minimize_trust_region
-    no_etf_fits = problem.normalization == "normalized" and problem.num_classes > problem.dim + 1
-    if problem.solver == "first_order" or not no_etf_fits:
-        return None
-    if not merges:
+    if problem.solver == "auto" and no_etf_fits(problem) and not merges:
         return minimize_trust_region
-    return minimize_lbfgs if merged_phase else None
+    return None
+
+
+def optimizer_past_crawl(problem: UFMProblem, *, merged_phase: bool) -> Optimizer:
+    """Where an "auto" run's first order stops for sublinear progress, what goes on from
+    that point: L-BFGS on the merged problem where no ETF fits, whose arrangement of the
+    classes follows a long flat valley that trust regions crawl along too (at (300, 128,
+    10): 5,500 L-BFGS steps, against minutes of trust regions unconverged); trust regions
+    elsewhere, past the saddles."""
+    return minimize_lbfgs if merged_phase and no_etf_fits(problem) else minimize_trust_region
+
+
+def no_etf_fits(problem: UFMProblem) -> bool:
+    """The normalized problem with more classes than a simplex ETF fits: K > d + 1."""
+    return problem.normalization == "normalized" and problem.num_classes > problem.dim + 1
 
 
 def collapsed_class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
