@@ -1,5 +1,7 @@
 """Second order: the closed-form Hessians of the UFM objectives, on their manifolds."""
 
+import dataclasses
+import itertools
 import math
 
 import pytest
@@ -364,3 +366,72 @@ def test_auto_hands_over_to_trust_regions_where_first_order_stops_for_sublinear_
     result = solve(UFMProblem(6, 8, 3, "normalized", solver="auto"))
     assert result["converged"] is True and result["iterations"] > 4
     assert abs(result["optimality_gap"]) <= 1e-10
+
+
+@pytest.mark.parametrize(
+    "problem",
+    [UFMProblem(10, 32, 5, "normalized"), UFMProblem(4, 3, (1, 2, 5, 3), "normalized", logit_scale=4.0, bias=True)],
+    ids=["normalized", "imbalanced, bias"],
+)
+def test_lbfgs_reaches_the_closed_form_optimum(problem):
+    """minimize_lbfgs alone, from a random start, to tol and the closed-form loss (where
+    there is one), the first iterates descending; a step is counted where accepted."""
+    from worker.nc.lbfgs import minimize_lbfgs
+    from worker.nc.stopping import StoppingRules
+    from worker.nc.ufm import initial_point
+    from worker.nc.ufm_problem import optimal_loss
+
+    formulation = formulate(problem, class_labels(problem, torch.device("cpu")))
+    values = []
+    result = minimize_lbfgs(
+        formulation,
+        initial_point(problem, 0, torch.device("cpu")),
+        StoppingRules(problem.tol, 500),
+        on_iterate=lambda iterate: values.append(iterate.value),
+    )
+    assert result.converged and result.last.grad_norm <= problem.tol
+    assert len(values) == result.last.step
+    assert all(later <= earlier + 1e-12 for earlier, later in itertools.pairwise(values))
+    optimum = optimal_loss(problem)
+    if optimum is not None:
+        assert math.exp(result.last.value) == pytest.approx(optimum, rel=1e-9)
+
+
+def test_auto_goes_on_by_lbfgs_where_first_order_crawls_on_the_merged_classes(monkeypatch):
+    """K > d + 1 on a problem that merges (the merge threshold lowered to let a small one):
+    auto runs first order, as first_order does, to the merge; where the sublinear rule
+    (made to fire 5 steps after the merge) stops it on the merged problem, L-BFGS goes on
+    from that point, through the full problem's certificate, to a local minimum."""
+    import functools
+
+    from worker.nc import merging, stopping
+    from worker.nc.ufm import solve
+
+    monkeypatch.setattr(merging, "SMALL_WORK", 0)
+    problem = UFMProblem(12, 4, 5, "normalized")  # K = 12 > d + 1 = 5
+    merged_at = solve(problem)["features_merged_at"]
+    monkeypatch.setattr(
+        merging, "SublinearProgress", functools.partial(stopping.SublinearProgress, min_iters=merged_at + 5, factor=1e9)
+    )
+    phases = []
+
+    def recorded(optimizer, name):
+        def run(formulation, start, stopping, **options):
+            result = optimizer(formulation, start, stopping, **options)
+            phases.append((name, formulation.sample_rows is not None, options["first_step"], result.last.step))
+            return result
+
+        return run
+
+    monkeypatch.setattr(merging, "minimize", recorded(merging.minimize, "first order"))
+    monkeypatch.setattr(merging, "minimize_lbfgs", recorded(merging.minimize_lbfgs, "L-BFGS"))
+    result = solve(dataclasses.replace(problem, solver="auto"))
+    assert result["features_merged_at"] == merged_at
+    assert phases == [
+        ("first order", False, 0, merged_at),
+        ("first order", True, merged_at, merged_at + 5),
+        ("L-BFGS", True, merged_at + 5, phases[2][3]),
+        ("L-BFGS", False, phases[2][3], phases[3][3]),  # the full problem certifies the point
+    ]
+    assert result["converged"] is True and result["grad_norm"] <= problem.tol
+    assert result["critical_point"] == curvature.LOCAL_MINIMUM

@@ -21,10 +21,10 @@ from worker.nc.objectives import Objective, value_and_riemannian_grad
 
 # Line-search constants: sufficient-decrease fraction, backtracking factor, Zhang-Hager
 # averaging weight, and the step-size safeguards for the Barzilai-Borwein steps.
-_ARMIJO = 1e-4
-_BACKTRACK = 0.5
+ARMIJO = 1e-4
+BACKTRACK = 0.5
 _NONMONOTONE_WEIGHT = 0.85
-_MIN_STEP, _MAX_STEP = 1e-10, 1e10
+MIN_STEP, MAX_STEP = 1e-10, 1e10
 # ABBmin: the short step is taken below this ratio of short to long step, as the
 # smallest of this many recent short steps (0.9 measured faster than the paper's 0.8;
 # docs/solver.md).
@@ -33,7 +33,7 @@ _ABB_MEMORY = 3
 # Near the optimum, decreases fall below the rounding error of the objective itself (a
 # few ulps of |f|); the line search tolerates that much so that it never mistakes
 # rounding for an increase, and the Barzilai-Borwein steps can finish the job.
-_ROUNDING_SLACK = 1e-14
+ROUNDING_SLACK = 1e-14
 
 # A step the line search accepted: the new point, the objective there, and its
 # Riemannian gradient.
@@ -73,7 +73,7 @@ class BarzilaiBorweinSteps:
         self.proposals = AdaptiveBarzilaiBorwein()
         # Within the safeguards of every later proposal: a huge start slope (a regularization of
         # 1e308) would otherwise propose a step the line search never tries.
-        self.step_size = min(max(1.0 / max(math.sqrt(start_slope), 1e-300), _MIN_STEP), _MAX_STEP)
+        self.step_size = min(max(1.0 / max(math.sqrt(start_slope), 1e-300), MIN_STEP), MAX_STEP)
 
     def search(self, point: Point, directions: list[torch.Tensor], slope: float, iteration: int) -> Accepted | None:
         return self.line_search(point, directions, slope, self.step_size, iteration)
@@ -111,17 +111,17 @@ class NonmonotoneLineSearch:
         infinite at every step size down to the smallest, rather than only at a few
         overlong ones.
         """
-        slack = _ROUNDING_SLACK * (1.0 + abs(self.reference_value))
-        while step_size >= _MIN_STEP:
+        slack = ROUNDING_SLACK * (1.0 + abs(self.reference_value))
+        while step_size >= MIN_STEP:
             candidate = [
                 manifold.retract(block, direction, -step_size)
                 for manifold, block, direction in zip(self.manifolds, point, directions)
             ]
             value, candidate_grads = value_and_riemannian_grad(self.objective, self.manifolds, candidate)
-            if value <= self.reference_value - _ARMIJO * step_size * slope + slack:
+            if value <= self.reference_value - ARMIJO * step_size * slope + slack:
                 self._update_reference(value)
                 return candidate, value, candidate_grads
-            step_size *= _BACKTRACK  # a NaN value fails the test above and lands here too
+            step_size *= BACKTRACK  # a NaN value fails the test above and lands here too
         if not math.isfinite(value):
             raise Diverged(f"objective is not finite at any step size at iteration {iteration}")
         return None
@@ -154,7 +154,7 @@ class AdaptiveBarzilaiBorwein:
 
     def __call__(self, s_dot_y: float, s_norm_sq: float, y_norm_sq: float) -> float:
         if y_norm_sq == 0.0:
-            return _MAX_STEP
+            return MAX_STEP
         if s_dot_y <= 0.0:
             self.recent_short_steps.clear()
             step_size = math.sqrt(s_norm_sq / y_norm_sq)
@@ -162,4 +162,4 @@ class AdaptiveBarzilaiBorwein:
             long_step, short_step = s_norm_sq / s_dot_y, s_dot_y / y_norm_sq
             self.recent_short_steps.append(short_step)
             step_size = min(self.recent_short_steps) if short_step < _ABB_THRESHOLD * long_step else long_step
-        return min(max(step_size, _MIN_STEP), _MAX_STEP)
+        return min(max(step_size, MIN_STEP), MAX_STEP)
