@@ -24,8 +24,12 @@ PORT ?= 8000
 serve: $(INSTALLED)
 	$(VENV)/bin/nclab serve --host $(HOST) --port $(PORT)
 
+# Two processes (pytest-xdist), each taking whole modules, longest first (tests/conftest.py): the suite is
+# CPU-bound and one process keeps about one core busy.
+TEST_PROCESSES ?= 2
+
 test: $(INSTALLED)
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(INSTALLED)
 	$(VENV)/bin/pytest -m "not stack and not slow and not browser" $(PYTEST_ARGS)

@@ -27,6 +27,11 @@ import psycopg
 import pytest
 import redis
 
+# `make test` runs two pytest processes on two cores: torch in each, and in the servers and workers they
+# start, keeps to one thread, or the threads of one process wait for a core that another holds. Set before
+# anything loads torch; a test that wants more threads asks torch for them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import worker  # noqa: F401  (first of the project: its OpenMP wait policy is set before any test loads torch)
 from tests.support import free_port, wait_ready
 
@@ -118,10 +123,19 @@ def migrated_engine(request: pytest.FixtureRequest, directory: Path) -> Iterator
         yield engine
 
 
-# Database 15 is the session's shared production stack's; the others go round 1-14 (0, Redis's
-# default, is left alone).
-SHARED_REDIS_DATABASE = 15
-_redis_databases = itertools.cycle(range(1, SHARED_REDIS_DATABASE))
+
+def _redis_databases_of_this_process() -> tuple[int, Iterator[int]]:
+    """Redis's databases 1-15 (0, its default, is left alone) split between the suite's processes
+    (``make test`` runs pytest-xdist's 2): each takes its shared production stack's database, the last
+    of its share, and goes round the others for the stacks it starts."""
+    processes = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    share = 15 // processes
+    first = 1 + index * share
+    return first + share - 1, itertools.cycle(range(first, first + share - 1))
+
+
+SHARED_REDIS_DATABASE, _redis_databases = _redis_databases_of_this_process()
 
 
 def fresh_redis_broker(database: int | None = None) -> str:
@@ -316,6 +330,14 @@ def pytest_collection_modifyitems(items) -> None:
         on_postgresql = params is not None and "postgresql" in params.params.values()
         if on_postgresql or STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.stack)
+    # The longest modules first: pytest-xdist (``make test``) hands whole modules to its processes in this
+    # order, and a long one handed out last would leave the other process idle at the end.
+    weight = {}
+    for item in items:
+        marks = {"slow": 2, "browser": 2, "stack": 1}
+        module_weight = max((marks.get(mark.name, 0) for mark in item.iter_markers()), default=0)
+        weight[item.path] = max(weight.get(item.path, 0), module_weight)
+    items.sort(key=lambda item: -weight[item.path])
 
 
 # The API in-process: FastAPI's TestClient (runs the lifespan: reconciler, dispatcher) on

@@ -51,7 +51,8 @@ def test_submit_wait_prints_the_result_and_exits_0(stack, tmp_path):
     assert queued.returncode == 0 and len(queued.stdout.strip()) == 36
 
 
-def test_a_failed_run_exits_1_and_a_canceled_one_3(stack, tmp_path):
+def test_a_failed_run_exits_1_and_a_canceled_one_3(embedded, tmp_path):
+    stack = embedded  # the command's exit codes do not depend on the service's mode (the submit test runs on both)
     failed = nclab(stack, "submit", write_json(tmp_path, "diverging.json", DIVERGING), "--wait")
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "diverged: loss became" in failed.stdout
@@ -116,7 +117,8 @@ def test_a_wait_past_its_timeout_exits_2(embedded, tmp_path):
         wait_for_status(embedded.client, endless_id, {"canceled"}, timeout=30)
 
 
-def test_sweep_wait_ls_history_and_compare_write_tables_csv_and_png(stack, tmp_path):
+def test_sweep_wait_ls_history_and_compare_write_tables_csv_and_png(embedded, tmp_path):
+    stack = embedded
     tag = os.urandom(4).hex()
     sweep_file = write_json(tmp_path, "sweep.json", {
         "name": "cli-sweep", "tags": {"run": tag}, "base": {"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2},
