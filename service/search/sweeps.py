@@ -7,10 +7,7 @@ from sqlalchemy.orm import Session
 
 from service.models import Experiment, Sweep
 from service.schemas import STATUSES, TERMINAL_STATUSES, SweepOut
-
-
-class UnknownCursor(ValueError):
-    """A cursor that no page of sweeps returned."""
+from service.search import newest_first
 
 
 def resources(session: Session, sweeps: Sequence[Sweep]) -> list[SweepOut]:
@@ -51,14 +48,6 @@ def resource(session: Session, sweep: Sweep) -> SweepOut:
 
 
 def page(session: Session, limit: int, cursor: str | None) -> tuple[list[SweepOut], str | None]:
-    """Newest first: a page of sweeps and the cursor of the next (None on the last)."""
-    query = select(Sweep).order_by(Sweep.created_at.desc(), Sweep.id.desc())
-    if cursor is not None:
-        last = session.get(Sweep, cursor)
-        if last is None:
-            raise UnknownCursor("not a cursor returned by this API")
-        query = query.where(
-            (Sweep.created_at < last.created_at) | ((Sweep.created_at == last.created_at) & (Sweep.id < last.id))
-        )
-    rows = session.scalars(query.limit(limit + 1)).all()
-    return resources(session, rows[:limit]), rows[limit - 1].id if len(rows) > limit else None
+    """Newest first: a page of sweeps and the cursor of the next (None on the last); UnknownCursor."""
+    rows, next_cursor = newest_first.page(session, Sweep, limit, cursor)
+    return resources(session, rows), next_cursor

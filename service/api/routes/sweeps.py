@@ -20,6 +20,7 @@ from service.api.problems import InvalidField, problem_responses
 from service.dispatch import get_dispatcher
 from service.models import Sweep, utcnow
 from service.schemas import LabelPatch, SweepList, SweepOut
+from service.search import newest_first
 from service.search import sweeps as sweep_queries
 from service.settings import get_settings
 
@@ -83,7 +84,7 @@ def list_sweeps(
     """Newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
     try:
         items, next_cursor = sweep_queries.page(session, limit, cursor)
-    except sweep_queries.UnknownCursor as exc:
+    except newest_first.UnknownCursor as exc:
         raise InvalidField("cursor", str(exc)) from None
     return SweepList(items=items, next_cursor=next_cursor)
 

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 from fastapi import HTTPException, Query, Request, Response
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from service import analysis, audit, permissions
@@ -27,6 +26,7 @@ from service.artifacts import ArtifactStore, get_store
 from service.feature_files import BadFeatureFile, count_classes, inspect
 from service.models import Upload, utcnow
 from service.schemas import UploadList, UploadOut
+from service.search import newest_first
 from service.settings import get_settings
 
 router = api_router("/uploads", "uploads")
@@ -107,19 +107,12 @@ def list_uploads(
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> UploadList:
     """Newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
-    query = select(Upload).order_by(Upload.created_at.desc(), Upload.id.desc())
-    if owner is not None:
-        query = query.where(Upload.owner == owner)
-    if cursor is not None:
-        last = session.get(Upload, cursor)
-        if last is None:
-            raise InvalidField("cursor", "not a cursor returned by this API")
-        query = query.where(
-            (Upload.created_at < last.created_at) | ((Upload.created_at == last.created_at) & (Upload.id < last.id))
-        )
-    rows = session.scalars(query.limit(limit + 1)).all()
-    next_cursor = rows[limit - 1].id if len(rows) > limit else None
-    return UploadList(items=[UploadOut.model_validate(row) for row in rows[:limit]], next_cursor=next_cursor)
+    where = [] if owner is None else [Upload.owner == owner]
+    try:
+        rows, next_cursor = newest_first.page(session, Upload, limit, cursor, *where)
+    except newest_first.UnknownCursor as exc:
+        raise InvalidField("cursor", str(exc)) from None
+    return UploadList(items=[UploadOut.model_validate(row) for row in rows], next_cursor=next_cursor)
 
 
 @router.delete("/{upload_id}", name="upload.delete", status_code=204, responses=problem_responses(403, 404, 409))
