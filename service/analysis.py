@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from service.artifacts import get_store
 from service.feature_files import BadFeatureFile, Layout, count_classes, inspect, network_classifier
 from service.models import Artifact, Experiment, Upload
-from service.schemas import TERMINAL_STATUSES
+from service.schemas import TERMINAL_STATUSES, upload_ids
 
 
 class InvalidSource(ValueError):
@@ -93,12 +93,6 @@ def source_files(session: Session, source: dict) -> list[SourceFile]:
         raise InvalidSource("source.model", f"{model}: {exc}") from None
     with_classifier = Layout(layout.format, tensors, layout.steps, layout.samples, layout.dim)
     return [SourceFile(with_classifier.describe(), tensors["classifier"].shape[-2])]
-
-
-def upload_ids(source: dict) -> list[str]:
-    """The uploads a source names (one id or a list of them, in step order); none for another experiment's artifact."""
-    named = source.get("upload", [])
-    return named if isinstance(named, list) else [named]
 
 
 def unfinished_readers(session: Session, upload_id: str) -> list[str]:

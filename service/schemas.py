@@ -648,6 +648,13 @@ class UploadSource(BaseModel):
     )
 
 
+def upload_ids(source: dict) -> list[str]:
+    """The uploads an analysis's source names (the spec holds one id or a list), in step order; none for another
+    experiment's artifact."""
+    named = source.get("upload", [])
+    return named if isinstance(named, list) else [named]
+
+
 class ExperimentSource(BaseModel):
     """A file of features another experiment kept (a training run's, with save_features)."""
 

@@ -14,6 +14,7 @@ from typing import IO
 
 from service.artifacts import ArtifactStore
 from service.feature_files import CLASSIFIER_KEYS, Layout, inspect, network_classifier
+from service.schemas import upload_ids
 from worker.nc.analysis import Checkpoint
 from worker.nc.stored_tensors import Opener, StoredTensor
 
@@ -54,8 +55,7 @@ def _network_classifier(open_file: FileOpener, features: Layout) -> dict[str, St
 
 def _files(store: ArtifactStore, source: dict) -> list[FileOpener]:
     if "upload" in source:
-        ids = source["upload"] if isinstance(source["upload"], list) else [source["upload"]]
-        return [partial(store.open_upload, upload_id) for upload_id in ids]
+        return [partial(store.open_upload, upload_id) for upload_id in upload_ids(source)]
     return [partial(store.open, source["experiment"], source["artifact"])]
 
 
