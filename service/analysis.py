@@ -7,7 +7,9 @@ missing upload or artifact, files that disagree (another d, another classifier's
 written into the stored spec (the typed columns and spec.K / spec.d of the filter language).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import IO, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -16,6 +18,8 @@ from service.artifacts import get_store
 from service.feature_files import BadFeatureFile, Layout, count_classes, inspect, network_classifier
 from service.models import Artifact, Experiment, Upload
 from service.schemas import TERMINAL_STATUSES, upload_ids
+
+T = TypeVar("T")
 
 
 class InvalidSource(ValueError):
@@ -68,31 +72,37 @@ def source_files(session: Session, source: dict) -> list[SourceFile]:
             files.append(SourceFile(upload.layout, upload.classes))
         return files
     experiment_id, name = source["experiment"], source["artifact"]
-    if session.get(Artifact, (experiment_id, name)) is None:
-        raise InvalidSource("source.artifact", f"experiment {experiment_id!r} has no artifact named {name!r}")
     store = get_store()
-    try:
-        with store.open(experiment_id, name) as file:
-            layout = inspect(file, store.size(experiment_id, name))
-            classes = count_classes(file, layout)
-    except FileNotFoundError:
-        raise InvalidSource("source.artifact", f"the file of artifact {name!r} is missing from the store") from None
-    except BadFeatureFile as exc:
-        raise InvalidSource("source.artifact", f"{name}: {exc}") from None
+    layout, classes = _read_artifact(session, store, experiment_id, name, "source.artifact", _layout_and_classes)
     model = source.get("model")
     if model is None:
         return [SourceFile(layout.describe(), classes)]
-    if session.get(Artifact, (experiment_id, model)) is None:
-        raise InvalidSource("source.model", f"experiment {experiment_id!r} has no artifact named {model!r}")
-    try:
-        with store.open(experiment_id, model) as file:
-            tensors = network_classifier(file, store.size(experiment_id, model), layout)
-    except FileNotFoundError:
-        raise InvalidSource("source.model", f"the file of artifact {model!r} is missing from the store") from None
-    except BadFeatureFile as exc:
-        raise InvalidSource("source.model", f"{model}: {exc}") from None
+    tensors = _read_artifact(
+        session, store, experiment_id, model, "source.model", lambda file, size: network_classifier(file, size, layout)
+    )
     with_classifier = Layout(layout.format, tensors, layout.steps, layout.samples, layout.dim)
     return [SourceFile(with_classifier.describe(), tensors["classifier"].shape[-2])]
+
+
+def _read_artifact(
+    session: Session, store, experiment_id: str, name: str, field: str, read: Callable[[IO[bytes], int], T]
+) -> T:
+    """``read(file, size)`` of one of the experiment's artifacts, or InvalidSource on ``field``: no such artifact,
+    its file missing from the store, or a file that breaks a rule."""
+    if session.get(Artifact, (experiment_id, name)) is None:
+        raise InvalidSource(field, f"experiment {experiment_id!r} has no artifact named {name!r}")
+    try:
+        with store.open(experiment_id, name) as file:
+            return read(file, store.size(experiment_id, name))
+    except FileNotFoundError:
+        raise InvalidSource(field, f"the file of artifact {name!r} is missing from the store") from None
+    except BadFeatureFile as exc:
+        raise InvalidSource(field, f"{name}: {exc}") from None
+
+
+def _layout_and_classes(file: IO[bytes], size: int) -> tuple[Layout, int]:
+    layout = inspect(file, size)
+    return layout, count_classes(file, layout)
 
 
 def unfinished_readers(session: Session, upload_id: str) -> list[str]:
