@@ -26,7 +26,8 @@ from typing import Annotated
 import torch
 import typer
 
-from worker.nc.curvature import SymmetryModes, _Blocks, _lanczos
+from worker.nc.curvature import SymmetryModes, _lanczos
+from worker.nc.flat_tangents import FlatTangents
 from worker.nc.descent import minimize
 from worker.nc.formulation import class_labels, formulate
 from worker.nc.merging import collapsed_class_means, merged_formulation
@@ -97,8 +98,7 @@ def subspace_curvatures(merged, point, steps: int) -> dict:
     apart directions, its complement, are (u, -u / n)."""
     manifolds, n = merged.manifolds, PROBLEM.num_samples / PROBLEM.num_classes
     hessian = riemannian_hessian(merged.objective, merged.hessian, manifolds, point)
-    modes, blocks = SymmetryModes(merged, point, shifts_bias=False), _Blocks(point)
-    metric = torch.cat([torch.ones(point[0].numel()), torch.full((point[1].numel(),), n)]).to(torch.float64)
+    modes, blocks = SymmetryModes(merged, point, shifts_bias=False), FlatTangents(point, manifolds)
 
     def operator(flat):
         return blocks.flatten(hessian(blocks.unflatten(flat)))
@@ -119,7 +119,7 @@ def subspace_curvatures(merged, point, steps: int) -> dict:
 
         return restricted
 
-    return {part: _lanczos(operator, restricted_to(part), metric, blocks.size, 0, steps) for part in ("tied", "apart")}
+    return {part: _lanczos(operator, restricted_to(part), blocks.metric, blocks.size, 0, steps) for part in ("tied", "apart")}
 
 
 if __name__ == "__main__":

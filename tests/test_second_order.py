@@ -397,28 +397,25 @@ def test_lbfgs_reaches_the_closed_form_optimum(problem):
         assert math.exp(result.last.value) == pytest.approx(optimum, rel=1e-9)
 
 
-def test_auto_goes_on_by_lbfgs_where_first_order_crawls_on_the_merged_classes(monkeypatch):
+def test_auto_ties_the_merged_classes_where_no_etf_fits(monkeypatch):
     """K > d + 1 on a problem that merges (the merge threshold lowered to let a small one):
-    auto runs first order, as first_order does, to the merge; where the sublinear rule
-    (made to fire 5 steps after the merge) stops it on the merged problem, L-BFGS goes on
-    from that point, through the full problem's certificate, to a local minimum."""
-    import functools
-
-    from worker.nc import merging, stopping
+    auto runs first order, as first_order does, to the merge; then L-BFGS with each class's
+    features tied to its classifier row, from the tied point nearest the merged one; then
+    L-BFGS on the merged problem from the tied end point, and on the full problem, whose
+    first evaluation certifies a local minimum."""
+    from worker.nc import merging
     from worker.nc.ufm import solve
 
     monkeypatch.setattr(merging, "SMALL_WORK", 0)
     problem = UFMProblem(12, 4, 5, "normalized")  # K = 12 > d + 1 = 5
     merged_at = solve(problem)["features_merged_at"]
-    monkeypatch.setattr(
-        merging, "SublinearProgress", functools.partial(stopping.SublinearProgress, min_iters=merged_at + 5, factor=1e9)
-    )
     phases = []
 
     def recorded(optimizer, name):
         def run(formulation, start, stopping, **options):
             result = optimizer(formulation, start, stopping, **options)
-            phases.append((name, formulation.sample_rows is not None, options["first_step"], result.last.step))
+            kind = "tied" if formulation.tied else "merged" if formulation.sample_rows is not None else "full"
+            phases.append((name, kind, options.get("first_step", 0), result.last.step))
             return result
 
         return run
@@ -427,11 +424,69 @@ def test_auto_goes_on_by_lbfgs_where_first_order_crawls_on_the_merged_classes(mo
     monkeypatch.setattr(merging, "minimize_lbfgs", recorded(merging.minimize_lbfgs, "L-BFGS"))
     result = solve(dataclasses.replace(problem, solver="auto"))
     assert result["features_merged_at"] == merged_at
+    tied_end, merged_end = phases[1][3], phases[2][3]
     assert phases == [
-        ("first order", False, 0, merged_at),
-        ("first order", True, merged_at, merged_at + 5),
-        ("L-BFGS", True, merged_at + 5, phases[2][3]),
-        ("L-BFGS", False, phases[2][3], phases[3][3]),  # the full problem certifies the point
+        ("first order", "full", 0, merged_at),
+        ("L-BFGS", "tied", merged_at, tied_end),
+        ("L-BFGS", "merged", tied_end, merged_end),
+        ("L-BFGS", "full", merged_end, result["iterations"]),
     ]
+    assert tied_end > merged_at + 10  # the arrangement of the classes is the tied phase's work
     assert result["converged"] is True and result["grad_norm"] <= problem.tol
     assert result["critical_point"] == curvature.LOCAL_MINIMUM
+
+
+TIED_CASES = {
+    "balanced": UFMProblem(5, 3, 4, "normalized", logit_scale=6.0),
+    "imbalanced, bias": UFMProblem(4, 3, (1, 2, 5, 3), "normalized", logit_scale=4.0, bias=True),
+}
+
+
+@pytest.mark.parametrize("problem", TIED_CASES.values(), ids=list(TIED_CASES))
+def test_the_tied_problem_is_the_merged_one_at_tied_points(problem):
+    """The tied formulation's value is the merged one at [W, W, (b)], its expansion the full
+    point; its Riemannian gradient, in its metric (1 + n_k per row), matches central
+    differences of the value, and its Riemannian Hessian those of the gradient (1e-7)."""
+    from worker.nc.merging import tied_formulation, untie
+
+    merged, merged_point = formulation_and_point(problem, merged=True)
+    tied = tied_formulation(merged)
+    point = [merged_point[0], *merged_point[2:]]
+    value, grads = value_and_riemannian_grad(tied.objective, tied.manifolds, point)
+    assert value == value_and_riemannian_grad(merged.objective, merged.manifolds, untie(point))[0]
+    expanded = tied.expand(point)
+    assert torch.equal(expanded[1], point[0][class_labels(problem, torch.device("cpu"))])
+    assert torch.equal(expanded[0], point[0]) and len(expanded) == 2 + problem.bias
+
+    vector = random_tangent(tied, point)
+    step = 1e-5
+
+    def along(t: float):
+        moved = [m.retract(block, v, t) for m, block, v in zip(tied.manifolds, point, vector)]
+        return value_and_riemannian_grad(tied.objective, tied.manifolds, moved)
+
+    (ahead, grads_ahead), (behind, grads_behind) = along(step), along(-step)
+    slope = sum(float(m.inner(g, v)) for m, g, v in zip(tied.manifolds, grads, vector))
+    assert slope == pytest.approx((ahead - behind) / (2 * step), rel=1e-7)
+
+    product = riemannian_hessian(tied.objective, tied.hessian, tied.manifolds, point)(vector)
+    differences = [
+        m.project(block, (a - b) / (2 * step)) for m, block, a, b in zip(tied.manifolds, point, grads_ahead, grads_behind)
+    ]
+    error = math.sqrt(sum(float((p - d).square().sum()) for p, d in zip(product, differences)))
+    assert error <= 1e-7 * math.sqrt(sum(float(d.square().sum()) for d in differences))
+
+
+def test_tie_moves_each_row_to_the_metrics_nearest_tied_point():
+    """Row k of the tied start is (w_k + n_k h_k) / |w_k + n_k h_k|; a tied point ties to itself."""
+    from worker.nc.merging import tie, untie
+
+    problem = UFMProblem(4, 3, (1, 2, 5, 3), "normalized", bias=True)
+    merged, point = formulation_and_point(problem, merged=True)
+    counts = torch.tensor([1.0, 2.0, 5.0, 3.0], dtype=torch.float64)[:, None]
+    tied = tie(merged, point)
+    expected = point[0] + counts * point[1]
+    assert torch.allclose(tied[0], expected / expected.norm(dim=1, keepdim=True), rtol=0, atol=1e-15)
+    assert torch.equal(tied[1], point[2])
+    again = tie(merged, untie(tied))
+    assert torch.allclose(again[0], tied[0], rtol=0, atol=1e-15)

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.nc.flat_tangents import FlatTangents
 from worker.nc.formulation import Formulation
-from worker.nc.manifolds import Point, RowSphere
+from worker.nc.manifolds import Point
 from worker.nc.objectives import riemannian_hessian
 from worker.nc.ufm_problem import UFMProblem
 
@@ -46,6 +47,9 @@ LANCZOS_TOL = 1e-9
 LANCZOS_RELATIVE_TOL = 1e-3
 LANCZOS_MAX_ITERS = 300
 LANCZOS_BASIS_BYTES = 2**28
+# A Lanczos vector is reorthogonalized a second time where the first pass left less than
+# this share of its length (Daniel, Gragg, Kaufman & Stewart 1976: 1/sqrt(2)).
+REORTHOGONALIZE_AGAIN = 1 / math.sqrt(2)
 # At a point that is not critical the gradient alone decides; its curvature is an estimate
 # of this many steps (its residual says how good), not a solve of up to LANCZOS_MAX_ITERS:
 # an unconverged generalized-collapse solve spent longer on it than on its descent.
@@ -126,17 +130,8 @@ def hessian_extremes(
     manifolds = formulation.manifolds
     hessian = riemannian_hessian(formulation.objective, formulation.hessian, manifolds, point)
     modes = SymmetryModes(formulation, point, shifts_bias) if rotates else None
-    blocks = _Blocks(point)
-    metric = torch.cat(
-        [
-            (
-                manifold.row_weights[:, None].expand(block.shape).reshape(-1)
-                if isinstance(manifold, RowSphere) and manifold.row_weights is not None
-                else torch.ones(block.numel(), dtype=torch.float64, device=block.device)
-            )
-            for manifold, block in zip(manifolds, point)
-        ]
-    )
+    blocks = FlatTangents(point, manifolds)
+    metric = blocks.metric
 
     def restricted(flat: torch.Tensor) -> torch.Tensor:
         vector = [m.project(x, v.clone()) for m, x, v in zip(manifolds, point, blocks.unflatten(flat))]
@@ -184,21 +179,6 @@ def split_extremes(
     )
 
 
-class _Blocks:
-    """A point's blocks as one flat vector, and back."""
-
-    def __init__(self, point: Point):
-        self.shapes = [block.shape for block in point]
-        self.sizes = [block.numel() for block in point]
-        self.size = sum(self.sizes)
-
-    def flatten(self, blocks: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([block.reshape(-1) for block in blocks])
-
-    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [piece.reshape(shape) for piece, shape in zip(torch.split(flat, self.sizes), self.shapes)]
-
-
 def _lanczos(
     operator: Callable[[torch.Tensor], torch.Tensor],
     restricted: Callable[[torch.Tensor], torch.Tensor],
@@ -212,9 +192,10 @@ def _lanczos(
     the subspace: each new vector is projected after its reorthogonalization, which gives the same vector,
     since the projection is self-adjoint in the metric and leaves the basis as it is.
 
-    Every Lanczos vector is reorthogonalized against all earlier ones, twice, in the
-    metric: without it, rounding brings back copies of converged Ritz values and loses
-    the smallest one among them.
+    Every Lanczos vector is reorthogonalized against all earlier ones in the metric: without it, rounding
+    brings back copies of converged Ritz values and loses the smallest one among them. A second pass is
+    taken where the first cancelled much of the vector (the criterion of Daniel, Gragg, Kaufman & Stewart
+    1976), not at every step: reading the basis is most of a long Lanczos run's time.
     """
     device = metric.device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -229,14 +210,19 @@ def _lanczos(
         basis[step] = vector
         image = operator(vector)
         alphas.append(float(torch.dot(image, metric * vector)))
-        for _ in range(2):
+        image.add_(vector, alpha=-alphas[-1])  # the three-term recurrence first, leaving rounding to remove
+        if step:
+            image.add_(basis[step - 1], alpha=-betas[-1])
+        length = _metric_norm(image, metric)
+        image -= basis[: step + 1].T @ (basis[: step + 1] @ (metric * image))
+        if _metric_norm(image, metric) < REORTHOGONALIZE_AGAIN * length:
             image -= basis[: step + 1].T @ (basis[: step + 1] @ (metric * image))
         # Projected again: the reorthogonalization subtracts vectors whose rounding leaves the subspace, and
         # dividing by beta would magnify that part by |image| / beta every step (by 10 a step, measured), until
         # the normal directions of the spheres, or the symmetries', showed as eigenvalues near 0. The projection
         # is self-adjoint in the metric, so the image stays orthogonal to the basis.
         image = restricted(image)
-        beta = math.sqrt(max(float(torch.dot(image, metric * image)), 0.0))
+        beta = _metric_norm(image, metric)
         tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if step:
             off = torch.tensor(betas, dtype=torch.float64)
@@ -251,6 +237,10 @@ def _lanczos(
         betas.append(beta)
         vector = image / beta
     return Curvature(smallest, largest, residual, len(alphas))
+
+
+def _metric_norm(vector: torch.Tensor, metric: torch.Tensor) -> float:
+    return math.sqrt(max(float(torch.dot(vector, metric * vector)), 0.0))
 
 
 def collapsed_point(merged: Formulation | None, point: Point) -> Point | None:

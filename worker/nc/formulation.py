@@ -40,9 +40,12 @@ class Formulation:
     preconditioner: Preconditioner
     labels: torch.Tensor  # the class of each feature row
     sample_rows: torch.Tensor | None = None  # merged: the feature row of each sample
+    tied: bool = False  # points [W, (b)]: each class's feature row is its classifier row (merged only)
 
     def expand(self, point: Point) -> Point:
         """The full problem's point: each feature row repeated for the samples it stands for."""
+        if self.tied:
+            point = [point[0], point[0], *point[1:]]
         if self.sample_rows is None:
             return point
         return [point[0], point[1].index_select(0, self.sample_rows), *point[2:]]

@@ -1,5 +1,5 @@
-"""Riemannian L-BFGS: where no simplex ETF fits, what an "auto" run goes on with once
-first order crawls on the merged problem (worker.nc.merging).
+"""Riemannian L-BFGS: what an "auto" run goes on with once the features merge where no
+simplex ETF fits (worker.nc.merging: the tied phase, then the merged and full problems).
 
 With more classes than an ETF fits (K > d + 1), once the features have collapsed the merged
 problem follows a long, nearly flat and curved valley: its curvatures along the arrangement
@@ -22,6 +22,11 @@ took 7,877, at half the cost a step. A pair with <s, y> <= 0 is not kept; where 
 direction is not a descent direction, the memory is cleared and the step is -P grad. The
 line search is the descent's Armijo test (worker.nc.step_rule), monotone.
 
+The memory keeps each pair as two flat vectors (worker.nc.flat_tangents) scaled by the
+square root of the metric's weights, so the recursion's 4 MEMORY inner products and
+updates are plain vector operations: a step of the two-loop costs less than an objective
+evaluation.
+
 `minimize_lbfgs` has `minimize`'s signature and result: a step is an accepted step, and
 `StoppingRules` decides as it does for the descent.
 """
@@ -33,6 +38,7 @@ from collections.abc import Callable
 import torch
 
 from worker.nc.descent import Iterate, SolveResult
+from worker.nc.flat_tangents import FlatTangents
 from worker.nc.formulation import Formulation
 from worker.nc.manifolds import Point
 from worker.nc.objectives import value_and_riemannian_grad
@@ -41,8 +47,6 @@ from worker.nc.stopping import StoppingRules, stalled
 
 # Curvature pairs kept: 30 was no faster at (300, 128, 10) (docs/solver.md).
 MEMORY = 10
-
-Tangent = list[torch.Tensor]
 
 
 def minimize_lbfgs(
@@ -59,28 +63,28 @@ def minimize_lbfgs(
     iterate but the last, once the step from it has been accepted.
     """
     manifolds = formulation.manifolds
+    flat = FlatTangents(start, manifolds)
+    memory = _Memory(flat.metric)
 
-    def inner(first: Tangent, second: Tangent) -> float:
-        return sum(float(m.inner(a, b)) for m, a, b in zip(manifolds, first, second))
+    def precondition(point: Point, scale: float, vector: torch.Tensor) -> torch.Tensor:
+        """scale P vector, projected onto the tangent space at `point`."""
+        blocks = flat.unflatten(vector)
+        out = torch.empty_like(vector)
+        norms_sq = [m.inner(v, v) for m, v in zip(manifolds, blocks)]
+        formulation.preconditioner.direction(point, blocks, norms_sq, out=flat.unflatten(out))
+        return out.mul_(scale)
 
-    def project(point: Point, vectors: Tangent) -> Tangent:
-        return [m.project(block, v.clone()) for m, block, v in zip(manifolds, point, vectors)]
-
-    def precondition(point: Point, vectors: Tangent) -> Tangent:
-        out = [torch.empty_like(v) for v in vectors]
-        norms_sq = [m.inner(v, v) for m, v in zip(manifolds, vectors)]
-        formulation.preconditioner.direction(point, vectors, norms_sq, out=out)
-        return out
+    def evaluate(point: Point) -> tuple[float, torch.Tensor]:
+        value, grads = value_and_riemannian_grad(formulation.objective, manifolds, point)
+        return value, flat.flatten(grads)
 
     point = start
-    value, grads = value_and_riemannian_grad(formulation.objective, manifolds, point)
-    moves: list[Tangent] = []  # the last MEMORY steps s, as ambient differences of iterates
-    changes: list[Tangent] = []  # and their gradient changes y
+    value, grads = evaluate(point)
     gamma = 1.0
     tol = stopping.tol
     step = first_step
     while True:
-        grad_norm = math.sqrt(inner(grads, grads))
+        grad_norm = math.sqrt(memory.inner(grads, grads))
         if grad_norm <= tol and stopping.certify is not None and not stopping.certify(point, grad_norm):
             tol = grad_norm / 10
         stop = stopping.reason_to_stop(step, point, grad_norm, tol)
@@ -88,18 +92,18 @@ def minimize_lbfgs(
         if stop is not None:
             return SolveResult(iterate, *stop)
 
-        direction = _two_loop(inner, functools.partial(precondition, point), grads, moves, changes, gamma)
-        direction = project(point, [-d for d in direction])
-        slope = inner(grads, direction)
+        direction = memory.inverse_hessian_times(grads, functools.partial(precondition, point, gamma)).neg_()
+        for m, block, d in zip(manifolds, point, flat.unflatten(direction)):
+            m.project(block, d)
+        slope = memory.inner(grads, direction)
         if not slope < 0:  # the memory's model is not convex along it: start afresh
-            moves.clear()
-            changes.clear()
-            direction = [-d for d in precondition(point, grads)]
-            slope = inner(grads, direction)
+            memory.clear()
+            direction = precondition(point, 1.0, grads).neg_()
+            slope = memory.inner(grads, direction)
         size = 1.0
         while True:
-            candidate = [m.retract(block, d, size) for m, block, d in zip(manifolds, point, direction)]
-            candidate_value, candidate_grads = value_and_riemannian_grad(formulation.objective, manifolds, candidate)
+            candidate = [m.retract(block, d, size) for m, block, d in zip(manifolds, point, flat.unflatten(direction))]
+            candidate_value, candidate_grads = evaluate(candidate)
             # the descent's sufficient decrease, with its slack for the rounding of f
             if candidate_value <= value + ARMIJO * size * slope + ROUNDING_SLACK * (1 + abs(value)):
                 break
@@ -110,36 +114,47 @@ def minimize_lbfgs(
             on_iterate(iterate)
         step += 1
 
-        move = [new - old for new, old in zip(candidate, point)]
-        change = [new - old for new, old in zip(candidate_grads, grads)]
-        s_dot_y = inner(move, change)
+        move = flat.flatten(candidate) - flat.flatten(point)
+        change = candidate_grads - grads
+        s_dot_y = memory.inner(move, change)
         if s_dot_y > 0:
-            moves.append(move)
-            changes.append(change)
-            del moves[:-MEMORY], changes[:-MEMORY]
-            gamma = s_dot_y / inner(change, precondition(candidate, change))
+            memory.remember(move, change, s_dot_y)
+            gamma = s_dot_y / memory.inner(change, precondition(candidate, 1.0, change))
         point, value, grads = candidate, candidate_value, candidate_grads
 
 
-def _two_loop(
-    inner: Callable[[Tangent, Tangent], float],
-    precondition: Callable[[Tangent], Tangent],
-    grads: Tangent,
-    moves: list[Tangent],
-    changes: list[Tangent],
-    gamma: float,
-) -> Tangent:
-    """The L-BFGS inverse Hessian, with initial gamma P, applied to the gradient
-    (Nocedal & Wright 2006, algorithm 7.4)."""
-    vector = [g.clone() for g in grads]
-    coefficients = []
-    for s, y in zip(reversed(moves), reversed(changes)):
-        rho = 1 / inner(y, s)
-        alpha = rho * inner(s, vector)
-        coefficients.append((rho, alpha))
-        vector = [v - alpha * y_block for v, y_block in zip(vector, y)]
-    vector = [gamma * v for v in precondition(vector)]
-    for (s, y), (rho, alpha) in zip(zip(moves, changes), reversed(coefficients)):
-        beta = rho * inner(y, vector)
-        vector = [v + (alpha - beta) * s_block for v, s_block in zip(vector, s)]
-    return vector
+class _Memory:
+    """The last MEMORY curvature pairs (s, y), flat and whitened: multiplied by the square
+    root of the metric's weights, so that every inner product of the two-loop recursion is
+    a plain dot product and each pair is two vectors."""
+
+    def __init__(self, metric: torch.Tensor):
+        self.metric, self.root = metric, metric.sqrt()
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+
+    def inner(self, first: torch.Tensor, second: torch.Tensor) -> float:
+        return float(torch.dot(first, self.metric * second))
+
+    def clear(self) -> None:
+        self.pairs.clear()
+
+    def remember(self, move: torch.Tensor, change: torch.Tensor, move_dot_change: float) -> None:
+        self.pairs.append((move * self.root, change * self.root, 1 / move_dot_change))
+        del self.pairs[:-MEMORY]
+
+    def inverse_hessian_times(
+        self, grads: torch.Tensor, initial_inverse: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """The L-BFGS inverse Hessian, from `initial_inverse`, applied to `grads`
+        (Nocedal & Wright 2006, algorithm 7.4)."""
+        vector = grads * self.root
+        alphas = []
+        for move, change, rho in reversed(self.pairs):
+            alpha = rho * float(torch.dot(move, vector))
+            alphas.append(alpha)
+            vector.add_(change, alpha=-alpha)
+        vector = initial_inverse(vector.div_(self.root)).mul_(self.root)
+        for (move, change, rho), alpha in zip(self.pairs, reversed(alphas)):
+            beta = rho * float(torch.dot(change, vector))
+            vector.add_(move, alpha=alpha - beta)
+        return vector.div_(self.root)

@@ -19,6 +19,15 @@ point. A run goes through three phases, numbered on from one to the next:
    are those of the problem as posed. Where it disagrees (rounding can put the norm a
    hair above tol), the full descent carries on from there.
 
+An "auto" run where no simplex ETF fits (K > d + 1) puts a tied phase before phase 2:
+the merged problem with each class's feature row tied to its classifier row
+(`tied_formulation`), from the tied point nearest the merged one (`tie`), by L-BFGS,
+which then takes phases 2 and 3 too. There the merged problem's minima keep h_k within
+1e-5 of w_k, and what takes the time is arranging the classes on the sphere, a long
+flat valley (docs/solver.md): tied, each step costs half the vector work and the
+stiffest directions, h_k moving off w_k, are gone. Phase 2 then starts a few steps from
+its minimum (6 L-BFGS steps at (K, d, n) = (300, 128, 10)).
+
 Only the normalized problem with more samples than classes and at least SMALL_WORK per
 matrix product merges: on smaller ones the merge costs more than it saves
 (docs/solver.md gives the timings). Every other run is phase 1 alone.
@@ -33,7 +42,8 @@ import torch
 from worker.nc.descent import Iterate, SolveResult, minimize
 from worker.nc.formulation import Formulation, formulate
 from worker.nc.lbfgs import minimize_lbfgs
-from worker.nc.manifolds import Point
+from worker.nc.manifolds import Point, RowSphere
+from worker.nc.preconditioner import Preconditioner
 from worker.nc.stopping import Certificate, StoppingRules, StopReason, SublinearProgress
 from worker.nc.trust_region import minimize_trust_region
 from worker.nc.ufm_problem import UFMProblem
@@ -45,6 +55,53 @@ Optimizer = Callable[..., SolveResult]
 # Features are merged once every one of them lies this close to its class's normalized
 # mean (a distance on the unit sphere).
 MERGE_TOL = 1e-4
+
+
+def tied_formulation(merged: Formulation) -> Formulation:
+    """The merged problem with each class's feature row tied to its classifier row:
+    points [W, (b)] standing for [W, W, (b)].
+
+    Where no ETF fits, the merged problem's minima keep h_k within 1e-5 of w_k (7e-6 at
+    (300, 128, 10)), and what is slow to optimize is the arrangement of the classes, the
+    tied motion (docs/solver.md). Tied, the descent pays half the variables for it, and
+    drops the stiffest directions, those moving h_k off w_k. The objective is the merged
+    one at [W, W], its gradient (and Hessian) the sum of the two blocks' by the chain
+    rule; the metric is the merged metric on tied motions, which weigh 1 + n_k per row.
+    """
+    feature_sphere = merged.manifolds[1]
+    assert isinstance(feature_sphere, RowSphere) and feature_sphere.row_weights is not None, "merged: rows weighed"
+    row_weights = 1 + feature_sphere.row_weights
+    manifolds = [RowSphere(row_weights), *merged.manifolds[2:]]
+
+    def objective(point: Point) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        value, grads = merged.objective(untie(point))
+        return value, [grads[0].add_(grads[1]), *grads[2:]]
+
+    def hessian(point: Point) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+        merged_hvp = merged.hessian(untie(point))
+
+        def hvp(vector: list[torch.Tensor]) -> list[torch.Tensor]:
+            products = merged_hvp(untie(vector))
+            return [products[0].add_(products[1]), *products[2:]]
+
+        return hvp
+
+    preconditioner = Preconditioner([1.0] * len(manifolds), manifolds, merged.labels, len(merged.labels), 0.0)
+    return Formulation(objective, hessian, manifolds, preconditioner, merged.labels, merged.sample_rows, tied=True)
+
+
+def tie(merged: Formulation, point: Point) -> Point:
+    """The tied point nearest to a merged one in the merged metric: row k of W moved to
+    (w_k + n_k h_k) / (1 + n_k), back on the sphere."""
+    feature_sphere = merged.manifolds[1]
+    assert isinstance(feature_sphere, RowSphere) and feature_sphere.row_weights is not None, "merged: rows weighed"
+    classifier = point[0] + feature_sphere.row_weights[:, None] * point[1]
+    return [classifier.div_(torch.linalg.vector_norm(classifier, dim=1, keepdim=True)), *point[2:]]
+
+
+def untie(point: Point) -> Point:
+    """The merged point (or tangent vector) that a tied one stands for."""
+    return [point[0], point[0], *point[1:]]
 
 
 def merged_formulation(problem: UFMProblem, labels: torch.Tensor) -> Formulation | None:
@@ -111,8 +168,8 @@ def descend(
             return optimizer(formulation, start, stopping, first_step=first_step, on_iterate=report)
         result = minimize(formulation, start, stopping, first_step=first_step, on_iterate=report)
         if result.stop_reason is StopReason.SUBLINEAR and problem.solver == "auto":
-            # for this phase from here, and the phases after it
-            optimizer = optimizer_past_crawl(problem, merged_phase=formulation is merged)
+            # past the saddles by curvature, for this phase from here and the phases after it
+            optimizer = minimize_trust_region
             stopping = dataclasses.replace(stopping, sublinear_progress=None)
             last = result.last
             result = optimizer(formulation, last.point, stopping, first_step=last.step, on_iterate=report)
@@ -134,21 +191,25 @@ def descend(
     merged_at = collapsing.last.step
     # The merged problem has K feature rows: its products are K d K multiply-adds.
     with threads_for(problem.num_classes**2 * problem.dim, merged_start[1].device):
-        collapsed = phase(merged, merged_start, merged_at)
+        merged_from = merged_at
+        if ties(problem):
+            optimizer = minimize_lbfgs  # for the tied phase and the phases after it
+            arranged = phase(tied_formulation(merged), tie(merged, merged_start), merged_at)
+            merged_start, merged_from = untie(arranged.last.point), arranged.last.step
+        collapsed = phase(merged, merged_start, merged_from)
     certified = phase(full, merged.expand(collapsed.last.point), collapsed.last.step)
     return RunResult(certified, merged_at)
 
 
 def starting_optimizer(problem: UFMProblem, *, merges: bool) -> Optimizer | None:
     """The optimizer a run starts with; None for the first-order descent, which an "auto"
-    run leaves where it stops for sublinear progress (`optimizer_past_crawl`).
+    run leaves for trust regions where it stops for sublinear progress.
 
     "trust_region": trust regions in every phase. "auto": trust regions from the start
     where the normalized problem has more classes than a simplex ETF fits (K > d + 1),
     whose descent crawls past strict saddles (docs/solver.md), unless the run `merges`:
     there first order collapses the features in a few steps (9 at (K, d, n) = (300, 128,
-    10), against 61 trust-region steps and 95 s) and often converges on the merged
-    problem too, and faster.
+    10), against 61 trust-region steps and 95 s), and the tied phase (`ties`) follows.
     """
     if problem.solver == "trust_region":
         return minimize_trust_region
@@ -157,13 +218,12 @@ def starting_optimizer(problem: UFMProblem, *, merges: bool) -> Optimizer | None
     return None
 
 
-def optimizer_past_crawl(problem: UFMProblem, *, merged_phase: bool) -> Optimizer:
-    """Where an "auto" run's first order stops for sublinear progress, what goes on from
-    that point: L-BFGS on the merged problem where no ETF fits, whose arrangement of the
-    classes follows a long flat valley that trust regions crawl along too (at (300, 128,
-    10): 5,500 L-BFGS steps, against minutes of trust regions unconverged); trust regions
-    elsewhere, past the saddles."""
-    return minimize_lbfgs if merged_phase and no_etf_fits(problem) else minimize_trust_region
+def ties(problem: UFMProblem) -> bool:
+    """Whether a run that merges goes on tied (`tied_formulation`), by L-BFGS, before the
+    merged problem: "auto" where no ETF fits. At (K, d, n) = (300, 128, 10) that took
+    4,800 to 7,200 steps where first order and then L-BFGS on the merged problem took
+    6,600 to 9,800, and 20 to 28 s against 33 to 50 s (docs/solver.md)."""
+    return problem.solver == "auto" and no_etf_fits(problem)
 
 
 def no_etf_fits(problem: UFMProblem) -> bool:

@@ -59,10 +59,11 @@ class Preconditioner:
     ):
         self.scales, self.manifolds, self.labels = scales, manifolds, labels
         self.coupling = coupling
-        counts = torch.bincount(labels, weights=row_weights, minlength=num_classes)
         self.row_weights = None if row_weights is None else row_weights[:, None]
-        joint_inverse_scale = 1 / scales[0] + counts.to(torch.float64) / scales[1]
-        self.woodbury_weights = (coupling / (1 + coupling * joint_inverse_scale))[:, None]
+        if coupling:  # B couples the first two blocks, the classifier and the features
+            counts = torch.bincount(labels, weights=row_weights, minlength=num_classes)
+            joint_inverse_scale = 1 / scales[0] + counts.to(torch.float64) / scales[1]
+            self.woodbury_weights = (coupling / (1 + coupling * joint_inverse_scale))[:, None]
 
     def direction(
         self,

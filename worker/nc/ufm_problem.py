@@ -28,10 +28,10 @@ MAX_LAYERS = 6
 # The optimizer: "first_order" is the preconditioned Riemannian gradient descent
 # (worker.nc.descent), "trust_region" the Riemannian trust-region method
 # (worker.nc.trust_region), and "auto" the first where it converges fast and the second
-# where it would crawl, or L-BFGS (worker.nc.lbfgs) on a merged problem where no ETF fits
-# (worker.nc.merging.starting_optimizer and optimizer_past_crawl, and the sublinear rule).
-# The default stays "first_order" until trust regions are fast on K > d + 1
-# (docs/solver.md, "Second order (issue 25)").
+# where it would crawl (the sublinear rule), or, once the features merge where no ETF fits,
+# L-BFGS (worker.nc.lbfgs) with each class's features tied to its classifier row
+# (worker.nc.merging: starting_optimizer, ties). The default stays "first_order", which
+# is the fastest where an ETF fits (docs/solver.md, "Second order (issue 25)").
 SOLVERS = ("auto", "first_order", "trust_region")
 
 
