@@ -220,9 +220,10 @@ def starting_optimizer(problem: UFMProblem, *, merges: bool) -> Optimizer | None
 
 def ties(problem: UFMProblem) -> bool:
     """Whether a run that merges goes on tied (`tied_formulation`), by L-BFGS, before the
-    merged problem: "auto" where no ETF fits. At (K, d, n) = (300, 128, 10) that took
-    4,800 to 7,200 steps where first order and then L-BFGS on the merged problem took
-    6,600 to 9,800, and 20 to 28 s against 33 to 50 s (docs/solver.md)."""
+    merged problem: "auto" where no ETF fits. At (K, d, n) = (300, 128, 10), seeds 0 to 2,
+    that took 5,400 to 7,200 steps and 22 to 28 s where first order and then L-BFGS on the
+    merged problem took 6,600 to 9,800 steps and 33 to 50 s, run side by side
+    (docs/solver.md)."""
     return problem.solver == "auto" and no_etf_fits(problem)
 
 
