@@ -26,6 +26,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+import scipy.linalg
 import torch
 
 from worker.nc.flat_tangents import FlatTangents
@@ -50,6 +52,7 @@ LANCZOS_BASIS_BYTES = 2**28
 # A Lanczos vector is reorthogonalized a second time where the first pass left less than
 # this share of its length (Daniel, Gragg, Kaufman & Stewart 1976: 1/sqrt(2)).
 REORTHOGONALIZE_AGAIN = 1 / math.sqrt(2)
+EPS = float(np.finfo(np.float64).eps)
 # At a point that is not critical the gradient alone decides; its curvature is an estimate
 # of this many steps (its residual says how good), not a solve of up to LANCZOS_MAX_ITERS:
 # an unconverged generalized-collapse solve spent longer on it than on its descent.
@@ -192,10 +195,12 @@ def _lanczos(
     the subspace: each new vector is projected after its reorthogonalization, which gives the same vector,
     since the projection is self-adjoint in the metric and leaves the basis as it is.
 
-    Every Lanczos vector is reorthogonalized against all earlier ones in the metric: without it, rounding
-    brings back copies of converged Ritz values and loses the smallest one among them. A second pass is
-    taken where the first cancelled much of the vector (the criterion of Daniel, Gragg, Kaufman & Stewart
-    1976), not at every step: reading the basis is most of a long Lanczos run's time.
+    The basis is kept semi-orthogonal in the metric by partial reorthogonalization (Simon 1984): a recurrence
+    estimates how far rounding has taken each new vector off the earlier ones, and where the estimate passes
+    sqrt(eps) the vector and the next one are reorthogonalized against the whole basis. Without it, rounding
+    brings back copies of converged Ritz values and loses the smallest one among them; reorthogonalizing at
+    every step reads the whole basis at every step, most of a long run's time. A reorthogonalization takes a
+    second pass where the first cancelled much of the vector (Daniel, Gragg, Kaufman & Stewart 1976).
     """
     device = metric.device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -206,30 +211,29 @@ def _lanczos(
     betas: list[float] = []
     vector = start / math.sqrt(float(torch.dot(start, metric * start)))
     smallest = largest = residual = math.nan
+    orthogonality = _Orthogonality(max_iters, dimension)
     for step in range(max_iters):
         basis[step] = vector
         image = operator(vector)
         alphas.append(float(torch.dot(image, metric * vector)))
-        image.add_(vector, alpha=-alphas[-1])  # the three-term recurrence first, leaving rounding to remove
+        image.add_(vector, alpha=-alphas[-1])  # the three-term recurrence
         if step:
             image.add_(basis[step - 1], alpha=-betas[-1])
-        length = _metric_norm(image, metric)
-        image -= basis[: step + 1].T @ (basis[: step + 1] @ (metric * image))
-        if _metric_norm(image, metric) < REORTHOGONALIZE_AGAIN * length:
-            image -= basis[: step + 1].T @ (basis[: step + 1] @ (metric * image))
-        # Projected again: the reorthogonalization subtracts vectors whose rounding leaves the subspace, and
-        # dividing by beta would magnify that part by |image| / beta every step (by 10 a step, measured), until
-        # the normal directions of the spheres, or the symmetries', showed as eigenvalues near 0. The projection
-        # is self-adjoint in the metric, so the image stays orthogonal to the basis.
+        # Projected: the operator's image, and the rounding of what the reorthogonalization subtracts, may leave
+        # the subspace, and dividing by beta would magnify that part by |image| / beta every step (by 10 a step,
+        # measured), until the normal directions of the spheres, or the symmetries', showed as eigenvalues near
+        # 0. The projection is self-adjoint in the metric, so the image stays orthogonal to the basis.
         image = restricted(image)
         beta = _metric_norm(image, metric)
-        tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if step:
-            off = torch.tensor(betas, dtype=torch.float64)
-            tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
-        ritz_values, ritz_vectors = torch.linalg.eigh(tridiagonal)
-        smallest, largest = float(ritz_values[0]), float(ritz_values[-1])
-        residual = beta * abs(float(ritz_vectors[-1, 0]))
+        if orthogonality.lost(alphas, betas, beta):
+            length = beta
+            image -= basis[: step + 1].T @ (basis[: step + 1] @ (metric * image))
+            if _metric_norm(image, metric) < REORTHOGONALIZE_AGAIN * length:
+                image -= basis[: step + 1].T @ (basis[: step + 1] @ (metric * image))
+            image = restricted(image)
+            beta = _metric_norm(image, metric)
+        smallest, largest, last_entry = _extreme_ritz_values(alphas, betas)
+        residual = beta * abs(last_entry)
         scale = max(abs(smallest), abs(largest))
         accurate = residual <= max(LANCZOS_TOL * scale, LANCZOS_RELATIVE_TOL * abs(smallest))
         if accurate or beta <= 1e-14 * max(scale, 1e-300):
@@ -237,6 +241,56 @@ def _lanczos(
         betas.append(beta)
         vector = image / beta
     return Curvature(smallest, largest, residual, len(alphas))
+
+
+class _Orthogonality:
+    """Simon's (1984) estimates w_k of <v_{j+1}, v_k> for the Lanczos vector being formed, from the
+    tridiagonal's entries alone, and when they call for a full reorthogonalization: where the largest passes
+    sqrt(eps), for that vector and the next (the estimates then restart at eps)."""
+
+    def __init__(self, size: int, dimension: int):
+        # Rounding adds about eps sqrt(dimension) |A| to each inner product a step (Larsen's PROPACK).
+        self.rounding_per_norm = EPS * math.sqrt(dimension)
+        self.current = np.zeros(size + 1)  # w_{j,k}, k = 0..j (w_{j,j} = 1)
+        self.previous = np.zeros(size + 1)  # w_{j-1,k}
+        self.current[0] = 1.0
+        self.again = False  # the vector after a reorthogonalized one is reorthogonalized too
+        self.scale = 0.0  # a running estimate of the operator's norm, for the rounding term
+
+    def lost(self, alphas: list[float], betas: list[float], beta: float) -> bool:
+        """Whether the vector beta v_{j+1} (j = len(alphas) - 1, betas the earlier couplings) needs a full
+        reorthogonalization; updates the estimates for it."""
+        j = len(alphas) - 1
+        alpha = np.array(alphas)
+        coupling = np.array(betas)  # coupling[k] couples v_k and v_{k+1}, k < j
+        self.scale = max(self.scale, abs(alphas[-1]) + (betas[-1] if betas else 0.0) + beta)
+        rounding = self.rounding_per_norm * self.scale
+        new = np.zeros_like(self.current)
+        if j:
+            w, k = self.current, np.arange(j)
+            new[:j] = coupling[k] * w[k + 1] + (alpha[:j] - alpha[j]) * w[:j] - coupling[j - 1] * self.previous[:j]
+            new[1:j] += coupling[: j - 1] * w[: j - 1]
+            new[:j] = (new[:j] + np.copysign(rounding, new[:j])) / max(beta, 1e-300)
+        new[j] = rounding / max(beta, 1e-300)
+        reorthogonalize = self.again or bool(np.abs(new[: j + 1]).max() > math.sqrt(EPS))
+        if reorthogonalize:
+            new[: j + 1] = EPS
+        self.again = reorthogonalize and not self.again
+        new[j + 1] = 1.0
+        self.previous, self.current = self.current, new
+        return reorthogonalize
+
+
+def _extreme_ritz_values(alphas: list[float], betas: list[float]) -> tuple[float, float, float]:
+    """The smallest and largest eigenvalues of the tridiagonal matrix (alphas on the diagonal, betas beside
+    it), and the last entry of the smallest one's unit eigenvector: the two extremes alone, by bisection
+    and inverse iteration (LAPACK's stebz and stein), not the whole spectrum at every Lanczos step."""
+    diagonal, off_diagonal, last = np.array(alphas), np.array(betas), len(alphas) - 1
+    (smallest,), vectors = scipy.linalg.eigh_tridiagonal(diagonal, off_diagonal, select="i", select_range=(0, 0))
+    (largest,) = scipy.linalg.eigh_tridiagonal(
+        diagonal, off_diagonal, eigvals_only=True, select="i", select_range=(last, last)
+    )
+    return float(smallest), float(largest), float(vectors[-1, 0])
 
 
 def _metric_norm(vector: torch.Tensor, metric: torch.Tensor) -> float:
