@@ -32,7 +32,6 @@ import redis
 # anything loads torch; a test that wants more threads asks torch for them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import worker  # noqa: F401  (first of the project: its OpenMP wait policy is set before any test loads torch)
 from tests.support import free_port, wait_ready
 
 if TYPE_CHECKING:
