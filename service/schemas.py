@@ -283,7 +283,8 @@ class UFMSpec(SpecBase, LossChoice):
     solver: Literal["auto", "first_order", "trust_region"] = Field(
         "first_order",
         description="the optimizer: preconditioned Riemannian gradient descent, Riemannian trust regions, "
-        "or auto (trust regions where first order would crawl: K > d + 1, or sublinear progress)",
+        "or auto (where first order would crawl: trust regions, or L-BFGS on the collapsed classes where K > d + 1 "
+        "and the features merge)",
     )
     resources: Resources = Field("cpu", description=RESOURCES_DESCRIPTION)
 
