@@ -79,14 +79,14 @@ def minimize_lbfgs(
         return value, flat.flatten(grads)
 
     point = start
+    position = flat.flatten(point)  # the point as one flat vector, for the curvature pairs' moves
     value, grads = evaluate(point)
     gamma = 1.0
     tol = stopping.tol
     step = first_step
     while True:
         grad_norm = math.sqrt(memory.inner(grads, grads))
-        if grad_norm <= tol and stopping.certify is not None and not stopping.certify(point, grad_norm):
-            tol = grad_norm / 10
+        tol = stopping.tol_in_force(point, grad_norm, tol)
         stop = stopping.reason_to_stop(step, point, grad_norm, tol)
         iterate = Iterate(step, point, value, grad_norm)
         if stop is not None:
@@ -114,13 +114,14 @@ def minimize_lbfgs(
             on_iterate(iterate)
         step += 1
 
-        move = flat.flatten(candidate) - flat.flatten(point)
+        candidate_position = flat.flatten(candidate)
+        move = candidate_position - position
         change = candidate_grads - grads
         s_dot_y = memory.inner(move, change)
         if s_dot_y > 0:
             memory.remember(move, change, s_dot_y)
             gamma = s_dot_y / memory.inner(change, precondition(candidate, 1.0, change))
-        point, value, grads = candidate, candidate_value, candidate_grads
+        point, position, value, grads = candidate, candidate_position, candidate_value, candidate_grads
 
 
 class _Memory:

@@ -68,10 +68,7 @@ def tied_formulation(merged: Formulation) -> Formulation:
     one at [W, W], its gradient (and Hessian) the sum of the two blocks' by the chain
     rule; the metric is the merged metric on tied motions, which weigh 1 + n_k per row.
     """
-    feature_sphere = merged.manifolds[1]
-    assert isinstance(feature_sphere, RowSphere) and feature_sphere.row_weights is not None, "merged: rows weighed"
-    row_weights = 1 + feature_sphere.row_weights
-    manifolds = [RowSphere(row_weights), *merged.manifolds[2:]]
+    manifolds = [RowSphere(1 + _samples_per_row(merged)), *merged.manifolds[2:]]
 
     def objective(point: Point) -> tuple[torch.Tensor, list[torch.Tensor]]:
         value, grads = merged.objective(untie(point))
@@ -93,10 +90,15 @@ def tied_formulation(merged: Formulation) -> Formulation:
 def tie(merged: Formulation, point: Point) -> Point:
     """The tied point nearest to a merged one in the merged metric: row k of W moved to
     (w_k + n_k h_k) / (1 + n_k), back on the sphere."""
+    classifier = point[0] + _samples_per_row(merged)[:, None] * point[1]
+    return [classifier.div_(torch.linalg.vector_norm(classifier, dim=1, keepdim=True)), *point[2:]]
+
+
+def _samples_per_row(merged: Formulation) -> torch.Tensor:
+    """n_k, the samples each merged feature row stands for: its sphere's row weights."""
     feature_sphere = merged.manifolds[1]
     assert isinstance(feature_sphere, RowSphere) and feature_sphere.row_weights is not None, "merged: rows weighed"
-    classifier = point[0] + feature_sphere.row_weights[:, None] * point[1]
-    return [classifier.div_(torch.linalg.vector_norm(classifier, dim=1, keepdim=True)), *point[2:]]
+    return feature_sphere.row_weights
 
 
 def untie(point: Point) -> Point:

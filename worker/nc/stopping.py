@@ -93,6 +93,13 @@ class StoppingRules:
     sublinear_progress: SublinearProgress | None = None
     hand_over: Callable[[Point], bool] | None = None
 
+    def tol_in_force(self, point: Point, grad_norm: float, tol: float) -> float:
+        """The bound on the gradient norm from this iterate on: `tol` (self.tol to begin with), or a tenth of
+        the norm where the norm passes it and `certify` refuses the point."""
+        if grad_norm <= tol and self.certify is not None and not self.certify(point, grad_norm):
+            return grad_norm / 10
+        return tol
+
     def reason_to_stop(self, step: int, point: Point, grad_norm: float, tol: float) -> tuple[StopReason, str] | None:
         """Why the descent ends at this iterate, and the message stating it; None to go on.
 

@@ -65,8 +65,7 @@ def minimize_trust_region(
     step = first_step
     while True:
         grad_norm = math.sqrt(squared_norm)
-        if grad_norm <= tol and stopping.certify is not None and not stopping.certify(point, grad_norm):
-            tol = grad_norm / 10
+        tol = stopping.tol_in_force(point, grad_norm, tol)
         stop = stopping.reason_to_stop(step, point, grad_norm, tol)
         iterate = Iterate(step, point, value, grad_norm)
         if stop is not None:
