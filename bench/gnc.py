@@ -3,6 +3,7 @@
     .venv/bin/python bench/gnc.py                          # the solver in worker/nc/ufm.py
     .venv/bin/python bench/gnc.py --solver /tmp/ufm_orig.py   # a saved copy of an older one
     .venv/bin/python bench/gnc.py --seeds 32 --largest 0   # (100, 43), n = 2: each optimizer over 32 seeds
+    .venv/bin/python bench/gnc.py --largest 0 --largest-seeds 16   # (300, 128), n = 10: "auto" over 16 seeds
 
 With K > d + 1 no simplex ETF exists (Jiang et al., ICML 2024, "Generalized neural
 collapse for a large number of classes"): the features still collapse onto their
@@ -21,12 +22,18 @@ means sit on those rows, so it is their smallest angle too), nc1, and the loss.
 S - 1, with "first_order" and with "auto", side by side: how many converge, the total
 and the slowest seconds, and the end points' certificates.
 
+`--largest-seeds S` adds (K, d, n) = (300, 128, 10) with "auto" over seeds 0 to S - 1: each
+seed's iterations and seconds, and the median and slowest. Its runs take from about 3,400
+to over 9,000 steps, by which of the flat valley's many local minima each one settles in
+(docs/solver.md), so one seed's time says little of the next's.
+
 `--solver FILE` imports solve and UFMProblem from that file instead, for a before/after
 comparison; it may import worker.nc's other modules, which it then shares with the
 current code.
 """
 
 import importlib.util
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,6 +52,7 @@ def main(
     largest: Annotated[int, typer.Option(help="skip problems with more classes")] = 300,
     optimizer: Annotated[str, typer.Option(help="the spec's solver")] = "auto",
     seeds: Annotated[int, typer.Option(help="seeds of the (100, 43, 2) sweep; 0 skips it")] = 0,
+    largest_seeds: Annotated[int, typer.Option(help="seeds of the (300, 128, 10) sweep; 0 skips it")] = 0,
 ) -> None:
     module = load_solver(solver)
     print(
@@ -74,6 +82,8 @@ def main(
         )
     if seeds:
         sweep(module, seeds)
+    if largest_seeds:
+        sweep_largest(module, largest_seeds)
 
 
 def sweep(module, seeds: int) -> None:
@@ -94,6 +104,25 @@ def sweep(module, seeds: int) -> None:
             f"end points: {', '.join(f'{kinds.count(kind)} {kind}' for kind in sorted(set(kinds)))}",
             flush=True,
         )
+
+
+def sweep_largest(module, seeds: int) -> None:
+    K, d = PROBLEMS[-1]
+    print(f"\n(K, d, n) = ({K}, {d}, {N_PER_CLASS}), auto, seeds 0..{seeds - 1}")
+    times, converged = [], 0
+    for seed in range(seeds):
+        start = time.perf_counter()
+        result = module.solve(module.UFMProblem(K, d, N_PER_CLASS, "normalized", seed=seed, solver="auto"))
+        times.append(time.perf_counter() - start)
+        converged += bool(result["converged"])
+        print(
+            f"  seed {seed:3d}: {result['iterations']:6d} iterations {times[-1]:7.2f} s  {result.get('critical_point')}",
+            flush=True,
+        )
+    print(
+        f"  converged {converged}/{seeds}; seconds median {statistics.median(times):.2f}, slowest {max(times):.2f}, "
+        f"at most 10 s: {sum(t <= 10 for t in times)}/{seeds}"
+    )
 
 
 def load_solver(path: Path | None):

@@ -397,6 +397,37 @@ def test_lbfgs_reaches_the_closed_form_optimum(problem):
         assert math.exp(result.last.value) == pytest.approx(optimum, rel=1e-9)
 
 
+def test_lbfgs_memory_applies_the_bfgs_inverse_hessian_in_the_metric():
+    """The two-loop recursion, in single precision over whitened pairs, against the BFGS inverse Hessian
+    built densely, in double precision, from the last MEMORY of the same pairs in the metric's whitened
+    coordinates (Nocedal & Wright 2006, (6.17)), from gamma times the identity: to 1e-5."""
+    from worker.nc.lbfgs import MEMORY, _Memory
+
+    generator = torch.Generator().manual_seed(0)
+    size, gamma = 40, 0.7
+    metric = 1 + 9 * torch.rand(size, generator=generator, dtype=torch.float64)
+    root = metric.sqrt()
+    basis, _ = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))
+    curvature = basis @ torch.diag(1 + 9 * torch.rand(size, generator=generator, dtype=torch.float64)) @ basis.T
+    memory = _Memory(metric)
+    pairs = []
+    for _ in range(MEMORY + 3):  # the first three are dropped
+        move = torch.randn(size, generator=generator, dtype=torch.float64)
+        change = (curvature @ move) / metric  # <s, y> = s^T C s > 0 in the metric
+        pairs.append((root * move, root * change))
+        memory.remember(move.clone(), change.clone(), memory.inner(move, change))
+    inverse = gamma * torch.eye(size, dtype=torch.float64)
+    for move, change in pairs[-MEMORY:]:
+        rho = 1 / float(move @ change)
+        update = torch.eye(size, dtype=torch.float64) - rho * torch.outer(change, move)
+        inverse = update.T @ inverse @ update + rho * torch.outer(move, move)
+    grads = torch.randn(size, generator=generator, dtype=torch.float64)
+    expected = (inverse @ (root * grads)) / root
+    product = memory.inverse_hessian_times(grads, lambda vector: gamma * vector)
+    assert product.dtype == torch.float64
+    assert float(torch.linalg.vector_norm(product - expected)) <= 1e-5 * float(torch.linalg.vector_norm(expected))
+
+
 def test_auto_ties_the_merged_classes_where_no_etf_fits(monkeypatch):
     """K > d + 1 on a problem that merges (the merge threshold lowered to let a small one):
     auto runs first order, as first_order does, to the merge; then L-BFGS with each class's
@@ -444,16 +475,22 @@ TIED_CASES = {
 
 @pytest.mark.parametrize("problem", TIED_CASES.values(), ids=list(TIED_CASES))
 def test_the_tied_problem_is_the_merged_one_at_tied_points(problem):
-    """The tied formulation's value is the merged one at [W, W, (b)], its expansion the full
-    point; its Riemannian gradient, in its metric (1 + n_k per row), matches central
-    differences of the value, and its Riemannian Hessian those of the gradient (1e-7)."""
+    """The tied formulation's value is the merged one at [W, W, (b)], its Euclidean gradient the sum of the
+    merged one's two blocks (to rounding), its expansion the full point; its Riemannian gradient, in its
+    metric (1 + n_k per row), matches central differences of the value, and its Riemannian Hessian those of
+    the gradient (1e-7)."""
     from worker.nc.merging import tied_formulation, untie
 
     merged, merged_point = formulation_and_point(problem, merged=True)
-    tied = tied_formulation(merged)
+    tied = tied_formulation(problem, merged)
     point = [merged_point[0], *merged_point[2:]]
+    tied_value, tied_grads = tied.objective(point)
+    merged_value, merged_grads = merged.objective(untie(point))
+    assert float(tied_value) == float(merged_value)
+    chain_rule = [merged_grads[0] + merged_grads[1], *merged_grads[2:]]
+    for tied_grad, summed in zip(tied_grads, chain_rule, strict=True):
+        torch.testing.assert_close(tied_grad, summed, rtol=1e-13, atol=1e-15)
     value, grads = value_and_riemannian_grad(tied.objective, tied.manifolds, point)
-    assert value == value_and_riemannian_grad(merged.objective, merged.manifolds, untie(point))[0]
     expanded = tied.expand(point)
     assert torch.equal(expanded[1], point[0][class_labels(problem, torch.device("cpu"))])
     assert torch.equal(expanded[0], point[0]) and len(expanded) == 2 + problem.bias

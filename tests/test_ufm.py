@@ -387,6 +387,10 @@ def test_preconditioner_matches_its_dense_matrix():
         torch.cat([block.reshape(-1) for block in directions]), dense @ flat, rtol=1e-14, atol=0
     )
     assert host_floats(slope)[0] == pytest.approx(quadratic_form, rel=1e-13)
+    # `apply`, the product alone (L-BFGS's initial inverse Hessian), is the same P g.
+    applied = [torch.empty_like(block) for block in vector]
+    preconditioner.apply(vector, vector, applied)
+    torch.testing.assert_close(torch.cat([block.reshape(-1) for block in applied]), dense @ flat, rtol=1e-14, atol=0)
 
     # On spheres the direction is projected onto the tangent space; the slope stays.
     spheres = [RowSphere(), RowSphere(), Euclidean()]

@@ -88,6 +88,8 @@ class SymmetryModes:
         self.spanning = self.basis[:, spanned]
         sums = eigenvalues[spanned, None] + eigenvalues[None, :]
         self.inverse_sums = torch.where(sums > 1e-12 * eigenvalues[-1].clamp(min=1e-300), 1 / sums, 0.0)
+        # the rows in that basis, which every projection moves
+        self.spanned_rows = [classifier @ self.spanning, features @ self.spanning]
 
     def _weighted(self, features: torch.Tensor) -> torch.Tensor:
         return features if self.weights is None else features * self.weights
@@ -97,10 +99,7 @@ class SymmetryModes:
         coupling = classifier.T @ vector[0] + features.T @ self._weighted(vector[1])
         rotated = self.spanning.T @ (coupling - coupling.T) @ self.basis
         generator = (rotated * self.inverse_sums) @ self.basis.T  # the spanned rows of A, in that basis
-        projected = [
-            vector[0] - (classifier @ self.spanning) @ generator,
-            vector[1] - (features @ self.spanning) @ generator,
-        ]
+        projected = [block - rows @ generator for block, rows in zip(vector, self.spanned_rows)]
         if len(vector) > 2:
             projected.append(vector[2] - vector[2].mean() if self.shifts_bias else vector[2].clone())
         return projected

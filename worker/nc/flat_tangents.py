@@ -31,6 +31,10 @@ class FlatTangents:
         )
 
     def flatten(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        """The blocks as one flat vector: a view of the block where there is only one (a tied point,
+        worker.nc.merging), a copy otherwise."""
+        if len(blocks) == 1:
+            return blocks[0].reshape(-1)
         return torch.cat([block.reshape(-1) for block in blocks])
 
     def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:

@@ -24,8 +24,11 @@ line search is the descent's Armijo test (worker.nc.step_rule), monotone.
 
 The memory keeps each pair as two flat vectors (worker.nc.flat_tangents) scaled by the
 square root of the metric's weights, so the recursion's 4 MEMORY inner products and
-updates are plain vector operations: a step of the two-loop costs less than an objective
-evaluation.
+updates are plain vector operations, in single precision: the recursion reads every pair
+twice a step, and that memory traffic, not its arithmetic, is what it costs. The
+direction's rounding, ~1e-7 of its length, is far below what the memory's model gets
+wrong, and the gradient, the steps and the pairs' <s, y> stay in double precision
+(docs/solver.md has the measurements).
 
 `minimize_lbfgs` has `minimize`'s signature and result: a step is an accepted step, and
 `StoppingRules` decides as it does for the descent.
@@ -42,6 +45,7 @@ from worker.nc.flat_tangents import FlatTangents
 from worker.nc.formulation import Formulation
 from worker.nc.manifolds import Point
 from worker.nc.objectives import value_and_riemannian_grad
+from worker.nc.preconditioner import host_floats
 from worker.nc.step_rule import ARMIJO, BACKTRACK, MIN_STEP, ROUNDING_SLACK
 from worker.nc.stopping import StoppingRules, stalled
 
@@ -67,11 +71,9 @@ def minimize_lbfgs(
     memory = _Memory(flat.metric)
 
     def precondition(point: Point, scale: float, vector: torch.Tensor) -> torch.Tensor:
-        """scale P vector, projected onto the tangent space at `point`."""
-        blocks = flat.unflatten(vector)
+        """scale P vector (`Preconditioner.apply`)."""
         out = torch.empty_like(vector)
-        norms_sq = [m.inner(v, v) for m, v in zip(manifolds, blocks)]
-        formulation.preconditioner.direction(point, blocks, norms_sq, out=flat.unflatten(out))
+        formulation.preconditioner.apply(point, flat.unflatten(vector), flat.unflatten(out))
         return out.mul_(scale)
 
     def evaluate(point: Point) -> tuple[float, torch.Tensor]:
@@ -119,15 +121,17 @@ def minimize_lbfgs(
         change = candidate_grads - grads
         s_dot_y = memory.inner(move, change)
         if s_dot_y > 0:
+            (change_norm_sq,) = host_floats(formulation.preconditioner.norm_sq(flat.unflatten(change)))
+            gamma = s_dot_y / change_norm_sq
             memory.remember(move, change, s_dot_y)
-            gamma = s_dot_y / memory.inner(change, precondition(candidate, 1.0, change))
         point, position, value, grads = candidate, candidate_position, candidate_value, candidate_grads
 
 
 class _Memory:
     """The last MEMORY curvature pairs (s, y), flat and whitened: multiplied by the square
     root of the metric's weights, so that every inner product of the two-loop recursion is
-    a plain dot product and each pair is two vectors."""
+    a plain dot product and each pair is two vectors, kept in single precision (the
+    module's docstring)."""
 
     def __init__(self, metric: torch.Tensor):
         self.metric, self.root = metric, metric.sqrt()
@@ -140,22 +144,24 @@ class _Memory:
         self.pairs.clear()
 
     def remember(self, move: torch.Tensor, change: torch.Tensor, move_dot_change: float) -> None:
-        self.pairs.append((move * self.root, change * self.root, 1 / move_dot_change))
+        """Keep the pair (s, y) and 1 / <s, y>; overwrites `move` and `change`."""
+        self.pairs.append((move.mul_(self.root).float(), change.mul_(self.root).float(), 1 / move_dot_change))
         del self.pairs[:-MEMORY]
 
     def inverse_hessian_times(
         self, grads: torch.Tensor, initial_inverse: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         """The L-BFGS inverse Hessian, from `initial_inverse`, applied to `grads`
-        (Nocedal & Wright 2006, algorithm 7.4)."""
-        vector = grads * self.root
+        (Nocedal & Wright 2006, algorithm 7.4), in double precision; the recursion runs in
+        single."""
+        vector = (grads * self.root).float()
         alphas = []
         for move, change, rho in reversed(self.pairs):
             alpha = rho * float(torch.dot(move, vector))
             alphas.append(alpha)
             vector.add_(change, alpha=-alpha)
-        vector = initial_inverse(vector.div_(self.root)).mul_(self.root)
+        vector = initial_inverse(vector.double().div_(self.root)).mul_(self.root).float()
         for (move, change, rho), alpha in zip(self.pairs, reversed(alphas)):
             beta = rho * float(torch.dot(change, vector))
             vector.add_(move, alpha=alpha - beta)
-        return vector.div_(self.root)
+        return vector.double().div_(self.root)

@@ -43,6 +43,7 @@ from worker.nc.descent import Iterate, SolveResult, minimize
 from worker.nc.formulation import Formulation, formulate
 from worker.nc.lbfgs import minimize_lbfgs
 from worker.nc.manifolds import Point, RowSphere
+from worker.nc.objectives import tied_normalized_objective
 from worker.nc.preconditioner import Preconditioner
 from worker.nc.stopping import Certificate, StoppingRules, StopReason, SublinearProgress
 from worker.nc.trust_region import minimize_trust_region
@@ -57,7 +58,7 @@ Optimizer = Callable[..., SolveResult]
 MERGE_TOL = 1e-4
 
 
-def tied_formulation(merged: Formulation) -> Formulation:
+def tied_formulation(problem: UFMProblem, merged: Formulation) -> Formulation:
     """The merged problem with each class's feature row tied to its classifier row:
     points [W, (b)] standing for [W, W, (b)].
 
@@ -65,14 +66,13 @@ def tied_formulation(merged: Formulation) -> Formulation:
     (300, 128, 10)), and what is slow to optimize is the arrangement of the classes, the
     tied motion (docs/solver.md). Tied, the descent pays half the variables for it, and
     drops the stiffest directions, those moving h_k off w_k. The objective is the merged
-    one at [W, W], its gradient (and Hessian) the sum of the two blocks' by the chain
-    rule; the metric is the merged metric on tied motions, which weigh 1 + n_k per row.
+    one at [W, W] (`tied_normalized_objective`), its gradient and Hessian the sum of the
+    two blocks' by the chain rule; the metric is the merged metric on tied motions,
+    which weigh 1 + n_k per row.
     """
-    manifolds = [RowSphere(1 + _samples_per_row(merged)), *merged.manifolds[2:]]
-
-    def objective(point: Point) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        value, grads = merged.objective(untie(point))
-        return value, [grads[0].add_(grads[1]), *grads[2:]]
+    samples_per_row = _samples_per_row(merged)
+    manifolds = [RowSphere(1 + samples_per_row), *merged.manifolds[2:]]
+    objective = tied_normalized_objective(problem, samples_per_row)
 
     def hessian(point: Point) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
         merged_hvp = merged.hessian(untie(point))
@@ -196,7 +196,7 @@ def descend(
         merged_from = merged_at
         if ties(problem):
             optimizer = minimize_lbfgs  # for the tied phase and the phases after it
-            arranged = phase(tied_formulation(merged), tie(merged, merged_start), merged_at)
+            arranged = phase(tied_formulation(problem, merged), tie(merged, merged_start), merged_at)
             merged_start, merged_from = untie(arranged.last.point), arranged.last.step
         collapsed = phase(merged, merged_start, merged_from)
     certified = phase(full, merged.expand(collapsed.last.point), collapsed.last.step)

@@ -80,9 +80,8 @@ def normalized_objective(
     where the loss is ~1e-13 and the gradient of L itself falls below any sensible
     tolerance long before the classifier is an ETF.
     """
-    scale, log_scale = problem.logit_scale, math.log(problem.logit_scale)
-    log_num_samples = math.log(problem.num_samples)
-    log_weights = None if row_weights is None else torch.log(row_weights)
+    scale = problem.logit_scale
+    log_loss = _log_mean_cross_entropy(problem, labels, row_weights)
     logits = _logits_buffer(problem, labels)
 
     def evaluate(point: Point) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -92,6 +91,54 @@ def normalized_objective(
         torch.mm(features, (scale * classifier).T, out=logits)
         if problem.bias:
             logits.add_(point[2])
+        value, scaled_grads = log_loss(logits)
+        grads = [scaled_grads.T @ features, scaled_grads @ classifier]
+        if problem.bias:
+            grads.append(scaled_grads.sum(dim=0) / scale)
+        return value, grads
+
+    return evaluate
+
+
+def tied_normalized_objective(problem: UFMProblem, row_weights: torch.Tensor) -> Objective:
+    """`normalized_objective` of the merged problem (one feature row per class, row k
+    standing for row_weights[k] samples) at points [W, W, (b)], as a function of the
+    point [W, (b)]: each class's feature row tied to its classifier row.
+
+    The logits are s W W^T (+ b), and by the chain rule the gradient along W is the sum
+    of the merged gradient's two blocks, (G^T + G) W for G = s d log L / dz: two matrix
+    products an evaluation, where the merged objective takes three.
+    """
+    scale = problem.logit_scale
+    classes = torch.arange(problem.num_classes, device=row_weights.device)
+    log_loss = _log_mean_cross_entropy(problem, classes, row_weights)
+    logits = _logits_buffer(problem, classes)
+    symmetrized = torch.empty_like(logits)
+
+    def evaluate(point: Point) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        classifier = point[0]
+        torch.mm(classifier, (scale * classifier).T, out=logits)
+        if problem.bias:
+            logits.add_(point[1])
+        value, scaled_grads = log_loss(logits)
+        grads = [torch.mm(torch.add(scaled_grads, scaled_grads.T, out=symmetrized), classifier)]
+        if problem.bias:
+            grads.append(scaled_grads.sum(dim=0) / scale)
+        return value, grads
+
+    return evaluate
+
+
+def _log_mean_cross_entropy(
+    problem: UFMProblem, labels: torch.Tensor, row_weights: torch.Tensor | None
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """log L for the logits s <w_k, h_i> (+ b_k) of feature rows of class labels[i], row i
+    standing for row_weights[i] samples, and s d log L / dz, written over the logits."""
+    log_scale = math.log(problem.logit_scale)
+    log_num_samples = math.log(problem.num_samples)
+    log_weights = None if row_weights is None else torch.log(row_weights)
+
+    def log_loss(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cross_entropy = CrossEntropy(logits, labels)
         log_losses = cross_entropy.log_losses  # of each row's share of N L
         if log_weights is not None:
@@ -100,13 +147,9 @@ def normalized_objective(
         log_grad_weights = log_scale - log_total
         if log_weights is not None:
             log_grad_weights = log_grad_weights + log_weights
-        scaled_grads = cross_entropy.weighted_gradient(log_grad_weights)  # s d log L / dz
-        grads = [scaled_grads.T @ features, scaled_grads @ classifier]
-        if problem.bias:
-            grads.append(scaled_grads.sum(dim=0) / scale)
-        return log_total - log_num_samples, grads
+        return log_total - log_num_samples, cross_entropy.weighted_gradient(log_grad_weights)
 
-    return evaluate
+    return log_loss
 
 
 def regularized_objective(problem: UFMProblem, labels: torch.Tensor) -> Objective:

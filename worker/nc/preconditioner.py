@@ -78,21 +78,28 @@ class Preconditioner:
         which the projection leaves unchanged since grad is tangent already.
         """
         slope = list(zip(self.scales, grad_norms_sq))
+        joint = self.apply(point, grads, out)
+        if joint is not None:
+            slope.append((self.coupling, flat_dot(joint, joint)))
+        return slope
+
+    def apply(self, point: Point, vectors: list[torch.Tensor], out: list[torch.Tensor]) -> torch.Tensor | None:
+        """Write P v into the arrays `out`, its coupled blocks projected onto the tangent space at `point`
+        (where v is tangent, all of it is). Returns B^T v where P couples (`_joint`), else None."""
         if not self.coupling:
-            for direction, grad, scale in zip(out, grads, self.scales):
-                torch.mul(grad, scale, out=direction)
-            return slope
-        joint = self._joint(grads)
-        slope.append((self.coupling, flat_dot(joint, joint)))
-        joint.mul_(self.coupling)
-        torch.add(joint, grads[0], alpha=self.scales[0], out=out[0])
-        torch.index_select(joint, 0, self.labels, out=out[1])
+            for direction, vector, scale in zip(out, vectors, self.scales):
+                torch.mul(vector, scale, out=direction)
+            return None
+        joint = self._joint(vectors)
+        coupled = torch.mul(joint, self.coupling)
+        torch.add(coupled, vectors[0], alpha=self.scales[0], out=out[0])
+        torch.index_select(coupled, 0, self.labels, out=out[1])
         for manifold, block, direction in zip(self.manifolds, point, out[:2]):
             manifold.project(block, direction)
-        out[1].add_(grads[1], alpha=self.scales[1])  # tangent already: added after projecting
-        for direction, grad, scale in zip(out[2:], grads[2:], self.scales[2:]):
-            torch.mul(grad, scale, out=direction)
-        return slope
+        out[1].add_(vectors[1], alpha=self.scales[1])  # tangent already where v is: added after projecting
+        for direction, vector, scale in zip(out[2:], vectors[2:], self.scales[2:]):
+            torch.mul(vector, scale, out=direction)
+        return joint
 
     def norm_sq(self, vectors: list[torch.Tensor]) -> Terms:
         """<v, P v>."""
