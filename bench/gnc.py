@@ -115,10 +115,8 @@ def sweep_largest(module, seeds: int) -> None:
         result = module.solve(module.UFMProblem(K, d, N_PER_CLASS, "normalized", seed=seed, solver="auto"))
         times.append(time.perf_counter() - start)
         converged += bool(result["converged"])
-        print(
-            f"  seed {seed:3d}: {result['iterations']:6d} iterations {times[-1]:7.2f} s  {result.get('critical_point')}",
-            flush=True,
-        )
+        iterations, kind = result["iterations"], result.get("critical_point")
+        print(f"  seed {seed:3d}: {iterations:6d} iterations {times[-1]:7.2f} s  {kind}", flush=True)
     print(
         f"  converged {converged}/{seeds}; seconds median {statistics.median(times):.2f}, slowest {max(times):.2f}, "
         f"at most 10 s: {sum(t <= 10 for t in times)}/{seeds}"

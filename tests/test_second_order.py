@@ -490,7 +490,7 @@ def test_the_tied_problem_is_the_merged_one_at_tied_points(problem):
     chain_rule = [merged_grads[0] + merged_grads[1], *merged_grads[2:]]
     for tied_grad, summed in zip(tied_grads, chain_rule, strict=True):
         torch.testing.assert_close(tied_grad, summed, rtol=1e-13, atol=1e-15)
-    value, grads = value_and_riemannian_grad(tied.objective, tied.manifolds, point)
+    _, grads = value_and_riemannian_grad(tied.objective, tied.manifolds, point)
     expanded = tied.expand(point)
     assert torch.equal(expanded[1], point[0][class_labels(problem, torch.device("cpu"))])
     assert torch.equal(expanded[0], point[0]) and len(expanded) == 2 + problem.bias
