@@ -401,6 +401,7 @@ def test_lbfgs_memory_applies_the_bfgs_inverse_hessian_in_the_metric():
     """The two-loop recursion, in single precision over whitened pairs, against the BFGS inverse Hessian
     built densely, in double precision, from the last MEMORY of the same pairs in the metric's whitened
     coordinates (Nocedal & Wright 2006, (6.17)), from gamma times the identity: to 1e-5."""
+    from worker.nc.flat_tangents import metric_dot
     from worker.nc.lbfgs import MEMORY, _Memory
 
     generator = torch.Generator().manual_seed(0)
@@ -415,7 +416,7 @@ def test_lbfgs_memory_applies_the_bfgs_inverse_hessian_in_the_metric():
         move = torch.randn(size, generator=generator, dtype=torch.float64)
         change = (curvature @ move) / metric  # <s, y> = s^T C s > 0 in the metric
         pairs.append((root * move, root * change))
-        memory.remember(move.clone(), change.clone(), memory.inner(move, change))
+        memory.remember(move.clone(), change.clone(), metric_dot(move, change, metric))
     inverse = gamma * torch.eye(size, dtype=torch.float64)
     for move, change in pairs[-MEMORY:]:
         rho = 1 / float(move @ change)
@@ -479,7 +480,8 @@ def test_the_tied_problem_is_the_merged_one_at_tied_points(problem):
     merged one's two blocks (to rounding), its expansion the full point; its Riemannian gradient, in its
     metric (1 + n_k per row), matches central differences of the value, and its Riemannian Hessian those of
     the gradient (1e-7)."""
-    from worker.nc.merging import tied_formulation, untie
+    from worker.nc.formulation import untie
+    from worker.nc.merging import tied_formulation
 
     merged, merged_point = formulation_and_point(problem, merged=True)
     tied = tied_formulation(problem, merged)
@@ -516,7 +518,8 @@ def test_the_tied_problem_is_the_merged_one_at_tied_points(problem):
 
 def test_tie_moves_each_row_to_the_metrics_nearest_tied_point():
     """Row k of the tied start is (w_k + n_k h_k) / |w_k + n_k h_k|; a tied point ties to itself."""
-    from worker.nc.merging import tie, untie
+    from worker.nc.formulation import untie
+    from worker.nc.merging import tie
 
     problem = UFMProblem(4, 3, (1, 2, 5, 3), "normalized", bias=True)
     merged, point = formulation_and_point(problem, merged=True)

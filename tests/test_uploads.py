@@ -178,4 +178,3 @@ def test_an_analysis_is_stored_with_the_files_k_and_d_and_its_free_fields_are_se
     where = "spec.model = 'vit_b16' and spec.dataset = 'imagenet' and spec.epoch >= 90 and kind = 'analysis'"
     found = api.client.get("/experiments", params={"where": where}).json()["items"]
     assert [item["id"] for item in found] == [submitted["id"]]
-

@@ -30,7 +30,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from worker.nc.flat_tangents import FlatTangents
+from worker.nc.flat_tangents import FlatTangents, metric_dot
 from worker.nc.formulation import Formulation
 from worker.nc.manifolds import Point
 from worker.nc.objectives import riemannian_hessian
@@ -209,38 +209,38 @@ def _lanczos(
     start = restricted(torch.randn(dimension, generator=generator, dtype=torch.float64, device=device))
     max_iters = max(2, min(max_steps, dimension, LANCZOS_BASIS_BYTES // (8 * dimension)))
     basis = torch.empty((max_iters, dimension), dtype=torch.float64, device=device)
-    alphas: list[float] = []
-    betas: list[float] = []
-    vector = start / math.sqrt(float(torch.dot(start, metric * start)))
+    alphas = np.zeros(max_iters)  # the tridiagonal's diagonal
+    betas = np.zeros(max_iters)  # and beside it: betas[k] couples v_k and v_{k+1}
+    vector = start / math.sqrt(metric_dot(start, start, metric))
     smallest = largest = residual = math.nan
     orthogonality = _Orthogonality(max_iters, dimension)
     for step in range(max_iters):
         basis[step] = vector
         image = operator(vector)
-        alphas.append(float(torch.dot(image, metric * vector)))
-        image.add_(vector, alpha=-alphas[-1])  # the three-term recurrence
+        alphas[step] = metric_dot(image, vector, metric)
+        image.add_(vector, alpha=-alphas[step])  # the three-term recurrence
         if step:
-            image.add_(basis[step - 1], alpha=-betas[-1])
+            image.add_(basis[step - 1], alpha=-betas[step - 1])
         length = _metric_norm(image, metric)
-        if orthogonality.lost(alphas, betas, length):
-            image -= basis[: step + 1].T @ (basis[: step + 1] @ (metric * image))
+        if orthogonality.lost(alphas[: step + 1], betas[:step], length):
+            _orthogonalize(image, basis[: step + 1], metric)
             if _metric_norm(image, metric) < REORTHOGONALIZE_AGAIN * length:
-                image -= basis[: step + 1].T @ (basis[: step + 1] @ (metric * image))
+                _orthogonalize(image, basis[: step + 1], metric)
         # Projected: the operator's image, and the rounding of what the reorthogonalization subtracts, may leave
         # the subspace, and dividing by beta would magnify that part by |image| / beta every step (by 10 a step,
         # measured), until the normal directions of the spheres, or the symmetries', showed as eigenvalues near
         # 0. The projection is self-adjoint in the metric, so the image stays orthogonal to the basis.
         image = restricted(image)
         beta = _metric_norm(image, metric)
-        smallest, largest, last_entry = _extreme_ritz_values(alphas, betas)
+        smallest, largest, last_entry = _extreme_ritz_values(alphas[: step + 1], betas[:step])
         residual = beta * abs(last_entry)
         scale = max(abs(smallest), abs(largest))
         accurate = residual <= max(LANCZOS_TOL * scale, LANCZOS_RELATIVE_TOL * abs(smallest))
         if accurate or beta <= 1e-14 * max(scale, 1e-300):
             break
-        betas.append(beta)
+        betas[step] = beta
         vector = image / beta
-    return Curvature(smallest, largest, residual, len(alphas))
+    return Curvature(smallest, largest, residual, step + 1)
 
 
 class _Orthogonality:
@@ -257,20 +257,18 @@ class _Orthogonality:
         self.again = False  # the vector after a reorthogonalized one is reorthogonalized too
         self.scale = 0.0  # a running estimate of the operator's norm, for the rounding term
 
-    def lost(self, alphas: list[float], betas: list[float], beta: float) -> bool:
+    def lost(self, alphas: np.ndarray, betas: np.ndarray, beta: float) -> bool:
         """Whether the vector beta v_{j+1} (j = len(alphas) - 1, betas the earlier couplings; beta its length
         before the projection, which removes little more than rounding) needs a full reorthogonalization;
         updates the estimates for it."""
         j = len(alphas) - 1
-        alpha = np.array(alphas)
-        coupling = np.array(betas)  # coupling[k] couples v_k and v_{k+1}, k < j
-        self.scale = max(self.scale, abs(alphas[-1]) + (betas[-1] if betas else 0.0) + beta)
+        self.scale = max(self.scale, abs(alphas[-1]) + (betas[-1] if j else 0.0) + beta)
         rounding = self.rounding_per_norm * self.scale
         new = np.zeros_like(self.current)
         if j:
             w, k = self.current, np.arange(j)
-            new[:j] = coupling[k] * w[k + 1] + (alpha[:j] - alpha[j]) * w[:j] - coupling[j - 1] * self.previous[:j]
-            new[1:j] += coupling[: j - 1] * w[: j - 1]
+            new[:j] = betas[k] * w[k + 1] + (alphas[:j] - alphas[j]) * w[:j] - betas[j - 1] * self.previous[:j]
+            new[1:j] += betas[: j - 1] * w[: j - 1]
             new[:j] = (new[:j] + np.copysign(rounding, new[:j])) / max(beta, 1e-300)
         new[j] = rounding / max(beta, 1e-300)
         reorthogonalize = self.again or bool(np.abs(new[: j + 1]).max() > math.sqrt(EPS))
@@ -282,13 +280,13 @@ class _Orthogonality:
         return reorthogonalize
 
 
-def _extreme_ritz_values(alphas: list[float], betas: list[float]) -> tuple[float, float, float]:
-    """The smallest and largest eigenvalues of the tridiagonal matrix (alphas on the diagonal, betas beside
-    it), and the last entry of the smallest one's unit eigenvector. Past DENSE_RITZ_SIZE steps, the two
+def _extreme_ritz_values(diagonal: np.ndarray, off_diagonal: np.ndarray) -> tuple[float, float, float]:
+    """The smallest and largest eigenvalues of the symmetric tridiagonal matrix with this diagonal and
+    off-diagonal, and the last entry of the smallest one's unit eigenvector. Past DENSE_RITZ_SIZE steps, the two
     extremes alone by bisection and inverse iteration (LAPACK's stebz and stein), not the whole spectrum at
     every Lanczos step; below it the dense solve costs less than scipy's call."""
-    diagonal, off_diagonal, last = np.array(alphas), np.array(betas), len(alphas) - 1
-    if len(alphas) <= DENSE_RITZ_SIZE:
+    last = len(diagonal) - 1
+    if len(diagonal) <= DENSE_RITZ_SIZE:
         values, vectors = np.linalg.eigh(np.diag(diagonal) + np.diag(off_diagonal, 1) + np.diag(off_diagonal, -1))
         return float(values[0]), float(values[-1]), float(vectors[-1, 0])
     (smallest,), vectors = scipy.linalg.eigh_tridiagonal(diagonal, off_diagonal, select="i", select_range=(0, 0))
@@ -298,8 +296,13 @@ def _extreme_ritz_values(alphas: list[float], betas: list[float]) -> tuple[float
     return float(smallest), float(largest), float(vectors[-1, 0])
 
 
+def _orthogonalize(vector: torch.Tensor, basis: torch.Tensor, metric: torch.Tensor) -> None:
+    """Subtract from `vector`, in place, its components along the rows of `basis` (orthonormal in the metric)."""
+    vector -= basis.T @ (basis @ (metric * vector))
+
+
 def _metric_norm(vector: torch.Tensor, metric: torch.Tensor) -> float:
-    return math.sqrt(max(float(torch.dot(vector, metric * vector)), 0.0))
+    return math.sqrt(max(metric_dot(vector, vector, metric), 0.0))
 
 
 def collapsed_point(merged: Formulation | None, point: Point) -> Point | None:

@@ -37,6 +37,14 @@ class FlatTangents:
             return blocks[0].reshape(-1)
         return torch.cat([block.reshape(-1) for block in blocks])
 
+    def inner(self, first: torch.Tensor, second: torch.Tensor) -> float:
+        return metric_dot(first, second, self.metric)
+
     def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of `flat`: writing to a block writes to `flat`."""
         return [piece.view(shape) for piece, shape in zip(torch.split(flat, self.sizes), self.shapes)]
+
+
+def metric_dot(first: torch.Tensor, second: torch.Tensor, metric: torch.Tensor) -> float:
+    """The inner product of two flat tangent vectors in the metric whose weights are `metric`."""
+    return float(torch.dot(first, metric * second))

@@ -45,10 +45,15 @@ class Formulation:
     def expand(self, point: Point) -> Point:
         """The full problem's point: each feature row repeated for the samples it stands for."""
         if self.tied:
-            point = [point[0], point[0], *point[1:]]
+            point = untie(point)
         if self.sample_rows is None:
             return point
         return [point[0], point[1].index_select(0, self.sample_rows), *point[2:]]
+
+
+def untie(point: Point) -> Point:
+    """The merged point (or tangent vector) that a tied one ([W, (b)]) stands for: [W, W, (b)]."""
+    return [point[0], point[0], *point[1:]]
 
 
 def class_labels(problem: UFMProblem, device: torch.device) -> torch.Tensor:

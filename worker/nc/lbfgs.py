@@ -87,7 +87,7 @@ def minimize_lbfgs(
     tol = stopping.tol
     step = first_step
     while True:
-        grad_norm = math.sqrt(memory.inner(grads, grads))
+        grad_norm = math.sqrt(flat.inner(grads, grads))
         tol = stopping.tol_in_force(point, grad_norm, tol)
         stop = stopping.reason_to_stop(step, point, grad_norm, tol)
         iterate = Iterate(step, point, value, grad_norm)
@@ -97,11 +97,11 @@ def minimize_lbfgs(
         direction = memory.inverse_hessian_times(grads, functools.partial(precondition, point, gamma)).neg_()
         for m, block, d in zip(manifolds, point, flat.unflatten(direction)):
             m.project(block, d)
-        slope = memory.inner(grads, direction)
+        slope = flat.inner(grads, direction)
         if not slope < 0:  # the memory's model is not convex along it: start afresh
             memory.clear()
             direction = precondition(point, 1.0, grads).neg_()
-            slope = memory.inner(grads, direction)
+            slope = flat.inner(grads, direction)
         size = 1.0
         while True:
             candidate = [m.retract(block, d, size) for m, block, d in zip(manifolds, point, flat.unflatten(direction))]
@@ -119,7 +119,7 @@ def minimize_lbfgs(
         candidate_position = flat.flatten(candidate)
         move = candidate_position - position
         change = candidate_grads - grads
-        s_dot_y = memory.inner(move, change)
+        s_dot_y = flat.inner(move, change)
         if s_dot_y > 0:
             (change_norm_sq,) = host_floats(formulation.preconditioner.norm_sq(flat.unflatten(change)))
             gamma = s_dot_y / change_norm_sq
@@ -134,11 +134,8 @@ class _Memory:
     module's docstring)."""
 
     def __init__(self, metric: torch.Tensor):
-        self.metric, self.root = metric, metric.sqrt()
+        self.root = metric.sqrt()
         self.pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []
-
-    def inner(self, first: torch.Tensor, second: torch.Tensor) -> float:
-        return float(torch.dot(first, self.metric * second))
 
     def clear(self) -> None:
         self.pairs.clear()

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from worker.nc.descent import Iterate, SolveResult, minimize
-from worker.nc.formulation import Formulation, formulate
+from worker.nc.formulation import Formulation, formulate, untie
 from worker.nc.lbfgs import minimize_lbfgs
 from worker.nc.manifolds import Point, RowSphere
 from worker.nc.objectives import tied_normalized_objective
@@ -99,11 +99,6 @@ def _samples_per_row(merged: Formulation) -> torch.Tensor:
     feature_sphere = merged.manifolds[1]
     assert isinstance(feature_sphere, RowSphere) and feature_sphere.row_weights is not None, "merged: rows weighed"
     return feature_sphere.row_weights
-
-
-def untie(point: Point) -> Point:
-    """The merged point (or tangent vector) that a tied one stands for."""
-    return [point[0], point[0], *point[1:]]
 
 
 def merged_formulation(problem: UFMProblem, labels: torch.Tensor) -> Formulation | None:
