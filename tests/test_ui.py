@@ -18,6 +18,7 @@ from selenium import webdriver  # noqa: E402
 from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -118,8 +119,7 @@ def test_experiments_filter_sort_page_and_hostile_text(lab, driver, screenshots)
 
     where = driver.find_element(By.ID, "where")
     where.send_keys("spec.K = 5 and kind = 'ufm'")
-    where.submit()
-    WebDriverWait(driver, 30).until(lambda d: "where=" in d.current_url)
+    submit_and_wait(driver, where)
     assert column(driver, "K") == ["5"] * 4
     assert "where=spec.K" in driver.find_element(By.ID, "csv").get_attribute("href")
 
@@ -180,7 +180,7 @@ def test_a_comparison_is_three_clicks_from_the_front_page(lab, driver, screensho
     metric = driver.find_element(By.ID, "metric")
     metric.clear()
     metric.send_keys("no_such_metric")
-    metric.submit()
+    submit_and_wait(driver, metric)
     assert "unknown metric" in driver.find_element(By.ID, "error").text
 
 
@@ -235,17 +235,28 @@ def test_with_keys_the_dashboard_asks_for_one_and_keeps_it_in_a_cookie(keyed_lab
         assert "/ui/login" in driver.current_url
         key = driver.find_element(By.ID, "key")
         key.send_keys("wrong")
-        key.submit()
+        submit_and_wait(driver, key)
         assert driver.find_element(By.ID, "error").text == "unknown API key"
         key = driver.find_element(By.ID, "key")
         key.send_keys("ada-key")
-        key.submit()
+        submit_and_wait(driver, key)
         assert driver.find_element(By.ID, "experiment-id").text == experiment_id  # back where it started
         assert images_loaded(driver) == []  # the plots came with the cookie
         cookie = driver.get_cookie("nclab_api_key")
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     finally:
         driver.quit()
+
+
+def submit_and_wait(driver, field) -> None:
+    """Submit the field's form and wait for the page it loads: WebElement.submit is a script, which returns
+    before the new document is there, and a find_element right after it could meet the old page."""
+    old_page = driver.find_element(By.TAG_NAME, "html")
+    field.submit()
+    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(old_page))
+    WebDriverWait(driver, 30, ignored_exceptions=RELOADING).until(
+        lambda d: d.execute_script("return document.readyState") == "complete"
+    )
 
 
 def sign_in(driver, base_url: str, key: str, page: str) -> None:
