@@ -397,6 +397,37 @@ def test_lbfgs_reaches_the_closed_form_optimum(problem):
         assert math.exp(result.last.value) == pytest.approx(optimum, rel=1e-9)
 
 
+def test_lbfgs_applies_a_diagonal_preconditioner_to_whitened_vectors_as_the_general_path_does(monkeypatch):
+    """Where P is diagonal (no class coupling; here the feature block's scale N/K = 5 beside the
+    classifier's 1, and a bias), L-BFGS multiplies the memory's whitened vectors by P's diagonal
+    instead of unwhitening, applying P and whitening again: the same steps, to the recursion's single
+    precision. The general path is forced by hiding the diagonal. Both start near the optimum, where
+    the steps contract: from a random start the early steps are chaotic, and any rounding apart
+    sends the two elsewhere."""
+    from worker.nc.lbfgs import minimize_lbfgs
+    from worker.nc.preconditioner import Preconditioner
+    from worker.nc.stopping import StoppingRules
+    from worker.nc.ufm import initial_point
+
+    problem = UFMProblem(6, 8, 5, "normalized", bias=True)
+    formulation = formulate(problem, class_labels(problem, torch.device("cpu")))
+    assert formulation.preconditioner.block_scales() == [1.0, 5.0, 1.0]
+    start = initial_point(problem, 0, torch.device("cpu"))
+    near = minimize_lbfgs(formulation, start, StoppingRules(1e-3, 500)).last.point
+
+    def twenty_steps() -> list[torch.Tensor]:
+        return minimize_lbfgs(formulation, near, StoppingRules(1e-300, 20)).last.point
+
+    diagonal = twenty_steps()
+    monkeypatch.setattr(Preconditioner, "block_scales", lambda self: None)
+    general = twenty_steps()
+    moved = max(float(torch.linalg.vector_norm(ours - begun)) for ours, begun in zip(diagonal, near))
+    assert moved > 1e-4
+    assert any(not torch.equal(ours, theirs) for ours, theirs in zip(diagonal, general))  # two paths, not one
+    for ours, theirs in zip(diagonal, general):
+        assert float(torch.linalg.vector_norm(ours - theirs)) <= 1e-5 * moved
+
+
 def test_lbfgs_memory_applies_the_bfgs_inverse_hessian_in_the_metric():
     """The two-loop recursion, in single precision over whitened pairs, against the BFGS inverse Hessian
     built densely, in double precision, from the last MEMORY of the same pairs in the metric's whitened

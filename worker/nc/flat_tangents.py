@@ -5,6 +5,8 @@ worker.nc.curvature, L-BFGS's memory in worker.nc.lbfgs) work on one flat vector
 tangent: an inner product is then one weighted dot product, not one call per block.
 """
 
+from collections.abc import Sequence
+
 import torch
 
 from worker.nc.manifolds import Manifold, Point, RowSphere
@@ -36,6 +38,15 @@ class FlatTangents:
         if len(blocks) == 1:
             return blocks[0].reshape(-1)
         return torch.cat([block.reshape(-1) for block in blocks])
+
+    def block_constants(self, values: Sequence[float]) -> torch.Tensor:
+        """The flat vector whose entries in block b are values[b]."""
+        return torch.cat(
+            [
+                torch.full((size,), value, dtype=self.metric.dtype, device=self.metric.device)
+                for size, value in zip(self.sizes, values)
+            ]
+        )
 
     def inner(self, first: torch.Tensor, second: torch.Tensor) -> float:
         return metric_dot(first, second, self.metric)

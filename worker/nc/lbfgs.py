@@ -25,7 +25,9 @@ line search is the descent's Armijo test (worker.nc.step_rule), monotone.
 The memory keeps each pair as two flat vectors (worker.nc.flat_tangents) scaled by the
 square root of the metric's weights, so the recursion's 4 MEMORY inner products and
 updates are plain vector operations, in single precision: the recursion reads every pair
-twice a step, and that memory traffic, not its arithmetic, is what it costs. The
+twice a step, and that memory traffic, not its arithmetic, is what it costs. Where P is
+diagonal (no class coupling, as in the tied phase) it commutes with that scaling and applies
+to the whitened vectors as it is, without a round trip through double precision. The
 direction's rounding, ~1e-7 of its length, is far below what the memory's model gets
 wrong, and the gradient, the steps and the pairs' <s, y> stay in double precision
 (docs/solver.md has the measurements).
@@ -34,14 +36,13 @@ wrong, and the gradient, the steps and the pairs' <s, y> stay in double precisio
 `StoppingRules` decides as it does for the descent.
 """
 
-import functools
 import math
 from collections.abc import Callable
 
 import torch
 
 from worker.nc.descent import Iterate, SolveResult
-from worker.nc.flat_tangents import FlatTangents
+from worker.nc.flat_tangents import FlatTangents, metric_dot
 from worker.nc.formulation import Formulation
 from worker.nc.manifolds import Point
 from worker.nc.objectives import value_and_riemannian_grad
@@ -69,12 +70,31 @@ def minimize_lbfgs(
     manifolds = formulation.manifolds
     flat = FlatTangents(start, manifolds)
     memory = _Memory(flat.metric)
+    scales = formulation.preconditioner.block_scales()
+    diagonal = None if scales is None else flat.block_constants(scales)  # P, where it is diagonal
+    if diagonal is not None:
+        # a diagonal P commutes with the memory's whitening, itself diagonal: it applies to whitened vectors as it is
+        whitened_diagonal = diagonal.float()
+        diagonal_metric = flat.metric * diagonal  # <u, P v> as a metric
 
     def precondition(point: Point, scale: float, vector: torch.Tensor) -> torch.Tensor:
         """scale P vector (`Preconditioner.apply`)."""
         out = torch.empty_like(vector)
         formulation.preconditioner.apply(point, flat.unflatten(vector), flat.unflatten(out))
         return out.mul_(scale)
+
+    def initial_inverse(point: Point, gamma: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        """gamma P on the memory's whitened, single-precision vectors."""
+        if diagonal is None:
+            return lambda vector: memory.whiten(precondition(point, gamma, memory.unwhiten(vector)))
+        return lambda vector: vector.mul_(whitened_diagonal).mul_(gamma)
+
+    def norm_sq(vector: torch.Tensor) -> float:
+        """<vector, P vector>."""
+        if diagonal is None:
+            (value,) = host_floats(formulation.preconditioner.norm_sq(flat.unflatten(vector)))
+            return value
+        return metric_dot(vector, vector, diagonal_metric)
 
     def evaluate(point: Point) -> tuple[float, torch.Tensor]:
         value, grads = value_and_riemannian_grad(formulation.objective, manifolds, point)
@@ -94,7 +114,7 @@ def minimize_lbfgs(
         if stop is not None:
             return SolveResult(iterate, *stop)
 
-        direction = memory.inverse_hessian_times(grads, functools.partial(precondition, point, gamma)).neg_()
+        direction = memory.inverse_hessian_times(grads, initial_inverse(point, gamma)).neg_()
         for m, block, d in zip(manifolds, point, flat.unflatten(direction)):
             m.project(block, d)
         slope = flat.inner(grads, direction)
@@ -121,8 +141,7 @@ def minimize_lbfgs(
         change = candidate_grads - grads
         s_dot_y = flat.inner(move, change)
         if s_dot_y > 0:
-            (change_norm_sq,) = host_floats(formulation.preconditioner.norm_sq(flat.unflatten(change)))
-            gamma = s_dot_y / change_norm_sq
+            gamma = s_dot_y / norm_sq(change)
             memory.remember(move, change, s_dot_y)
         point, position, value, grads = candidate, candidate_position, candidate_value, candidate_grads
 
@@ -141,24 +160,32 @@ class _Memory:
         self.pairs.clear()
 
     def remember(self, move: torch.Tensor, change: torch.Tensor, move_dot_change: float) -> None:
-        """Keep the pair (s, y) and 1 / <s, y>; overwrites `move` and `change`."""
-        self.pairs.append((move.mul_(self.root).float(), change.mul_(self.root).float(), 1 / move_dot_change))
+        """Keep the pair (s, y) and 1 / <s, y>."""
+        self.pairs.append((self.whiten(move), self.whiten(change), 1 / move_dot_change))
         del self.pairs[:-MEMORY]
+
+    def whiten(self, vector: torch.Tensor) -> torch.Tensor:
+        """A flat tangent vector in the memory's coordinates: scaled by the metric's root, in single precision."""
+        return (vector * self.root).float()
+
+    def unwhiten(self, vector: torch.Tensor) -> torch.Tensor:
+        """`whiten` undone, in double precision."""
+        return vector.double().div_(self.root)
 
     def inverse_hessian_times(
         self, grads: torch.Tensor, initial_inverse: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
-        """The L-BFGS inverse Hessian, from `initial_inverse`, applied to `grads`
-        (Nocedal & Wright 2006, algorithm 7.4), in double precision; the recursion runs in
-        single."""
-        vector = (grads * self.root).float()
+        """The L-BFGS inverse Hessian, from `initial_inverse` (which takes and gives whitened
+        vectors, and may overwrite its argument), applied to `grads` (Nocedal & Wright 2006,
+        algorithm 7.4), in double precision; the recursion runs in single."""
+        vector = self.whiten(grads)
         alphas = []
         for move, change, rho in reversed(self.pairs):
             alpha = rho * float(torch.dot(move, vector))
             alphas.append(alpha)
             vector.add_(change, alpha=-alpha)
-        vector = initial_inverse(vector.double().div_(self.root)).mul_(self.root).float()
+        vector = initial_inverse(vector)
         for (move, change, rho), alpha in zip(self.pairs, reversed(alphas)):
             beta = rho * float(torch.dot(change, vector))
             vector.add_(move, alpha=alpha - beta)
-        return vector.double().div_(self.root)
+        return self.unwhiten(vector)

@@ -101,6 +101,10 @@ class Preconditioner:
             torch.mul(vector, scale, out=direction)
         return joint
 
+    def block_scales(self) -> Sequence[float] | None:
+        """P's constant on each block where P is diagonal (no coupling), else None."""
+        return None if self.coupling else self.scales
+
     def norm_sq(self, vectors: list[torch.Tensor]) -> Terms:
         """<v, P v>."""
         terms = [(scale, manifold.inner(v, v)) for manifold, v, scale in zip(self.manifolds, vectors, self.scales)]
