@@ -70,12 +70,12 @@ def minimize_lbfgs(
     manifolds = formulation.manifolds
     flat = FlatTangents(start, manifolds)
     memory = _Memory(flat.metric)
+    # Where P is diagonal (no class coupling: the tied phase), it commutes with the memory's whitening, itself
+    # diagonal, and applies to whitened vectors as it is; <u, P v> is then a dot product in the metric times P.
     scales = formulation.preconditioner.block_scales()
-    diagonal = None if scales is None else flat.block_constants(scales)  # P, where it is diagonal
-    if diagonal is not None:
-        # a diagonal P commutes with the memory's whitening, itself diagonal: it applies to whitened vectors as it is
-        whitened_diagonal = diagonal.float()
-        diagonal_metric = flat.metric * diagonal  # <u, P v> as a metric
+    diagonal = None if scales is None else flat.block_constants(scales)
+    whitened_diagonal = None if diagonal is None else diagonal.float()
+    diagonal_metric = None if diagonal is None else flat.metric * diagonal
 
     def precondition(point: Point, scale: float, vector: torch.Tensor) -> torch.Tensor:
         """scale P vector (`Preconditioner.apply`)."""
@@ -85,13 +85,13 @@ def minimize_lbfgs(
 
     def initial_inverse(point: Point, gamma: float) -> Callable[[torch.Tensor], torch.Tensor]:
         """gamma P on the memory's whitened, single-precision vectors."""
-        if diagonal is None:
+        if whitened_diagonal is None:
             return lambda vector: memory.whiten(precondition(point, gamma, memory.unwhiten(vector)))
         return lambda vector: vector.mul_(whitened_diagonal).mul_(gamma)
 
     def norm_sq(vector: torch.Tensor) -> float:
         """<vector, P vector>."""
-        if diagonal is None:
+        if diagonal_metric is None:
             (value,) = host_floats(formulation.preconditioner.norm_sq(flat.unflatten(vector)))
             return value
         return metric_dot(vector, vector, diagonal_metric)
