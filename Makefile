@@ -5,6 +5,12 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 INSTALLED := $(VENV)/.installed
 
+# Bytecode is cached (in __pycache__/, which git ignores) even where the environment says not to, as ours
+# does (PYTHONDONTWRITEBYTECODE=1): otherwise every process the suite starts (servers, workers, the CLI)
+# compiles the project from source, and each pytest process rewrites every test module's asserts anew
+# (docs/operations.md has the timings).
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: serve test test-fast test-stack lint
 
 $(INSTALLED): pyproject.toml
@@ -24,8 +30,9 @@ PORT ?= 8000
 serve: $(INSTALLED)
 	$(VENV)/bin/nclab serve --host $(HOST) --port $(PORT)
 
-# Two processes (pytest-xdist), each taking whole modules, longest first (tests/conftest.py): the suite is
-# CPU-bound and one process keeps about one core busy.
+# Two processes (pytest-xdist), each taking whole modules, those with the most tests first (xdist's own
+# order; the slow ones first was no faster, docs/operations.md): the suite is CPU-bound and one process
+# keeps about one core busy.
 TEST_PROCESSES ?= 2
 
 test: $(INSTALLED)

@@ -329,14 +329,6 @@ def pytest_collection_modifyitems(items) -> None:
         on_postgresql = params is not None and "postgresql" in params.params.values()
         if on_postgresql or STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.stack)
-    # The longest modules first: pytest-xdist (``make test``) hands whole modules to its processes in this
-    # order, and a long one handed out last would leave the other process idle at the end.
-    marks = {"slow": 2, "browser": 2, "stack": 1}
-    weight = {}
-    for item in items:
-        module_weight = max((marks.get(mark.name, 0) for mark in item.iter_markers()), default=0)
-        weight[item.path] = max(weight.get(item.path, 0), module_weight)
-    items.sort(key=lambda item: -weight[item.path])
 
 
 # The API in-process: FastAPI's TestClient (runs the lifespan: reconciler, dispatcher) on
