@@ -265,12 +265,9 @@ def sign_in(driver, base_url: str, key: str, page: str) -> None:
     driver.get(f"{base_url}/ui/login?next={page}")
     field = driver.find_element(By.ID, "key")
     field.send_keys(key)
-    field.submit()
-    # The new page's address comes before its document: wait for the document, signed in.
+    submit_and_wait(driver, field)
     WebDriverWait(driver, 30, ignored_exceptions=RELOADING).until(
-        lambda d: d.current_url.endswith(page)
-        and d.execute_script("return document.readyState") == "complete"
-        and d.find_element(By.ID, "signed-in")
+        lambda d: d.current_url.endswith(page) and d.find_element(By.ID, "signed-in")
     )
 
 

@@ -160,13 +160,15 @@ class _Memory:
         self.pairs.clear()
 
     def remember(self, move: torch.Tensor, change: torch.Tensor, move_dot_change: float) -> None:
-        """Keep the pair (s, y) and 1 / <s, y>."""
-        self.pairs.append((self.whiten(move), self.whiten(change), 1 / move_dot_change))
+        """Keep the pair (s, y) and 1 / <s, y>; overwrites `move` and `change`."""
+        pair = (self.whiten(move, overwrite=True), self.whiten(change, overwrite=True))
+        self.pairs.append((*pair, 1 / move_dot_change))
         del self.pairs[:-MEMORY]
 
-    def whiten(self, vector: torch.Tensor) -> torch.Tensor:
-        """A flat tangent vector in the memory's coordinates: scaled by the metric's root, in single precision."""
-        return (vector * self.root).float()
+    def whiten(self, vector: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
+        """A flat tangent vector in the memory's coordinates: scaled by the metric's root, in single precision;
+        with `overwrite`, scaled in place, sparing a double-precision array."""
+        return (vector.mul_(self.root) if overwrite else vector * self.root).float()
 
     def unwhiten(self, vector: torch.Tensor) -> torch.Tensor:
         """`whiten` undone, in double precision."""
