@@ -119,7 +119,7 @@ def subspace_curvatures(merged, point, steps: int) -> dict:
 
         return restricted
 
-    return {part: _lanczos(operator, restricted_to(part), blocks.metric, blocks.size, 0, steps) for part in ("tied", "apart")}
+    return {part: _lanczos(operator, restricted_to(part), blocks.metric, blocks.size, 0, steps, blocks.device) for part in ("tied", "apart")}
 
 
 if __name__ == "__main__":

@@ -428,17 +428,20 @@ def test_lbfgs_applies_a_diagonal_preconditioner_to_whitened_vectors_as_the_gene
         assert float(torch.linalg.vector_norm(ours - theirs)) <= 1e-5 * moved
 
 
-def test_lbfgs_memory_applies_the_bfgs_inverse_hessian_in_the_metric():
+@pytest.mark.parametrize("shared", [False, True], ids=["a weight per entry", "one weight for all"])
+def test_lbfgs_memory_applies_the_bfgs_inverse_hessian_in_the_metric(shared):
     """The two-loop recursion, in single precision over whitened pairs, against the BFGS inverse Hessian
     built densely, in double precision, from the last MEMORY of the same pairs in the metric's whitened
-    coordinates (Nocedal & Wright 2006, (6.17)), from gamma times the identity: to 1e-5."""
+    coordinates (Nocedal & Wright 2006, (6.17)), from gamma times the identity: to 1e-5. The metric's
+    weights are one per entry, or one number for all (a balanced tied point's)."""
     from worker.nc.flat_tangents import metric_dot
     from worker.nc.lbfgs import MEMORY, _Memory
 
     generator = torch.Generator().manual_seed(0)
     size, gamma = 40, 0.7
-    metric = 1 + 9 * torch.rand(size, generator=generator, dtype=torch.float64)
-    root = metric.sqrt()
+    weights = 1 + 9 * torch.rand(size, generator=generator, dtype=torch.float64)
+    metric = 11.0 if shared else weights
+    root = torch.full((size,), 11.0**0.5, dtype=torch.float64) if shared else weights.sqrt()
     basis, _ = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))
     curvature = basis @ torch.diag(1 + 9 * torch.rand(size, generator=generator, dtype=torch.float64)) @ basis.T
     memory = _Memory(metric)
@@ -458,6 +461,31 @@ def test_lbfgs_memory_applies_the_bfgs_inverse_hessian_in_the_metric():
     product = memory.inverse_hessian_times(grads, lambda vector: gamma * vector)
     assert product.dtype == torch.float64
     assert float(torch.linalg.vector_norm(product - expected)) <= 1e-5 * float(torch.linalg.vector_norm(expected))
+
+
+def test_flat_tangents_weigh_by_one_number_where_every_row_weighs_the_same():
+    """A tied point of balanced classes weighs every entry 1 + n: its metric is that one number, and
+    its inner product the weighted sum, to rounding; imbalanced classes keep a weight per entry."""
+    from worker.nc.flat_tangents import FlatTangents, metric_dot
+    from worker.nc.manifolds import Euclidean, RowSphere
+
+    generator = torch.Generator().manual_seed(0)
+    point = [torch.randn(7, 5, generator=generator, dtype=torch.float64)]
+    first, second = (torch.randn(35, generator=generator, dtype=torch.float64) for _ in range(2))
+    balanced = FlatTangents(point, [RowSphere(torch.full((7,), 11.0, dtype=torch.float64))])
+    assert balanced.metric == 11.0
+    weighted_sum = float((first * second).sum()) * 11
+    assert balanced.inner(first, second) == pytest.approx(weighted_sum, rel=1e-14)
+    row_weights = torch.tensor([2.0, 3, 3, 5, 8, 8, 8], dtype=torch.float64)
+    imbalanced = FlatTangents(point, [RowSphere(row_weights)])
+    assert isinstance(imbalanced.metric, torch.Tensor)
+    expected = float((first.view(7, 5) * second.view(7, 5) * row_weights[:, None]).sum())
+    assert metric_dot(first, second, imbalanced.metric) == pytest.approx(expected, rel=1e-14)
+    with_bias = FlatTangents(point + [torch.zeros(3, dtype=torch.float64)], [RowSphere(), Euclidean()])
+    assert with_bias.metric == 1.0
+    assert with_bias.block_constants([2.0, 2.0]) == 2.0
+    expected_constants = torch.tensor([1.0] * 35 + [5.0] * 3, dtype=torch.float64)
+    assert torch.equal(with_bias.block_constants([1.0, 5.0]), expected_constants)
 
 
 def test_auto_ties_the_merged_classes_where_no_etf_fits(monkeypatch):
@@ -608,7 +636,7 @@ def test_lanczos_keeps_its_basis_semi_orthogonal_reorthogonalizing_only_where_th
 
     monkeypatch.setattr(curvature._Orthogonality, "lost", recorded)
     metric = torch.ones(dimension, dtype=torch.float64)
-    result = curvature._lanczos(operator, lambda v: v.clone(), metric, dimension, 0, steps)
+    result = curvature._lanczos(operator, lambda v: v.clone(), metric, dimension, 0, steps, metric.device)
 
     assert result.iterations == steps  # the smallest, in its cluster, does not converge to LANCZOS_TOL
     vectors = torch.stack(basis)

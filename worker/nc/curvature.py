@@ -30,7 +30,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from worker.nc.flat_tangents import FlatTangents, metric_dot
+from worker.nc.flat_tangents import FlatTangents, Weights, metric_dot
 from worker.nc.formulation import Formulation
 from worker.nc.manifolds import Point
 from worker.nc.objectives import riemannian_hessian
@@ -145,7 +145,7 @@ def hessian_extremes(
     def operator(flat: torch.Tensor) -> torch.Tensor:
         return blocks.flatten(hessian(blocks.unflatten(flat)))
 
-    return _lanczos(operator, restricted, metric, blocks.size, seed, max_steps)
+    return _lanczos(operator, restricted, metric, blocks.size, seed, max_steps, blocks.device)
 
 
 def split_extremes(
@@ -174,23 +174,17 @@ def split_extremes(
         vector = [torch.zeros_like(point[0]), flat.reshape(features.shape).clone(), *map(torch.zeros_like, point[2:])]
         return hessian(vector)[1].reshape(-1)
 
-    return _lanczos(
-        operator,
-        restricted,
-        torch.ones(features.numel(), dtype=torch.float64, device=features.device),
-        features.numel(),
-        seed,
-        max_steps,
-    )
+    return _lanczos(operator, restricted, 1.0, features.numel(), seed, max_steps, features.device)
 
 
 def _lanczos(
     operator: Callable[[torch.Tensor], torch.Tensor],
     restricted: Callable[[torch.Tensor], torch.Tensor],
-    metric: torch.Tensor,
+    metric: Weights,
     dimension: int,
     seed: int,
     max_steps: int,
+    device: torch.device,
 ) -> Curvature:
     """The extreme Ritz values of the symmetric `operator` on the subspace that `restricted` projects onto
     (`metric`: the inner product's weights), from a seeded random start. The operator's image need not lie in
@@ -204,7 +198,6 @@ def _lanczos(
     every step reads the whole basis at every step, most of a long run's time. A reorthogonalization takes a
     second pass where the first cancelled much of the vector (Daniel, Gragg, Kaufman & Stewart 1976).
     """
-    device = metric.device
     generator = torch.Generator(device=device).manual_seed(seed)
     start = restricted(torch.randn(dimension, generator=generator, dtype=torch.float64, device=device))
     max_iters = max(2, min(max_steps, dimension, LANCZOS_BASIS_BYTES // (8 * dimension)))
@@ -296,12 +289,12 @@ def _extreme_ritz_values(diagonal: np.ndarray, off_diagonal: np.ndarray) -> tupl
     return float(smallest), float(largest), float(vectors[-1, 0])
 
 
-def _orthogonalize(vector: torch.Tensor, basis: torch.Tensor, metric: torch.Tensor) -> None:
+def _orthogonalize(vector: torch.Tensor, basis: torch.Tensor, metric: Weights) -> None:
     """Subtract from `vector`, in place, its components along the rows of `basis` (orthonormal in the metric)."""
     vector -= basis.T @ (basis @ (metric * vector))
 
 
-def _metric_norm(vector: torch.Tensor, metric: torch.Tensor) -> float:
+def _metric_norm(vector: torch.Tensor, metric: Weights) -> float:
     return math.sqrt(max(metric_dot(vector, vector, metric), 0.0))
 
 

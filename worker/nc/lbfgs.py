@@ -42,7 +42,7 @@ from collections.abc import Callable
 import torch
 
 from worker.nc.descent import Iterate, SolveResult
-from worker.nc.flat_tangents import FlatTangents, metric_dot
+from worker.nc.flat_tangents import FlatTangents, Weights, metric_dot
 from worker.nc.formulation import Formulation
 from worker.nc.manifolds import Point
 from worker.nc.objectives import value_and_riemannian_grad
@@ -74,7 +74,7 @@ def minimize_lbfgs(
     # diagonal, and applies to whitened vectors as it is; <u, P v> is then a dot product in the metric times P.
     scales = formulation.preconditioner.block_scales()
     diagonal = None if scales is None else flat.block_constants(scales)
-    whitened_diagonal = None if diagonal is None else diagonal.float()
+    whitened_diagonal = diagonal.float() if isinstance(diagonal, torch.Tensor) else diagonal
     diagonal_metric = None if diagonal is None else flat.metric * diagonal
 
     def precondition(point: Point, scale: float, vector: torch.Tensor) -> torch.Tensor:
@@ -152,8 +152,8 @@ class _Memory:
     a plain dot product and each pair is two vectors, kept in single precision (the
     module's docstring)."""
 
-    def __init__(self, metric: torch.Tensor):
-        self.root = metric.sqrt()
+    def __init__(self, metric: Weights):
+        self.root = metric**0.5
         self.pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []
 
     def clear(self) -> None:
