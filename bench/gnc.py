@@ -30,6 +30,9 @@ to over 9,000 steps, by which of the flat valley's many local minima each one se
 `--solver FILE` imports solve and UFMProblem from that file instead, for a before/after
 comparison; it may import worker.nc's other modules, which it then shares with the
 current code.
+
+The process first takes the heap settings of a worker's pool process (worker/memory.py),
+where the solver runs for a lab; `--no-retain` leaves glibc's defaults.
 """
 
 import importlib.util
@@ -42,6 +45,8 @@ from typing import Annotated
 import torch
 import typer
 
+from worker.memory import retain_freed_memory
+
 PROBLEMS = [(30, 12), (60, 26), (100, 43), (300, 128)]
 N_PER_CLASS = 10
 SWEEP_PROBLEM = (100, 43, 2)
@@ -53,12 +58,15 @@ def main(
     optimizer: Annotated[str, typer.Option(help="the spec's solver")] = "auto",
     seeds: Annotated[int, typer.Option(help="seeds of the (100, 43, 2) sweep; 0 skips it")] = 0,
     largest_seeds: Annotated[int, typer.Option(help="seeds of the (300, 128, 10) sweep; 0 skips it")] = 0,
+    retain: Annotated[bool, typer.Option(help="the worker's heap settings")] = True,
 ) -> None:
+    if retain:
+        retain_freed_memory()
     module = load_solver(solver)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; solver "
         f"{solver or 'worker/nc/ufm.py'}; n_per_class {N_PER_CLASS}, logit scale 10, seed 0; "
-        f"optimizer {optimizer}"
+        f"optimizer {optimizer}; worker heap settings {retain}"
     )
     header = (
         f"{'K':>4} {'d':>4} {'K/d':>5} {'iters':>6} {'seconds':>8} {'grad_norm':>9} "
