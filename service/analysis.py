@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
 from service.artifacts import get_store
@@ -103,6 +103,40 @@ def _read_artifact(
 def _layout_and_classes(file: IO[bytes], size: int) -> tuple[Layout, int]:
     layout = inspect(file, size)
     return layout, count_classes(file, layout)
+
+
+class UploadDeleted(InvalidSource):
+    """An upload that analysis ``index`` of a submit names was deleted after its source was looked up."""
+
+    def __init__(self, index: int, upload_id: str):
+        super().__init__("source.upload", f"upload {upload_id!r} was deleted while this was submitted")
+        self.index = index
+
+
+def hold_uploads(connection: Connection | Session, specs: list[dict]) -> None:
+    """Check, in the transaction that stores these specs and after their rows are written, that the uploads their
+    analyses name are still there, and keep them from being deleted until it commits; UploadDeleted otherwise.
+
+    A delete (service/api/routes/uploads.py) removes the upload's row first and then looks for unfinished
+    readers, so one of the two transactions waits for the other: on PostgreSQL for the row's lock (FOR SHARE
+    here), on SQLite for the database's write lock, which the rows written before this took. Either the delete
+    sees this analysis and refuses (409), or this finds the upload gone: no analysis is queued on a deleted file.
+    """
+    named = [
+        (index, upload_id)
+        for index, spec in enumerate(specs)
+        if spec["kind"] == "analysis"
+        for upload_id in upload_ids(spec["source"])
+    ]
+    if not named:
+        return
+    wanted = sorted({upload_id for _, upload_id in named})
+    present = set(
+        connection.execute(select(Upload.id).where(Upload.id.in_(wanted)).with_for_update(read=True)).scalars()
+    )
+    for index, upload_id in named:
+        if upload_id not in present:
+            raise UploadDeleted(index, upload_id)
 
 
 def unfinished_readers(session: Session, upload_id: str) -> list[str]:

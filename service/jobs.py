@@ -20,7 +20,7 @@ from sqlalchemy import Connection, case, delete, func, insert, select, text, upd
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, load_only
 
-from service import audit, idempotency
+from service import analysis, audit, idempotency
 from service.audit import Actor
 from service.db import rowcount
 from service.idempotency import Keyed
@@ -117,7 +117,7 @@ def submit(
     priority: int = 0,
 ) -> Submitted:
     """A queued experiment, stored with the request's idempotency key (if any) and the ``actor``'s audit
-    row (if any) in one commit.
+    row (if any) in one commit; an analysis's uploads are checked there (analysis.hold_uploads).
 
     One INSERT ... RETURNING, with no ORM object to build, flush and read back; with a key,
     the key's INSERT first, in the same transaction.
@@ -128,6 +128,7 @@ def submit(
         if keyed is not None:
             connection.execute(_INSERT_KEY, keyed.record(values["id"]))
         row = connection.execute(_INSERT, {_COLUMN_OF[key]: value for key, value in values.items()}).one()
+        analysis.hold_uploads(connection, [spec])
         if actor is not None:
             detail = f"{spec['kind']} on queue {values['queue']}"
             audit.record(connection, actor.entry("experiment.submit", values["id"], 202, detail))
@@ -150,7 +151,7 @@ def submit_sweep(
     priority: int = 0,
 ) -> Submitted:
     """The sweep, all its members and the ``actor``'s audit row (if any) in one transaction: all of them are
-    stored, or none.
+    stored, or none (analysis.UploadDeleted where an analysis member's upload went meanwhile).
 
     Each member is a microsecond younger than the one before it: the scheduler sends an owner's jobs of
     one priority oldest first, so a sweep's run in its order (variants, then the grid).
@@ -165,6 +166,7 @@ def submit_sweep(
         session.add(sweep)
         session.flush()  # the sweep's row first: the members' foreign key names it
         session.execute(insert(Experiment), members)
+        analysis.hold_uploads(session, specs)
         if actor is not None:
             audit.record(session, actor.entry("sweep.submit", sweep.id, 202, f"{len(members)} experiments"))
         session.commit()

@@ -101,9 +101,12 @@ async def _queue(
         check_queued_quota(connection, caller.owner, 1, settings)
         if request["spec"]["kind"] == "analysis":
             request["spec"] = await run_in_threadpool(_resolved, request["spec"], field_prefix)
-        submitted = jobs.submit(
-            connection, request["spec"], caller.owner, labelled.name, labelled.tags, keyed, actor, labelled.priority
-        )
+        try:
+            submitted = jobs.submit(
+                connection, request["spec"], caller.owner, labelled.name, labelled.tags, keyed, actor, labelled.priority
+            )
+        except analysis.UploadDeleted as exc:
+            raise InvalidField(field_prefix + exc.field, exc.message) from None
         # A new experiment is answered as it was stored; a replay as it is now.
         item = submitted.stored or queries.resource(connection, submitted.id)
         if item is None:

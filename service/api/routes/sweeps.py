@@ -64,7 +64,10 @@ def submit(
     )
     check_queued_quota(session, caller.owner, len(specs), get_settings())
     keyed = idempotency.keyed(caller.owner, idempotency_key, "/sweeps", request.model_dump(mode="json"))
-    submitted = jobs.submit_sweep(session, sweep, specs, keyed, actor, request.priority)
+    try:
+        submitted = jobs.submit_sweep(session, sweep, specs, keyed, actor, request.priority)
+    except analysis.UploadDeleted as exc:
+        raise InvalidField(f"members[{exc.index}].{exc.field}", exc.message) from None
     get_dispatcher().send(*submitted.experiments)
     response.headers.update(submitted_headers(submitted, "/sweeps"))
     return sweep_queries.resource(session, get_or_404(session, Sweep, submitted.id))

@@ -121,10 +121,14 @@ def delete(upload_id: str, session: SessionDep, caller: CallerDep, actor: ActorD
     reads it is a 409 (cancel it first). Finished analyses keep their results; they cannot be re-run."""
     upload = get_or_404(session, Upload, upload_id)
     permissions.check(caller, "upload.delete", upload_id, upload.owner)
+    # The row goes before the readers are looked for: a concurrent analysis submit then either committed first
+    # and is found here, or waits for this transaction and finds the upload gone (analysis.hold_uploads).
+    session.delete(upload)
+    session.flush()
     readers = analysis.unfinished_readers(session, upload_id)
     if readers:
+        session.rollback()
         raise HTTPException(409, f"upload {upload_id} is read by the unfinished analyses {', '.join(readers)}")
-    session.delete(upload)
     audit.record(session, actor.entry("upload.delete", upload_id, 204, f"{upload.bytes} bytes"))
     session.commit()
     # After the commit: a file without its row is never analysed, whereas a row without its file would be.
