@@ -1,6 +1,7 @@
 """An upload deleted while an analysis that reads it is being submitted: one of the two transactions waits for the
 other, so either the delete is refused (409) and the analysis stays queued with its file, or the upload goes (204)
-and the submit is refused (422 on its source); never an analysis queued on a deleted file.
+and the submit is refused (422 on its source); never an analysis queued on a deleted file. Of two deletes at once,
+one deletes and the other finds nothing (404).
 
 Each order is forced: one transaction is held just before its commit (after its audit row, its last write), and
 the other is shown to wait for it. On both databases: PostgreSQL waits on the upload row's lock, SQLite on its
@@ -160,3 +161,18 @@ def test_a_delete_while_a_submit_commits_waits_for_it_and_is_refused(lab, hold):
     assert conflict.status_code == 409 and experiment_id in conflict.json()["detail"]
     assert analyses_and_uploads(lab) == (1, 1)
     assert lab.client.get(f"/uploads/{upload_id}").status_code == 200
+
+
+def test_two_deletes_at_once_delete_once_and_the_other_finds_nothing(lab, hold):
+    upload_id = uploaded(lab)
+    first = hold("upload.delete")
+    deleting = InThread(lambda: lab.client.delete(f"/uploads/{upload_id}"))
+    assert first.reached.wait(30)
+    again = InThread(lambda: lab.client.delete(f"/uploads/{upload_id}"))
+    assert again.waiting_after(SHOWN_WAITING)
+    first.release.set()
+
+    assert deleting.result().status_code == 204
+    missing = again.result()
+    assert missing.status_code == 404, missing.text
+    assert analyses_and_uploads(lab) == (0, 0)

@@ -16,13 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 from fastapi import HTTPException, Query, Request, Response
+from sqlalchemy import delete as sql_delete
 from starlette.concurrency import run_in_threadpool
 
 from service import analysis, audit, permissions
-from service.api.deps import ActorDep, CallerDep, SessionDep, api_router, get_or_404
+from service.api.deps import ActorDep, CallerDep, SessionDep, api_router, get_or_404, not_found
 from service.api.formats import json_bytes
 from service.api.problems import InvalidField, problem_responses
 from service.artifacts import ArtifactStore, get_store
+from service.db import rowcount
 from service.feature_files import BadFeatureFile, count_classes, inspect
 from service.models import Upload, utcnow
 from service.schemas import UploadList, UploadOut
@@ -121,15 +123,18 @@ def delete(upload_id: str, session: SessionDep, caller: CallerDep, actor: ActorD
     reads it is a 409 (cancel it first). Finished analyses keep their results; they cannot be re-run."""
     upload = get_or_404(session, Upload, upload_id)
     permissions.check(caller, "upload.delete", upload_id, upload.owner)
+    size = upload.bytes
     # The row goes before the readers are looked for: a concurrent analysis submit then either committed first
-    # and is found here, or waits for this transaction and finds the upload gone (analysis.hold_uploads).
-    session.delete(upload)
-    session.flush()
+    # and is found here, or waits for this transaction and finds the upload gone (analysis.hold_uploads). A
+    # concurrent delete that went first leaves nothing to delete.
+    if rowcount(session.execute(sql_delete(Upload).where(Upload.id == upload_id))) == 0:
+        session.rollback()
+        raise not_found(Upload, upload_id)
     readers = analysis.unfinished_readers(session, upload_id)
     if readers:
         session.rollback()
         raise HTTPException(409, f"upload {upload_id} is read by the unfinished analyses {', '.join(readers)}")
-    audit.record(session, actor.entry("upload.delete", upload_id, 204, f"{upload.bytes} bytes"))
+    audit.record(session, actor.entry("upload.delete", upload_id, 204, f"{size} bytes"))
     session.commit()
     # After the commit: a file without its row is never analysed, whereas a row without its file would be.
     get_store().discard_upload(upload_id)
