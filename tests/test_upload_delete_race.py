@@ -10,7 +10,6 @@ write lock."""
 import threading
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -21,10 +20,8 @@ from service.db import get_engine
 from service.models import Experiment, Upload
 from service.schemas import LabelledSubmission
 from tests.conftest import fresh_pg_database, in_process_api
-from tests.feature_files import safetensors_bytes, simplex_collapse
+from tests.test_uploads import GOOD, upload
 
-FEATURES, LABELS, CLASSIFIER = simplex_collapse(num_classes=3, dim=5, per_class=4, noise=0.1)
-GOOD = safetensors_bytes(features=FEATURES.astype(np.float32), labels=LABELS, classifier=CLASSIFIER)
 SHOWN_WAITING = 0.5  # seconds a transaction is watched waiting for the held one
 
 
@@ -98,7 +95,7 @@ class InThread:
 
 
 def uploaded(lab) -> str:
-    response = lab.client.post("/uploads", content=GOOD, headers={"Content-Type": "application/octet-stream"})
+    response = upload(lab, GOOD)
     assert response.status_code == 201, response.text
     return response.json()["id"]
 

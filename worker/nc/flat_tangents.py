@@ -53,13 +53,13 @@ class FlatTangents:
 
     def block_constants(self, values: Sequence[float]) -> Weights:
         """The weights that are values[b] on the entries of block b."""
-        if len(set(values)) == 1:
-            return float(values[0])
-        return torch.cat(
-            [
-                torch.full((size,), value, dtype=torch.float64, device=self.device)
-                for size, value in zip(self.sizes, values)
-            ]
+        return shared_weight_or_all(
+            torch.cat(
+                [
+                    torch.full((size,), value, dtype=torch.float64, device=self.device)
+                    for size, value in zip(self.sizes, values)
+                ]
+            )
         )
 
     def inner(self, first: torch.Tensor, second: torch.Tensor) -> float:
