@@ -20,7 +20,8 @@ means sit on those rows, so it is their smallest angle too), nc1, and the loss.
 `--optimizer` sets the spec's `solver` ("auto", the default, "first_order" or
 "trust_region"). `--seeds S` adds the issue-25 sweep: (K, d, n) = (100, 43, 2), seeds 0 to
 S - 1, with "first_order" and with "auto", side by side: how many converge, the total
-and the slowest seconds, and the end points' certificates.
+and the slowest seconds, and the end points' certificates, with how many of them Lanczos
+converged on (a "local minimum" is proven only there).
 
 `--largest-seeds S` adds (K, d, n) = (300, 128, 10) with "auto" over seeds 0 to S - 1: each
 seed's iterations and seconds, and the median and slowest. Its runs take from about 3,400
@@ -109,7 +110,8 @@ def sweep(module, seeds: int) -> None:
             f"  {optimizer:12s} converged {seeds - len(unconverged)}/{seeds} "
             f"(unconverged seeds: {unconverged or '-'}); seconds total {sum(t for t, _ in outcomes):.1f}, "
             f"slowest {max(t for t, _ in outcomes):.1f}; iterations max {max(r['iterations'] for _, r in outcomes)}; "
-            f"end points: {', '.join(f'{kinds.count(kind)} {kind}' for kind in sorted(set(kinds)))}",
+            f"end points: {', '.join(f'{kinds.count(kind)} {kind}' for kind in sorted(set(kinds)))}; "
+            f"Lanczos converged at {sum(bool(r.get('hessian_min_eigenvalue_converged')) for _, r in outcomes)}",
             flush=True,
         )
 
@@ -124,7 +126,8 @@ def sweep_largest(module, seeds: int) -> None:
         times.append(time.perf_counter() - start)
         converged += bool(result["converged"])
         iterations, kind = result["iterations"], result.get("critical_point")
-        print(f"  seed {seed:3d}: {iterations:6d} iterations {times[-1]:7.2f} s  {kind}", flush=True)
+        proof = "Lanczos converged" if result.get("hessian_min_eigenvalue_converged") else "Lanczos at its step cap"
+        print(f"  seed {seed:3d}: {iterations:6d} iterations {times[-1]:7.2f} s  {kind} ({proof})", flush=True)
     print(
         f"  converged {converged}/{seeds}; seconds median {statistics.median(times):.2f}, slowest {max(times):.2f}, "
         f"at most 10 s: {sum(t <= 10 for t in times)}/{seeds}"

@@ -189,6 +189,7 @@ def test_an_exact_simplex_etf_with_collapsed_features_is_a_local_minimum():
     assert grad_norm < 1e-12
     certificate = curvature.certify(problem, formulation, point, grad_norm, problem.tol)
     assert certificate.critical_point == curvature.LOCAL_MINIMUM
+    assert certificate.curvature.converged and certificate.as_result()["hessian_min_eigenvalue_converged"] is True
     reference = dense_restricted_hessian_eigenvalues(problem, formulation, point)
     assert float(reference[0]) > 1e-3  # no zero mode left but the rotations'
     assert certificate.curvature.smallest == pytest.approx(float(reference[0]), rel=1e-8)
@@ -244,6 +245,39 @@ def test_a_collapsed_point_is_certified_through_the_merged_problem_as_the_dense_
     assert curvature.collapsed_point(merged, nudged) is None
 
 
+def test_a_certificate_whose_lanczos_stops_at_its_step_cap_says_so(monkeypatch):
+    """At the simplex ETF minimum, Lanczos held to three steps: the classification stands on the value it
+    found, a Ritz value above the smallest eigenvalue, and the certificate says it did not converge."""
+    problem = UFMProblem(5, 6, 3, "normalized", logit_scale=5.0)
+    formulation, _ = formulation_and_point(problem, merged=False)
+    classifier = simplex_etf(5, 6)
+    point = [classifier, classifier[formulation.labels].clone()]
+    grad_norm = gradient_norm(formulation, point)
+    monkeypatch.setattr(curvature, "LANCZOS_MAX_ITERS", 3)
+    certificate = curvature.certify(problem, formulation, point, grad_norm, problem.tol)
+    reference = dense_restricted_hessian_eigenvalues(problem, formulation, point)
+    assert certificate.curvature.iterations == 3
+    assert certificate.critical_point == curvature.LOCAL_MINIMUM
+    assert certificate.as_result()["hessian_min_eigenvalue_converged"] is False
+    assert certificate.curvature.smallest > float(reference[0]) * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("part", ["hessian_extremes", "split_extremes"])
+def test_a_certificate_through_the_merged_problem_converged_only_where_both_parts_did(monkeypatch, part):
+    """Either part, the merged problem's Lanczos or the split operator's, could hide a lower eigenvalue."""
+    problem, point = next(collapsed_points())
+    full, _ = formulation_and_point(problem, merged=False)
+    merged, _ = formulation_and_point(problem, merged=True)
+    grad_norm = gradient_norm(full, point)
+    assert curvature.certify(problem, full, point, grad_norm, problem.tol, merged).curvature.converged
+
+    extremes = getattr(curvature, part)
+    monkeypatch.setattr(
+        curvature, part, lambda *args, **options: dataclasses.replace(extremes(*args, **options), converged=False)
+    )
+    assert not curvature.certify(problem, full, point, grad_norm, problem.tol, merged).curvature.converged
+
+
 @pytest.mark.parametrize("case", ["normalized, bias", "regularized, bias, imbalanced"])
 def test_a_random_point_is_not_critical(case):
     problem, _ = HESSIAN_CASES[case]
@@ -267,6 +301,7 @@ def test_every_result_carries_its_certificate_and_the_landscape_probe_counts_min
     assert result["critical_point"] == curvature.LOCAL_MINIMUM
     assert 0 < result["hessian_min_eigenvalue"] <= result["hessian_max_eigenvalue"]
     assert result["critical_point_curvature_tol"] == pytest.approx(1e-7 * result["hessian_max_eigenvalue"])
+    assert result["hessian_min_eigenvalue_converged"] is True
     assert (result["minima_found"], result["saddles_found"], result["all_minima_global"]) == (3, 0, True)
 
     stopped_early = solve(UFMProblem(4, 5, 3, "normalized", logit_scale=4.0, max_iters=2))
@@ -639,6 +674,7 @@ def test_lanczos_keeps_its_basis_semi_orthogonal_reorthogonalizing_only_where_th
     result = curvature._lanczos(operator, lambda v: v.clone(), metric, dimension, 0, steps, metric.device)
 
     assert result.iterations == steps  # the smallest, in its cluster, does not converge to LANCZOS_TOL
+    assert not result.converged
     vectors = torch.stack(basis)
     assert float((vectors @ vectors.T - torch.eye(steps, dtype=torch.float64)).abs().max()) <= 1e-7
     start = torch.randn(dimension, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

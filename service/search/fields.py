@@ -95,6 +95,7 @@ RESULT_TYPES: dict[str, FieldType] = {
     "converged": "bool",
     "has_closed_form": "bool",
     "all_minima_global": "bool",  # UFM: over the restarts' local minima
+    "hessian_min_eigenvalue_converged": "bool",  # UFM: Lanczos met its tolerance, not its step cap
     "stop_reason": "string",  # UFM: why the descent stopped
     "critical_point": "string",  # UFM: "local minimum", "strict saddle" or "not critical"
 }

@@ -109,10 +109,13 @@ class SymmetryModes:
 class Curvature:
     """The extreme eigenvalues of the Riemannian Hessian, symmetries projected out."""
 
-    smallest: float
+    smallest: float  # never below the smallest eigenvalue: a Ritz value
     largest: float
     residual: float  # of the smallest Ritz pair: the distance to an eigenvalue is at most this
     iterations: int
+    # Whether Lanczos stopped on its tolerance (or found an invariant subspace), so that `smallest` is the
+    # smallest eigenvalue to that accuracy, rather than at its step cap, where a lower eigenvalue may remain.
+    converged: bool
 
 
 def hessian_extremes(
@@ -206,6 +209,7 @@ def _lanczos(
     betas = np.zeros(max_iters)  # and beside it: betas[k] couples v_k and v_{k+1}
     vector = start / math.sqrt(metric_dot(start, start, metric))
     smallest = largest = residual = math.nan
+    converged = False
     orthogonality = _Orthogonality(max_iters, dimension)
     for step in range(max_iters):
         basis[step] = vector
@@ -229,11 +233,12 @@ def _lanczos(
         residual = beta * abs(last_entry)
         scale = max(abs(smallest), abs(largest))
         accurate = residual <= max(LANCZOS_TOL * scale, LANCZOS_RELATIVE_TOL * abs(smallest))
-        if accurate or beta <= 1e-14 * max(scale, 1e-300):
+        converged = accurate or beta <= 1e-14 * max(scale, 1e-300)
+        if converged:
             break
         betas[step] = beta
         vector = image / beta
-    return Curvature(smallest, largest, residual, step + 1)
+    return Curvature(smallest, largest, residual, step + 1, converged)
 
 
 class _Orthogonality:
@@ -331,6 +336,7 @@ class SecondOrderCertificate:
             "hessian_min_eigenvalue": self.curvature.smallest,
             "hessian_max_eigenvalue": self.curvature.largest,
             "hessian_min_eigenvalue_residual": self.curvature.residual,
+            "hessian_min_eigenvalue_converged": self.curvature.converged,
             "critical_point_grad_tol": self.grad_tol,
             "critical_point_curvature_tol": self.curvature_tol,
         }
@@ -347,7 +353,12 @@ def certify(
     """Classify `point`: not critical where grad_norm > grad_tol; otherwise a strict saddle
     where the smallest curvature is below -NEGATIVE_CURVATURE_TOL times the largest, and
     a local minimum where it is not. With the problem's `merged` formulation, a point whose
-    features are collapsed exactly is measured through it (the module's docstring)."""
+    features are collapsed exactly is measured through it (the module's docstring).
+
+    A strict saddle is proven whatever Lanczos reached: a Ritz value is never below the
+    smallest eigenvalue. A local minimum is proven where `curvature.converged`; where
+    Lanczos stopped at its step cap, it is a point where none of its steps found curvature
+    below the tolerance."""
     critical = grad_norm <= grad_tol
     steps = LANCZOS_MAX_ITERS if critical else NOT_CRITICAL_LANCZOS_STEPS
     shifts_bias = bias_shift_is_free(problem)
@@ -364,6 +375,7 @@ def certify(
                 max(curvature.largest, split.largest),
                 lowest.residual,
                 curvature.iterations + split.iterations,
+                curvature.converged and split.converged,  # either part could hide a lower eigenvalue
             )
     curvature_tol = NEGATIVE_CURVATURE_TOL * abs(curvature.largest)
     if not critical:
