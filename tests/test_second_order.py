@@ -374,7 +374,7 @@ def test_trust_region_leaves_a_saddle_along_negative_curvature():
 @pytest.mark.slow
 def test_auto_converges_on_the_generalized_collapse_case_first_order_gives_up_on():
     """(K, d, n) = (100, 43, 2), seed 6: the first-order descent stops for sublinear
-    progress; auto goes on by trust regions to a certified local minimum."""
+    progress; auto, by L-BFGS, reaches a certified local minimum."""
     from worker.nc.ufm import solve
 
     first_order = solve(UFMProblem(100, 43, 2, "normalized", seed=6, solver="first_order"))
@@ -560,6 +560,29 @@ def test_auto_ties_the_merged_classes_where_no_etf_fits(monkeypatch):
     assert tied_end > merged_at + 10  # the arrangement of the classes is the tied phase's work
     assert result["converged"] is True and result["grad_norm"] <= problem.tol
     assert result["critical_point"] == curvature.LOCAL_MINIMUM
+
+
+def test_auto_runs_lbfgs_from_the_start_where_no_etf_fits_and_the_run_does_not_merge(monkeypatch):
+    """K > d + 1 on a problem too small to merge: one phase, L-BFGS on the full problem from step 0, to a
+    certified local minimum."""
+    from worker.nc import merging
+    from worker.nc.ufm import solve
+
+    problem = UFMProblem(12, 4, 2, "normalized", solver="auto")  # K = 12 > d + 1 = 5
+    assert merging.merged_formulation(problem, class_labels(problem, torch.device("cpu"))) is None
+    phases = []
+    lbfgs = merging.minimize_lbfgs
+
+    def recorded(formulation, start, stopping, **options):
+        result = lbfgs(formulation, start, stopping, **options)
+        phases.append((formulation.sample_rows, options.get("first_step", 0), result.last.step))
+        return result
+
+    monkeypatch.setattr(merging, "minimize_lbfgs", recorded)
+    result = solve(problem)
+    assert phases == [(None, 0, result["iterations"])]
+    assert result["converged"] is True and result["grad_norm"] <= problem.tol
+    assert result["critical_point"] == curvature.LOCAL_MINIMUM and result["hessian_min_eigenvalue_converged"] is True
 
 
 TIED_CASES = {

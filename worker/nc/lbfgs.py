@@ -1,5 +1,6 @@
-"""Riemannian L-BFGS: what an "auto" run goes on with once the features merge where no
-simplex ETF fits (worker.nc.merging: the tied phase, then the merged and full problems).
+"""Riemannian L-BFGS: the optimizer of an "auto" run where no simplex ETF fits, from the
+start where the run does not merge, and otherwise once the features merge
+(worker.nc.merging: the tied phase, then the merged and full problems).
 
 With more classes than an ETF fits (K > d + 1), once the features have collapsed the merged
 problem follows a long, nearly flat and curved valley: its curvatures along the arrangement

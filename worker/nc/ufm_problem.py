@@ -28,9 +28,9 @@ MAX_LAYERS = 6
 # The optimizer: "first_order" is the preconditioned Riemannian gradient descent
 # (worker.nc.descent), "trust_region" the Riemannian trust-region method
 # (worker.nc.trust_region), and "auto" the first where it converges fast and the second
-# where it would crawl (the sublinear rule), or, once the features merge where no ETF fits,
-# L-BFGS (worker.nc.lbfgs) with each class's features tied to its classifier row
-# (worker.nc.merging: starting_optimizer, ties). The default stays "first_order", which
+# where it would crawl (the sublinear rule); where no ETF fits, L-BFGS (worker.nc.lbfgs),
+# from the start, or, once the features merge, with each class's features tied to its
+# classifier row (worker.nc.merging: starting_optimizer, ties). The default stays "first_order", which
 # is the fastest where an ETF fits (docs/solver.md, "Second order (issue 25)").
 SOLVERS = ("auto", "first_order", "trust_region")
 
