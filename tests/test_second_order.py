@@ -180,12 +180,17 @@ def dense_restricted_hessian_eigenvalues(problem: UFMProblem, formulation, point
     return torch.linalg.eigvalsh(complement.T @ riemannian @ complement)
 
 
-def test_an_exact_simplex_etf_with_collapsed_features_is_a_local_minimum():
+def etf_minimum():
+    """(problem, formulation, point, gradient norm) at a simplex ETF with h_i = w_{y_i}: a minimum."""
     problem = UFMProblem(5, 6, 3, "normalized", logit_scale=5.0)
     formulation, _ = formulation_and_point(problem, merged=False)
     classifier = simplex_etf(5, 6)
     point = [classifier, classifier[formulation.labels].clone()]
-    grad_norm = gradient_norm(formulation, point)
+    return problem, formulation, point, gradient_norm(formulation, point)
+
+
+def test_an_exact_simplex_etf_with_collapsed_features_is_a_local_minimum():
+    problem, formulation, point, grad_norm = etf_minimum()
     assert grad_norm < 1e-12
     certificate = curvature.certify(problem, formulation, point, grad_norm, problem.tol)
     assert certificate.critical_point == curvature.LOCAL_MINIMUM
@@ -248,11 +253,7 @@ def test_a_collapsed_point_is_certified_through_the_merged_problem_as_the_dense_
 def test_a_certificate_whose_lanczos_stops_at_its_step_cap_says_so(monkeypatch):
     """At the simplex ETF minimum, Lanczos held to three steps: the classification stands on the value it
     found, a Ritz value above the smallest eigenvalue, and the certificate says it did not converge."""
-    problem = UFMProblem(5, 6, 3, "normalized", logit_scale=5.0)
-    formulation, _ = formulation_and_point(problem, merged=False)
-    classifier = simplex_etf(5, 6)
-    point = [classifier, classifier[formulation.labels].clone()]
-    grad_norm = gradient_norm(formulation, point)
+    problem, formulation, point, grad_norm = etf_minimum()
     monkeypatch.setattr(curvature, "LANCZOS_MAX_ITERS", 3)
     certificate = curvature.certify(problem, formulation, point, grad_norm, problem.tol)
     reference = dense_restricted_hessian_eigenvalues(problem, formulation, point)
@@ -523,6 +524,27 @@ def test_flat_tangents_weigh_by_one_number_where_every_row_weighs_the_same():
     assert torch.equal(with_bias.block_constants([1.0, 5.0]), expected_constants)
 
 
+def recorded_phases(monkeypatch, optimizers: dict[str, str]) -> list[tuple[str, str, int, int]]:
+    """Wrap the optimizers of worker.nc.merging named in `optimizers` (attribute: label); the list returned
+    fills with (label, "full" | "merged" | "tied", first step, last step) for each phase they run."""
+    from worker.nc import merging
+
+    phases = []
+
+    def recorded(optimizer, label):
+        def run(formulation, start, stopping, **options):
+            result = optimizer(formulation, start, stopping, **options)
+            kind = "tied" if formulation.tied else "merged" if formulation.sample_rows is not None else "full"
+            phases.append((label, kind, options.get("first_step", 0), result.last.step))
+            return result
+
+        return run
+
+    for name, label in optimizers.items():
+        monkeypatch.setattr(merging, name, recorded(getattr(merging, name), label))
+    return phases
+
+
 def test_auto_ties_the_merged_classes_where_no_etf_fits(monkeypatch):
     """K > d + 1 on a problem that merges (the merge threshold lowered to let a small one):
     auto runs first order, as first_order does, to the merge; then L-BFGS with each class's
@@ -535,19 +557,7 @@ def test_auto_ties_the_merged_classes_where_no_etf_fits(monkeypatch):
     monkeypatch.setattr(merging, "SMALL_WORK", 0)
     problem = UFMProblem(12, 4, 5, "normalized")  # K = 12 > d + 1 = 5
     merged_at = solve(problem)["features_merged_at"]
-    phases = []
-
-    def recorded(optimizer, name):
-        def run(formulation, start, stopping, **options):
-            result = optimizer(formulation, start, stopping, **options)
-            kind = "tied" if formulation.tied else "merged" if formulation.sample_rows is not None else "full"
-            phases.append((name, kind, options.get("first_step", 0), result.last.step))
-            return result
-
-        return run
-
-    monkeypatch.setattr(merging, "minimize", recorded(merging.minimize, "first order"))
-    monkeypatch.setattr(merging, "minimize_lbfgs", recorded(merging.minimize_lbfgs, "L-BFGS"))
+    phases = recorded_phases(monkeypatch, {"minimize": "first order", "minimize_lbfgs": "L-BFGS"})
     result = solve(dataclasses.replace(problem, solver="auto"))
     assert result["features_merged_at"] == merged_at
     tied_end, merged_end = phases[1][3], phases[2][3]
@@ -570,17 +580,9 @@ def test_auto_runs_lbfgs_from_the_start_where_no_etf_fits_and_the_run_does_not_m
 
     problem = UFMProblem(12, 4, 2, "normalized", solver="auto")  # K = 12 > d + 1 = 5
     assert merging.merged_formulation(problem, class_labels(problem, torch.device("cpu"))) is None
-    phases = []
-    lbfgs = merging.minimize_lbfgs
-
-    def recorded(formulation, start, stopping, **options):
-        result = lbfgs(formulation, start, stopping, **options)
-        phases.append((formulation.sample_rows, options.get("first_step", 0), result.last.step))
-        return result
-
-    monkeypatch.setattr(merging, "minimize_lbfgs", recorded)
+    phases = recorded_phases(monkeypatch, {"minimize_lbfgs": "L-BFGS"})
     result = solve(problem)
-    assert phases == [(None, 0, result["iterations"])]
+    assert phases == [("L-BFGS", "full", 0, result["iterations"])]
     assert result["converged"] is True and result["grad_norm"] <= problem.tol
     assert result["critical_point"] == curvature.LOCAL_MINIMUM and result["hessian_min_eigenvalue_converged"] is True
 
