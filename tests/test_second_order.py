@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from worker.nc import curvature
+from worker.nc.flat_tangents import FlatTangents
 from worker.nc.formulation import class_labels, formulate
 from worker.nc.manifolds import RowSphere
 from worker.nc.objectives import riemannian_hessian, value_and_riemannian_grad
@@ -251,10 +252,12 @@ def test_a_collapsed_point_is_certified_through_the_merged_problem_as_the_dense_
 
 
 def test_a_certificate_whose_lanczos_stops_at_its_step_cap_says_so(monkeypatch):
-    """At the simplex ETF minimum, Lanczos held to three steps: the classification stands on the value it
-    found, a Ritz value above the smallest eigenvalue, and the certificate says it did not converge."""
+    """At the simplex ETF minimum, Lanczos held to three steps by its basis budget: the classification stands on
+    the value it found, a Ritz value above the smallest eigenvalue, and the certificate says it did not
+    converge."""
     problem, formulation, point, grad_norm = etf_minimum()
-    monkeypatch.setattr(curvature, "LANCZOS_MAX_ITERS", 3)
+    dimension = FlatTangents(point, formulation.manifolds).size
+    monkeypatch.setattr(curvature, "LANCZOS_BASIS_BYTES", 3 * 8 * dimension)
     certificate = curvature.certify(problem, formulation, point, grad_norm, problem.tol)
     reference = dense_restricted_hessian_eigenvalues(problem, formulation, point)
     assert certificate.curvature.iterations == 3
@@ -669,6 +672,32 @@ def full_reorthogonalization_ritz_values(diagonal: torch.Tensor, start: torch.Te
     return torch.linalg.eigvalsh(tridiagonal + torch.diag(off, 1) + torch.diag(off, -1))
 
 
+def clustered_diagonal(dimension: int) -> torch.Tensor:
+    """A diagonal operator's eigenvalues: 3 and 2.5, which Lanczos finds early, and the rest in (1e-6, 1 + 1e-6),
+    a cluster at whose bottom the smallest does not converge for hundreds of steps."""
+    generator = torch.Generator().manual_seed(0)
+    rest = torch.rand(dimension - 3, generator=generator, dtype=torch.float64) + 1e-6
+    return torch.cat([torch.tensor([3.0, 2.5, 1e-6]), rest])
+
+
+@pytest.mark.parametrize("dimension", [1000, 2000])
+def test_lanczos_takes_as_many_steps_as_its_basis_budget_holds(monkeypatch, dimension):
+    """The step cap is the budget over the dimension: twice the dimension, half the steps; `max_steps` caps
+    it lower, never higher."""
+    diagonal = clustered_diagonal(dimension)
+    metric = torch.ones(dimension, dtype=torch.float64)
+    monkeypatch.setattr(curvature, "LANCZOS_BASIS_BYTES", 8 * 100_000)
+
+    def lanczos(max_steps):
+        return curvature._lanczos(lambda v: diagonal * v, torch.clone, metric, dimension, 0, max_steps, metric.device)
+
+    budgeted = lanczos(None)
+    assert budgeted.iterations == 100_000 // dimension
+    assert not budgeted.converged
+    assert lanczos(20).iterations == 20
+    assert lanczos(10 * dimension).iterations == budgeted.iterations
+
+
 def test_lanczos_keeps_its_basis_semi_orthogonal_reorthogonalizing_only_where_the_estimates_say(monkeypatch):
     """Partial reorthogonalization on a diagonal operator whose largest eigenvalues converge early (what
     makes plain Lanczos lose orthogonality) while the smallest, in a cluster near 0, does not: over 250
@@ -677,10 +706,7 @@ def test_lanczos_keeps_its_basis_semi_orthogonal_reorthogonalizing_only_where_th
     from worker.nc import curvature
 
     dimension, steps = 3000, 250
-    generator = torch.Generator().manual_seed(0)
-    diagonal = torch.cat(
-        [torch.tensor([3.0, 2.5, 1e-6]), torch.rand(dimension - 3, generator=generator, dtype=torch.float64) + 1e-6]
-    )
+    diagonal = clustered_diagonal(dimension)
     basis = []
 
     def operator(vector):

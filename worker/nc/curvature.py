@@ -43,12 +43,15 @@ NEGATIVE_CURVATURE_TOL = 1e-7
 # Lanczos stops once the smallest Ritz value's residual r is at most LANCZOS_TOL times
 # the largest Ritz value, or LANCZOS_RELATIVE_TOL times the smallest itself (its error
 # is then about r^2 / gap, far smaller: Parlett, "The symmetric eigenvalue problem",
-# 11.7), or after LANCZOS_MAX_ITERS steps (fewer where the basis would exceed
-# LANCZOS_BASIS_BYTES).
+# 11.7), or where its basis would pass LANCZOS_BASIS_BYTES.
 LANCZOS_TOL = 1e-9
 LANCZOS_RELATIVE_TOL = 1e-3
-LANCZOS_MAX_ITERS = 300
-LANCZOS_BASIS_BYTES = 2**28
+# Steps times dimension caps Lanczos, not steps alone: it is what the basis holds and what
+# each reorthogonalization reads, and a small problem's steps are cheap. The budget is
+# 300 steps of (K, d, n) = (300, 128, 10)'s merged problem (76,800 dimensions), which 436
+# steps leave unconverged too; (100, 43, 2) gets 1,786 steps, which proved every minimum
+# of its seeds 0 to 31 where 300 proved 11 (docs/solver.md).
+LANCZOS_BASIS_BYTES = 300 * 76_800 * 8
 # A Lanczos vector is reorthogonalized a second time where the first pass left less than
 # this share of its length (Daniel, Gragg, Kaufman & Stewart 1976: 1/sqrt(2)).
 REORTHOGONALIZE_AGAIN = 1 / math.sqrt(2)
@@ -57,7 +60,7 @@ EPS = float(np.finfo(np.float64).eps)
 # call for its extremes alone, measured: 10 against 32 us at 6 steps, 95 against 49 us at 32).
 DENSE_RITZ_SIZE = 24
 # At a point that is not critical the gradient alone decides; its curvature is an estimate
-# of this many steps (its residual says how good), not a solve of up to LANCZOS_MAX_ITERS:
+# of this many steps (its residual says how good), not a solve to LANCZOS_BASIS_BYTES:
 # an unconverged generalized-collapse solve spent longer on it than on its descent.
 NOT_CRITICAL_LANCZOS_STEPS = 20
 
@@ -124,7 +127,7 @@ def hessian_extremes(
     shifts_bias: bool,
     *,
     seed: int = 0,
-    max_steps: int = LANCZOS_MAX_ITERS,
+    max_steps: int | None = None,
     rotates: bool = True,
 ) -> Curvature:
     """Lanczos on Pi Hess Pi, Pi the projection onto the tangent space without the
@@ -152,7 +155,7 @@ def hessian_extremes(
 
 
 def split_extremes(
-    merged: Formulation, point: Point, *, seed: int = 0, max_steps: int = LANCZOS_MAX_ITERS
+    merged: Formulation, point: Point, *, seed: int = 0, max_steps: int | None = None
 ) -> Curvature | None:
     """The extreme curvatures along the directions that split a class's collapsed features (the eigenvalues
     of the blocks C_k on their tangent spaces, over the classes with two samples or more), or None where
@@ -186,11 +189,12 @@ def _lanczos(
     metric: Weights,
     dimension: int,
     seed: int,
-    max_steps: int,
+    max_steps: int | None,
     device: torch.device,
 ) -> Curvature:
     """The extreme Ritz values of the symmetric `operator` on the subspace that `restricted` projects onto
-    (`metric`: the inner product's weights), from a seeded random start. The operator's image need not lie in
+    (`metric`: the inner product's weights), from a seeded random start, after at most `max_steps` steps where
+    given and never past LANCZOS_BASIS_BYTES. The operator's image need not lie in
     the subspace: each new vector is projected after its reorthogonalization, which gives the same vector,
     since the projection is self-adjoint in the metric and leaves the basis as it is.
 
@@ -203,7 +207,7 @@ def _lanczos(
     """
     generator = torch.Generator(device=device).manual_seed(seed)
     start = restricted(torch.randn(dimension, generator=generator, dtype=torch.float64, device=device))
-    max_iters = max(2, min(max_steps, dimension, LANCZOS_BASIS_BYTES // (8 * dimension)))
+    max_iters = max(2, min(dimension, LANCZOS_BASIS_BYTES // (8 * dimension), max_steps or dimension))
     basis = torch.empty((max_iters, dimension), dtype=torch.float64, device=device)
     alphas = np.zeros(max_iters)  # the tridiagonal's diagonal
     betas = np.zeros(max_iters)  # and beside it: betas[k] couples v_k and v_{k+1}
@@ -360,7 +364,7 @@ def certify(
     Lanczos stopped at its step cap, it is a point where none of its steps found curvature
     below the tolerance."""
     critical = grad_norm <= grad_tol
-    steps = LANCZOS_MAX_ITERS if critical else NOT_CRITICAL_LANCZOS_STEPS
+    steps = None if critical else NOT_CRITICAL_LANCZOS_STEPS
     shifts_bias = bias_shift_is_free(problem)
     merged_point = collapsed_point(merged, point)
     if merged is None or merged_point is None:
