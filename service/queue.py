@@ -8,10 +8,36 @@ from collections.abc import Sequence
 
 from celery import Celery
 from kombu.transport import sqlalchemy as sqlalchemy_transport
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from service.settings import get_settings
 
 RUN_EXPERIMENT = "nclab.run_experiment"
+
+
+class EmbeddedChannel(sqlalchemy_transport.Channel):
+    """kombu's SQLAlchemy channel, safe where two processes first use a queue at once.
+
+    On first use a process creates the tables (on a fresh file) and each queue's row, by
+    looking and then creating, under a lock that only its own threads share. Two
+    processes doing so at once, as `nclab serve`'s worker starting while the API sends
+    the first submit, both find nothing, and the second's CREATE TABLE or INSERT fails:
+    that killed the worker, and with it `nclab serve`. What the loser meant to create
+    exists by then, so it looks again, once.
+    """
+
+    def _open(self):
+        try:
+            return super()._open()
+        except OperationalError:  # "table kombu_queue already exists": created since create_all looked
+            return super()._open()
+
+    def _get_or_create(self, queue):
+        try:
+            return super()._get_or_create(queue)
+        except IntegrityError:  # the queue's row was inserted since this process looked
+            self.session.rollback()
+            return super()._get_or_create(queue)
 
 
 class EmbeddedQueue(sqlalchemy_transport.Transport):
@@ -22,6 +48,7 @@ class EmbeddedQueue(sqlalchemy_transport.Transport):
     transport hands its options to create_engine, which refuses it.
     """
 
+    Channel = EmbeddedChannel
     polling_interval = 0.1
 
 

@@ -1,8 +1,12 @@
 """Embedded mode: `nclab serve` with no PostgreSQL or Redis (SQLite + SQLite-backed queue)."""
 
+import multiprocessing
+import os
+import sqlite3
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.support import eventually, free_port, wait_for_status, wait_ready
 
@@ -66,3 +70,50 @@ def test_a_job_queued_while_no_worker_runs_completes_after_serve_restarts(proces
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
         done = wait_for_status(client, created["id"], {"succeeded", "failed"}, timeout=120)
         assert done["status"] == "succeeded", done["error"]
+
+
+def declare_every_queue(data_dir: str, together, outcomes) -> None:
+    """In a process of its own: the first use of the embedded queue in `data_dir`, as the worker's consumer or
+    the API's first send makes it, at the moment the other process makes its own."""
+    os.environ["NCLAB_DATA_DIR"] = data_dir
+    os.environ.pop("NCLAB_BROKER_URL", None)
+    from service.queue import make_celery_app
+    from service.schemas import QUEUES
+    from service.settings import get_settings
+
+    get_settings.cache_clear()
+    with make_celery_app().connection_for_write() as connection:
+        channel = connection.default_channel
+        together.wait()
+        try:
+            for queue in QUEUES:
+                channel.queue_declare(queue=queue)
+            outcomes.put("declared")
+        except Exception as error:
+            outcomes.put(f"{type(error).__name__}: {error}")
+
+
+@pytest.mark.stack
+def test_two_processes_first_using_the_embedded_queue_at_once_both_go_on(tmp_path):
+    """The race that once killed `nclab serve`'s worker: the worker starting while the API sends the first
+    submit, each creating the queue's tables and rows. Without EmbeddedChannel, 9 of 10 such rounds failed
+    ("table kombu_queue already exists"), and where the tables existed, some still did (a UNIQUE constraint
+    on kombu_queue.name)."""
+    from service.schemas import QUEUES
+
+    context = multiprocessing.get_context("fork")
+    for round_ in range(6):
+        data_dir = tmp_path / str(round_)
+        data_dir.mkdir()
+        together, outcomes = context.Barrier(2), context.Queue()
+        processes = [
+            context.Process(target=declare_every_queue, args=(str(data_dir), together, outcomes)) for _ in range(2)
+        ]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=60)
+        assert [outcomes.get(timeout=5) for _ in processes] == ["declared", "declared"]
+        with sqlite3.connect(data_dir / "queue.sqlite") as queue_file:
+            names = sorted(name for (name,) in queue_file.execute("SELECT name FROM kombu_queue"))
+        assert names == sorted(QUEUES)
