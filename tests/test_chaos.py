@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REQUIRE_SERVICES
+from tests.conftest import FAST_LIFECYCLE, REQUIRE_SERVICES
 
 ROOT = Path(__file__).resolve().parent.parent
 # Its own PostgreSQL cluster, Redis and processes, for minutes.
@@ -24,8 +24,9 @@ def test_a_short_chaos_round_loses_nothing():
         if REQUIRE_SERVICES:
             pytest.fail(message)
         pytest.skip(message)
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos.py"), "--short"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=280)
+    # The heartbeat timeout of the tests' own stacks, not the bench's 10 s: each kill waits for it.
+    chaos = [str(ROOT / "bench" / "chaos.py"), "--short", "--heartbeat-timeout", FAST_LIFECYCLE["NCLAB_HEARTBEAT_TIMEOUT"]]
+    result = subprocess.run([sys.executable, *chaos], cwd=ROOT, capture_output=True, text=True, timeout=280)
     print(result.stdout, result.stderr[-5000:])
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
     table = result.stdout.splitlines()

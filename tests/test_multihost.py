@@ -23,7 +23,7 @@ import pytest
 
 from service.lifetime import children
 from tests import netns
-from tests.conftest import REQUIRE_SERVICES, Processes, fresh_redis_broker
+from tests.conftest import FAST_LIFECYCLE, REQUIRE_SERVICES, Processes, fresh_redis_broker
 from tests.support import free_port, wait_for_status, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +111,8 @@ def test_a_partition_costs_one_attempt_and_the_old_one_changes_nothing():
     if missing:
         _skip_or_fail(f"chaos needs {', '.join(missing)}")
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos.py"), "--scenarios", "partition",
-                             "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=280)
+                             "--rounds", "1", "--heartbeat-timeout", FAST_LIFECYCLE["NCLAB_HEARTBEAT_TIMEOUT"]],
+                            cwd=ROOT, capture_output=True, text=True, timeout=280)
     print(result.stdout, result.stderr[-5000:])
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
     table = result.stdout.splitlines()
