@@ -25,7 +25,8 @@ def test_a_short_chaos_round_loses_nothing():
             pytest.fail(message)
         pytest.skip(message)
     # The heartbeat timeout of the tests' own stacks, not the bench's 10 s: each kill waits for it.
-    chaos = [str(ROOT / "bench" / "chaos.py"), "--short", "--heartbeat-timeout", FAST_LIFECYCLE["NCLAB_HEARTBEAT_TIMEOUT"]]
+    heartbeat_timeout = FAST_LIFECYCLE["NCLAB_HEARTBEAT_TIMEOUT"]
+    chaos = [str(ROOT / "bench" / "chaos.py"), "--short", "--heartbeat-timeout", heartbeat_timeout]
     result = subprocess.run([sys.executable, *chaos], cwd=ROOT, capture_output=True, text=True, timeout=280)
     print(result.stdout, result.stderr[-5000:])
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
