@@ -307,10 +307,21 @@ def test_every_result_carries_its_certificate_and_the_landscape_probe_counts_min
     assert result["critical_point_curvature_tol"] == pytest.approx(1e-7 * result["hessian_max_eigenvalue"])
     assert result["hessian_min_eigenvalue_converged"] is True
     assert (result["minima_found"], result["saddles_found"], result["all_minima_global"]) == (3, 0, True)
+    assert result["minima_proven"] == 3
 
     stopped_early = solve(UFMProblem(4, 5, 3, "normalized", logit_scale=4.0, max_iters=2))
     assert stopped_early["critical_point"] == curvature.NOT_CRITICAL
     assert stopped_early["minima_found"] == 0 and stopped_early["all_minima_global"] is True
+
+
+def test_a_minimum_whose_lanczos_stopped_at_its_cap_is_found_but_not_proven(monkeypatch):
+    """Lanczos held to three steps at every restart's end point: the verdicts stand, the proofs do not."""
+    from worker.nc.ufm import solve
+
+    monkeypatch.setattr(curvature, "LANCZOS_BASIS_BYTES", 3 * 8 * (4 + 4 * 3) * 5)  # three steps of (4, 5, 3)
+    result = solve(UFMProblem(4, 5, 3, "normalized", logit_scale=4.0, restarts=3))
+    assert (result["minima_found"], result["minima_proven"], result["saddles_found"]) == (3, 0, 0)
+    assert result["hessian_min_eigenvalue_converged"] is False
 
 
 def test_every_key_of_a_ufm_result_is_searchable_with_its_type():

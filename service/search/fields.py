@@ -86,6 +86,7 @@ RESULT_TYPES: dict[str, FieldType] = {
             "critical_point_grad_tol",
             "critical_point_curvature_tol",
             "minima_found",
+            "minima_proven",
             "saddles_found",  # UFM
             "epochs",
             "parameters",  # training

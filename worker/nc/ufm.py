@@ -97,11 +97,13 @@ def solve(
 
     Every run's end point is certified (worker.nc.curvature.certify): the result carries
     the best run's `critical_point` ("local minimum", "strict saddle" or "not critical"),
-    `hessian_min_eigenvalue`, `hessian_max_eigenvalue`, `hessian_min_eigenvalue_residual`
-    and the tolerances that decided it (`critical_point_grad_tol`: problem.tol,
-    `critical_point_curvature_tol`), and over all runs `minima_found`, `saddles_found`
-    and `all_minima_global` (whether every minimum found is within GLOBAL_OPTIMUM_GAP of
-    the closed form; None without one).
+    `hessian_min_eigenvalue`, `hessian_max_eigenvalue`, `hessian_min_eigenvalue_residual`,
+    `hessian_min_eigenvalue_converged` and the tolerances that decided it
+    (`critical_point_grad_tol`: problem.tol, `critical_point_curvature_tol`), and over all
+    runs `minima_found`, `minima_proven` (those whose Lanczos converged: a strict saddle is
+    proven by any Lanczos step that finds it, a minimum only there), `saddles_found` and
+    `all_minima_global` (whether every minimum found is within GLOBAL_OPTIMUM_GAP of the
+    closed form; None without one).
     """
     device = torch.device("cpu" if device is None else device)
     labels = class_labels(problem, device)
@@ -168,6 +170,7 @@ def solve(
         "final_loss_max": max(final_losses),
         "final_loss_std": statistics.pstdev(final_losses),
         "minima_found": len(minima),
+        "minima_proven": sum(outcome.certificate.curvature.converged for outcome in minima),
         "saddles_found": sum(outcome.certificate.critical_point == STRICT_SADDLE for outcome in outcomes),
         "all_minima_global": None
         if optimum is None
