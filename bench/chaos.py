@@ -7,8 +7,8 @@
 
 It starts a PostgreSQL cluster and a Redis of its own on free ports (never the
 machine's shared ones: it stops them), then `nclab api` and `nclab worker` on them, with
-a heartbeat timeout of --heartbeat-timeout seconds (HEARTBEAT_TIMEOUT; the service's default is 60; the
-tests pass 4, as their own stacks have it) and a heartbeat every tenth of that, and runs bounded
+a heartbeat timeout of --heartbeat-timeout seconds (HEARTBEAT_TIMEOUT by default; the service's own
+default is 60, the tests' stacks use 4) and a heartbeat every tenth of that, and runs bounded
 rounds of:
 
 - worker pool: kill -9 the pool process running a job (the worker stays);
