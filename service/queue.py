@@ -23,14 +23,17 @@ class EmbeddedChannel(sqlalchemy_transport.Channel):
     processes doing so at once, as `nclab serve`'s worker starting while the API sends
     the first submit, both find nothing, and the second's CREATE TABLE or INSERT fails:
     that killed the worker, and with it `nclab serve`. What the loser meant to create
-    exists by then, so it looks again, once.
+    exists by then, so it looks again: once for a queue's row, and for the tables once
+    more than there are tables, since each failure means the other process created one.
     """
 
     def _open(self):
-        try:
-            return super()._open()
-        except OperationalError:  # "table kombu_queue already exists": created since create_all looked
-            return super()._open()
+        for _ in range(len(sqlalchemy_transport.metadata.tables)):  # the tables, declared by now
+            try:
+                return super()._open()
+            except OperationalError:  # "table ... already exists": created since create_all looked
+                pass
+        return super()._open()
 
     def _get_or_create(self, queue):
         try:
