@@ -234,10 +234,14 @@ class Stack:
 
 @contextmanager
 def production_stack(processes: Processes, database_url: str, broker_url: str) -> Iterator[Stack]:
-    """nclab api + nclab worker on PostgreSQL and Redis, over real HTTP."""
+    """nclab api + nclab worker on PostgreSQL and Redis, over real HTTP.
+
+    One API process, not one a core: each more imports the app again (about 1.5 s of CPU
+    a stack, on a machine the suite keeps busy). The tests about several ask for them
+    (tests/test_http.py, tests/test_hardening.py, bench/chaos.py's api round)."""
     processes.env.update(NCLAB_DATABASE_URL=database_url, NCLAB_BROKER_URL=broker_url)
     port = free_port()
-    api = processes.start("api", "--host", "127.0.0.1", "--port", str(port), name="api")
+    api = processes.start("api", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", name="api")
     worker = processes.start("worker", name="worker")
     base_url = f"http://127.0.0.1:{port}"
     wait_ready(base_url, api)
