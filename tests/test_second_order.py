@@ -251,13 +251,18 @@ def test_a_collapsed_point_is_certified_through_the_merged_problem_as_the_dense_
     assert curvature.collapsed_point(merged, nudged) is None
 
 
+def basis_budget(steps: int, dimension: int) -> int:
+    """The curvature.LANCZOS_BASIS_BYTES that holds Lanczos to `steps` steps on `dimension` dimensions."""
+    return 8 * steps * dimension
+
+
 def test_a_certificate_whose_lanczos_stops_at_its_step_cap_says_so(monkeypatch):
     """At the simplex ETF minimum, Lanczos held to three steps by its basis budget: the classification stands on
     the value it found, a Ritz value above the smallest eigenvalue, and the certificate says it did not
     converge."""
     problem, formulation, point, grad_norm = etf_minimum()
     dimension = FlatTangents(point, formulation.manifolds).size
-    monkeypatch.setattr(curvature, "LANCZOS_BASIS_BYTES", 3 * 8 * dimension)
+    monkeypatch.setattr(curvature, "LANCZOS_BASIS_BYTES", basis_budget(3, dimension))
     certificate = curvature.certify(problem, formulation, point, grad_norm, problem.tol)
     reference = dense_restricted_hessian_eigenvalues(problem, formulation, point)
     assert certificate.curvature.iterations == 3
@@ -318,8 +323,10 @@ def test_a_minimum_whose_lanczos_stopped_at_its_cap_is_found_but_not_proven(monk
     """Lanczos held to three steps at every restart's end point: the verdicts stand, the proofs do not."""
     from worker.nc.ufm import solve
 
-    monkeypatch.setattr(curvature, "LANCZOS_BASIS_BYTES", 3 * 8 * (4 + 4 * 3) * 5)  # three steps of (4, 5, 3)
-    result = solve(UFMProblem(4, 5, 3, "normalized", logit_scale=4.0, restarts=3))
+    problem = UFMProblem(4, 5, 3, "normalized", logit_scale=4.0, restarts=3)
+    dimension = (problem.num_classes + problem.num_samples) * problem.dim  # W and H: the problem does not merge
+    monkeypatch.setattr(curvature, "LANCZOS_BASIS_BYTES", basis_budget(3, dimension))
+    result = solve(problem)
     assert (result["minima_found"], result["minima_proven"], result["saddles_found"]) == (3, 0, 0)
     assert result["hessian_min_eigenvalue_converged"] is False
 
@@ -697,13 +704,13 @@ def test_lanczos_takes_as_many_steps_as_its_basis_budget_holds(monkeypatch, dime
     it lower, never higher."""
     diagonal = clustered_diagonal(dimension)
     metric = torch.ones(dimension, dtype=torch.float64)
-    monkeypatch.setattr(curvature, "LANCZOS_BASIS_BYTES", 8 * 100_000)
+    monkeypatch.setattr(curvature, "LANCZOS_BASIS_BYTES", basis_budget(100, 1000))
 
     def lanczos(max_steps):
         return curvature._lanczos(lambda v: diagonal * v, torch.clone, metric, dimension, 0, max_steps, metric.device)
 
     budgeted = lanczos(None)
-    assert budgeted.iterations == 100_000 // dimension
+    assert budgeted.iterations == 100 * 1000 // dimension
     assert not budgeted.converged
     assert lanczos(20).iterations == 20
     assert lanczos(10 * dimension).iterations == budgeted.iterations
