@@ -4,7 +4,9 @@ Configured as docs/lifecycle.md ("Celery settings") says: JSON only, late acks, 
 The database is the source of truth, so task results are not stored in Celery.
 """
 
+import sqlite3
 from collections.abc import Sequence
+from queue import Empty
 
 from celery import Celery
 from kombu.transport import sqlalchemy as sqlalchemy_transport
@@ -16,7 +18,14 @@ RUN_EXPERIMENT = "nclab.run_experiment"
 
 
 class EmbeddedChannel(sqlalchemy_transport.Channel):
-    """kombu's SQLAlchemy channel, safe where two processes first use a queue at once.
+    """kombu's SQLAlchemy channel, safe where two processes first use a queue at once, and
+    cheap to poll while nothing changes.
+
+    A poll of an empty queue asks again only once the file has changed since the last
+    one found it empty: SQLite's ``data_version``, read on a connection of the channel's
+    own that never writes, changes with every commit that wrote something, from any
+    process. kombu's own poll (the queue's row, a write lock, the query) kept an idle
+    `nclab serve` worker at about 4% of a core, ten times a second for each queue.
 
     On first use a process creates the tables (on a fresh file) and each queue's row, by
     looking and then creating, under a lock that only its own threads share. Two
@@ -26,6 +35,11 @@ class EmbeddedChannel(sqlalchemy_transport.Channel):
     exists by then, so it looks again: once for a queue's row, and for the tables once
     more than there are tables, since each failure means the other process created one.
     """
+
+    def __init__(self, *args, **kwargs):
+        self._changes: sqlite3.Connection | None = None  # opened on the first poll
+        self._empty_at: dict[str, int] = {}  # queue -> data_version when a poll last found it empty
+        super().__init__(*args, **kwargs)
 
     def _open(self):
         for _ in range(len(sqlalchemy_transport.metadata.tables)):  # the tables, declared by now
@@ -41,6 +55,26 @@ class EmbeddedChannel(sqlalchemy_transport.Channel):
         except IntegrityError:  # the queue's row was inserted since this process looked
             self.session.rollback()
             return super()._get_or_create(queue)
+
+    def _get(self, queue, timeout=None):  # kombu passes no timeout to this transport
+        if self._changes is None:
+            self._changes = sqlite3.connect(
+                self.session.bind.url.database, isolation_level=None, check_same_thread=False
+            )
+        # Read before the poll: a commit after this read changes it, so the next poll looks.
+        version = self._changes.execute("PRAGMA data_version").fetchone()[0]
+        if self._empty_at.get(queue) == version:
+            raise Empty()
+        try:
+            return super()._get(queue)
+        except Empty:
+            self._empty_at[queue] = version
+            raise
+
+    def close(self):
+        if self._changes is not None:
+            self._changes.close()
+        super().close()
 
 
 class EmbeddedQueue(sqlalchemy_transport.Transport):

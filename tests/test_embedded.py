@@ -3,6 +3,7 @@
 import multiprocessing
 import os
 import sqlite3
+from queue import Empty
 from pathlib import Path
 
 import httpx
@@ -57,7 +58,7 @@ def test_serve_runs_an_experiment_to_a_collapsed_result_and_stops_its_worker(pro
 def test_a_job_queued_while_no_worker_runs_completes_after_serve_restarts(processes):
     port = free_port()
     # The API alone, on the embedded database and queue: nothing consumes.
-    api = processes.start("api", "--host", "127.0.0.1", "--port", str(port), name="api-only")
+    api = processes.start("api", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", name="api-only")
     wait_ready(f"http://127.0.0.1:{port}", api)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
         created = client.post("/experiments", json=SPEC).json()
@@ -117,3 +118,40 @@ def test_two_processes_first_using_the_embedded_queue_at_once_both_go_on(tmp_pat
         with sqlite3.connect(data_dir / "queue.sqlite") as queue_file:
             names = sorted(name for (name,) in queue_file.execute("SELECT name FROM kombu_queue"))
         assert names == sorted(QUEUES)
+
+
+def test_an_idle_queue_is_polled_without_a_query_and_a_message_sent_meanwhile_is_taken_at_once(tmp_path):
+    """The worker polls each queue ten times a second: while the file is unchanged, a poll of a queue found
+    empty asks SQLite's data_version, not the tables. A message another connection commits is taken by the
+    next poll."""
+    from kombu import Connection
+    from sqlalchemy import event
+
+    from service.queue import EmbeddedQueue
+
+    url = f"sqlite:///{tmp_path / 'queue.sqlite'}"
+    with Connection(url, transport=EmbeddedQueue) as worker_side, Connection(url, transport=EmbeddedQueue) as api_side:
+        polls, sends = worker_side.default_channel, api_side.default_channel
+        for queue in ("cpu", "gpu"):
+            polls.queue_declare(queue=queue)  # as the worker does as it starts
+        statements = []
+        event.listen(polls.session.bind, "before_cursor_execute", lambda *args: statements.append(args[2]))
+        with pytest.raises(Empty):
+            polls._get("cpu")
+        assert any("kombu_message" in statement for statement in statements)  # the first poll looks
+        looked = len(statements)
+        for _ in range(20):
+            with pytest.raises(Empty):
+                polls._get("cpu")
+        assert len(statements) == looked
+
+        sends._put("cpu", {"body": "the job"})
+        assert polls._get("cpu") == {"body": "the job"}
+        with pytest.raises(Empty):  # taking it was a commit too: the next poll looks, and finds nothing
+            polls._get("cpu")
+        with pytest.raises(Empty):
+            polls._get("gpu")  # another queue of the same file is looked at on its own
+        looked = len(statements)
+        with pytest.raises(Empty):
+            polls._get("cpu")
+        assert len(statements) == looked
