@@ -152,6 +152,7 @@ class Stack:
 
     env: dict
     log_dir: Path
+    api_workers: int  # several where the API itself is killed: its workers must end with it
     api_port: int = field(default_factory=free_port)
     api: subprocess.Popen | None = None
     worker: subprocess.Popen | None = None
@@ -166,7 +167,7 @@ class Stack:
         return f"http://127.0.0.1:{self.api_port}"
 
     def start_api(self) -> None:
-        self.api = self._start("api", "--port", str(self.api_port), "--workers", "2", name="api")
+        self.api = self._start("api", "--port", str(self.api_port), "--workers", str(self.api_workers), name="api")
         wait_until(lambda: _ok(f"{self.url}/healthz"), 60, "the API to answer")
 
     def start_worker(self) -> None:
@@ -451,7 +452,7 @@ def main() -> int:
                    NCLAB_HEARTBEAT_INTERVAL=str(args.heartbeat_timeout / 10),
                    NCLAB_HEARTBEAT_TIMEOUT=str(args.heartbeat_timeout),
                    NCLAB_RECONCILE_INTERVAL="1", PYTHONUNBUFFERED="1")
-        stack = Stack(env, scratch)
+        stack = Stack(env, scratch, api_workers=2 if "api" in chosen else 1)
         tallies = []
         try:
             stack.start_api()
