@@ -15,10 +15,10 @@ from service.lifetime import children
 from tests.conftest import fresh_pg_database, fresh_redis_broker, make_processes, production_stack, running
 from tests.support import eventually, wait_for_status
 
-# About 0.2 s an epoch here: long enough to be killed mid-way (after its first epoch, seven
-# to go), short enough to finish twice.
+# About 0.2 s an epoch on a 2-core AMD EPYC: long enough to be killed mid-way (after its first
+# epoch, seven to go), short enough to finish twice.
 TRAINING = {"kind": "train", "dataset": "gaussian", "K": 10, "d": 64, "epochs": 8,
-            "gaussian_train_per_class": 1000, "lr_schedule": "constant"}
+            "gaussian_train_per_class": 1000, "mlp_width": 128, "lr_schedule": "constant"}
 QUICK = {"kind": "ufm", "K": 4, "d": 6, "n_per_class": 3}
 
 
