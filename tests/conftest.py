@@ -164,6 +164,11 @@ class Processes:
         self.running.append(process)
         return process
 
+    def start_api(self, port: int, *args: str, workers: int = 1, name: str = "api") -> subprocess.Popen:
+        """`nclab api` on ``port``, in one process unless the test is about several: each more imports
+        the app again (about 1.5 s of CPU, on a machine the suite keeps busy)."""
+        return self.start("api", "--port", str(port), *args, "--workers", str(workers), name=name)
+
     def stop(self, process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
         if process.poll() is None:
             os.killpg(process.pid, sig)
@@ -234,14 +239,10 @@ class Stack:
 
 @contextmanager
 def production_stack(processes: Processes, database_url: str, broker_url: str) -> Iterator[Stack]:
-    """nclab api + nclab worker on PostgreSQL and Redis, over real HTTP.
-
-    One API process, not one a core: each more imports the app again (about 1.5 s of CPU
-    a stack, on a machine the suite keeps busy). The tests about several ask for them
-    (tests/test_http.py, tests/test_hardening.py, bench/chaos.py's api round)."""
+    """nclab api (one process: Processes.start_api) + nclab worker on PostgreSQL and Redis, over real HTTP."""
     processes.env.update(NCLAB_DATABASE_URL=database_url, NCLAB_BROKER_URL=broker_url)
     port = free_port()
-    api = processes.start("api", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", name="api")
+    api = processes.start_api(port, "--host", "127.0.0.1")
     worker = processes.start("worker", name="worker")
     base_url = f"http://127.0.0.1:{port}"
     wait_ready(base_url, api)

@@ -95,7 +95,7 @@ def test_a_submit_while_the_broker_is_down_is_answered_at_once_and_sent_when_it_
     silent = socket.create_server(("127.0.0.1", broker_port))
     processes.env.update(NCLAB_DATABASE_URL=pg_database, NCLAB_BROKER_URL=broker_url, NCLAB_SCHEDULER="fifo")
     port = free_port()
-    api = processes.start("api", "--port", str(port), "--workers", "1", name="api")
+    api = processes.start_api(port)
     base_url = f"http://127.0.0.1:{port}"
     with silent, httpx.Client(base_url=base_url, timeout=30) as client:
         def up() -> bool:

@@ -58,7 +58,7 @@ def test_serve_runs_an_experiment_to_a_collapsed_result_and_stops_its_worker(pro
 def test_a_job_queued_while_no_worker_runs_completes_after_serve_restarts(processes):
     port = free_port()
     # The API alone, on the embedded database and queue: nothing consumes.
-    api = processes.start("api", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", name="api-only")
+    api = processes.start_api(port, "--host", "127.0.0.1", name="api-only")
     wait_ready(f"http://127.0.0.1:{port}", api)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
         created = client.post("/experiments", json=SPEC).json()

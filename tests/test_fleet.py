@@ -143,7 +143,7 @@ def test_messages_wait_in_their_own_queue_on_redis(pg_database, processes):
     broker = fresh_redis_broker()
     processes.env.update(NCLAB_DATABASE_URL=pg_database, NCLAB_BROKER_URL=broker, NCLAB_SCHEDULER="fifo")
     port = free_port()
-    api = processes.start("api", "--port", str(port), "--workers", "1", name="api")
+    api = processes.start_api(port)
     base_url = f"http://127.0.0.1:{port}"
     wait_ready(base_url, api)
     with httpx.Client(base_url=base_url, timeout=30) as client:
@@ -170,7 +170,7 @@ def test_one_pool_process_per_gpu_each_pinned_to_its_own(pg_database, processes)
                          CUDA_VISIBLE_DEVICES="3,5")
     del processes.env["NCLAB_WORKER_QUEUES"]  # the host's defaults: --gpus with --allow-cpu serves both
     port = free_port()
-    api = processes.start("api", "--port", str(port), "--workers", "1", name="api")
+    api = processes.start_api(port)
     worker = processes.start("worker", "--gpus", "all", name="worker")
     base_url = f"http://127.0.0.1:{port}"
     wait_ready(base_url, api)

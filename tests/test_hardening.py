@@ -79,7 +79,7 @@ def test_an_unreachable_database_is_a_503_with_retry_after(pg_admin, processes):
     with fresh_pg_database(pg_admin) as database_url:
         processes.env["NCLAB_DATABASE_URL"] = database_url
         port = free_port()
-        api = processes.start("api", "--port", str(port), "--workers", "1", name="api")
+        api = processes.start_api(port)
         base_url = f"http://127.0.0.1:{port}"
         wait_ready(base_url, api)
         with httpx.Client(base_url=base_url) as client:
@@ -96,7 +96,7 @@ def test_an_unreachable_database_is_a_503_with_retry_after(pg_admin, processes):
 def test_api_keys_need_the_bearer_scheme_and_guard_the_docs_too(processes):
     processes.env["NCLAB_API_KEYS"] = "alice:alice-key"
     port = free_port()
-    api = processes.start("api", "--port", str(port), "--workers", "1", name="api")  # no --host: 127.0.0.1
+    api = processes.start_api(port)  # no --host: 127.0.0.1
     base_url = f"http://127.0.0.1:{port}"
     wait_ready(base_url, api)
     listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
@@ -162,7 +162,7 @@ def _endings(pids: set[int]) -> dict[int, int]:
 
 def test_api_workers_end_when_their_supervisor_is_killed(processes):
     port = free_port()
-    api = processes.start("api", "--port", str(port), "--workers", "2", name="api")
+    api = processes.start_api(port, workers=2)
     wait_ready(f"http://127.0.0.1:{port}", api)
 
     def serving() -> set[int]:
@@ -230,7 +230,7 @@ def test_a_redis_restart_that_loses_the_queue_costs_seconds_not_minutes(pg_datab
         processes.env.update(NCLAB_DATABASE_URL=pg_database, NCLAB_BROKER_URL=f"redis://127.0.0.1:{port}/0",
                              NCLAB_RESEND_AFTER="300", NCLAB_RECONCILE_INTERVAL="2")
         api_port = free_port()
-        api = processes.start("api", "--port", str(api_port), "--workers", "1", name="api")
+        api = processes.start_api(api_port)
         processes.start("worker", name="worker")
         base_url = f"http://127.0.0.1:{api_port}"
         wait_ready(base_url, api)

@@ -80,8 +80,7 @@ def test_multi_worker_api_turns_nodelay_on_for_kept_alive_connections(processes,
     44 ms median with plain uvicorn --workers 2 --loop asyncio; ~1-2 ms with it on). How long
     requests take on this machine is for bench/, not for an assertion."""
     port = free_port()
-    api = processes.start("api", "--host", "127.0.0.1", "--port", str(port), "--workers", "2", "--loop", loop,
-                          name=f"api-{loop}")
+    api = processes.start_api(port, "--host", "127.0.0.1", "--loop", loop, workers=2, name=f"api-{loop}")
     base_url = f"http://127.0.0.1:{port}"
     wait_ready(base_url, api)
     with httpx.Client(base_url=base_url) as client:

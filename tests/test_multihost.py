@@ -69,7 +69,7 @@ def across_the_link(pg_database, remote, processes: Processes) -> Iterator[Acros
     broker_url = fresh_redis_broker()
     processes.env.update(NCLAB_DATABASE_URL=pg_database, NCLAB_BROKER_URL=broker_url)
     port = free_port()
-    api = processes.start("api", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", name="api")
+    api = processes.start_api(port, "--host", "127.0.0.1")
     remote_env = {**processes.env, "NCLAB_DATABASE_URL": remote.reach(pg_database),
                   "NCLAB_BROKER_URL": remote.reach(broker_url)}
     log = open(processes.log_dir / "remote-worker.log", "ab")
