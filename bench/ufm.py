@@ -151,14 +151,12 @@ def generalized_collapse(device: str, seeds: int, pymanopt_max_time: float) -> N
         return
     print("\n== generalized collapse: K > d + 1, logit scale 10 ==")
     sweep, largest = GENERALIZED_COLLAPSE_PROBLEMS
-    runs = [
-        compare_generalized(device, UFMProblem(*sweep, "normalized", seed=seed, solver="auto"), pymanopt_max_time)
-        for seed in range(seeds)
-    ]
+    problems = [UFMProblem(*sweep, "normalized", seed=seed, solver="auto") for seed in range(seeds)]
+    runs = [compare_generalized(device, problem, pymanopt_max_time) for problem in problems]
     if seeds > 1:
         ours, theirs = zip(*runs)
         print(
-            f"K={sweep[0]} d={sweep[1]} n={sweep[2]}, seeds 0..{seeds - 1}: converged ours "
+            f"{describe(problems[0])}, seeds 0..{seeds - 1}: converged ours "
             f"{sum(run['converged'] for run in ours)}/{seeds}, pymanopt TrustRegions "
             f"{sum(run['converged'] for run in theirs)}/{seeds}; seconds in all ours "
             f"{sum(run['seconds'] for run in ours):.1f}, theirs {sum(run['seconds'] for run in theirs):.1f}"

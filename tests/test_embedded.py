@@ -3,8 +3,8 @@
 import multiprocessing
 import os
 import sqlite3
-from queue import Empty
 from pathlib import Path
+from queue import Empty
 
 import httpx
 import pytest
