@@ -32,6 +32,11 @@ to over 9,000 steps, by which of the flat valley's many local minima each one se
 comparison; it may import worker.nc's other modules, which it then shares with the
 current code.
 
+The first line also times one (300 x 128) by (128 x 300) float64 product, the tied phase's
+logits at (300, 128): the machines these runs land on differ by twofold in it, and the
+(300, 128) row's seconds scale with it (docs/solver.md), so a row read beside another
+machine's wants that number beside it.
+
 The process first takes the heap settings of a worker's pool process (worker/memory.py),
 where the solver runs for a lab; `--no-retain` leaves glibc's defaults.
 """
@@ -67,7 +72,8 @@ def main(
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; solver "
         f"{solver or 'worker/nc/ufm.py'}; n_per_class {N_PER_CLASS}, logit scale 10, seed 0; "
-        f"optimizer {optimizer}; worker heap settings {retain}"
+        f"optimizer {optimizer}; worker heap settings {retain}; "
+        f"a (300 x 128) by (128 x 300) product {product_milliseconds():.3f} ms"
     )
     header = (
         f"{'K':>4} {'d':>4} {'K/d':>5} {'iters':>6} {'seconds':>8} {'grad_norm':>9} "
@@ -132,6 +138,18 @@ def sweep_largest(module, seeds: int) -> None:
         f"  converged {converged}/{seeds}; seconds median {statistics.median(times):.2f}, slowest {max(times):.2f}, "
         f"at most 10 s: {sum(t <= 10 for t in times)}/{seeds}"
     )
+
+
+def product_milliseconds(repeats: int = 200) -> float:
+    """The median time of one (300 x 128) by (128 x 300) float64 product, warm."""
+    rows = torch.randn(300, 128, dtype=torch.float64)
+    out = torch.empty(300, 300, dtype=torch.float64)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(rows, rows.T, out=out)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def load_solver(path: Path | None):
