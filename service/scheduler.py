@@ -16,8 +16,8 @@ Who runs a round: the API after a submit (service/dispatch.py), a worker's pool 
 after each job it ran (the slot it frees, worker/tasks.py), a worker as it starts (its slots are new), and
 every API process's reconciler, as the fallback. Rounds of one queue are serialized: on
 PostgreSQL by an advisory lock held for the round's transaction; on SQLite (one process
-and its worker) two rounds that overlap read the same jobs in the same order, and the
-conditional ``sent_at`` UPDATE lets only one of them send each.
+and its worker) by the database's write lock, taken before the round reads. The
+conditional ``sent_at`` UPDATE lets only one round send each job besides.
 
 Nothing else of the lifecycle changes: the row stays the truth (the task's conditional
 claim), a lost message is re-sent by the reconciler, a dead worker's job is re-queued.
@@ -25,11 +25,12 @@ claim), a lost message is re-sent by the reconciler, a dead worker's job is re-q
 
 import heapq
 import logging
+import sqlite3
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from sqlalchemy import Connection, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -90,10 +91,21 @@ _LOCK = select(func.set_config("synchronous_commit", "off", True), func.pg_advis
 
 
 def _lock_queue(session: Session, queue: str) -> None:
-    """Serialize the queue's rounds until the transaction ends (PostgreSQL). Its commit does not wait for the disk:
-    ``sent_at`` is a hint (jobs._mark_sent), and a round runs after every job."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.connection().execute(_LOCK, {"key": _LOCK_KEYS[queue]})
+    """Serialize the queue's rounds until the transaction ends, so that each reads what the one before it sent.
+
+    PostgreSQL: an advisory lock per queue; the commit does not wait for the disk (``sent_at`` is a hint,
+    jobs._mark_sent, and a round runs after every job). SQLite: the database's write lock, taken before the
+    round reads. Without it every read saw the latest commit on its own: a round that counted the jobs in
+    flight before another round's commit and read the queued ones after it sent more jobs than the slots
+    hold, and published them beside the other round's, so that a later job could start before an older one.
+    """
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        connection.execute(_LOCK, {"key": _LOCK_KEYS[queue]})
+        return
+    sqlite = cast(sqlite3.Connection, connection.connection.dbapi_connection)
+    if not sqlite.in_transaction:  # a transaction that has written holds the lock already
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 # Built once, as jobs.py's: a round runs after every job, and building and keying its statements anew

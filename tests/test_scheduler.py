@@ -1,11 +1,13 @@
 """The fair scheduler (service/scheduler.py): which queued job a free slot gets, on SQLite and PostgreSQL;
 priority and quotas at submit; the place in the queue; and, end to end, a job that overtakes a sweep."""
 
+import threading
 import time
 from datetime import timedelta
 
 import redis
 from sqlalchemy import select, update
+from sqlalchemy.orm import sessionmaker
 
 from service import jobs, scheduler, workers
 from service.models import Experiment, Sweep, WorkerPresence, utcnow
@@ -118,6 +120,46 @@ def test_a_refused_publish_leaves_the_jobs_unsent_and_a_lost_message_is_still_re
     jobs.reconcile(session, Settings(), lambda experiment_id, queue: resent.append((experiment_id, queue)))
     assert resent == [(job, "cpu")]
     assert session.get(Experiment, job, populate_existing=True).send_count == 2
+
+
+def test_two_rounds_at_once_send_no_more_jobs_than_the_slots_hold(session, monkeypatch):
+    """Rounds run in several places at once (the API's dispatcher and reconciler, each worker after its jobs).
+    Here one round stops between counting the jobs in flight and reading the queued ones, for up to a second,
+    while another round runs to its end: on SQLite, whose reads outside a transaction each see the latest
+    commit, it used to count none in flight, then find the other round's choices sent, and send the next two
+    as well (four messages for a slot and its one ahead, the later jobs published first)."""
+    ada, bob = submitted(session, "ada", 2), submitted(session, "bob", 2)
+    workers.announce(session, "one-slot", ["cpu"], processes=1, gpus=None)
+    sessions = sessionmaker(session.get_bind(), expire_on_commit=False)
+    counted, other_round_ended = threading.Event(), threading.Event()
+    count_in_flight = scheduler.in_flight_by_owner
+
+    def slow_count(connection, queue):
+        in_flight = count_in_flight(connection, queue)
+        if threading.current_thread().name == "slow round":
+            counted.set()
+            other_round_ended.wait(timeout=1.0)  # ends at once where the other round waits for this one
+        return in_flight
+
+    monkeypatch.setattr(scheduler, "in_flight_by_owner", slow_count)
+    broker = Broker()
+    sent_by_slow_round: list[str] = []
+
+    def slow_round():
+        with sessions() as own:
+            sent_by_slow_round.extend(round_of(own, broker))
+
+    thread = threading.Thread(target=slow_round, name="slow round")
+    thread.start()
+    assert counted.wait(timeout=30)
+    with sessions() as own:
+        sent_by_quick_round = round_of(own, broker)
+    other_round_ended.set()
+    thread.join(timeout=60)
+    assert sorted(sent_by_slow_round + sent_by_quick_round) == sorted([ada[0], bob[0]])
+    assert broker.sent == [ada[0], bob[0]]  # in the fair order, as one round would send them
+    in_flight = session.scalars(select(Experiment.id).where(Experiment.sent_at.is_not(None)))
+    assert sorted(in_flight) == sorted([ada[0], bob[0]])
 
 
 def test_fair_order_interleaves_owners_and_stops_at_the_cap():
