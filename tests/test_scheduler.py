@@ -127,7 +127,7 @@ def test_two_rounds_at_once_send_no_more_jobs_than_the_slots_hold(session, monke
     Here one round stops between counting the jobs in flight and reading the queued ones, for up to a second,
     while another round runs to its end: on SQLite, whose reads outside a transaction each see the latest
     commit, it used to count none in flight, then find the other round's choices sent, and send the next two
-    as well (four messages for a slot and its one ahead, the later jobs published first)."""
+    as well: four messages for a slot and its one ahead."""
     ada, bob = submitted(session, "ada", 2), submitted(session, "bob", 2)
     workers.announce(session, "one-slot", ["cpu"], processes=1, gpus=None)
     sessions = sessionmaker(session.get_bind(), expire_on_commit=False)
