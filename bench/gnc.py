@@ -50,6 +50,7 @@ from typing import Annotated
 
 import torch
 import typer
+from torch.utils.benchmark import Timer
 
 from worker.memory import retain_freed_memory
 
@@ -140,16 +141,16 @@ def sweep_largest(module, seeds: int) -> None:
     )
 
 
-def product_milliseconds(repeats: int = 200) -> float:
-    """The median time of one (300 x 128) by (128 x 300) float64 product, warm."""
+def product_milliseconds() -> float:
+    """The median time of one (300 x 128) by (128 x 300) float64 product, warm, on the solver's threads."""
     rows = torch.randn(300, 128, dtype=torch.float64)
     out = torch.empty(300, 300, dtype=torch.float64)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(rows, rows.T, out=out)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    timer = Timer(
+        "torch.mm(rows, rows.T, out=out)",
+        globals={"torch": torch, "rows": rows, "out": out},
+        num_threads=torch.get_num_threads(),
+    )
+    return timer.blocked_autorange(min_run_time=0.2).median * 1e3
 
 
 def load_solver(path: Path | None):

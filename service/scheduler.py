@@ -25,12 +25,11 @@ claim), a lost message is re-sent by the reconciler, a dead worker's job is re-q
 
 import heapq
 import logging
-import sqlite3
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import NamedTuple, cast
+from typing import NamedTuple
 
 from sqlalchemy import Connection, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -102,9 +101,7 @@ def _lock_queue(session: Session, queue: str) -> None:
     connection = session.connection()
     if connection.dialect.name == "postgresql":
         connection.execute(_LOCK, {"key": _LOCK_KEYS[queue]})
-        return
-    sqlite = cast(sqlite3.Connection, connection.connection.dbapi_connection)
-    if not sqlite.in_transaction:  # a transaction that has written holds the lock already
+    else:  # every caller starts a round with its writes committed, so no transaction is open here
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 

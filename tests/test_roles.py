@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from tests.support import eventually
+
 SPEC = {"kind": "ufm", "K": 3, "d": 4, "n_per_class": 2}
 SWEEP = {"base": SPEC, "grid": {"seed": [0, 1]}}
 KEYS = "alice:alice-key, bob:bob-key, wall:wall-key:reader, root:root-key:admin"
@@ -114,12 +116,8 @@ def answered_within(client, key: str, expected: int, seconds: float = 10) -> Non
     """Wait until /me answers ``expected`` for the key. How often the ring looks at the file is
     test_the_keys_file_is_looked_at_no_more_than_once_a_second's to check; the margin here is for a
     loaded machine, where one request may take a second."""
-    start = time.monotonic()
-    while time.monotonic() - start < seconds:
-        if client.get("/me", headers=auth(key)).status_code == expected:
-            return
-        time.sleep(0.05)
-    pytest.fail(f"{key}: not {expected} within {seconds} s")
+    eventually(lambda: client.get("/me", headers=auth(key)).status_code == expected, timeout=seconds,
+               message=f"{key}: /me answering {expected}")
 
 
 def test_a_key_added_to_the_keys_file_works_and_a_removed_one_is_refused_without_a_restart(
