@@ -251,7 +251,8 @@ def test_a_queued_experiment_says_its_place(api_with):
     place = eventually(next_is_bob, timeout=5, message=f"the next slot is not bob's: {third['place']}")
     assert place == {"of_owner": 3, "owner_queued": 6, "next_slot_owner": "bob",
                      "text": "3rd of alice's 6; the next slot goes to bob"}
-    page = client.get(f"/ui/experiments/{sweep['members'][2]}", cookies={"nclab_api_key": "alice-key"})
+    # The dashboard's sign-in cookie, sent as the browser sends it (starlette deprecates per-request cookies).
+    page = client.get(f"/ui/experiments/{sweep['members'][2]}", headers={"Cookie": "nclab_api_key=alice-key"})
     assert "3rd of alice&#39;s 6; the next slot goes to bob" in page.text
     client.headers.update(alice)  # for the run's own read
     api.run(sweep["members"][0])
