@@ -64,6 +64,9 @@ def serve(checkout: Path) -> Iterator[str]:
             url = f"http://127.0.0.1:{port}"
             wait_ready(url, process)
             yield url
+        except Exception:
+            print(f"--- serve.log\n{(Path(data_dir) / 'serve.log').read_text()[-3000:]}", file=sys.stderr)
+            raise
         finally:
             os.killpg(process.pid, signal.SIGTERM)
             try:
