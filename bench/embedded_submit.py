@@ -21,9 +21,7 @@ end before it stops).
 
 import argparse
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script, bench/ is on the path but not the project
     sys.path.insert(0, str(ROOT))
 
+from bench.api import started  # noqa: E402
 from bench.query import free_port, wait_ready  # noqa: E402
 from service.client import Client  # noqa: E402
 
@@ -51,29 +50,11 @@ def serve(checkout: Path) -> Iterator[str]:
     port = free_port()
     with tempfile.TemporaryDirectory() as data_dir:
         env = {**os.environ, "PYTHONPATH": str(checkout), "NCLAB_DATA_DIR": data_dir, "OMP_NUM_THREADS": "1"}
-        with open(Path(data_dir) / "serve.log", "ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
-                cwd=checkout,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
+        argv = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
+        with started(argv, env, checkout, Path(data_dir) / "serve.log") as process:
             url = f"http://127.0.0.1:{port}"
             wait_ready(url, process)
             yield url
-        except Exception:
-            print(f"--- serve.log\n{(Path(data_dir) / 'serve.log').read_text()[-3000:]}", file=sys.stderr)
-            raise
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
 
 
 def submit_with_client(url: str, submits: int) -> tuple[list[float], list[str]]:
