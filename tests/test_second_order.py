@@ -716,6 +716,50 @@ def test_lanczos_takes_as_many_steps_as_its_basis_budget_holds(monkeypatch, dime
     assert lanczos(10 * dimension).iterations == budgeted.iterations
 
 
+def test_lanczos_tests_convergence_every_ritz_every_steps_and_stops_at_a_breakdown_between_tests(monkeypatch):
+    """Past DENSE_RITZ_SIZE steps the tridiagonal's extremes, and the convergence test, come every RITZ_EVERY
+    steps: a run that passes the test at step s, tested at every step, stops here at the first multiple of
+    RITZ_EVERY from s on (the test keeps passing), with the same smallest eigenvalue and a Ritz value no
+    higher, having computed the extremes about RITZ_EVERY times less often. A breakdown (the Krylov space
+    invariant, beta ~ 0) between two tests still ends the run at once."""
+    dimension = 2000
+    rest = torch.rand(dimension - 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.01
+    diagonal = torch.cat([torch.tensor([0.005], dtype=torch.float64), rest])  # 0.005 below a cluster in (0.01, 1.01)
+    metric = torch.ones(dimension, dtype=torch.float64)
+    extremes = curvature._extreme_ritz_values
+    calls = []
+
+    def counted(*args):
+        calls.append(len(args[0]))
+        return extremes(*args)
+
+    monkeypatch.setattr(curvature, "_extreme_ritz_values", counted)
+
+    def lanczos(every):
+        monkeypatch.setattr(curvature, "RITZ_EVERY", every)
+        calls.clear()
+        result = curvature._lanczos(lambda v: diagonal * v, torch.clone, metric, dimension, 0, None, metric.device)
+        return result, len(calls)
+
+    every_step, every_step_calls = lanczos(1)
+    tested, tested_calls = lanczos(10)
+    assert every_step.converged and tested.converged
+    assert every_step.iterations > curvature.DENSE_RITZ_SIZE + 10
+    assert every_step_calls == every_step.iterations
+    assert tested.iterations == 10 * math.ceil(every_step.iterations / 10)
+    assert tested_calls == curvature.DENSE_RITZ_SIZE + tested.iterations // 10 - curvature.DENSE_RITZ_SIZE // 10
+    assert every_step.smallest == pytest.approx(0.005, rel=1e-6) and tested.smallest == pytest.approx(0.005, rel=1e-6)
+    assert tested.smallest <= every_step.smallest + 1e-15  # more steps: by interlacing, a Ritz value no higher
+
+    # Three distinct eigenvalues: the Krylov space is invariant after 3 steps, none of them a test's.
+    monkeypatch.setattr(curvature, "DENSE_RITZ_SIZE", 0)
+    three = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64).repeat_interleave(4)
+    ones = torch.ones(12, dtype=torch.float64)
+    broken = curvature._lanczos(lambda v: three * v, torch.clone, ones, 12, 0, None, ones.device)
+    assert (broken.iterations, broken.converged) == (3, True)
+    assert broken.smallest == pytest.approx(1.0, abs=1e-12) and broken.largest == pytest.approx(4.0, abs=1e-12)
+
+
 def test_lanczos_keeps_its_basis_semi_orthogonal_reorthogonalizing_only_where_the_estimates_say(monkeypatch):
     """Partial reorthogonalization on a diagonal operator whose largest eigenvalues converge early (what
     makes plain Lanczos lose orthogonality) while the smallest, in a cluster near 0, does not: over 250
