@@ -60,9 +60,8 @@ EPS = float(np.finfo(np.float64).eps)
 # call for its extremes alone, measured: 10 against 32 us at 6 steps, 95 against 49 us at 32).
 DENSE_RITZ_SIZE = 24
 # Past DENSE_RITZ_SIZE steps the Ritz values, and with them the convergence test, come every this many steps
-# (and at the last): scipy's extremes of a tridiagonal of n rows take about 0.1 + 0.001 n ms, a third of a
-# Lanczos step on (100, 43, 2). A run stops at the first of these tests that passes, a few steps past where
-# a test at every step would have stopped it (0 to 14 over (100, 43, 2)'s seeds 0 to 31), with Ritz values
+# (and at the last): scipy's extremes cost a time that grows with the steps, up to a third of a Lanczos step
+# (docs/solver.md). A run stops at the first of these tests that passes, a few steps late, with Ritz values
 # that interlacing keeps no higher.
 RITZ_EVERY = 10
 # At a point that is not critical the gradient alone decides; its curvature is an estimate
