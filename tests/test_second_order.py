@@ -593,6 +593,33 @@ def test_auto_ties_the_merged_classes_where_no_etf_fits(monkeypatch):
     assert result["critical_point"] == curvature.LOCAL_MINIMUM
 
 
+def test_the_tied_phase_stops_below_tol_so_that_untied_the_merged_phase_ends_at_once(monkeypatch):
+    """The tied phase runs to tol / sqrt(2) and the merged phase, to tol, from its untied end point: the
+    features' steps off their rows add to the gradient no more than that margin, and the merged phase
+    ends within a few steps."""
+    from worker.nc import merging
+    from worker.nc.ufm import solve
+
+    monkeypatch.setattr(merging, "SMALL_WORK", 0)
+    ends = []
+    minimize_lbfgs = merging.minimize_lbfgs
+
+    def recorded(formulation, start, stopping, **options):
+        result = minimize_lbfgs(formulation, start, stopping, **options)
+        ends.append((formulation.tied, stopping.tol, result.last.grad_norm, result.last.step - options["first_step"]))
+        return result
+
+    monkeypatch.setattr(merging, "minimize_lbfgs", recorded)
+    problem = UFMProblem(12, 4, 5, "normalized", solver="auto")  # K = 12 > d + 1 = 5
+    result = solve(problem)
+    (tied, tied_tol, tied_grad_norm, _), (untied, merged_tol, merged_grad_norm, merged_steps) = ends[:2]
+    assert tied and not untied
+    assert tied_tol == pytest.approx(problem.tol / math.sqrt(2), rel=1e-15) and tied_grad_norm <= tied_tol
+    assert merged_tol == problem.tol and merged_grad_norm <= problem.tol
+    assert merged_steps <= 10
+    assert result["converged"] is True and result["critical_point"] == curvature.LOCAL_MINIMUM
+
+
 def test_auto_runs_lbfgs_from_the_start_where_no_etf_fits_and_the_run_does_not_merge(monkeypatch):
     """K > d + 1 on a problem too small to merge: one phase, L-BFGS on the full problem from step 0, to a
     certified local minimum."""

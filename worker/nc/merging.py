@@ -25,8 +25,9 @@ the merged problem with each class's feature row tied to its classifier row
 which then takes phases 2 and 3 too. There the merged problem's minima keep h_k within
 1e-5 of w_k, and what takes the time is arranging the classes on the sphere, a long
 flat valley (docs/solver.md): tied, each step costs half the vector work and the
-stiffest directions, h_k moving off w_k, are gone. Phase 2 then starts a few steps from
-its minimum (6 L-BFGS steps at (K, d, n) = (300, 128, 10)).
+stiffest directions, h_k moving off w_k, are gone. The tied phase goes on to tol / sqrt(2)
+(TIED_TOL_FRACTION), and phase 2 then starts a few steps from its minimum (2 to 32 L-BFGS
+steps at (K, d, n) = (300, 128, 10), seeds 0 to 15 but 12).
 
 Only the normalized problem with more samples than classes and at least SMALL_WORK per
 matrix product merges: on smaller ones the merge costs more than it saves
@@ -34,6 +35,7 @@ matrix product merges: on smaller ones the merge costs more than it saves
 """
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,6 +51,13 @@ from worker.nc.stopping import Certificate, StoppingRules, StopReason, Sublinear
 from worker.nc.trust_region import minimize_trust_region
 from worker.nc.ufm_problem import UFMProblem
 from worker.nc.work import SMALL_WORK, threads_for, work_per_product
+
+# The tied phase stops at this fraction of tol. Untied, the merged gradient adds to the tied one
+# what the features' few stiff steps off their rows leave (about 0.4 tol at (300, 128, 10));
+# stopped at tol itself, the merged phase then wandered at f's rounding floor, where the line
+# search cannot rank steps, until one landed under tol: 6 to 260 steps there, each costing two
+# tied ones. 1 / sqrt(2) leaves half of tol squared to that part (docs/solver.md).
+TIED_TOL_FRACTION = 1 / math.sqrt(2)
 
 # An optimizer: `minimize`'s signature and result.
 Optimizer = Callable[..., SolveResult]
@@ -148,10 +157,11 @@ def descend(
         start: Point,
         first_step: int,
         hand_over: Callable[[Point], bool] | None = None,
+        tol: float = problem.tol,
     ) -> SolveResult:
         nonlocal optimizer
         stopping = StoppingRules(
-            problem.tol,
+            tol,
             problem.max_iters,
             certify=certificate_for(formulation),
             sublinear_progress=None if optimizer else sublinear_progress,
@@ -191,7 +201,12 @@ def descend(
         merged_from = merged_at
         if ties(problem):
             optimizer = minimize_lbfgs  # for the tied phase and the phases after it
-            arranged = phase(tied_formulation(problem, merged), tie(merged, merged_start), merged_at)
+            arranged = phase(
+                tied_formulation(problem, merged),
+                tie(merged, merged_start),
+                merged_at,
+                tol=TIED_TOL_FRACTION * problem.tol,
+            )
             merged_start, merged_from = untie(arranged.last.point), arranged.last.step
         collapsed = phase(merged, merged_start, merged_from)
     certified = phase(full, merged.expand(collapsed.last.point), collapsed.last.step)
