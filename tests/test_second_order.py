@@ -545,9 +545,12 @@ def test_flat_tangents_weigh_by_one_number_where_every_row_weighs_the_same():
     assert torch.equal(with_bias.block_constants([1.0, 5.0]), expected_constants)
 
 
-def recorded_phases(monkeypatch, optimizers: dict[str, str]) -> list[tuple[str, str, int, int]]:
+def recorded_phases(
+    monkeypatch, optimizers: dict[str, str], ends: list | None = None
+) -> list[tuple[str, str, int, int]]:
     """Wrap the optimizers of worker.nc.merging named in `optimizers` (attribute: label); the list returned
-    fills with (label, "full" | "merged" | "tied", first step, last step) for each phase they run."""
+    fills with (label, "full" | "merged" | "tied", first step, last step) for each phase they run, and
+    `ends`, where given, with (the phase's StoppingRules, its last iterate)."""
     from worker.nc import merging
 
     phases = []
@@ -557,6 +560,8 @@ def recorded_phases(monkeypatch, optimizers: dict[str, str]) -> list[tuple[str, 
             result = optimizer(formulation, start, stopping, **options)
             kind = "tied" if formulation.tied else "merged" if formulation.sample_rows is not None else "full"
             phases.append((label, kind, options.get("first_step", 0), result.last.step))
+            if ends is not None:
+                ends.append((stopping, result.last))
             return result
 
         return run
@@ -601,22 +606,17 @@ def test_the_tied_phase_stops_below_tol_so_that_untied_the_merged_phase_ends_at_
     from worker.nc.ufm import solve
 
     monkeypatch.setattr(merging, "SMALL_WORK", 0)
-    ends = []
-    minimize_lbfgs = merging.minimize_lbfgs
-
-    def recorded(formulation, start, stopping, **options):
-        result = minimize_lbfgs(formulation, start, stopping, **options)
-        ends.append((formulation.tied, stopping.tol, result.last.grad_norm, result.last.step - options["first_step"]))
-        return result
-
-    monkeypatch.setattr(merging, "minimize_lbfgs", recorded)
+    ends: list = []
+    phases = recorded_phases(monkeypatch, {"minimize_lbfgs": "L-BFGS"}, ends)
     problem = UFMProblem(12, 4, 5, "normalized", solver="auto")  # K = 12 > d + 1 = 5
     result = solve(problem)
-    (tied, tied_tol, tied_grad_norm, _), (untied, merged_tol, merged_grad_norm, merged_steps) = ends[:2]
-    assert tied and not untied
-    assert tied_tol == pytest.approx(problem.tol / math.sqrt(2), rel=1e-15) and tied_grad_norm <= tied_tol
-    assert merged_tol == problem.tol and merged_grad_norm <= problem.tol
-    assert merged_steps <= 10
+    (_, tied, _, _), (_, untied, merged_from, merged_to) = phases[:2]
+    (tied_stopping, tied_end), (merged_stopping, merged_end) = ends[:2]
+    assert tied == "tied" and untied == "merged"
+    assert tied_stopping.tol == pytest.approx(problem.tol / math.sqrt(2), rel=1e-15)
+    assert tied_end.grad_norm <= tied_stopping.tol
+    assert merged_stopping.tol == problem.tol and merged_end.grad_norm <= problem.tol
+    assert merged_to - merged_from <= 10
     assert result["converged"] is True and result["critical_point"] == curvature.LOCAL_MINIMUM
 
 
