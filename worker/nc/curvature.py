@@ -205,10 +205,12 @@ def _lanczos(
 
     The basis is kept semi-orthogonal in the metric by partial reorthogonalization (Simon 1984): a recurrence
     estimates how far rounding has taken each new vector off the earlier ones, and where the estimate passes
-    sqrt(eps) the vector and the next one are reorthogonalized against the whole basis. Without it, rounding
-    brings back copies of converged Ritz values and loses the smallest one among them; reorthogonalizing at
-    every step reads the whole basis at every step, most of a long run's time. A reorthogonalization takes a
-    second pass where the first cancelled much of the vector (Daniel, Gragg, Kaufman & Stewart 1976).
+    sqrt(eps) the vector is reorthogonalized against the whole basis, and the last vector with it, in the same
+    pass over the basis (Simon's scheme: left as it was, the last vector would hand its loss of orthogonality
+    on to the next through the three-term recurrence). Without it, rounding brings back copies of converged
+    Ritz values and loses the smallest one among them; reorthogonalizing at every step reads the whole basis at
+    every step, most of a long run's time. A reorthogonalization takes a second pass where the first cancelled
+    much of the vector (Daniel, Gragg, Kaufman & Stewart 1976).
     """
     generator = torch.Generator(device=device).manual_seed(seed)
     start = restricted(torch.randn(dimension, generator=generator, dtype=torch.float64, device=device))
@@ -216,12 +218,12 @@ def _lanczos(
     basis = torch.empty((max_iters, dimension), dtype=torch.float64, device=device)
     alphas = np.zeros(max_iters)  # the tridiagonal's diagonal
     betas = np.zeros(max_iters)  # and beside it: betas[k] couples v_k and v_{k+1}
-    vector = start / math.sqrt(metric_dot(start, start, metric))
+    torch.div(start, math.sqrt(metric_dot(start, start, metric)), out=basis[0])
     smallest = largest = residual = math.nan
     converged = False
     orthogonality = _Orthogonality(max_iters, dimension)
     for step in range(max_iters):
-        basis[step] = vector
+        vector = basis[step]
         image = operator(vector)
         alphas[step] = metric_dot(image, vector, metric)
         image.add_(vector, alpha=-alphas[step])  # the three-term recurrence
@@ -229,7 +231,7 @@ def _lanczos(
             image.add_(basis[step - 1], alpha=-betas[step - 1])
         length = _metric_norm(image, metric)
         if orthogonality.lost(alphas[: step + 1], betas[:step], length):
-            _orthogonalize(image, basis[: step + 1], metric)
+            _orthogonalize_with_last(image, basis[: step + 1], metric)
             if _metric_norm(image, metric) < REORTHOGONALIZE_AGAIN * length:
                 _orthogonalize(image, basis[: step + 1], metric)
         # Projected: the operator's image, and the rounding of what the reorthogonalization subtracts, may leave
@@ -250,14 +252,15 @@ def _lanczos(
             if converged:
                 break
         betas[step] = beta
-        vector = image / beta
+        if step + 1 < max_iters:
+            torch.div(image, beta, out=basis[step + 1])
     return Curvature(smallest, largest, residual, step + 1, converged)
 
 
 class _Orthogonality:
     """Simon's (1984) estimates w_k of <v_{j+1}, v_k> for the Lanczos vector being formed, from the
     tridiagonal's entries alone, and when they call for a full reorthogonalization: where the largest passes
-    sqrt(eps), for that vector and the next (the estimates then restart at eps)."""
+    sqrt(eps), of that vector and the last one (the estimates of both then restart at eps)."""
 
     def __init__(self, size: int, dimension: int):
         # Rounding adds about eps sqrt(dimension) |A| to each inner product a step (Larsen's PROPACK).
@@ -265,13 +268,12 @@ class _Orthogonality:
         self.current = np.zeros(size + 1)  # w_{j,k}, k = 0..j (w_{j,j} = 1)
         self.previous = np.zeros(size + 1)  # w_{j-1,k}
         self.current[0] = 1.0
-        self.again = False  # the vector after a reorthogonalized one is reorthogonalized too
         self.scale = 0.0  # a running estimate of the operator's norm, for the rounding term
 
     def lost(self, alphas: np.ndarray, betas: np.ndarray, beta: float) -> bool:
         """Whether the vector beta v_{j+1} (j = len(alphas) - 1, betas the earlier couplings; beta its length
         before the projection, which removes little more than rounding) needs a full reorthogonalization;
-        updates the estimates for it."""
+        updates the estimates for it, and for v_j where the two are reorthogonalized."""
         j = len(alphas) - 1
         self.scale = max(self.scale, abs(alphas[-1]) + (betas[-1] if j else 0.0) + beta)
         rounding = self.rounding_per_norm * self.scale
@@ -282,10 +284,10 @@ class _Orthogonality:
             new[1:j] += betas[: j - 1] * w[: j - 1]
             new[:j] = (new[:j] + np.copysign(rounding, new[:j])) / max(beta, 1e-300)
         new[j] = rounding / max(beta, 1e-300)
-        reorthogonalize = self.again or bool(np.abs(new[: j + 1]).max() > math.sqrt(EPS))
+        reorthogonalize = bool(np.abs(new[: j + 1]).max() > math.sqrt(EPS))
         if reorthogonalize:
             new[: j + 1] = EPS
-        self.again = reorthogonalize and not self.again
+            self.current[:j] = EPS
         new[j + 1] = 1.0
         self.previous, self.current = self.current, new
         return reorthogonalize
@@ -305,6 +307,17 @@ def _extreme_ritz_values(diagonal: np.ndarray, off_diagonal: np.ndarray) -> tupl
         diagonal, off_diagonal, eigvals_only=True, select="i", select_range=(last, last)
     )
     return float(smallest), float(largest), float(vectors[-1, 0])
+
+
+def _orthogonalize_with_last(vector: torch.Tensor, basis: torch.Tensor, metric: Weights) -> None:
+    """Subtract from `vector` its components along the rows of `basis`, and from the basis's last row its
+    components along the rows before it, in place and in one pass over the basis for the two."""
+    pair = torch.stack([basis[-1], vector])
+    coefficients = (metric * pair) @ basis.T
+    coefficients[0, -1] = 0.0  # the last row keeps its own direction
+    update = coefficients @ basis
+    basis[-1] -= update[0]
+    vector -= update[1]
 
 
 def _orthogonalize(vector: torch.Tensor, basis: torch.Tensor, metric: Weights) -> None:
