@@ -311,7 +311,8 @@ def _extreme_ritz_values(diagonal: np.ndarray, off_diagonal: np.ndarray) -> tupl
 
 def _orthogonalize_with_last(vector: torch.Tensor, basis: torch.Tensor, metric: Weights) -> None:
     """Subtract from `vector` its components along the rows of `basis`, and from the basis's last row its
-    components along the rows before it, in place and in one pass over the basis for the two."""
+    components along the rows before it, in place: the two share each read of the basis, which costs little
+    more than a single vector's (docs/solver.md)."""
     pair = torch.stack([basis[-1], vector])
     coefficients = (metric * pair) @ basis.T
     coefficients[0, -1] = 0.0  # the last row keeps its own direction
