@@ -26,7 +26,7 @@ from typing import Annotated
 import torch
 import typer
 
-from worker.nc.curvature import SymmetryModes, _lanczos
+from worker.nc.curvature import SymmetryModes, _lanczos, random_vector
 from worker.nc.flat_tangents import FlatTangents
 from worker.nc.descent import minimize
 from worker.nc.formulation import class_labels, formulate
@@ -97,8 +97,11 @@ def subspace_curvatures(merged, point, steps: int) -> dict:
     the tied direction nearest to (a, b) is (u, u) with u = (a + n b) / (1 + n), and the
     apart directions, its complement, are (u, -u / n)."""
     manifolds, n = merged.manifolds, PROBLEM.num_samples / PROBLEM.num_classes
+    modes = SymmetryModes(merged, point, shifts_bias=False)
+    point = modes.point  # the same spectrum, in the coordinates where the projection is cheapest
     hessian = riemannian_hessian(merged.objective, merged.hessian, manifolds, point)
-    modes, blocks = SymmetryModes(merged, point, shifts_bias=False), FlatTangents(point, manifolds)
+    blocks = FlatTangents(point, manifolds)
+    start = blocks.flatten(modes.turned(blocks.unflatten(random_vector(blocks.size, 0, blocks.device))))
 
     def operator(flat):
         return blocks.flatten(hessian(blocks.unflatten(flat)))
@@ -119,7 +122,7 @@ def subspace_curvatures(merged, point, steps: int) -> dict:
 
         return restricted
 
-    return {part: _lanczos(operator, restricted_to(part), blocks.metric, blocks.size, 0, steps, blocks.device) for part in ("tied", "apart")}
+    return {part: _lanczos(operator, restricted_to(part), blocks.metric, start, steps) for part in ("tied", "apart")}
 
 
 if __name__ == "__main__":

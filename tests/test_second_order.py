@@ -287,6 +287,46 @@ def test_a_certificate_through_the_merged_problem_converged_only_where_both_part
     assert not curvature.certify(problem, full, point, grad_norm, problem.tol, merged).curvature.converged
 
 
+@pytest.mark.parametrize(
+    "problem",
+    [
+        UFMProblem(6, 4, (1, 2, 5, 3, 2, 4), "normalized", logit_scale=4.0, bias=True),  # rows span R^d
+        UFMProblem(3, 8, 2, "normalized", logit_scale=4.0),  # 6 rows in R^8: two directions no row spans
+    ],
+    ids=["spanning", "not spanning"],
+)
+def test_symmetry_modes_project_the_turned_point_s_tangents_off_its_rotations_in_the_metric(problem):
+    formulation, point = formulation_and_point(problem, merged=True)
+    modes = curvature.SymmetryModes(formulation, point, shifts_bias=problem.bias)
+    turned = modes.point
+    gram = turned[0].T @ turned[0] + turned[1].T @ (formulation.manifolds[1].row_weights[:, None] * turned[1])
+    assert torch.allclose(gram, torch.diag(torch.diagonal(gram)), atol=1e-12)  # M is diagonal there
+    row_norms = torch.linalg.vector_norm(turned[1], dim=1)
+    assert torch.allclose(row_norms, torch.ones_like(row_norms), atol=1e-15)
+    blocks = FlatTangents(turned, formulation.manifolds)
+
+    def dot(first, second):
+        return float(torch.dot(blocks.flatten(first) * blocks.metric, blocks.flatten(second)))
+
+    generator = torch.Generator().manual_seed(2)
+    rotations = []
+    for _ in range(4):
+        skew = torch.randn(problem.dim, problem.dim, generator=generator, dtype=torch.float64)
+        skew = skew - skew.T
+        rotations.append([turned[0] @ skew, turned[1] @ skew, *map(torch.zeros_like, turned[2:])])
+    first, second = random_tangent(formulation, turned, seed=3), random_tangent(formulation, turned, seed=4)
+    if problem.bias:
+        rotations.append([torch.zeros_like(turned[0]), torch.zeros_like(turned[1]), torch.ones_like(turned[2])])
+    projected = modes.project_out(first)
+    for rotation in rotations:
+        scale = dot(rotation, rotation) ** 0.5
+        assert dot(modes.project_out(rotation), modes.project_out(rotation)) ** 0.5 < 1e-13 * scale
+        assert abs(dot(projected, rotation)) < 1e-13 * scale * dot(first, first) ** 0.5
+    assert all(torch.allclose(again, once, atol=1e-14) for again, once in zip(modes.project_out(projected), projected))
+    assert dot(projected, second) == pytest.approx(dot(first, modes.project_out(second)), rel=1e-12)
+    assert dot(projected, projected) < dot(first, first)
+
+
 @pytest.mark.parametrize("case", ["normalized, bias", "regularized, bias, imbalanced"])
 def test_a_random_point_is_not_critical(case):
     problem, _ = HESSIAN_CASES[case]
@@ -734,7 +774,8 @@ def test_lanczos_takes_as_many_steps_as_its_basis_budget_holds(monkeypatch, dime
     monkeypatch.setattr(curvature, "LANCZOS_BASIS_BYTES", basis_budget(100, 1000))
 
     def lanczos(max_steps):
-        return curvature._lanczos(lambda v: diagonal * v, torch.clone, metric, dimension, 0, max_steps, metric.device)
+        start = curvature.random_vector(dimension, 0, metric.device)
+        return curvature._lanczos(lambda v: diagonal * v, torch.clone, metric, start, max_steps)
 
     budgeted = lanczos(None)
     assert budgeted.iterations == 100 * 1000 // dimension
@@ -765,7 +806,8 @@ def test_lanczos_tests_convergence_every_ritz_every_steps_and_stops_at_a_breakdo
     def lanczos(every):
         monkeypatch.setattr(curvature, "RITZ_EVERY", every)
         calls.clear()
-        result = curvature._lanczos(lambda v: diagonal * v, torch.clone, metric, dimension, 0, None, metric.device)
+        start = curvature.random_vector(dimension, 0, metric.device)
+        result = curvature._lanczos(lambda v: diagonal * v, torch.clone, metric, start, None)
         return result, len(calls)
 
     every_step, every_step_calls = lanczos(1)
@@ -782,7 +824,8 @@ def test_lanczos_tests_convergence_every_ritz_every_steps_and_stops_at_a_breakdo
     monkeypatch.setattr(curvature, "DENSE_RITZ_SIZE", 0)
     three = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64).repeat_interleave(4)
     ones = torch.ones(12, dtype=torch.float64)
-    broken = curvature._lanczos(lambda v: three * v, torch.clone, ones, 12, 0, None, ones.device)
+    start = curvature.random_vector(12, 0, ones.device)
+    broken = curvature._lanczos(lambda v: three * v, torch.clone, ones, start, None)
     assert (broken.iterations, broken.converged) == (3, True)
     assert broken.smallest == pytest.approx(1.0, abs=1e-12) and broken.largest == pytest.approx(4.0, abs=1e-12)
 
@@ -812,7 +855,8 @@ def test_lanczos_keeps_its_basis_semi_orthogonal_reorthogonalizing_only_where_th
 
     monkeypatch.setattr(curvature._Orthogonality, "lost", recorded)
     metric = torch.ones(dimension, dtype=torch.float64)
-    result = curvature._lanczos(operator, lambda v: v.clone(), metric, dimension, 0, steps, metric.device)
+    start = curvature.random_vector(dimension, 0, metric.device)
+    result = curvature._lanczos(operator, lambda v: v.clone(), metric, start, steps)
 
     assert result.iterations == steps  # the smallest, in its cluster, does not converge to LANCZOS_TOL
     assert not result.converged

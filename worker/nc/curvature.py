@@ -3,7 +3,7 @@
 Yaras et al. (2022) prove that on the product of spheres every critical point of the
 normalized UFM other than its global minimizers is a strict saddle: the Riemannian
 Hessian has a negative eigenvalue there. `certify` measures this at a point: the
-smallest eigenvalue of the Riemannian Hessian on the tangent space, by Lanczos with full
+smallest eigenvalue of the Riemannian Hessian on the tangent space, by Lanczos with partial
 reorthogonalization, with the objective's symmetries projected out.
 
 The symmetries: the objective depends on W and H only through the logits W h_i, so it
@@ -73,41 +73,50 @@ LOCAL_MINIMUM, STRICT_SADDLE, NOT_CRITICAL = "local minimum", "strict saddle", "
 
 
 class SymmetryModes:
-    """Projects tangent vectors at a point onto the complement of the symmetry directions,
-    in the manifolds' metric.
+    """Projects tangent vectors onto the complement of the symmetry directions, in the
+    manifolds' metric, at the point turned into the eigenbasis of M (below): `self.point`.
 
     The rotation directions (W A, H A) closest to v solve, for skew A, M A + A M = C - C^T,
     with M = W^T W + H^T diag(m) H and C = W^T v_W + H^T diag(m) v_H (m: the feature rows'
     weights): in M's eigenbasis, A_ij = (C - C^T)_ij / (mu_i + mu_j). Pairs with
-    mu_i + mu_j = 0 are directions of R^d that no row spans: they move nothing.
+    mu_i + mu_j = 0 are directions of R^d that no row spans: they move nothing. The
+    objective's rotation invariance makes the Hessian at the turned point (W Q, H Q), Q
+    M's eigenvectors, the same operator in turned coordinates, with the same spectrum; there
+    M is diagonal, and a projection takes four products of the rows with d x d matrices,
+    none of Q's.
     """
 
     def __init__(self, formulation: Formulation, point: Point, shifts_bias: bool):
-        self.point, self.shifts_bias = point, shifts_bias
+        self.shifts_bias = shifts_bias
         row_weights = getattr(formulation.manifolds[1], "row_weights", None)
         self.weights = None if row_weights is None else row_weights[:, None]
         classifier, features = point[0], point[1]
         gram = classifier.T @ classifier + features.T @ self._weighted(features)
-        eigenvalues, self.basis = torch.linalg.eigh(gram)
-        spanned = eigenvalues > 1e-12 * eigenvalues[-1].clamp(min=1e-300)
-        # The rows lie in the span of M's eigenvectors with mu > 0 (W x = H x = 0 where M x = 0), so
-        # only those rows of A's eigenbasis form move them: with d far above K + N the products
-        # are r x d instead of d x d (r = rank M <= K + N).
-        self.spanning = self.basis[:, spanned]
-        sums = eigenvalues[spanned, None] + eigenvalues[None, :]
+        eigenvalues, self.eigenvectors = torch.linalg.eigh(gram)
+        self.point = self.turned(point)
+        # The rows lie in the span of M's eigenvectors with mu > 0 (W x = H x = 0 where M x = 0), the last ones
+        # in eigh's ascending order: only those rows of A move them, so with d far above K + N the products are
+        # r x d instead of d x d (r = rank M <= K + N).
+        self.first_spanned = int((eigenvalues <= 1e-12 * eigenvalues[-1].clamp(min=1e-300)).sum())
+        sums = eigenvalues[self.first_spanned :, None] + eigenvalues[None, :]
         self.inverse_sums = torch.where(sums > 1e-12 * eigenvalues[-1].clamp(min=1e-300), 1 / sums, 0.0)
-        # the rows in that basis, which every projection moves
-        self.spanned_rows = [classifier @ self.spanning, features @ self.spanning]
+        self.spanned_rows = [block[:, self.first_spanned :] for block in self.point[:2]]
 
     def _weighted(self, features: torch.Tensor) -> torch.Tensor:
         return features if self.weights is None else features * self.weights
 
+    def turned(self, vector: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A point, or a vector at it, in the turned coordinates: (W Q, H Q), the rest as it is."""
+        return [vector[0] @ self.eigenvectors, vector[1] @ self.eigenvectors, *vector[2:]]
+
     def project_out(self, vector: list[torch.Tensor]) -> list[torch.Tensor]:
-        classifier, features = self.point[0], self.point[1]
-        coupling = classifier.T @ vector[0] + features.T @ self._weighted(vector[1])
-        rotated = self.spanning.T @ (coupling - coupling.T) @ self.basis
-        generator = (rotated * self.inverse_sums) @ self.basis.T  # the spanned rows of A, in that basis
-        projected = [block - rows @ generator for block, rows in zip(vector, self.spanned_rows)]
+        """`vector`, a tangent vector at `self.point`, less its part along the symmetry directions."""
+        classifier_rows, feature_rows = self.spanned_rows
+        coupling = torch.addmm(classifier_rows.T @ vector[0], feature_rows.T, self._weighted(vector[1]))
+        # C - C^T on the spanned rows: C_ji = 0 where j is not spanned (no row has a part along it)
+        coupling[:, self.first_spanned :] -= coupling[:, self.first_spanned :].T.clone()
+        generator = coupling.mul_(self.inverse_sums)  # the spanned rows of A
+        projected = [torch.addmm(block, rows, generator, alpha=-1) for block, rows in zip(vector, self.spanned_rows)]
         if len(vector) > 2:
             projected.append(vector[2] - vector[2].mean() if self.shifts_bias else vector[2].clone())
         return projected
@@ -144,9 +153,12 @@ def hessian_extremes(
     its minima is ~0, which tells a minimum from a strict saddle all the same.
     """
     manifolds = formulation.manifolds
-    hessian = riemannian_hessian(formulation.objective, formulation.hessian, manifolds, point)
     modes = SymmetryModes(formulation, point, shifts_bias) if rotates else None
     blocks = FlatTangents(point, manifolds)
+    start = random_vector(blocks.size, seed, blocks.device)
+    if modes is not None:  # the same start, turned: the same Krylov spaces, turned, and the same Ritz values
+        point, start = modes.point, blocks.flatten(modes.turned(blocks.unflatten(start)))
+    hessian = riemannian_hessian(formulation.objective, formulation.hessian, manifolds, point)
     metric = blocks.metric
 
     def restricted(flat: torch.Tensor) -> torch.Tensor:
@@ -156,7 +168,7 @@ def hessian_extremes(
     def operator(flat: torch.Tensor) -> torch.Tensor:
         return blocks.flatten(hessian(blocks.unflatten(flat)))
 
-    return _lanczos(operator, restricted, metric, blocks.size, seed, max_steps, blocks.device)
+    return _lanczos(operator, restricted, metric, start, max_steps)
 
 
 def split_extremes(
@@ -185,20 +197,24 @@ def split_extremes(
         vector = [torch.zeros_like(point[0]), flat.reshape(features.shape).clone(), *map(torch.zeros_like, point[2:])]
         return hessian(vector)[1].reshape(-1)
 
-    return _lanczos(operator, restricted, 1.0, features.numel(), seed, max_steps, features.device)
+    return _lanczos(operator, restricted, 1.0, random_vector(features.numel(), seed, features.device), max_steps)
+
+
+def random_vector(dimension: int, seed: int, device: torch.device) -> torch.Tensor:
+    """Lanczos's start before its projection: standard Gaussian entries from `seed`."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(dimension, generator=generator, dtype=torch.float64, device=device)
 
 
 def _lanczos(
     operator: Callable[[torch.Tensor], torch.Tensor],
     restricted: Callable[[torch.Tensor], torch.Tensor],
     metric: Weights,
-    dimension: int,
-    seed: int,
+    start: torch.Tensor,
     max_steps: int | None,
-    device: torch.device,
 ) -> Curvature:
     """The extreme Ritz values of the symmetric `operator` on the subspace that `restricted` projects onto
-    (`metric`: the inner product's weights), from a seeded random start, after at most `max_steps` steps where
+    (`metric`: the inner product's weights), from `start` projected, after at most `max_steps` steps where
     given and never past LANCZOS_BASIS_BYTES. The operator's image need not lie in
     the subspace: each new vector is projected after its reorthogonalization, which gives the same vector,
     since the projection is self-adjoint in the metric and leaves the basis as it is.
@@ -212,8 +228,8 @@ def _lanczos(
     every step, most of a long run's time. A reorthogonalization takes a second pass where the first cancelled
     much of the vector (Daniel, Gragg, Kaufman & Stewart 1976).
     """
-    generator = torch.Generator(device=device).manual_seed(seed)
-    start = restricted(torch.randn(dimension, generator=generator, dtype=torch.float64, device=device))
+    dimension, device = start.numel(), start.device
+    start = restricted(start)
     max_iters = max(2, min(dimension, LANCZOS_BASIS_BYTES // (8 * dimension), max_steps or dimension))
     basis = torch.empty((max_iters, dimension), dtype=torch.float64, device=device)
     alphas = np.zeros(max_iters)  # the tridiagonal's diagonal
