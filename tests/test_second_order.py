@@ -295,7 +295,7 @@ def test_a_certificate_through_the_merged_problem_converged_only_where_both_part
     ],
     ids=["spanning", "not spanning"],
 )
-def test_symmetry_modes_project_the_turned_point_s_tangents_off_its_rotations_in_the_metric(problem):
+def test_symmetry_modes_project_tangents_at_the_turned_point_off_its_rotations_in_the_metric(problem):
     formulation, point = formulation_and_point(problem, merged=True)
     modes = curvature.SymmetryModes(formulation, point, shifts_bias=problem.bias)
     turned = modes.point
