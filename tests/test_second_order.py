@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from worker.nc import curvature
-from worker.nc.flat_tangents import FlatTangents
+from worker.nc.flat_tangents import FlatTangents, metric_dot
 from worker.nc.formulation import class_labels, formulate
 from worker.nc.manifolds import RowSphere
 from worker.nc.objectives import riemannian_hessian, value_and_riemannian_grad
@@ -306,7 +306,7 @@ def test_symmetry_modes_project_tangents_at_the_turned_point_off_its_rotations_i
     blocks = FlatTangents(turned, formulation.manifolds)
 
     def dot(first, second):
-        return float(torch.dot(blocks.flatten(first) * blocks.metric, blocks.flatten(second)))
+        return metric_dot(blocks.flatten(first), blocks.flatten(second), blocks.metric)
 
     generator = torch.Generator().manual_seed(2)
     rotations = []
@@ -531,7 +531,6 @@ def test_lbfgs_memory_applies_the_bfgs_inverse_hessian_in_the_metric(shared):
     built densely, in double precision, from the last MEMORY of the same pairs in the metric's whitened
     coordinates (Nocedal & Wright 2006, (6.17)), from gamma times the identity: to 1e-5. The metric's
     weights are one per entry, or one number for all (a balanced tied point's)."""
-    from worker.nc.flat_tangents import metric_dot
     from worker.nc.lbfgs import MEMORY, _Memory
 
     generator = torch.Generator().manual_seed(0)
@@ -563,7 +562,6 @@ def test_lbfgs_memory_applies_the_bfgs_inverse_hessian_in_the_metric(shared):
 def test_flat_tangents_weigh_by_one_number_where_every_row_weighs_the_same():
     """A tied point of balanced classes weighs every entry 1 + n: its metric is that one number, and
     its inner product the weighted sum, to rounding; imbalanced classes keep a weight per entry."""
-    from worker.nc.flat_tangents import FlatTangents, metric_dot
     from worker.nc.manifolds import Euclidean, RowSphere
 
     generator = torch.Generator().manual_seed(0)

@@ -97,9 +97,10 @@ class SymmetryModes:
         # The rows lie in the span of M's eigenvectors with mu > 0 (W x = H x = 0 where M x = 0), the last ones
         # in eigh's ascending order: only those rows of A move them, so with d far above K + N the products are
         # r x d instead of d x d (r = rank M <= K + N).
-        self.first_spanned = int((eigenvalues <= 1e-12 * eigenvalues[-1].clamp(min=1e-300)).sum())
+        negligible = 1e-12 * eigenvalues[-1].clamp(min=1e-300)
+        self.first_spanned = int((eigenvalues <= negligible).sum())
         sums = eigenvalues[self.first_spanned :, None] + eigenvalues[None, :]
-        self.inverse_sums = torch.where(sums > 1e-12 * eigenvalues[-1].clamp(min=1e-300), 1 / sums, 0.0)
+        self.inverse_sums = torch.where(sums > negligible, 1 / sums, 0.0)
         self.spanned_rows = [block[:, self.first_spanned :] for block in self.point[:2]]
 
     def _weighted(self, features: torch.Tensor) -> torch.Tensor:
