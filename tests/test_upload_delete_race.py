@@ -118,12 +118,23 @@ def analyses_and_uploads(lab) -> tuple[int, int]:
     ],
     ids=["experiment", "sweep"],
 )
-def test_a_submit_while_a_delete_commits_waits_for_it_and_is_refused(lab, hold, path, body, field):
+def test_a_submit_while_a_delete_commits_waits_for_it_and_is_refused(monkeypatch, lab, hold, path, body, field):
     upload_id = uploaded(lab)
     delete = hold("upload.delete")
     deleting = InThread(lambda: lab.client.delete(f"/uploads/{upload_id}"))
     assert delete.reached.wait(30)
+    # Watched only once it has found the upload: a submit still on its way there (a slow machine) would find the
+    # upload gone after the release, a refusal for another reason than the one under test.
+    found, resolve = threading.Event(), analysis.resolve
+
+    def resolved(session, spec: dict) -> dict:
+        resolution = resolve(session, spec)
+        found.set()
+        return resolution
+
+    monkeypatch.setattr(analysis, "resolve", resolved)
     submitting = InThread(lambda: lab.client.post(path, json=body(upload_id)))
+    assert found.wait(30)
     assert submitting.waiting_after(SHOWN_WAITING)  # it found the upload, and waits to store its analysis
     delete.release.set()
 
