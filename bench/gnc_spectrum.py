@@ -26,7 +26,7 @@ from typing import Annotated
 import torch
 import typer
 
-from worker.nc.curvature import SymmetryModes, _lanczos, random_vector
+from worker.nc.curvature import SymmetryModes, _lanczos, turned_start
 from worker.nc.flat_tangents import FlatTangents
 from worker.nc.descent import minimize
 from worker.nc.formulation import class_labels, formulate
@@ -101,7 +101,7 @@ def subspace_curvatures(merged, point, steps: int) -> dict:
     point = modes.point  # the same spectrum, in the coordinates where the projection is cheapest
     hessian = riemannian_hessian(merged.objective, merged.hessian, manifolds, point)
     blocks = FlatTangents(point, manifolds)
-    start = blocks.flatten(modes.turned(blocks.unflatten(random_vector(blocks.size, 0, blocks.device))))
+    start = turned_start(blocks, 0, modes)
 
     def operator(flat):
         return blocks.flatten(hessian(blocks.unflatten(flat)))

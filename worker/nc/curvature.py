@@ -156,9 +156,9 @@ def hessian_extremes(
     manifolds = formulation.manifolds
     modes = SymmetryModes(formulation, point, shifts_bias) if rotates else None
     blocks = FlatTangents(point, manifolds)
-    start = random_vector(blocks.size, seed, blocks.device)
-    if modes is not None:  # the same start, turned: the same Krylov spaces, turned, and the same Ritz values
-        point, start = modes.point, blocks.flatten(modes.turned(blocks.unflatten(start)))
+    start = turned_start(blocks, seed, modes)
+    if modes is not None:
+        point = modes.point
     hessian = riemannian_hessian(formulation.objective, formulation.hessian, manifolds, point)
     metric = blocks.metric
 
@@ -205,6 +205,13 @@ def random_vector(dimension: int, seed: int, device: torch.device) -> torch.Tens
     """Lanczos's start before its projection: standard Gaussian entries from `seed`."""
     generator = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(dimension, generator=generator, dtype=torch.float64, device=device)
+
+
+def turned_start(blocks: FlatTangents, seed: int, modes: SymmetryModes | None) -> torch.Tensor:
+    """The seeded start of Lanczos at a point, turned with it where `modes` turn the point: the same Krylov
+    spaces, turned, and the same Ritz values as from the point itself."""
+    start = random_vector(blocks.size, seed, blocks.device)
+    return start if modes is None else blocks.flatten(modes.turned(blocks.unflatten(start)))
 
 
 def _lanczos(
