@@ -8,7 +8,10 @@ INSTALLED := $(VENV)/.installed
 # Bytecode is cached (in __pycache__/, which git ignores) even where the environment says not to, as ours
 # does (PYTHONDONTWRITEBYTECODE=1): otherwise every process the suite starts (servers, workers, the CLI)
 # compiles the project from source, and each pytest process rewrites every test module's asserts anew
-# (docs/operations.md has the timings).
+# (docs/operations.md has the timings). The same cache is why .venv's packages are installed without
+# compiling them (--no-compile): pip compiles every module of torch and the rest, one at a time, about half
+# of .venv's creation; what the API, the worker and the CLI import is compiled once at the end instead,
+# before the processes of `make serve` or `make test` would each compile it at once.
 unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: serve test test-fast test-stack lint
@@ -19,9 +22,10 @@ $(INSTALLED): pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	@echo "nclab: installing torch 2.13.0 (CPU build)"
 	# Pinned first and on its own: an unpinned torch resolves to a multi-GB CUDA build.
-	$(VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VENV)/bin/python -m pip install --quiet --no-compile torch==2.13.0
 	@echo "nclab: installing nclab and its test tools"
-	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	$(VENV)/bin/python -m pip install --quiet --no-compile -e '.[test]'
+	$(VENV)/bin/python -c "import service.api.app, service.cli, worker.tasks"
 	touch $@
 
 HOST ?= 127.0.0.1
